@@ -1,0 +1,34 @@
+"""`swm-ray` command line (floor 4). Commands live in swm_ray/commands/*; each imports torch/ray lazily."""
+
+from __future__ import annotations
+
+import typer
+
+from swm_ray import __version__
+from swm_ray.commands.analyze import analyze_command
+from swm_ray.commands.evaluate import eval_command
+
+app = typer.Typer(
+    name="swm-ray",
+    help="Depth compression of LLMs by Sliding-Window Merging, on Ray.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals can hold credentials
+    add_completion=False,
+)
+
+app.command("analyze")(analyze_command)
+app.command("eval")(eval_command)
+
+
+@app.command("version")
+def version() -> None:
+    """Print the swm-ray version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

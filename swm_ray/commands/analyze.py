@@ -1,0 +1,42 @@
+"""`swm-ray analyze`: the layer-similarity (CKA) matrix of a model on calibration text."""
+
+from __future__ import annotations
+
+import typer
+
+from swm_ray.commands.common import ConfigOpt, SetOpt, echo, make_config, user_errors
+
+
+@user_errors
+def analyze_command(
+    model: str = typer.Argument(None, help="builtin:smollm2-135m (default), a local HF folder, a hub id or s3://"),
+    data: str = typer.Option(None, "--data", help="calibration text: builtin:lambada (default), builtin:boolq-passages, "
+                             ".parquet/.jsonl/.txt, local or s3://"),
+    samples: int = typer.Option(None, "--samples", help="calibration sequences (default 10, as the paper)"),
+    seq_len: int = typer.Option(None, "--seq-len", help="tokens per sequence (default 128)"),
+    batch_size: int = typer.Option(None, "--batch-size", help="sequences per minibatch, >= 4 (default 5)"),
+    actors: int = typer.Option(None, "--actors", help="Ray actors, each with a model replica (default: one per GPU, else 1)"),
+    kernel: str = typer.Option(None, "--kernel", help="linear (default) or rbf"),
+    skip_first_tokens: int = typer.Option(None, "--skip-first-tokens",
+                                          help="positions left out of the features (default 1: the attention sink; "
+                                          "0 reproduces the paper's analysis)"),
+    out: str = typer.Option(None, "--out", "-o", help="output folder, local or s3:// (default ./swm-ray-analyze)"),
+    overwrite: bool = typer.Option(None, "--overwrite", help="replace an earlier swm-ray output at --out"),
+    allow_pickle: bool = typer.Option(None, "--allow-pickle", help="allow loading pickle (.bin) weights"),
+    trust_remote_code: bool = typer.Option(None, "--trust-remote-code", help="run the model repository's own code"),
+    config: str = ConfigOpt,
+    set_: list[str] = SetOpt,
+) -> None:
+    """Compute the CKA similarity between every pair of layer outputs (distributed over Ray actors)."""
+    cfg, raw = make_config(config, {
+        "model.source": model, "data.source": data, "data.samples": samples, "data.seq_len": seq_len,
+        "data.batch_size": batch_size, "ray.actors": actors, "stats.kernel": kernel,
+        "stats.skip_first_tokens": skip_first_tokens, "out": out, "overwrite": overwrite,
+        "model.allow_pickle": allow_pickle, "model.trust_remote_code": trust_remote_code,
+    }, set_)
+    from swm_ray.jobs.analyze import run_analyze
+
+    res = run_analyze(cfg, raw)
+    echo(f"analysed {res['num_layers']} layers of {res['model']} on {res['tokens']} tokens "
+         f"({res['actors']} actor(s), {res['seconds']:.1f} s, {res['tokens_per_s']:.0f} tokens/s)")
+    echo(f"wrote {res['out']}/similarity.npy, similarity.parquet, similarity.png, stats.json")

