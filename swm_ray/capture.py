@@ -20,7 +20,9 @@ def _first_tensor(x):
 
 
 @torch.inference_mode()
-def minibatch_grams(model, input_ids: torch.Tensor, *, kernel: str = "linear", skip_first_tokens: int = 0) -> torch.Tensor:
+def minibatch_grams(
+    model, input_ids: torch.Tensor, *, kernel: str = "linear", skip_first_tokens: int = 0
+) -> torch.Tensor:
     """(b, T) token ids -> (L+1, b, b) float64 Gram matrices: [embedding output, layer 1 output, ...].
 
     Index 0 is the hidden state entering the first decoder layer; index i is what `layers[i-1]` returns

@@ -6,6 +6,7 @@ import typer
 
 from swm_ray import __version__
 from swm_ray.commands.analyze import analyze_command
+from swm_ray.commands.compress import compress_command
 from swm_ray.commands.evaluate import eval_command
 
 app = typer.Typer(
@@ -17,6 +18,7 @@ app = typer.Typer(
 )
 
 app.command("analyze")(analyze_command)
+app.command("compress")(compress_command)
 app.command("eval")(eval_command)
 
 

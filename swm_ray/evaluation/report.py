@@ -1,0 +1,176 @@
+"""`eval.json` and the side-by-side table (baseline vs model) printed by `swm-ray eval`.
+
+`eval.json`: `model`, `params`, `mode`, `limit`, `tasks.<task>.{metric, value, stderr, n}` (values are
+fractions in [0, 1]), `mean` (plain mean over tasks), `ppl` and `latency` when measured, a `baseline` block
+with the same fields when a baseline was evaluated, and `comparison` (deltas and ratios). lm-eval's raw
+results go to a sibling file (`eval.raw.json`), named in `raw_file`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from swm_ray import storage
+
+RESULT_KEYS = ("model", "params", "mode", "limit", "tasks", "mean", "ppl", "latency")
+TASK_LABELS = {
+    "boolq": "BoolQ",
+    "piqa": "PIQA",
+    "hellaswag": "HellaSwag",
+    "winogrande": "WinoGrande",
+    "arc_easy": "ARC-e",
+    "arc_challenge": "ARC-c",
+    "openbookqa": "OBQA",
+}
+
+
+def _summary(result: dict) -> dict:
+    return {k: result[k] for k in RESULT_KEYS if result.get(k) is not None}
+
+
+def comparison(result: dict, baseline: dict) -> dict:
+    """Model vs baseline: accuracy deltas (fractions), PPL ratio, parameter ratio, latency ratios."""
+    out: dict = {}
+    if result.get("mean") is not None and baseline.get("mean") is not None:
+        out["mean_delta"] = result["mean"] - baseline["mean"]
+    deltas = {
+        t: row["value"] - baseline["tasks"][t]["value"]
+        for t, row in result.get("tasks", {}).items()
+        if t in baseline.get("tasks", {}) and row["value"] is not None and baseline["tasks"][t]["value"] is not None
+    }
+    if deltas:
+        out["task_deltas"] = deltas
+    if result.get("ppl") and baseline.get("ppl"):
+        out["ppl_ratio"] = result["ppl"]["ppl"] / baseline["ppl"]["ppl"]
+    if result.get("params") and baseline.get("params"):
+        out["params_ratio"] = result["params"] / baseline["params"]
+    if result.get("latency") and baseline.get("latency"):
+        from swm_ray.evaluation.latency import compare_latency
+
+        out.update(compare_latency(result["latency"], baseline["latency"]))
+    return out
+
+
+def build_report(result: dict, baseline: dict | None = None, raw_file: str | None = None) -> dict:
+    """The `eval.json` mapping (without lm-eval's raw results) for a model and an optional baseline."""
+    report = _summary(result)
+    if baseline is not None:
+        report["baseline"] = _summary(baseline)
+        report["comparison"] = comparison(result, baseline)
+    if raw_file:
+        report["raw_file"] = raw_file
+    return report
+
+
+def raw_results(result: dict, baseline: dict | None = None) -> dict:
+    """lm-eval's own results for the model (and baseline), for the sibling raw file."""
+    raw = {"model": result.get("raw")}
+    if baseline is not None:
+        raw["baseline"] = baseline.get("raw")
+    return raw
+
+
+def raw_path(out: str) -> str:
+    """`.../eval.json` -> `.../eval.raw.json`."""
+    return (out[: -len(".json")] if out.endswith(".json") else out) + ".raw.json"
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write a file completely or not at all: a temporary sibling renamed over `path` (S3: one PUT)."""
+    if storage.is_remote(path):
+        storage.s3fs_filesystem().pipe(path, text.encode("utf-8"))
+        return
+    target = Path(path).expanduser().resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_report(out: str, result: dict, baseline: dict | None = None) -> dict:
+    """Write `eval.json` at `out` and lm-eval's raw results beside it; returns the report written."""
+    raw_out = raw_path(out)
+    report = build_report(result, baseline, raw_file=raw_out.rsplit("/", 1)[-1])
+    write_text_atomic(raw_out, json.dumps(raw_results(result, baseline), indent=1, default=str))
+    write_text_atomic(out, json.dumps(report, indent=2, default=str) + "\n")
+    return report
+
+
+# --- table ------------------------------------------------------------------------------------------------
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def _num(v: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def _task_rows(report: dict, base: dict | None) -> list[list[str]]:
+    rows = []
+    tasks = list(report.get("tasks", {})) or list((base or {}).get("tasks", {}))
+    for t in tasks:
+        row = report.get("tasks", {}).get(t, {})
+        b = (base or {}).get("tasks", {}).get(t, {})
+        label = f"{TASK_LABELS.get(t, t)} ({row.get('metric') or b.get('metric')}, n={row.get('n') or b.get('n')})"
+        rows.append([label, _pct(b.get("value")), _pct(row.get("value")), _delta(row.get("value"), b.get("value"))])
+    if tasks:
+        rows.append(["mean", _pct((base or {}).get("mean")), _pct(report.get("mean")),
+                     _delta(report.get("mean"), (base or {}).get("mean"))])
+    return rows
+
+
+def _delta(v: float | None, b: float | None) -> str:
+    return "" if v is None or b is None else f"{100 * (v - b):+.2f}"
+
+
+def _extra_rows(report: dict, base: dict | None) -> list[list[str]]:
+    base = base or {}
+    comp = report.get("comparison", {})
+    rows = []
+    if report.get("ppl") or base.get("ppl"):
+        ppl, bppl = report.get("ppl") or {}, base.get("ppl") or {}
+        label = f"PPL ({ppl.get('data') or bppl.get('data')}, {ppl.get('chunk') or bppl.get('chunk')}-tok chunks)"
+        ratio = f"x{comp['ppl_ratio']:.3f}" if "ppl_ratio" in comp else ""
+        rows.append([label, _num(bppl.get("ppl")), _num(report.get("ppl", {}).get("ppl")), ratio])
+    if report.get("params"):
+        ratio = f"x{comp['params_ratio']:.3f}" if "params_ratio" in comp else ""
+        rows.append(["parameters (M)", _num(base.get("params") and base["params"] / 1e6),
+                     _num(report["params"] / 1e6), ratio])
+    lat, blat = report.get("latency") or {}, base.get("latency") or {}
+    if lat:
+        rows.append([f"latency (s, {lat['new_tokens']} tokens, bs {lat['batch_size']})",
+                     _num(blat.get("latency_s"), "{:.3f}"), _num(lat["latency_s"], "{:.3f}"),
+                     f"speed-up x{comp['speedup']:.3f}" if "speedup" in comp else ""])
+        rows.append(["throughput (tokens/s)", _num(blat.get("tokens_per_s"), "{:.1f}"),
+                     _num(lat["tokens_per_s"], "{:.1f}"), ""])
+    return rows
+
+
+def format_table(report: dict) -> str:
+    """Plain-text table: accuracies in percent, baseline | model | difference when a baseline is present."""
+    base = report.get("baseline")
+    rows = _task_rows(report, base) + _extra_rows(report, base)
+    header = ["", "baseline", "model", "diff"] if base else ["", "model"]
+    if not base:
+        rows = [[r[0], r[2]] for r in rows]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = [_line(header, widths), "  ".join("-" * w for w in widths)]
+    lines += [_line(r, widths) for r in rows]
+    title = f"model: {report.get('model')}" + (f"   baseline: {base.get('model')}" if base else "")
+    notes = [f"mode: {report.get('mode', '-')}, limit: {report.get('limit') or 'all'}"]
+    return "\n".join([title, *lines, *notes])
+
+
+def _line(cells: list[str], widths: list[int]) -> str:
+    first = str(cells[0]).ljust(widths[0])
+    return "  ".join([first, *(str(c).rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))])

@@ -1,0 +1,98 @@
+"""The compression plan: which windows of original layers were merged, and how (plain data, JSON round-trip).
+
+Windows are inclusive [low, high] pairs of 0-based ORIGINAL decoder-layer indices, listed TOP window first
+(the order a top-down search finds them); `similarities[i]` is the score that accepted `windows[i]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from swm_ray.errors import UserError
+
+PLAN_VERSION = 1
+
+
+def removed_from_windows(windows: Iterable[Sequence[int]]) -> list[int]:
+    """Sorted original indices deleted by `windows`: every index of a window except its bottom one.
+
+    The merged layer sits at the bottom index's position (for keep-last it carries the top layer's weights,
+    but it still takes the bottom's position).
+    """
+    return sorted({i for low, high in windows for i in range(int(low) + 1, int(high) + 1)})
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a compression run did, enough to reproduce the edited model from its source."""
+
+    windows: list[list[int]]
+    num_layers_before: int
+    merge: str
+    source_model: str = ""
+    criterion: str = ""
+    search: str = ""
+    threshold: float | None = None
+    similarities: list[float] = dataclasses.field(default_factory=list)
+    params_before: int | None = None
+    params_after: int | None = None
+    removed_layers: list[int] = dataclasses.field(default_factory=list)
+    num_layers_after: int | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        self.windows = [[int(low), int(high)] for low, high in self.windows]
+        self.similarities = [float(s) for s in self.similarities]
+        if not self.removed_layers:
+            self.removed_layers = removed_from_windows(self.windows)
+        if self.num_layers_after is None:
+            self.num_layers_after = self.num_layers_before - len(self.removed_layers)
+
+    @property
+    def kept_layers(self) -> list[int]:
+        """Original index at each new position (a window's bottom index stands for the merged layer)."""
+        removed = set(self.removed_layers)
+        return [i for i in range(self.num_layers_before) if i not in removed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise UserError(f"plan has unknown keys {unknown}: was it written by a newer swm-ray?")
+        missing = [k for k in ("windows", "num_layers_before", "merge") if k not in data]
+        if missing:
+            raise UserError(f"plan is missing {missing}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan as JSON to a LOCAL path (parents created); returns the path."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(self.to_json())
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        """Read a plan JSON from a local path or s3:// URL."""
+        from swm_ray import storage
+
+        raw = storage.read_bytes(str(path))
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise UserError(f"plan {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"plan {path}: expected a JSON object")
+        return cls.from_dict(data)

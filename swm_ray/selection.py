@@ -1,0 +1,309 @@
+"""Window selection: the paper's top-down loop (exact), best-first search, and threshold search for targets.
+
+The model is seen as a list of *groups*: consecutive ranges of original decoder layers, each of which is
+one layer of the current model (a single layer, or a merged window). Searches talk to an `Evaluator` that
+scores candidate merges of consecutive groups (positions lo..hi of the current list) and is told when a
+merge is committed. Evaluators: the CKA matrix (static), or the model itself (output cosine / KL, computed
+by scorers on data shards; see `scoring.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from swm_ray.errors import UserError
+
+Group = tuple[int, int]  # inclusive range of original decoder layers
+
+
+class Evaluator(Protocol):
+    higher_is_better: bool
+
+    def score(self, groups: Sequence[Group], candidates: Sequence[Group]) -> list[float]:
+        """Scores of merging each candidate (an original-layer range made of whole groups) into one layer,
+        on top of the current `groups`."""
+
+    def commit(self, groups: Sequence[Group], window: Group) -> None:
+        """The window (whole groups) becomes one layer."""
+
+
+def passes(score: float, threshold: float, higher_is_better: bool) -> bool:
+    """The paper's test is strict (`sim > T`); KL accepts `KL <= T`."""
+    return score > threshold if higher_is_better else score <= threshold
+
+
+@dataclass
+class Selection:
+    """What a search decided: windows (original ranges, top first) and the score that accepted each."""
+
+    windows: list[Group]
+    scores: list[float]
+    trace: list[tuple] = field(default_factory=list)  # (event, window, score) in order
+    evaluations: int = 0
+    threshold: float | None = None
+    note: str = ""
+
+    @property
+    def removed(self) -> int:
+        return sum(h - l for l, h in self.windows)
+
+
+class MemoEvaluator:
+    """Caches scores by (current groups, candidate): threshold searches re-run loops without recomputing."""
+
+    def __init__(self, inner: Evaluator):
+        self.inner = inner
+        self.higher_is_better = inner.higher_is_better
+        self.cache: dict = {}
+        self.misses = 0
+        self._committed: tuple[Group, ...] | None = None
+
+    def score(self, groups, candidates):
+        key = tuple(groups)
+        todo = [c for c in candidates if (key, c) not in self.cache]
+        if todo:
+            self._sync(groups)
+            for c, s in zip(todo, self.inner.score(groups, todo)):
+                self.cache[(key, c)] = s
+            self.misses += len(todo)
+        return [self.cache[(key, c)] for c in candidates]
+
+    def commit(self, groups, window):
+        pass  # the inner evaluator is brought to the right state lazily, only when it must compute
+
+    def _sync(self, groups) -> None:
+        """Make the inner evaluator's current model equal `groups` (it can only merge, so rebuild if needed)."""
+        target = tuple(groups)
+        if self._committed == target:
+            return
+        reset = getattr(self.inner, "reset", None)
+        if reset is not None:
+            reset()
+        state = initial_groups(sum(h - l + 1 for l, h in groups))
+        for g in groups:
+            if g[1] > g[0]:
+                self.inner.commit(state, g)
+                state = _collapse(state, g)
+        self._committed = target
+
+
+def _collapse(groups: Sequence[Group], window: Group) -> list[Group]:
+    lo = next(i for i, g in enumerate(groups) if g[0] == window[0])
+    hi = next(i for i, g in enumerate(groups) if g[1] == window[1])
+    return list(groups[:lo]) + [window] + list(groups[hi + 1 :])
+
+
+def initial_groups(num_layers: int) -> list[Group]:
+    return [(i, i) for i in range(num_layers)]
+
+
+def top_down(
+    num_layers: int,
+    threshold: float,
+    ev: Evaluator,
+    *,
+    paper_loop: bool = True,
+    max_steps: int = 10_000,
+    on_event: Callable[[str, Group, float | None], None] | None = None,
+) -> Selection:
+    """The authors' loop over current-model positions (METHOD.md §2).
+
+    `paper_loop=True` reproduces it exactly: the last layer is never merged, layer 0 is never the base of a
+    committed window, a window still growing when `low` reaches −1 is dropped, and after a commit the next
+    test is the no-op window [low, low]. `paper_loop=False` applies the fixes: skip the no-op re-test and
+    commit a pending window at the end. Both stop after `max_steps` tests (a no-op re-test that fails
+    would otherwise loop forever).
+    """
+    groups = initial_groups(num_layers)
+    sel = Selection([], [], threshold=threshold)
+    emit = on_event or (lambda *a: None)
+    high = num_layers - 2
+    low = high - 1
+    last_pass: float | None = None
+    steps = 0
+    while low >= 0:
+        steps += 1
+        if steps > max_steps:
+            sel.note = f"stopped by the loop guard after {max_steps} tests"
+            break
+        window = (groups[low][0], groups[high][1])
+        sim = ev.score(groups, [window])[0] if low <= high else float("nan")
+        sel.evaluations += 1
+        if passes(sim, threshold, ev.higher_is_better):
+            sel.trace.append(("pass", window, sim))
+            emit("pass", window, sim)
+            last_pass = sim
+            low -= 1
+        elif low + 1 != high:
+            commit = (groups[low + 1][0], groups[high][1]) if low + 1 <= high else None
+            if commit is None:  # the no-op re-test failed: the authors' loop would spin here
+                sel.trace.append(("noop-fail", window, sim))
+                sel.note = "a no-op re-test failed (the authors' loop would never end); stopped"
+                break
+            sel.trace.append(("commit", commit, last_pass))
+            emit("commit", commit, last_pass)
+            ev.commit(groups, commit)
+            groups = _collapse(groups, commit)
+            sel.windows.append(commit)
+            sel.scores.append(last_pass)
+            high = low
+            if not paper_loop:  # skip the no-op re-test of the model just committed
+                low -= 1
+        else:
+            sel.trace.append(("fail", window, sim))
+            emit("fail", window, sim)
+            high -= 1
+            low -= 1
+    if low < 0 and low + 1 < high and last_pass is not None and sel.trace and sel.trace[-1][0] == "pass":
+        pending = (groups[low + 1][0], groups[high][1])
+        if paper_loop:
+            sel.trace.append(("drop", pending, last_pass))
+            emit("drop", pending, last_pass)
+        else:
+            sel.trace.append(("commit", pending, last_pass))
+            emit("commit", pending, last_pass)
+            ev.commit(groups, pending)
+            sel.windows.append(pending)
+            sel.scores.append(last_pass)
+    return sel
+
+
+def mergeable_pairs(groups: Sequence[Group], protected: set[int]) -> list[Group]:
+    """Adjacent group pairs whose union contains no protected original layer."""
+    out = []
+    for a, b in zip(groups, groups[1:]):
+        if not any(a[0] <= p <= b[1] for p in protected):
+            out.append((a[0], b[1]))
+    return out
+
+
+def best_first(
+    num_layers: int,
+    ev: Evaluator,
+    *,
+    layers_to_remove: int | None = None,
+    threshold: float | None = None,
+    protected: Sequence[int] = (),
+    on_event: Callable[[str, Group, float | None], None] | None = None,
+) -> Selection:
+    """Each step scores every merge of two adjacent current layers (either may already be a window) and
+    commits the best one anywhere in the model; stops at `layers_to_remove` or when the best fails T."""
+    if layers_to_remove is None and threshold is None:
+        raise ValueError("best_first needs a layer count or a threshold")
+    groups = initial_groups(num_layers)
+    sel = Selection([], [], threshold=threshold)
+    emit = on_event or (lambda *a: None)
+    prot = set(protected)
+    while layers_to_remove is None or sel.removed < layers_to_remove:
+        cands = mergeable_pairs(groups, prot)
+        if not cands:
+            sel.note = "no mergeable pair left"
+            break
+        scores = ev.score(groups, cands)
+        sel.evaluations += len(cands)
+        pick = max if ev.higher_is_better else min
+        best = pick(range(len(cands)), key=lambda i: (scores[i], -i))
+        window, score = cands[best], scores[best]
+        if threshold is not None and not passes(score, threshold, ev.higher_is_better):
+            sel.trace.append(("stop", window, score))
+            emit("stop", window, score)
+            break
+        sel.trace.append(("commit", window, score))
+        emit("commit", window, score)
+        ev.commit(groups, window)
+        groups = _collapse(groups, window)
+        kept = [i for i, w in enumerate(sel.windows) if not (window[0] <= w[0] and w[1] <= window[1])]
+        sel.windows = [sel.windows[i] for i in kept] + [window]  # a window may absorb earlier ones
+        sel.scores = [sel.scores[i] for i in kept] + [score]
+    order = sorted(range(len(sel.windows)), key=lambda i: -sel.windows[i][0])
+    sel.windows = [sel.windows[i] for i in order]
+    sel.scores = [sel.scores[i] for i in order]
+    return sel
+
+
+def search_threshold(
+    run: Callable[[float], Selection],
+    target: int,
+    lo: float,
+    hi: float,
+    higher_is_better: bool,
+    iters: int = 12,
+) -> Selection:
+    """Find T whose selection removes `target` layers (or the closest count). removed(T) is not monotone:
+    scan from the strict side (few removals) towards the loose side, then bisect the first bracket."""
+    grid = [hi - (hi - lo) * k / 16 for k in range(17)]
+    if not higher_is_better:
+        grid = [lo + (hi - lo) * k / 16 for k in range(17)]
+    best: Selection | None = None
+
+    def consider(sel: Selection) -> None:
+        nonlocal best
+        if best is None or abs(sel.removed - target) < abs(best.removed - target) or (
+            abs(sel.removed - target) == abs(best.removed - target) and sel.removed < best.removed
+        ):
+            best = sel
+
+    prev_t, prev_n = grid[0], None
+    for t in grid:
+        sel = run(t)
+        consider(sel)
+        if sel.removed == target:
+            return sel
+        if sel.removed > target and prev_n is not None and prev_n < target:
+            a, b = prev_t, t  # removed(a) < target < removed(b)
+            for _ in range(iters):
+                mid = (a + b) / 2
+                s = run(mid)
+                consider(s)
+                if s.removed == target:
+                    return s
+                if s.removed < target:
+                    a = mid
+                else:
+                    b = mid
+            break
+        prev_t, prev_n = t, sel.removed
+    assert best is not None
+    if best.removed != target:
+        best.note = (best.note + "; " if best.note else "") + (
+            f"no threshold removes exactly {target} layers; closest: {best.removed} at T={best.threshold:.4f}")
+    return best
+
+
+def layers_for_ratio(ratio: float, params_total: int, params_per_layer: int, num_layers: int) -> int:
+    """Layers to remove so that the fraction of all parameters removed is closest to `ratio` (the paper)."""
+    n = round(ratio * params_total / params_per_layer)
+    if n < 1:
+        raise UserError(f"--ratio {ratio}: less than one layer ({params_per_layer / params_total:.3f} of the "
+                        f"parameters); ask for a larger ratio")
+    if n > num_layers - 2:
+        raise UserError(f"--ratio {ratio} would remove {n} of {num_layers} layers: the largest reachable is "
+                        f"{(num_layers - 2) * params_per_layer / params_total:.3f}")
+    return n
+
+
+def check_threshold(criterion: str, t: float) -> None:
+    if criterion in ("output", "cka") and not (0 < t <= 1) or criterion == "kl" and not (t > 0 and math.isfinite(t)):
+        rng = "(0, 1]" if criterion != "kl" else "> 0"
+        raise UserError(f"--threshold {t}: out of range for criterion {criterion!r} (must be {rng})")
+
+
+class CkaEvaluator:
+    """Windows judged by the CKA matrix alone: score([low, high]) = CKA(output of low, output of high).
+
+    Matrix index i is the output of decoder layer i-1 (index 0 = embedding output). No forward passes.
+    """
+
+    higher_is_better = True
+
+    def __init__(self, matrix):
+        self.matrix = matrix
+
+    def score(self, groups, candidates):
+        return [float(self.matrix[lo + 1, hi + 1]) for lo, hi in candidates]
+
+    def commit(self, groups, window):
+        pass

@@ -1,0 +1,263 @@
+"""Writing a compressed model as a Hugging Face folder that loads with plain `from_pretrained`.
+
+The folder holds sharded safetensors (+ `model.safetensors.index.json` when sharded), `config.json`,
+`generation_config.json`, the tokenizer files, a `README.md` model card, the run's `config.yaml` (as given)
+and `config.resolved.yaml`, `plan.json`, `metrics.json` when metrics are given, and, for plans that only
+delete layers, a mergekit passthrough recipe `mergekit_config.yml`. It is written atomically: a failure
+(including the reload check) leaves nothing at the output path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from swm_ray import storage
+from swm_ray.architectures import per_layer_config_keys
+from swm_ray.merge import DROP_ONLY_METHODS, METHOD_DESCRIPTIONS
+from swm_ray.models import decoder_layers, text_config
+from swm_ray.plan import Plan
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
+
+
+def check_consistent(model) -> None:
+    """Raise RuntimeError unless layers, `num_hidden_layers` and every per-layer config list agree."""
+    cfg = text_config(model)
+    n = len(decoder_layers(model))
+    if cfg.num_hidden_layers != n:
+        raise RuntimeError(f"config.num_hidden_layers={cfg.num_hidden_layers} but the model has {n} layers")
+    for key in per_layer_config_keys(cfg):
+        if len(getattr(cfg, key)) != n:
+            raise RuntimeError(f"config.{key} has {len(getattr(cfg, key))} entries for {n} layers")
+    for pos, layer in enumerate(decoder_layers(model)):
+        idx = getattr(getattr(layer, "self_attn", None), "layer_idx", pos)
+        if idx != pos:
+            raise RuntimeError(f"layer at position {pos} has self_attn.layer_idx={idx}")
+
+
+def _ranges(indices: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of sorted indices as half-open [start, end) ranges."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1]:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(a, b) for a, b in runs]
+
+
+def mergekit_kept_layers(plan: Plan) -> list[int]:
+    """Original indices mergekit must copy: the kept layers, with each window's top for keep-last."""
+    if plan.merge not in DROP_ONLY_METHODS:
+        raise ValueError(f"merge {plan.merge!r} changes weights: no mergekit passthrough recipe exists")
+    removed = set(plan.removed_layers)
+    if plan.merge == "keep-last":
+        for low, high in plan.windows:
+            removed.add(low)
+            removed.discard(high)
+    return [i for i in range(plan.num_layers_before) if i not in removed]
+
+
+def render_mergekit_config(plan: Plan, dtype: str = "bfloat16") -> str | None:
+    """A mergekit passthrough YAML reproducing a drop-only plan (None for plans that change weights).
+
+    `layer_range` is half-open, [start, end), as mergekit expects.
+    """
+    if plan.merge not in DROP_ONLY_METHODS:
+        return None
+    model = plan.source_model or "SOURCE_MODEL"
+    lines = [
+        f"# mergekit passthrough recipe equivalent to this swm-ray plan (merge: {plan.merge}).",
+        "# layer_range is half-open: [start, end). Note: mergekit does not slice per-layer config lists",
+        "# (layer_types, max_window_layers); the config.json written next to this file does.",
+        "slices:",
+    ]
+    for start, end in _ranges(mergekit_kept_layers(plan)):
+        lines += ["  - sources:", f"      - model: {json.dumps(model)}", f"        layer_range: [{start}, {end}]"]
+    lines += ["merge_method: passthrough", f"dtype: {dtype}"]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def render_metrics_table(metrics: dict[str, Any]) -> str:
+    """Markdown table: one row per key; nested dicts ({task: {metric: value}}) get one column per metric."""
+    if not metrics:
+        return ""
+    if all(isinstance(v, dict) for v in metrics.values()):
+        cols = list(dict.fromkeys(k for v in metrics.values() for k in v))
+        rows = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for name, vals in metrics.items():
+            rows.append(f"| {name} | " + " | ".join(_fmt(vals[c]) if c in vals else "" for c in cols) + " |")
+        return "\n".join(rows)
+    rows = ["| metric | value |", "|---|---|"]
+    rows += [f"| {name} | {_fmt(v)} |" for name, v in metrics.items()]
+    return "\n".join(rows)
+
+
+def _windows_table(plan: Plan) -> str:
+    rows = ["| window (original layers, inclusive) | layers merged | score |", "|---|---|---|"]
+    for i, (low, high) in enumerate(plan.windows):
+        score = _fmt(plan.similarities[i]) if i < len(plan.similarities) else ""
+        rows.append(f"| [{low}, {high}] | {high - low + 1} | {score} |")
+    return "\n".join(rows)
+
+
+def _size_table(plan: Plan) -> str:
+    params = (plan.params_before, plan.params_after)
+    rows = ["| | before | after |", "|---|---|---|"]
+    rows.append(f"| decoder layers | {plan.num_layers_before} | {plan.num_layers_after} |")
+    if all(p is not None for p in params):
+        rows.append(f"| parameters | {params[0]:,} | {params[1]:,} |")
+    return "\n".join(rows)
+
+
+def render_model_card(
+    plan: Plan, *, metrics: dict[str, Any] | None = None, resolved_yaml: str | None = None, name: str | None = None
+) -> str:
+    """README.md text: source, size before/after, plan windows, merge method, metrics, how to load, config."""
+    title = name or "Depth-compressed model"
+    source = plan.source_model or "(unknown source)"
+    criterion = ", ".join(f"{k}: `{v}`" for k, v in
+                          (("criterion", plan.criterion), ("search", plan.search), ("threshold", plan.threshold))
+                          if v not in (None, ""))
+    parts = [
+        "---\nlibrary_name: transformers\ntags:\n- swm-ray\n- layer-merging\n- depth-pruning\n---\n",
+        f"# {title}\n",
+        f"Produced by **swm-ray** (Sliding-Window Merging) from `{source}` by merging runs of consecutive "
+        "decoder layers into one layer each.\n",
+        _size_table(plan) + "\n",
+        "## Merge plan\n",
+        f"Merge method: **`{plan.merge}`**: {METHOD_DESCRIPTIONS.get(plan.merge, plan.merge)}.\n",
+    ]
+    if criterion:
+        parts.append(f"Selection: {criterion}.\n")
+    parts.append("Windows are 0-based indices of the original decoder layers, top window first.\n")
+    parts.append(_windows_table(plan) + "\n")
+    parts.append(f"Original layers removed: {plan.removed_layers or 'none'}.\n")
+    if metrics:
+        parts += ["## Metrics\n", render_metrics_table(metrics) + "\n"]
+    parts += [
+        "## How to load\n",
+        "Plain transformers, no swm-ray needed:\n",
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        'path = "PATH/TO/THIS/FOLDER"  # or the hub id it was uploaded to\n'
+        "tokenizer = AutoTokenizer.from_pretrained(path)\n"
+        'model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")\n'
+        'inputs = tokenizer("The capital of France is", return_tensors="pt")\n'
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))\n```\n",
+        "The exact run configuration is in `config.resolved.yaml` (and the plan in `plan.json`).\n",
+    ]
+    if resolved_yaml:
+        parts += ["## Configuration\n", "```yaml\n" + resolved_yaml.rstrip("\n") + "\n```\n"]
+    return "\n".join(parts)
+
+
+def _probe_ids(tokenizer, vocab_size: int) -> torch.Tensor:
+    """A few token ids, shape [1, T], from the tokenizer when there is one."""
+    if tokenizer is not None:
+        ids = tokenizer(PROBE_TEXT, return_tensors="pt").input_ids[:, :16]
+        if ids.numel() > 0:
+            return ids
+    return (torch.arange(1, 9) % max(vocab_size, 1)).unsqueeze(0)
+
+
+def verify_tokenizer(path: str | Path, tokenizer) -> None:
+    """Raise RuntimeError unless `AutoTokenizer` reloads the saved tokenizer and it encodes like `tokenizer`.
+
+    transformers 5 may pick a model-type-specific tokenizer class on reload (e.g. `Qwen2Tokenizer` for a
+    qwen2 folder, rebuilt from vocab and merges): this catches a folder whose tokenizer would silently change.
+    """
+    try:
+        reloaded = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # any failure to reload means a broken output folder
+        raise RuntimeError(f"the tokenizer saved to {path} does not reload: {str(e).splitlines()[0][:200]}") from e
+    want = tokenizer(PROBE_TEXT).input_ids
+    got = reloaded(PROBE_TEXT).input_ids
+    if got != want:
+        raise RuntimeError(
+            f"the tokenizer saved to {path} reloads as {type(reloaded).__name__} and encodes differently "
+            f"({got[:8]} vs {want[:8]})"
+        )
+
+
+@torch.no_grad()
+def verify_folder(path: str | Path, tokenizer=None) -> torch.Tensor:
+    """Reload `path` with plain transformers on the CPU, run one forward pass; returns logits [1, T, V].
+
+    Raises RuntimeError when the reloaded depth disagrees with its config, the logits are not finite, or
+    the saved tokenizer does not reload to the same encoding.
+    """
+    if tokenizer is not None:
+        verify_tokenizer(path, tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", device_map=None)
+    model.eval()
+    check_consistent(model)
+    ids = _probe_ids(tokenizer, text_config(model).vocab_size)
+    logits = model(input_ids=ids, use_cache=False).logits
+    if not torch.isfinite(logits).all():
+        raise RuntimeError(f"the saved model at {path} produces non-finite logits after reloading")
+    return logits
+
+
+def _write_text_files(
+    folder: Path, plan: Plan, raw_yaml: str, resolved_yaml: str, metrics: dict | None, card: str, dtype: str
+) -> None:
+    (folder / "README.md").write_text(card)
+    (folder / "config.yaml").write_text(raw_yaml)
+    (folder / "config.resolved.yaml").write_text(resolved_yaml)
+    plan.save(folder / "plan.json")
+    if metrics is not None:
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    recipe = render_mergekit_config(plan, dtype)
+    if recipe is not None:
+        (folder / "mergekit_config.yml").write_text(recipe)
+
+
+def _save_weights(model, tokenizer, folder: Path, max_shard_size: str | int) -> None:
+    model.save_pretrained(str(folder), max_shard_size=max_shard_size)
+    if not (folder / "generation_config.json").exists():
+        GenerationConfig.from_model_config(model.config).save_pretrained(str(folder))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+
+
+def save_model_folder(
+    model,
+    tokenizer,
+    out: str,
+    *,
+    plan: Plan,
+    raw_yaml: str,
+    resolved_yaml: str,
+    metrics: dict | None = None,
+    overwrite: bool = False,
+    max_shard_size: str | int = "2GB",
+    verify: bool = True,
+) -> str:
+    """Write the compressed model folder to `out` (local or s3://) atomically; returns `out`.
+
+    Before the folder is published it is reloaded with `AutoModelForCausalLM.from_pretrained` and run on a
+    few tokens (RuntimeError if the logits are not finite). Raises UserError if `out` exists and is not
+    ours (or is ours and `overwrite` is off); nothing is written then.
+    """
+    check_consistent(model)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    card = render_model_card(plan, metrics=metrics, resolved_yaml=resolved_yaml, name=Path(str(out)).name)
+    with storage.atomic_output_dir(out, overwrite=overwrite) as staging:
+        _save_weights(model, tokenizer, staging, max_shard_size)
+        _write_text_files(staging, plan, raw_yaml, resolved_yaml, metrics, card, dtype)
+        if verify:
+            verify_folder(staging, tokenizer)
+    return out if storage.is_remote(out) else str(Path(out).resolve())

@@ -1,0 +1,216 @@
+"""Merge methods against hand-computed tensors, and the structural edits of `apply_windows`."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import tiny_gpt2, tiny_model, tiny_t5
+
+from swm_ray.architectures import check_supported, per_layer_config_keys, slice_per_layer_config
+from swm_ray.errors import UserError
+from swm_ray.merge import (
+    MERGE_METHODS,
+    apply_windows,
+    build_candidate_layers,
+    kept_layers,
+    merge_layers,
+    validate_windows,
+)
+from swm_ray.models import decoder_layers, inner_model
+
+IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41]])  # longer than the tiny sliding windows (4)
+
+
+def _param(layer, name: str) -> torch.Tensor:
+    return layer.get_parameter(name).detach().clone()
+
+
+@pytest.fixture
+def llama():
+    model, _ = tiny_model("llama")
+    return model
+
+
+def test_reference_takes_top_weights_and_bottom_norms(llama):
+    layers = list(decoder_layers(llama))[1:4]
+    merged = merge_layers(layers, "reference")
+    bottom, top = layers[0], layers[-1]
+    for name in ("self_attn.q_proj.weight", "self_attn.o_proj.weight", "mlp.down_proj.weight", "mlp.gate_proj.weight"):
+        assert torch.equal(_param(merged, name), _param(top, name))
+        assert not torch.equal(_param(merged, name), _param(bottom, name))
+    for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+        assert torch.equal(_param(merged, name), _param(bottom, name))
+        assert not torch.equal(_param(merged, name), _param(top, name))
+
+
+def test_paper_formula(llama):
+    layers = list(decoder_layers(llama))[1:4]
+    merged = merge_layers(layers, "paper")
+    name = "self_attn.k_proj.weight"
+    t1, t2, t3 = (_param(x, name) for x in layers)
+    expected = t1 + (t2 - t1) + (t3 - t1)  # θ_low + Σ_{k=low+1..high}(θ_k − θ_low)
+    torch.testing.assert_close(_param(merged, name), expected)
+    u1, u2, u3 = (_param(x, "mlp.up_proj.weight") for x in layers)
+    torch.testing.assert_close(_param(merged, "mlp.up_proj.weight"), u2 + u3 - u1)
+    assert torch.equal(_param(merged, "input_layernorm.weight"), _param(layers[0], "input_layernorm.weight"))
+
+
+def test_mean(llama):
+    layers = list(decoder_layers(llama))[2:5]
+    merged = merge_layers(layers, "mean")
+    for name in ("self_attn.v_proj.weight", "mlp.gate_proj.weight"):
+        expected = (_param(layers[0], name) + _param(layers[1], name) + _param(layers[2], name)) / 3
+        torch.testing.assert_close(_param(merged, name), expected)
+    assert torch.equal(_param(merged, "post_attention_layernorm.weight"),
+                       _param(layers[0], "post_attention_layernorm.weight"))
+
+
+@pytest.mark.parametrize(("method", "source"), [("keep-first", 0), ("keep-last", -1)])
+def test_keep_first_and_last(llama, method, source):
+    layers = list(decoder_layers(llama))[0:3]
+    merged = merge_layers(layers, method)
+    for name, p in merged.named_parameters():
+        assert torch.equal(p, _param(layers[source], name)), name
+
+
+def test_merged_layer_is_new_and_inputs_untouched(llama):
+    layers = list(decoder_layers(llama))[1:3]
+    before = {n: p.clone() for n, p in layers[0].named_parameters()}
+    for method in MERGE_METHODS:
+        merged = merge_layers(layers, method)
+        assert merged is not layers[0] and merged is not layers[1]
+        with torch.no_grad():
+            for p in merged.parameters():
+                p.add_(1.0)
+        for n, p in layers[0].named_parameters():
+            assert torch.equal(p, before[n])
+        assert merged.self_attn.config is llama.config  # config shared, not deep-copied
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma2", "gemma3"])
+def test_reference_extra_norms_from_bottom(arch):
+    model, _ = tiny_model(arch)
+    layers = list(decoder_layers(model))[2:5]
+    merged = merge_layers(layers, "reference")
+    norms = [n for n, _ in merged.named_parameters() if "norm" in n]
+    expected_extra = {
+        "qwen3": {"self_attn.q_norm.weight", "self_attn.k_norm.weight"},
+        "gemma2": {"pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"},
+        "gemma3": {"self_attn.q_norm.weight", "pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"},
+    }[arch]
+    assert expected_extra <= set(norms)
+    for name in norms:
+        assert torch.equal(_param(merged, name), _param(layers[0], name)), name
+        assert not torch.equal(_param(merged, name), _param(layers[-1], name)), name
+    assert torch.equal(_param(merged, "self_attn.q_proj.weight"), _param(layers[-1], "self_attn.q_proj.weight"))
+
+
+def test_apply_windows_renumbers_and_runs_with_cache(llama):
+    original = [copy.deepcopy(x) for x in decoder_layers(llama)]
+    apply_windows(llama, [(3, 5), (0, 1)], "reference")  # any order
+    layers = decoder_layers(llama)
+    assert len(layers) == 3 and llama.config.num_hidden_layers == 3
+    assert [x.self_attn.layer_idx for x in layers] == [0, 1, 2]
+    assert torch.equal(_param(layers[0], "self_attn.q_proj.weight"), _param(original[1], "self_attn.q_proj.weight"))
+    assert torch.equal(_param(layers[0], "input_layernorm.weight"), _param(original[0], "input_layernorm.weight"))
+    assert torch.equal(_param(layers[1], "mlp.up_proj.weight"), _param(original[2], "mlp.up_proj.weight"))
+    assert torch.equal(_param(layers[2], "self_attn.o_proj.weight"), _param(original[5], "self_attn.o_proj.weight"))
+    out = llama.generate(IDS[:, :4], max_new_tokens=3, do_sample=False)  # exercises the KV cache
+    assert out.shape == (1, 7)
+    with torch.no_grad():
+        cached = llama(IDS, use_cache=True).logits
+        uncached = llama(IDS, use_cache=False).logits
+    torch.testing.assert_close(cached, uncached)
+
+
+def test_gemma3_layer_types_sliced_with_bottom_entry():
+    model, _ = tiny_model("gemma3")
+    cfg = model.config
+    assert cfg.layer_types == ["sliding_attention", "sliding_attention", "full_attention"] * 2
+    apply_windows(model, [(2, 3)], "reference")
+    assert cfg.num_hidden_layers == 5
+    assert cfg.layer_types == ["sliding_attention", "sliding_attention", "full_attention",
+                               "sliding_attention", "full_attention"]
+    layers = decoder_layers(model)
+    assert layers[2].self_attn.is_sliding is False  # the merged layer keeps the bottom's attention type
+    assert [x.layer_idx for x in layers] == list(range(5))
+    assert [x.self_attn.layer_idx for x in layers] == list(range(5))
+    cfg.validate()  # transformers' own check: len(layer_types) == num_hidden_layers
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()
+
+
+def test_qwen2_max_window_layers_recounted():
+    model, _ = tiny_model("qwen2")
+    cfg = model.config
+    assert cfg.max_window_layers == 3 and cfg.layer_types[:4] == ["full_attention"] * 3 + ["sliding_attention"]
+    apply_windows(model, [(1, 2), (4, 5)], "mean")
+    assert cfg.num_hidden_layers == 4
+    assert cfg.max_window_layers == 2
+    assert cfg.layer_types == ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]
+    assert "layer_types" in per_layer_config_keys(cfg)
+    cfg.validate()
+
+
+def test_max_window_layers_above_depth_clamped():
+    model, _ = tiny_model("qwen3")
+    model.config.max_window_layers = 28
+    slice_per_layer_config(model.config, [0, 2, 5])
+    assert model.config.max_window_layers == 3 and model.config.num_hidden_layers == 3
+
+
+def test_per_layer_keys_ignore_token_lists():
+    model, _ = tiny_model("llama", n_layers=2)
+    model.config.eos_token_id = [2, 3]
+    assert per_layer_config_keys(model.config) == []
+
+
+@pytest.mark.parametrize("factory", [tiny_gpt2, tiny_t5])
+def test_unsupported_architecture(factory):
+    model = factory()
+    with pytest.raises(UserError, match="not supported") as info:
+        check_supported(model)
+    assert model.config.model_type in str(info.value) and "llama" in str(info.value)
+    with pytest.raises(UserError):
+        apply_windows(model, [(0, 1)], "reference")
+
+
+@pytest.mark.parametrize(
+    "windows",
+    [[(0, 6)], [(-1, 2)], [(3, 2)], [(0, 2), (2, 3)], [(1, 4), (2, 3)], [(0, 1.5)], [(1, 2, 3)]],
+)
+def test_bad_windows(llama, windows):
+    with pytest.raises(UserError):
+        apply_windows(llama, windows, "reference")
+    assert len(decoder_layers(llama)) == 6 and llama.config.num_hidden_layers == 6
+
+
+def test_bad_method(llama):
+    with pytest.raises(UserError, match="keep-first"):
+        apply_windows(llama, [(0, 1)], "average")
+
+
+def test_validate_and_kept_layers():
+    assert validate_windows([[4, 5], [0, 2]], 6) == [(0, 2), (4, 5)]
+    assert kept_layers(6, [(4, 5), (0, 2)]) == [0, 3, 4]
+    assert kept_layers(6, []) == list(range(6))
+
+
+def test_candidate_layers_match_apply_windows(llama):
+    reference_model = copy.deepcopy(llama)
+    apply_windows(reference_model, [(2, 4)], "paper")
+    current = list(decoder_layers(llama))
+    candidate = build_candidate_layers(current, 2, 4, "paper")
+    assert len(candidate) == 4 and len(current) == 6
+    assert candidate[2].self_attn.layer_idx == 2
+    assert candidate[0] is current[0] and candidate[3] is current[5]
+    inner = inner_model(llama)
+    inner.layers = torch.nn.ModuleList(candidate)  # llama iterates layers[:num_hidden_layers]: shorter is fine
+    with torch.no_grad():
+        got = llama(IDS, use_cache=False).logits
+        want = reference_model(IDS, use_cache=False).logits
+    torch.testing.assert_close(got, want)
+    with pytest.raises(UserError):
+        build_candidate_layers(current, 4, 6, "paper")
