@@ -91,7 +91,13 @@ class EvalConfig(_Section):
     ppl_data: str | None = "builtin:boolq-passages"
     ppl_chunk: int = Field(128, ge=2)
     ppl_max_tokens: int | None = 16384
+    ppl_bos: Literal["stream", "chunk", "none"] = "stream"
+    ppl_batch_size: int = Field(8, ge=1)
     latency: bool = False
+    latency_runs: int = Field(20, ge=1)
+    latency_warmup: int = Field(10, ge=0)
+    latency_new_tokens: int = Field(128, ge=1)
+    offline: bool | None = None  # None: offline when the hub is unreachable
     baseline: str | None = None
     enabled: bool = False  # `compress --eval`
 

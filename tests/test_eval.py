@@ -316,6 +316,32 @@ def test_report_json_and_table(tmp_path):
     assert "baseline" not in alone and "60.00" in alone
 
 
+def test_report_file_mode_and_s3(tmp_path, monkeypatch):
+    out = tmp_path / "eval.json"
+    report_mod.write_report(str(out), _fake("small", 0.6, 0.7, 20.0, 1.0))
+    assert out.stat().st_mode & 0o044  # readable by others, like any file we write (not mkstemp's 0600)
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+    import s3fs
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server._server.server_port}"
+        for key, value in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
+                           "SWM_RAY_S3_ENDPOINT": url}.items():
+            monkeypatch.setenv(key, value)
+        boto3.client("s3", endpoint_url=url).create_bucket(Bucket="evals")
+        s3fs.S3FileSystem.clear_instance_cache()
+        report_mod.write_report("s3://evals/run1/eval.json", _fake("small", 0.6, 0.7, 20.0, 1.0))
+        fs = s3fs.S3FileSystem(endpoint_url=url)
+        assert json.loads(fs.cat("s3://evals/run1/eval.json"))["tasks"]["piqa"]["value"] == 0.6
+        assert fs.exists("s3://evals/run1/eval.raw.json")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
+
+
 # --- jobs --------------------------------------------------------------------------------------------------
 
 

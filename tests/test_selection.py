@@ -124,3 +124,12 @@ def test_targets_and_ranges():
     with pytest.raises(UserError, match="> 0"):
         check_threshold("kl", 0.0)
     check_threshold("kl", 3.0)
+
+
+def test_shortgpt_windows_are_keep_first_plans():
+    from swm_ray.baselines import drop_windows, shortgpt_windows
+
+    assert drop_windows([5, 3, 4, 9]) == [(8, 9), (2, 5)]
+    bi = np.array([0.0, 0.5, 0.1, 0.2, 0.9, 0.05])
+    assert shortgpt_windows(bi, 2) == [(4, 5), (1, 2)]  # layer 0 is never dropped
+    assert shortgpt_windows(bi, 2, protected=[5]) == [(2, 3), (1, 2)][:0] or shortgpt_windows(bi, 2, [5]) == [(1, 3)]

@@ -78,6 +78,13 @@ def raw_path(out: str) -> str:
     return (out[: -len(".json")] if out.endswith(".json") else out) + ".raw.json"
 
 
+def _umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """Write a file completely or not at all: a temporary sibling renamed over `path` (S3: one PUT)."""
     if storage.is_remote(path):
@@ -89,6 +96,7 @@ def write_text_atomic(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
