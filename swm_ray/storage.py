@@ -142,19 +142,13 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[Path]:
         final = Path(path).resolve()
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        staging.chmod(0o755)  # mkdtemp makes it private; an output folder is meant to be shared
     try:
         yield staging
-        (staging / OWNER_MARK).write_text("written by swm-ray\n")
         if is_remote(path):
-            fs = s3fs_filesystem()
-            tmp_url = path.rstrip("/") + ".tmp-upload"
-            if fs.exists(tmp_url):
-                fs.rm(tmp_url, recursive=True)
-            fs.put(str(staging) + "/", tmp_url + "/", recursive=True)
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
-            fs.mv(tmp_url, path, recursive=True)
+            _publish_s3(staging, path)
         else:
+            (staging / OWNER_MARK).write_text("written by swm-ray\n")
             if final.exists():
                 old = final.with_name(f".{final.name}.old-{os.getpid()}")
                 final.rename(old)
@@ -165,6 +159,24 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish_s3(staging: Path, url: str) -> None:
+    """Upload a complete local folder; the owner mark goes last, so its presence means "complete".
+
+    S3 has no atomic rename: an earlier output is removed first, and a failed upload is removed again.
+    """
+    fs = s3fs_filesystem()
+    url = url.rstrip("/")
+    if fs.exists(url):
+        fs.rm(url, recursive=True)
+    try:
+        fs.put(str(staging) + "/", url + "/", recursive=True)
+        fs.pipe(f"{url}/{OWNER_MARK}", b"written by swm-ray\n")
+    except BaseException:
+        if fs.exists(url):
+            fs.rm(url, recursive=True)
+        raise
 
 
 def package_dir(package: str, pip_name: str) -> Path:
