@@ -114,7 +114,8 @@ def main() -> None:
     print(f"same windows: {n['windows'] == s['windows']}  ({s['windows']})")
     print(f"wall time ratio swm-ray/naive = {s['seconds'] / n['seconds']:.3f}")
     print(f"peak memory ratio swm-ray/naive = {s['peak_rss_mb'] / n['peak_rss_mb']:.3f} "
-          f"(naive peak = {n['peak_rss_mb'] / model_mb:.2f}x the fp32 model, swm-ray {s['peak_rss_mb'] / model_mb:.2f}x)")
+          f"(naive peak = {n['peak_rss_mb'] / model_mb:.2f}x the fp32 model, "
+          f"swm-ray {s['peak_rss_mb'] / model_mb:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def main() -> None:
                                     "evaluations": p["extra"]["candidate_evaluations"], "note": p["extra"]["note"]}
         print(json.dumps({f"{crit}/{search}": rows[f"{crit}/{search}"]}), flush=True)
     base = rows["original"]["ppl"]
-    print(f"\n| method | layers | windows | PPL | × original | selection s |\n|---|---|---|---|---|---|")
+    print("\n| method | layers | windows | PPL | × original | selection s |\n|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r.get('layers', 30 - args.layers)} | {r.get('windows', '')} | {r['ppl']:.1f} | "
               f"{r['ppl'] / base:.2f} | {r.get('seconds', '')} |")

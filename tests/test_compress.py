@@ -96,3 +96,15 @@ def test_unsupported_architecture(ray_session, tokens_parquet, tmp_path):
     res = runner.invoke(app, ["compress", str(d), "--data", str(tokens_parquet), "--samples", "16",
                               "--set", "data.batch_size=4", "--layers", "1", "--out", str(tmp_path / "o")])
     assert res.exit_code != 0 and "not supported" in res.output and not (tmp_path / "o").exists()
+
+
+def test_compress_eval_puts_metrics_into_the_card(ray_session, tiny_llama_dir, tokens_parquet, tmp_path):
+    out = tmp_path / "ev"
+    res = run_compress(_cfg(tiny_llama_dir, tokens_parquet, out, **{
+        "select.layers": 1, "eval.enabled": True, "eval.tasks": ["piqa"], "eval.limit": 4,
+        "eval.ppl_max_tokens": 256}))
+    m = res["metrics"]
+    assert m["tasks"]["piqa"]["n"] == 4 and 0 <= m["tasks"]["piqa"]["value"] <= 1
+    assert m["ppl"]["ppl"] > 1
+    card = (out / "README.md").read_text()
+    assert "piqa" in card.lower() and "ppl" in card.lower()

@@ -66,8 +66,11 @@ def compress_command(
         echo(f"note: {res['note']}")
     if res.get("metrics"):
         m = res["metrics"]
-        if m.get("ppl") is not None:
-            echo(f"perplexity: {m['ppl']:.2f}")
+        if m.get("ppl"):
+            echo(f"perplexity: {m['ppl']['ppl']:.2f} ({m['ppl']['tokens']} tokens)")
+        if m.get("mean") is not None:
+            echo("zero-shot: " + ", ".join(f"{t} {r['value']:.3f}" for t, r in m["tasks"].items())
+                 + f"; mean {m['mean']:.3f}")
     echo(f"wrote {res['out']} ({res['seconds']:.0f} s)")
 
 

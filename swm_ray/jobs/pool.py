@@ -41,8 +41,8 @@ class ActorPool:
 
         from swm_ray.actors.stats_actor import ModelActor
 
+        init_ray(cfg.ray)
         self.k = actor_count(cfg.ray)
-        init_ray(cfg.ray, self.k)
         opts = actor_options(cfg.ray)
         threads = threads_per_actor(cfg.ray, self.k)
         model_cfg = cfg.model.model_dump()

@@ -1,0 +1,87 @@
+"""`swm-ray submit`: run an swm-ray command on a Ray cluster through the Ray Jobs API."""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import sys
+import time
+
+from swm_ray.errors import UserError
+
+COMMANDS = ("analyze", "compress", "eval", "version")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def entrypoint(args: list[str]) -> str:
+    """The job's shell command: `swm-ray ARGS` (the job's driver joins the cluster through RAY_ADDRESS)."""
+    if not args or args[0] not in COMMANDS:
+        raise UserError(f"submit: give the swm-ray command to run, one of {', '.join(COMMANDS)} "
+                        f"(e.g. swm-ray submit --address URL -- compress MODEL --layers 6)")
+    return shlex.join(["swm-ray", *args])
+
+
+def _present_token_if_any() -> None:
+    """Clusters started by `ray start` require a token; the client only sends one in token mode."""
+    import os
+    from pathlib import Path
+
+    has_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or (
+        Path.home() / ".ray" / "auth_token").exists()
+    if has_token:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def _client(address: str):
+    _present_token_if_any()
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except AuthenticationError:
+        raise UserError(f"the Ray cluster at {address} requires a token: set RAY_AUTH_TOKEN (or "
+                        f"RAY_AUTH_TOKEN_PATH) to the cluster's token") from None
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise UserError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0][:160]}") from None
+
+
+def runtime_env(working_dir: str | None, pip: list[str] | None, env: dict[str, str]) -> dict:
+    renv: dict = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", **env}}
+    if working_dir:
+        renv["working_dir"] = working_dir
+    if pip:
+        renv["pip"] = list(pip)
+    return renv
+
+
+def run_submit(address: str, args: list[str], *, working_dir: str | None = None, pip: list[str] | None = None,
+               env: dict[str, str] | None = None, wait: bool = True, timeout_s: float | None = None) -> dict:
+    """Submit; with `wait`, stream the job's logs to stdout and return its final status."""
+    cmd = entrypoint(args)
+    client = _client(address)
+    job_id = client.submit_job(entrypoint=cmd, runtime_env=runtime_env(working_dir, pip, env or {}))
+    print(f"submitted {job_id}: {cmd}", file=sys.stderr, flush=True)
+    if not wait:
+        return {"job_id": job_id, "status": str(client.get_job_status(job_id).value)}
+    asyncio.run(_tail(client, job_id))
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    status = str(client.get_job_status(job_id).value)
+    while status not in TERMINAL and (deadline is None or time.monotonic() < deadline):
+        time.sleep(0.5)
+        status = str(client.get_job_status(job_id).value)
+    return {"job_id": job_id, "status": status}
+
+
+async def _tail(client, job_id: str) -> None:
+    async for lines in client.tail_job_logs(job_id):
+        sys.stdout.write(lines)
+        sys.stdout.flush()
+
+
+def job_status(address: str, job_id: str) -> str:
+    return str(_client(address).get_job_status(job_id).value)
+
+
+def stop_job(address: str, job_id: str) -> bool:
+    return bool(_client(address).stop_job(job_id))

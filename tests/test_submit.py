@@ -1,0 +1,69 @@
+"""`swm-ray submit` against a real local Ray head (dashboard + job server on loopback)."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from swm_ray.cli import app
+from swm_ray.errors import UserError
+from swm_ray.jobs.submit import entrypoint, run_submit
+
+runner = CliRunner()
+
+
+def test_entrypoint_and_argument_errors():
+    assert entrypoint(["compress", "my model", "--layers", "6"]) == "swm-ray compress 'my model' --layers 6"
+    with pytest.raises(UserError, match="give the swm-ray command"):
+        entrypoint(["rm", "-rf"])
+    res = runner.invoke(app, ["submit", "--", "compress"], env={"RAY_ADDRESS": ""})
+    assert res.exit_code != 0 and "no cluster address" in res.output
+    res = runner.invoke(app, ["submit", "--address", "http://127.0.0.1:9", "--env", "NOEQUALS", "--", "version"])
+    assert res.exit_code != 0 and "expected KEY=VALUE" in res.output
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    port = 28265
+    # an embedded head with a dashboard (the job server) in a child process: stopping the child shuts down
+    # exactly this cluster and leaves any other Ray on the machine alone
+    script = ("import signal, ray; ray.init(address='local', num_cpus=1, include_dashboard=True, "
+              f"dashboard_host='127.0.0.1', dashboard_port={port}); signal.pause()")
+    head = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url + "/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # answering (e.g. 401 without a token) is up
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        head.terminate()
+        pytest.skip("local Ray head did not come up")
+    yield url
+    head.send_signal(signal.SIGINT)  # ray.init's exit hook shuts the embedded cluster down
+    head.wait(timeout=60)
+
+
+def test_submit_runs_a_job_and_streams_its_logs(ray_head, capsys):
+    if shutil.which("swm-ray") is None and not (Path(sys.executable).parent / "swm-ray").exists():
+        pytest.skip("swm-ray entry point not installed")
+    res = run_submit(ray_head, ["version"], env={"PATH": str(Path(sys.executable).parent) + ":" + os.environ["PATH"]},
+                     timeout_s=120)
+    assert res["status"] == "SUCCEEDED"
+    import swm_ray
+
+    assert swm_ray.__version__ in capsys.readouterr().out
