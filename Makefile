@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo test test-all lint bench clean gpu-check
 
 $(STAMP): requirements-cpu.txt requirements-assets.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -38,3 +38,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+# On a GPU machine that has torch + transformers (no Ray needed): drives the library floor directly.
+gpu-check:
+	PYTHONPATH=. python3 benchmarks/gpu_check.py

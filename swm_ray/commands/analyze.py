@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import typer
 
-from swm_ray.commands.common import ConfigOpt, SetOpt, echo, make_config, user_errors
+from swm_ray.commands.common import (
+    AllowPickleOpt,
+    ConfigOpt,
+    ModelArg,
+    OverwriteOpt,
+    SetOpt,
+    TrustRemoteCodeOpt,
+    echo,
+    make_config,
+    user_errors,
+)
 
 
 @user_errors
 def analyze_command(
-    model: str = typer.Argument(None, help="builtin:smollm2-135m (default), a local HF folder, a hub id or s3://"),
+    model: str = ModelArg,
     data: str = typer.Option(None, "--data", help="calibration text: builtin:lambada (default), "
                              "builtin:boolq-passages, .parquet/.jsonl/.txt, local or s3://"),
     samples: int = typer.Option(None, "--samples", help="calibration sequences (default 10, as the paper)"),
@@ -22,9 +32,9 @@ def analyze_command(
                                           help="positions left out of the features (default 1: the attention sink; "
                                           "0 reproduces the paper's analysis)"),
     out: str = typer.Option(None, "--out", "-o", help="output folder, local or s3:// (default ./swm-ray-analyze)"),
-    overwrite: bool = typer.Option(None, "--overwrite", help="replace an earlier swm-ray output at --out"),
-    allow_pickle: bool = typer.Option(None, "--allow-pickle", help="allow loading pickle (.bin) weights"),
-    trust_remote_code: bool = typer.Option(None, "--trust-remote-code", help="run the model repository's own code"),
+    overwrite: bool = OverwriteOpt,
+    allow_pickle: bool = AllowPickleOpt,
+    trust_remote_code: bool = TrustRemoteCodeOpt,
     config: str = ConfigOpt,
     set_: list[str] = SetOpt,
 ) -> None:

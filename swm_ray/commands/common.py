@@ -15,6 +15,10 @@ from swm_ray.errors import UserError
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (sections model:, data:, select:, ...)")
 SetOpt = typer.Option(None, "--set", help="override any config path, e.g. --set data.samples=32 (repeatable)")
+ModelArg = typer.Argument(None, help="builtin:smollm2-135m (default), a local HF folder, a hub id or s3://")
+OverwriteOpt = typer.Option(None, "--overwrite", help="replace an earlier swm-ray output at --out")
+AllowPickleOpt = typer.Option(None, "--allow-pickle", help="allow loading pickle (.bin) weights")
+TrustRemoteCodeOpt = typer.Option(None, "--trust-remote-code", help="run the model repository's own code")
 
 
 def make_config(config_file: str | None, flags: dict[str, Any], sets: list[str] | None) -> tuple[RunConfig, str]:

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from swm_ray.commands.common import ConfigOpt, SetOpt, echo, make_config, user_errors
+from swm_ray.commands.common import (
+    AllowPickleOpt,
+    ConfigOpt,
+    ModelArg,
+    OverwriteOpt,
+    SetOpt,
+    TrustRemoteCodeOpt,
+    echo,
+    make_config,
+    user_errors,
+)
 
 HELP = """Merge runs of consecutive similar decoder layers into one layer each and write an HF model folder.
 
@@ -20,7 +30,7 @@ mean = average of the window; keep-first / keep-last = keep one layer, drop the 
 
 @user_errors
 def compress_command(
-    model: str = typer.Argument(None, help="builtin:smollm2-135m (default), a local HF folder, a hub id or s3://"),
+    model: str = ModelArg,
     data: str = typer.Option(None, "--data", help="calibration text (default builtin:lambada)"),
     criterion: str = typer.Option(None, "--criterion", help="output (default) | cka | kl"),
     search: str = typer.Option(None, "--search", help="best-first (default) | top-down (the paper's loop)"),
@@ -35,9 +45,9 @@ def compress_command(
     do_eval: bool = typer.Option(None, "--eval", help="evaluate the result (perplexity + zero-shot) into the card"),
     out: str = typer.Option(None, "--out", "-o",
                             help="output model folder, local or s3:// (default ./swm-ray-compressed)"),
-    overwrite: bool = typer.Option(None, "--overwrite", help="replace an earlier swm-ray output at --out"),
-    allow_pickle: bool = typer.Option(None, "--allow-pickle", help="allow loading pickle (.bin) weights"),
-    trust_remote_code: bool = typer.Option(None, "--trust-remote-code", help="run the model repository's own code"),
+    overwrite: bool = OverwriteOpt,
+    allow_pickle: bool = AllowPickleOpt,
+    trust_remote_code: bool = TrustRemoteCodeOpt,
     config: str = ConfigOpt,
     set_: list[str] = SetOpt,
 ) -> None:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from swm_ray.commands.common import ConfigOpt, SetOpt, echo, make_config, user_errors
+from swm_ray.commands.common import (
+    AllowPickleOpt,
+    ConfigOpt,
+    SetOpt,
+    TrustRemoteCodeOpt,
+    echo,
+    make_config,
+    user_errors,
+)
 
 
 def _flags(model, baseline, tasks, limit, batch_size, ppl_data, latency, actors, device, dtype,
@@ -48,8 +56,8 @@ def eval_command(
     dtype: str = typer.Option(None, "--dtype", help="auto (default), float32, bfloat16, float16"),
     out: str = typer.Option("eval.json", "--out", "-o", help="where to write eval.json (local or s3://); "
                             "lm-eval's raw results go beside it as *.raw.json"),
-    allow_pickle: bool = typer.Option(None, "--allow-pickle", help="allow loading pickle (.bin) weights"),
-    trust_remote_code: bool = typer.Option(None, "--trust-remote-code", help="run the model repository's own code"),
+    allow_pickle: bool = AllowPickleOpt,
+    trust_remote_code: bool = TrustRemoteCodeOpt,
     config: str = ConfigOpt,
     set_: list[str] = SetOpt,
 ) -> None:
