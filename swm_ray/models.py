@@ -33,9 +33,12 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def pick_dtype(dtype: str, device: str) -> torch.dtype:
+def pick_dtype(dtype: str, device: str) -> torch.dtype | str:
+    """`auto`: bf16 on GPU, fp32 on CPU; `checkpoint`: the dtype the weights were saved in."""
     import torch
 
+    if dtype == "checkpoint":
+        return "auto"
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return getattr(torch, dtype)

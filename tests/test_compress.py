@@ -108,3 +108,16 @@ def test_compress_eval_puts_metrics_into_the_card(ray_session, tiny_llama_dir, t
     assert m["ppl"]["ppl"] > 1
     card = (out / "README.md").read_text()
     assert "piqa" in card.lower() and "ppl" in card.lower()
+
+
+def test_checkpoint_dtype_is_kept(ray_session, tokens_parquet, tmp_path):
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    src = tmp_path / "bf16"
+    model, _ = tiny_model("llama", n_layers=4)
+    model.to(torch.bfloat16).save_pretrained(src)
+    tiny_tokenizer(src)
+    out = tmp_path / "o"
+    run_compress(_cfg(src, tokens_parquet, out, **{"select.layers": 1}))
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert next(reloaded.parameters()).dtype == torch.bfloat16

@@ -109,8 +109,9 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
     t0 = time.perf_counter()
     path, calib, n_layers = prepare_calibration(cfg)
     m = cfg.model
-    model, tok = load_model(path, device="cpu", dtype=m.dtype, allow_pickle=m.allow_pickle,
-                            trust_remote_code=m.trust_remote_code)
+    # the driver merges on the CPU and keeps the checkpoint's dtype (a bf16 model is saved as bf16)
+    model, tok = load_model(path, device="cpu", dtype="checkpoint" if m.dtype == "auto" else m.dtype,
+                            allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)
     from swm_ray.architectures import check_supported
 
     check_supported(model)
