@@ -40,9 +40,22 @@ class _Chunk:
         self.ref_logp = ref_logp  # (b, T, V) float32 log-probs, only for `kl`
 
 
+def coalesce(batches: Sequence[tuple[int, int]], max_rows: int) -> list[tuple[int, int]]:
+    """Join consecutive row ranges into chunks of at most `max_rows` rows (bigger GEMMs, same crops)."""
+    out: list[tuple[int, int]] = []
+    for a, b in batches:
+        if out and out[-1][1] == a and b - out[-1][0] <= max_rows:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
 class ShardScorer:
+    """Candidate checks over one data shard (see the module docstring). `max_chunk`: crops run together."""
+
     def __init__(self, model, input_ids: np.ndarray, batches: Sequence[tuple[int, int]], criterion: str,
-                 method: str):
+                 method: str, max_chunk: int = 32):
         if criterion not in ("output", "kl"):
             raise ValueError(f"ShardScorer scores output or kl, not {criterion!r}")
         self.model = model
@@ -51,7 +64,8 @@ class ShardScorer:
         self.criterion = criterion
         self.method = method
         self.device = next(model.parameters()).device
-        self.chunks = [self._capture(torch.tensor(input_ids[a:b], device=self.device)) for a, b in batches]
+        self.chunks = [self._capture(torch.tensor(input_ids[a:b], device=self.device))
+                       for a, b in coalesce(batches, max_chunk)]
         self.reset()
 
     # -- state ---------------------------------------------------------------------------------------------
@@ -84,17 +98,20 @@ class ShardScorer:
         out = []
         for window in candidates:
             lo, hi = self._positions(window)
-            merged = merge_layers(self.original[window[0] : window[1] + 1], self.method)
-            total, count = 0.0, 0
-            for ch in self.chunks:
-                h = _first(merged(ch.inputs[lo], **ch.kwargs[window[0]]))
-                for p in range(hi + 1, len(self.layers)):
-                    h = self._run(p, h, ch)
-                s, c = self._compare(self.inner.norm(h), ch)
-                total += s
-                count += c
-            out.append((total, count))
+            if lo == hi:  # one current layer "merged" with nothing: the candidate is the current model
+                parts = [self._compare(self.inner.norm(ch.inputs[-1]), ch) for ch in self.chunks]
+            else:
+                merged = merge_layers(self.original[window[0] : window[1] + 1], self.method)
+                parts = [self._compare(self.inner.norm(self._above(merged, lo, hi, ch)), ch) for ch in self.chunks]
+            out.append((sum(p[0] for p in parts), sum(p[1] for p in parts)))
         return out
+
+    def _above(self, merged, lo: int, hi: int, ch: _Chunk) -> torch.Tensor:
+        """Run the merged layer from the cached input of position lo, then every current layer above hi."""
+        h = _first(merged(ch.inputs[lo], **ch.kwargs[self.groups[lo][0]]))
+        for p in range(hi + 1, len(self.layers)):
+            h = self._run(p, h, ch)
+        return h
 
     # -- internals -----------------------------------------------------------------------------------------
     def _positions(self, window: Group) -> tuple[int, int]:

@@ -51,3 +51,22 @@ def test_identity_candidate_is_perfect():
     kl = ShardScorer(model, ids, [(0, 4)], "kl", "reference").score([(1, 1)])
     assert out[0][0] / out[0][1] == pytest.approx(1.0, abs=1e-6) and out[0][1] == 4
     assert kl[0][0] / kl[0][1] == pytest.approx(0.0, abs=1e-6) and kl[0][1] == 40
+
+
+def test_noop_candidate_scores_the_current_model():
+    model, _ = tiny_model("qwen3", n_layers=6)
+    ids = np.random.default_rng(2).integers(4, 256, size=(4, 10))
+    sc = ShardScorer(model, ids, [(0, 4)], "output", "reference")
+    sc.commit((2, 4))
+    (noop,) = sc.score([(1, 1)])  # shortcut: no forward at all
+    want = _brute(model, ids, [(2, 4)], "output")
+    assert noop[0] / noop[1] == pytest.approx(want, abs=2e-5)
+    (merged_noop,) = sc.score([(2, 4)])  # the committed window itself is also the current model
+    assert merged_noop[0] == pytest.approx(noop[0], abs=1e-9)
+
+
+def test_coalesce_keeps_every_row_once():
+    from swm_ray.scoring import coalesce
+
+    assert coalesce([(0, 5), (5, 10), (10, 15)], 10) == [(0, 10), (10, 15)]
+    assert coalesce([(0, 4), (8, 12)], 32) == [(0, 4), (8, 12)]  # not adjacent: not joined
