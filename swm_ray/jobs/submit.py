@@ -60,7 +60,7 @@ def run_submit(address: str, args: list[str], *, working_dir: str | None = None,
     """Submit; with `wait`, stream the job's logs to stdout and return its final status."""
     cmd = entrypoint(args)
     client = _client(address)
-    job_id = client.submit_job(entrypoint=cmd, runtime_env=runtime_env(working_dir, pip, env or {}))
+    job_id = _submit_when_ready(client, cmd, runtime_env(working_dir, pip, env or {}))
     print(f"submitted {job_id}: {cmd}", file=sys.stderr, flush=True)
     if not wait:
         return {"job_id": job_id, "status": str(client.get_job_status(job_id).value)}
@@ -71,6 +71,18 @@ def run_submit(address: str, args: list[str], *, working_dir: str | None = None,
         time.sleep(0.5)
         status = str(client.get_job_status(job_id).value)
     return {"job_id": job_id, "status": status}
+
+
+def _submit_when_ready(client, cmd: str, renv: dict, patience_s: float = 60.0) -> str:
+    """Submit; a cluster that has just started answers "no available agent" for a while: retry then."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=cmd, runtime_env=renv)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 async def _tail(client, job_id: str) -> None:
