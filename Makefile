@@ -29,9 +29,11 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m cluster
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(BIN)/python -m pytest -q -m "not cluster"
+	$(BIN)/python -m pytest -q -m cluster
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_stats.py

@@ -58,6 +58,7 @@ def ray_head(tmp_path_factory):
     head.wait(timeout=60)
 
 
+@pytest.mark.cluster
 def test_submit_runs_a_job_and_streams_its_logs(ray_head, capsys):
     if shutil.which("swm-ray") is None and not (Path(sys.executable).parent / "swm-ray").exists():
         pytest.skip("swm-ray entry point not installed")
