@@ -102,11 +102,18 @@ class RayEvaluator:
         self.higher_is_better = criterion == "output"
 
     def score(self, groups, candidates):
+        """One call per (candidate, actor), all submitted at once: the bar advances as checks finish."""
         import ray
 
         from swm_ray.scoring import reduce_scores
 
-        parts = ray.get([a.score.remote(list(candidates)) for a in self.pool.actors])
+        refs = [a.score.remote([c]) for c in candidates for a in self.pool.actors]
+        if len(candidates) > 1:
+            flat = gather(refs, f"checking {len(candidates)} candidate merges")
+        else:
+            flat = ray.get(refs)
+        k = len(self.pool.actors)
+        parts = [[flat[i * k + j][0] for i in range(len(candidates))] for j in range(k)]  # per actor, in order
         return reduce_scores(parts)
 
     def commit(self, groups, window):
