@@ -22,7 +22,7 @@ $(STAMP): requirements-cpu.txt requirements-assets.txt pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/swm-ray compress --layers 6 --out runs/demo-smollm2 --overwrite
+	$(BIN)/swm-ray compress --layers 6 --eval --set "eval.tasks=[]" --out runs/demo-smollm2 --overwrite
 
 lint: $(STAMP)
 	$(BIN)/ruff check swm_ray tests benchmarks
