@@ -121,3 +121,15 @@ def test_checkpoint_dtype_is_kept(ray_session, tokens_parquet, tmp_path):
     run_compress(_cfg(src, tokens_parquet, out, **{"select.layers": 1}))
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     assert next(reloaded.parameters()).dtype == torch.bfloat16
+
+
+def test_paper_switch_selects_the_authors_procedure(ray_session, tiny_llama_dir, tokens_parquet, tmp_path):
+    out = tmp_path / "paper"
+    res = runner.invoke(app, ["compress", str(tiny_llama_dir), "--data", str(tokens_parquet), "--samples", "16",
+                              "--seq-len", "16", "--set", "data.batch_size=4", "--paper", "--layers", "1",
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    plan = json.loads((out / "plan.json").read_text())
+    assert (plan["criterion"], plan["search"], plan["merge"]) == ("output", "top-down", "reference")
+    assert plan["extra"]["paper_loop"] is True and plan["threshold"] is not None
+    assert "windows (original layers, inclusive)" in res.output
