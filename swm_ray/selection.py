@@ -107,9 +107,12 @@ def top_down(
     *,
     paper_loop: bool = True,
     max_steps: int = 10_000,
+    protected: Sequence[int] = (),
     on_event: Callable[[str, Group, float | None], None] | None = None,
 ) -> Selection:
     """The authors' loop over current-model positions (METHOD.md §2).
+
+    A window that would merge a `protected` original layer away fails without being evaluated.
 
     `paper_loop=True` reproduces it exactly: the last layer is never merged, layer 0 is never the base of a
     committed window, a window still growing when `low` reaches −1 is dropped, and after a commit the next
@@ -120,6 +123,7 @@ def top_down(
     groups = initial_groups(num_layers)
     sel = Selection([], [], threshold=threshold)
     emit = on_event or (lambda *a: None)
+    prot = set(protected)
     high = num_layers - 2
     low = high - 1
     last_pass: float | None = None
@@ -130,8 +134,11 @@ def top_down(
             sel.note = f"stopped by the loop guard after {max_steps} tests"
             break
         window = (groups[low][0], groups[high][1])
-        sim = ev.score(groups, [window])[0] if low <= high else float("nan")
-        sel.evaluations += 1
+        if low < high and any(window[0] <= p <= window[1] for p in prot):
+            sim = -math.inf if ev.higher_is_better else math.inf  # would merge a protected layer away
+        else:
+            sim = ev.score(groups, [window])[0] if low <= high else float("nan")
+            sel.evaluations += 1
         if passes(sim, threshold, ev.higher_is_better):
             sel.trace.append(("pass", window, sim))
             emit("pass", window, sim)

@@ -133,3 +133,11 @@ def test_shortgpt_windows_are_keep_first_plans():
     bi = np.array([0.0, 0.5, 0.1, 0.2, 0.9, 0.05])
     assert shortgpt_windows(bi, 2) == [(4, 5), (1, 2)]  # layer 0 is never dropped
     assert shortgpt_windows(bi, 2, protected=[5]) == [(2, 3), (1, 2)][:0] or shortgpt_windows(bi, 2, [5]) == [(1, 3)]
+
+
+def test_top_down_respects_protected_layers():
+    ev = Oracle(TABLE)
+    sel = top_down(6, 0.5, ev, paper_loop=True, protected=[2])
+    # (2, 4) would contain layer 2: it fails unevaluated, so (3, 4) is committed instead
+    assert sel.windows == [(3, 4)]
+    assert (2, 4) not in ev.calls

@@ -80,7 +80,8 @@ def select_windows(cfg: RunConfig, ev, n_layers: int, n_remove: int | None, on_e
     paper_loop = s.paper_loop and s.criterion != "cka"  # CKA windows commit the pending window
 
     def run(t: float, report=None) -> Selection:
-        return top_down(n_layers, t, ev, paper_loop=paper_loop, max_steps=s.max_steps, on_event=report)
+        return top_down(n_layers, t, ev, paper_loop=paper_loop, max_steps=s.max_steps,
+                        protected=sorted(set(s.protected_layers)), on_event=report)
 
     if n_remove is None:
         return run(s.threshold, on_event)
