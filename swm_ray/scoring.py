@@ -37,7 +37,7 @@ class _Chunk:
         self.inputs_orig = inputs  # hidden state entering each original layer; [-1] = last layer's output
         self.inputs = list(inputs)  # the same for the CURRENT stack, by position
         self.ref_final = ref_final  # (b, T·d) float32, after the final norm
-        self.ref_logp = ref_logp  # (b, T, V) float32 log-probs, only for `kl`
+        self.ref_logp = ref_logp  # (b, T, V) float32 log-probs for `kl` when they fit the cache budget
 
 
 def coalesce(batches: Sequence[tuple[int, int]], max_rows: int) -> list[tuple[int, int]]:
@@ -55,7 +55,7 @@ class ShardScorer:
     """Candidate checks over one data shard (see the module docstring). `max_chunk`: crops run together."""
 
     def __init__(self, model, input_ids: np.ndarray, batches: Sequence[tuple[int, int]], criterion: str,
-                 method: str, max_chunk: int = 32):
+                 method: str, max_chunk: int = 32, logp_cache_bytes: int = 2**30):
         if criterion not in ("output", "kl"):
             raise ValueError(f"ShardScorer scores output or kl, not {criterion!r}")
         self.model = model
@@ -64,6 +64,10 @@ class ShardScorer:
         self.criterion = criterion
         self.method = method
         self.device = next(model.parameters()).device
+        rows = sum(b - a for a, b in batches)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        # the original's log-probs are kept when they fit the budget, else recomputed from its final hidden state
+        self.keep_logp = rows * input_ids.shape[1] * vocab * 4 <= logp_cache_bytes
         self.chunks = [self._capture(torch.tensor(input_ids[a:b], device=self.device))
                        for a, b in coalesce(batches, max_chunk)]
         self.reset()
@@ -130,7 +134,10 @@ class ShardScorer:
             cos = F.cosine_similarity(cand, ch.ref_final, dim=1)
             return float(cos.double().sum()), int(cos.numel())
         logp = F.log_softmax(self._logits(final), dim=-1)
-        kl = (ch.ref_logp.exp() * (ch.ref_logp - logp)).sum(-1)  # (b, T)
+        ref = ch.ref_logp
+        if ref is None:
+            ref = F.log_softmax(self._logits(ch.ref_final.reshape(final.shape).to(final.dtype)), dim=-1)
+        kl = (ref.exp() * (ref - logp)).sum(-1)  # (b, T)
         return float(kl.double().sum()), int(kl.numel())
 
     def _logits(self, final: torch.Tensor) -> torch.Tensor:
@@ -168,7 +175,8 @@ class ShardScorer:
                 h.remove()
         final = out.last_hidden_state
         ref_final = final.reshape(final.shape[0], -1).float()
-        ref_logp = F.log_softmax(self._logits(final), dim=-1) if self.criterion == "kl" else None
+        keep = self.criterion == "kl" and self.keep_logp
+        ref_logp = F.log_softmax(self._logits(final), dim=-1) if keep else None
         return _Chunk(kwargs, inputs, ref_final, ref_logp)
 
 

@@ -70,3 +70,13 @@ def test_coalesce_keeps_every_row_once():
 
     assert coalesce([(0, 5), (5, 10), (10, 15)], 10) == [(0, 10), (10, 15)]
     assert coalesce([(0, 4), (8, 12)], 32) == [(0, 4), (8, 12)]  # not adjacent: not joined
+
+
+def test_kl_without_cached_log_probs_is_the_same():
+    model, _ = tiny_model("gemma3", n_layers=6)
+    ids = np.random.default_rng(3).integers(4, 256, size=(4, 10))
+    cached = ShardScorer(model, ids, [(0, 4)], "kl", "reference")
+    recomputed = ShardScorer(model, ids, [(0, 4)], "kl", "reference", logp_cache_bytes=0)
+    assert cached.keep_logp and not recomputed.keep_logp
+    a, b = cached.score([(2, 3)])[0], recomputed.score([(2, 3)])[0]
+    assert a[1] == b[1] and a[0] == pytest.approx(b[0], rel=1e-5)
