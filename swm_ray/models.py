@@ -7,7 +7,6 @@ cache), a local HF folder, a hub id, or `s3://...` (mirrored into the cache). Sa
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -194,7 +193,6 @@ def set_threads(n: int | None) -> None:
         import torch
 
         torch.set_num_threads(max(1, int(n)))
-        os.environ.setdefault("OMP_NUM_THREADS", str(n))
 
 
 def load_config(path: str, trust_remote_code: bool = False):

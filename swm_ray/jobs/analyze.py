@@ -14,6 +14,7 @@ from swm_ray.config import RunConfig, dump_yaml
 from swm_ray.data import Calibration, build_calibration
 from swm_ray.errors import UserError
 from swm_ray.models import check_decoder, load_config, load_tokenizer, resolve_model_path
+from swm_ray.similarity import cka_from_sums
 
 
 def prepare_calibration(cfg: RunConfig) -> tuple[str, Calibration, int]:
@@ -65,7 +66,7 @@ def similarity_matrix(cfg: RunConfig, calib: Calibration, pool=None, reuse: bool
         if own:
             pool.shutdown()
     secs = time.perf_counter() - t1
-    cka = sums / np.sqrt(np.outer(np.diag(sums), np.diag(sums)).clip(1e-300))
+    cka = cka_from_sums(sums)
     if not np.all(np.isfinite(cka)):
         raise RuntimeError("the CKA matrix has non-finite entries (a layer produced NaN/inf hidden states)")
     info = {
