@@ -8,6 +8,7 @@ from swm_ray import __version__
 from swm_ray.commands.analyze import analyze_command
 from swm_ray.commands.compress import compress_command
 from swm_ray.commands.evaluate import eval_command
+from swm_ray.commands.grid import grid_command
 from swm_ray.commands.submit import submit_command
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ app = typer.Typer(
 app.command("analyze")(analyze_command)
 app.command("compress")(compress_command)
 app.command("eval")(eval_command)
+app.command("grid")(grid_command)
 app.command(
     "submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
 )(submit_command)

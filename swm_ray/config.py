@@ -109,6 +109,45 @@ class EvalConfig(_Section):
         return v
 
 
+Criterion = Literal["output", "cka", "kl"]
+Search = Literal["best-first", "top-down"]
+MergeMethod = Literal["reference", "paper", "mean", "keep-first", "keep-last"]
+
+
+class GridConfig(_Section):
+    """`swm-ray grid`: every combination of model × criterion × search × merge method, each taken to every
+    target (layer counts, parameter ratios or thresholds), next to baseline pruners and the original model.
+    The other sections (data, eval, select.paper_loop, ...) apply to every trial."""
+
+    models: tuple[str, ...] = ()  # default: model.source
+    criteria: tuple[Criterion, ...] = ("output",)
+    searches: tuple[Search, ...] = ("best-first",)
+    merges: tuple[MergeMethod, ...] = ("reference",)
+    layers: tuple[int, ...] = ()
+    ratios: tuple[float, ...] = ()
+    thresholds: tuple[float, ...] = ()
+    baselines: tuple[Literal["shortgpt"], ...] = ("shortgpt",)
+    concurrency: int | None = Field(None, ge=1, description="trials at once (default: as resources allow)")
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs, else 0")
+    tune_storage: str | None = Field(None, description="where Tune keeps its experiment (default: inside OUT; "
+                                     "give s3://... when trials run on several nodes)")
+
+    @model_validator(mode="after")
+    def _targets(self) -> GridConfig:
+        given = [n for n in ("layers", "ratios", "thresholds") if getattr(self, n)]
+        if len(given) > 1:
+            raise ValueError(f"give only one kind of target: layers, ratios or thresholds (got {', '.join(given)})")
+        if any(n < 1 for n in self.layers):
+            raise ValueError("layer counts must be at least 1")
+        if any(not 0 < r < 1 for r in self.ratios):
+            raise ValueError("ratios must lie in (0, 1)")
+        return self
+
+    def target_kind(self) -> str | None:
+        return next((n for n in ("layers", "ratios", "thresholds") if getattr(self, n)), None)
+
+
 class RunConfig(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -117,6 +156,7 @@ class RunConfig(_Section):
     select: SelectConfig = SelectConfig()
     merge: MergeConfig = MergeConfig()
     eval: EvalConfig = EvalConfig()
+    grid: GridConfig = GridConfig()
     out: str | None = None
     overwrite: bool = False
 

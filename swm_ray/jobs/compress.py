@@ -9,15 +9,7 @@ from swm_ray import storage
 from swm_ray.config import RunConfig, dump_yaml
 from swm_ray.errors import UserError
 from swm_ray.jobs.analyze import prepare_calibration, similarity_matrix
-from swm_ray.selection import (
-    MemoEvaluator,
-    Selection,
-    best_first,
-    check_threshold,
-    layers_for_ratio,
-    search_threshold,
-    top_down,
-)
+from swm_ray.selection import MemoEvaluator, check_threshold, select_windows, target_layers
 
 CRITERION_LABEL = {"output": "output cosine", "cka": "CKA", "kl": "KL"}
 
@@ -40,22 +32,6 @@ def _reporter(criterion: str):
     return on_event
 
 
-def target_layers(cfg: RunConfig, model, n_layers: int) -> int | None:
-    """Layers to remove asked for by --layers or --ratio (None for a plain threshold run)."""
-    from swm_ray.models import count_parameters, decoder_layers
-
-    s = cfg.select
-    if s.layers is not None:
-        if s.layers > n_layers - 2:
-            raise UserError(f"--layers {s.layers}: the model has {n_layers} decoder layers; at most "
-                            f"{n_layers - 2} can be removed")
-        return s.layers
-    if s.ratio is not None:
-        per_layer = sum(p.numel() for p in decoder_layers(model)[0].parameters())
-        return layers_for_ratio(s.ratio, count_parameters(model), per_layer, n_layers)
-    return None
-
-
 def _evaluator(cfg: RunConfig, calib):
     """(evaluator, pool or None) for the chosen criterion."""
     from swm_ray.selection import CkaEvaluator
@@ -68,29 +44,6 @@ def _evaluator(cfg: RunConfig, calib):
     pool = ActorPool(cfg)
     pool.init_scorers(calib, cfg.select.criterion, cfg.merge.method)
     return RayEvaluator(pool, cfg.select.criterion), pool
-
-
-def select_windows(cfg: RunConfig, ev, n_layers: int, n_remove: int | None, on_event=None) -> Selection:
-    """Run the configured search to the configured target."""
-    s = cfg.select
-    protected = set(s.protected_layers) | ({n_layers - 1} if s.protect_last else set())
-    if s.search == "best-first":
-        return best_first(n_layers, ev, layers_to_remove=n_remove, threshold=s.threshold,
-                          protected=sorted(protected), on_event=on_event)
-    paper_loop = s.paper_loop and s.criterion != "cka"  # CKA windows commit the pending window
-
-    def run(t: float, report=None) -> Selection:
-        return top_down(n_layers, t, ev, paper_loop=paper_loop, max_steps=s.max_steps,
-                        protected=sorted(set(s.protected_layers)), on_event=report)
-
-    if n_remove is None:
-        return run(s.threshold, on_event)
-    lo, hi = (0.0, 1.0) if s.criterion != "kl" else (0.0, 8.0)
-    sel = search_threshold(run, n_remove, lo, hi, ev.higher_is_better)
-    for event, window, score in sel.trace:
-        if on_event:
-            on_event(event, window, score)
-    return sel
 
 
 def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:

@@ -1,0 +1,97 @@
+"""`swm-ray grid`: compress with every combination of criterion × search × merge method (and the baseline
+pruners), to several targets, on one or more models, as Ray Tune trials; one results table and plots."""
+
+from __future__ import annotations
+
+import typer
+
+from swm_ray.commands.common import (
+    AllowPickleOpt,
+    ConfigOpt,
+    OverwriteOpt,
+    SetOpt,
+    TrustRemoteCodeOpt,
+    echo,
+    make_config,
+    user_errors,
+)
+from swm_ray.errors import UserError
+
+HELP = """Run a grid of compressions as Ray Tune trials and compare them (perplexity, zero-shot) in one table.
+
+A trial is one model with one method: a combination criterion / search / merge, a baseline pruner
+(ShortGPT: drop the layers of lowest Block Influence), or the original model. Each trial takes its model to
+every target in turn and evaluates each result. Lists are comma-separated, e.g.
+--criteria output,kl,cka --searches best-first,top-down --layers 2,4,6.
+
+Writes OUT/results.parquet, results.csv, results.md, plots/ppl_<model>.png (and zero-shot plots when
+tasks are evaluated) and the configs. Tune's experiment folder stays in the swm-ray cache (or at
+--set grid.tune_storage=s3://...), where every row is also appended as it arrives, so an interrupted grid
+keeps what it measured."""
+
+
+def _split(value: str | None, cast=str, what: str = "") -> list | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if [i.lower() for i in items] in ([], ["none"]):
+        return []
+    try:
+        return [cast(i) for i in items]
+    except ValueError:
+        raise UserError(f"--{what} {value!r}: expected a comma-separated list of numbers, e.g. 2,4,6") from None
+
+
+@user_errors
+def grid_command(
+    models: list[str] = typer.Argument(None, help="models (default builtin:smollm2-135m): builtin:NAME, local "
+                                       "HF folders, hub ids or s3://"),
+    data: str = typer.Option(None, "--data", help="calibration text (default builtin:lambada)"),
+    criteria: str = typer.Option(None, "--criteria", help="comma list of output, kl, cka (default output)"),
+    searches: str = typer.Option(None, "--searches", help="comma list of best-first, top-down (default best-first)"),
+    merges: str = typer.Option(None, "--merges", help="comma list of reference, paper, mean, keep-first, keep-last"),
+    layers: str = typer.Option(None, "--layers", help="layer counts to remove, e.g. 2,4,6"),
+    ratios: str = typer.Option(None, "--ratios", help="fractions of all parameters to remove, e.g. 0.1,0.2"),
+    thresholds: str = typer.Option(None, "--thresholds", help="thresholds, e.g. 0.7,0.8 (valid for every criterion)"),
+    baselines: str = typer.Option(None, "--baselines", help="baseline pruners: shortgpt (default) or none"),
+    tasks: str = typer.Option(None, "--tasks", help="zero-shot tasks per result (default: the paper's 7; none: "
+                              "perplexity only)"),
+    limit: int = typer.Option(None, "--limit", help="items per zero-shot task (quick runs)"),
+    concurrency: int = typer.Option(None, "--concurrency", help="trials at once (default: as resources allow)"),
+    cpus_per_trial: float = typer.Option(None, "--cpus-per-trial", help="CPUs (and torch threads) per trial"),
+    gpus_per_trial: float = typer.Option(None, "--gpus-per-trial", help="GPUs per trial (default 1 if any)"),
+    out: str = typer.Option(None, "--out", "-o", help="output folder, local or s3:// (default ./swm-ray-grid)"),
+    overwrite: bool = OverwriteOpt,
+    allow_pickle: bool = AllowPickleOpt,
+    trust_remote_code: bool = TrustRemoteCodeOpt,
+    config: str = ConfigOpt,
+    set_: list[str] = SetOpt,
+) -> None:
+    flags = {
+        "grid.models": models or None, "data.source": data, "grid.criteria": _split(criteria),
+        "grid.searches": _split(searches), "grid.merges": _split(merges),
+        "grid.layers": _split(layers, int, "layers"), "grid.ratios": _split(ratios, float, "ratios"),
+        "grid.thresholds": _split(thresholds, float, "thresholds"), "grid.baselines": _split(baselines),
+        "eval.tasks": _split(tasks), "eval.limit": limit, "grid.concurrency": concurrency,
+        "grid.cpus_per_trial": cpus_per_trial, "grid.gpus_per_trial": gpus_per_trial, "out": out,
+        "overwrite": overwrite, "model.allow_pickle": allow_pickle, "model.trust_remote_code": trust_remote_code,
+    }
+    cfg, raw = make_config(config, flags, set_)
+    from swm_ray.jobs.grid import run_grid
+
+    res = run_grid(cfg, raw)
+    echo("")
+    echo(_summary_table(res["rows_table"]))
+    echo(f"{res['trials']} trials, {res['rows']} rows, {res['errors']} failed trial(s), {res['seconds']:.0f} s")
+    echo(f"wrote {res['out']}: " + ", ".join(res["files"]))
+    if res["errors"]:
+        raise typer.Exit(1)
+
+
+def _summary_table(rows: list[dict]) -> str:
+    from swm_ray.sweep import markdown_table
+
+    return markdown_table(rows)
+
+
+grid_command.__doc__ = HELP

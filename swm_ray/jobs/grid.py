@@ -1,0 +1,178 @@
+"""`swm-ray grid`: Ray Tune runs every (model, method) trial of a grid; the driver writes the results table.
+
+The driver prepares each model once (calibration set; the CKA matrix on the actor pool, from the statistics
+cache when it was computed before) and hands both to the trials through the object store, so no trial
+recomputes statistics. Rows arrive through a Tune callback as trials report them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from swm_ray import storage
+from swm_ray.artifacts import write_configs, write_json
+from swm_ray.config import RunConfig, dump_yaml
+from swm_ray.sweep import (
+    ROW_KEYS,
+    check_grid,
+    finalize_rows,
+    method_label,
+    model_label,
+    trial_specs,
+    write_results,
+)
+
+
+def _trial(config: dict, context: dict, cfg_json: dict, threads: int) -> None:
+    """One Tune trial (runs in a Ray worker)."""
+    import torch
+    import transformers
+    from ray import tune
+
+    from swm_ray.models import resolve_model_path
+    from swm_ray.sweep import run_trial
+
+    torch.set_num_threads(threads)
+    transformers.utils.logging.disable_progress_bar()  # one line per row on the driver is enough
+    cfg = RunConfig.model_validate(cfg_json)
+    spec = config["spec"]
+    ctx = context[spec["model"]]
+    path = resolve_model_path(spec["model"], cfg.model.revision)  # on this node (cache or download)
+    # a trial without GPUs sees none (Ray hides them), so "auto" means the trial's own resources
+    run_trial(spec, cfg, path, ctx["calib"], ctx["matrix"], report=lambda row: tune.report(dict(row)),
+              device=cfg.model.device)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(file=sys.stderr, highlight=False)
+
+
+def _prepare(cfg: RunConfig, models: list[str]) -> dict:
+    """Check every model and sample its calibration set before anything starts (no Ray needed)."""
+    from swm_ray.jobs.analyze import prepare_calibration
+
+    context = {}
+    for m in models:
+        mcfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"source": m})})
+        _, calib, n_layers = prepare_calibration(mcfg)
+        context[m] = {"calib": calib, "matrix": None, "num_layers": n_layers, "cfg": mcfg}
+    return context
+
+
+def _collector(rows_file: Path | None):
+    """A Tune callback that keeps every reported row, prints it, and appends it to `rows_file` at once (so an
+    interrupted grid keeps what it measured). Built here: Tune pickles callbacks, so it holds no stream."""
+    from ray import tune
+
+    class Collect(tune.Callback):
+        def __init__(self):
+            self.rows: list[dict] = []
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            row = {k: v for k, v in result.items() if k in ROW_KEYS or k.startswith("task_")}
+            self.rows.append(row)
+            if rows_file is not None:
+                with open(rows_file, "a") as f:
+                    f.write(json.dumps(row, default=str) + "\n")
+            ppl = f"PPL {row['ppl']:.2f}" if row.get("ppl") is not None else row.get("status", "")
+            _console().print(f"  {model_label(str(row.get('model')))} · {method_label(row)} · "
+                             f"{row.get('target_kind')} {row.get('target')}: {row.get('layers_before')} → "
+                             f"{row.get('layers_after')} layers, {ppl}")
+
+    return Collect()
+
+
+def _absolute(source: str | None) -> str | None:
+    """Tune runs trials in their own folders: local paths that exist become absolute."""
+    if not source or storage.is_remote(source) or ":" in source.split("/")[0]:
+        return source
+    p = Path(source).expanduser()
+    return str(p.resolve()) if p.exists() else source
+
+
+def run_grid(cfg: RunConfig, raw_yaml: str = "") -> dict:
+    """Run the grid; write results.parquet/.csv/.md, plots and configs to `cfg.out`. Returns the summary."""
+    import ray
+    from ray import tune
+
+    from swm_ray.jobs.runtime import init_ray
+
+    check_grid(cfg)
+    g = cfg.grid
+    cfg = cfg.model_copy(update={
+        "grid": g.model_copy(update={"models": tuple(_absolute(m) for m in (g.models or (cfg.model.source,)))}),
+        "eval": cfg.eval.model_copy(update={"ppl_data": _absolute(cfg.eval.ppl_data)}),
+        "data": cfg.data.model_copy(update={"source": _absolute(cfg.data.source)}),
+    })
+    g = cfg.grid
+    out = cfg.out or "swm-ray-grid"
+    storage.check_output_path(out, cfg.overwrite)
+    t0 = time.perf_counter()
+    con = _console()
+    models = list(g.models)
+    specs = trial_specs(cfg)
+    context = _prepare(cfg, models)
+    con.print(f"[bold]grid[/]: {len(specs)} trials ({len(models)} model(s)), targets {g.target_kind()} "
+              f"{list(getattr(g, g.target_kind()))}")
+    init_ray(cfg.ray)
+    from swm_ray.jobs.analyze import similarity_matrix
+
+    for m, ctx in context.items():
+        calib = ctx["calib"]
+        if "cka" in g.criteria:
+            ctx["matrix"], info = similarity_matrix(ctx.pop("cfg"), calib)
+            how = "from the statistics cache" if info.get("cached") else "computed"
+            con.print(f"  {model_label(m)}: CKA matrix {how}")
+        ctx.pop("cfg", None)
+        con.print(f"  {model_label(m)}: {ctx['num_layers']} decoder layers, {calib.input_ids.shape[0]}×"
+                  f"{calib.input_ids.shape[1]} calibration tokens")
+    gpus = g.gpus_per_trial
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    threads = max(1, int(g.cpus_per_trial))
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, context=context, cfg_json=cfg.model_dump(mode="json"), threads=threads),
+        {"cpu": g.cpus_per_trial, "gpu": gpus},
+    )
+    name = f"grid-{time.strftime('%Y%m%d-%H%M%S')}"
+    if g.tune_storage:
+        fs, spath = storage.arrow_filesystem(g.tune_storage)
+        rows_file = None
+    else:  # on this machine, outside the output folder: it survives an interrupted or failed grid
+        fs, spath = None, str(storage.cache_root() / "grids")
+        Path(spath, name).mkdir(parents=True, exist_ok=True)
+        rows_file = Path(spath, name, "rows.jsonl")
+    where = f"{g.tune_storage.rstrip('/')}/{name}" if g.tune_storage else str(Path(spath, name))
+    con.print(f"  Tune experiment: {where}" + (f" (rows also go to {rows_file} as they arrive)" if rows_file else ""))
+    collect = _collector(rows_file)
+    run_cfg = tune.RunConfig(name=name, storage_path=spath, storage_filesystem=fs, verbose=0, callbacks=[collect],
+                             failure_config=tune.FailureConfig(max_failures=0))
+    with storage.atomic_output_dir(out, cfg.overwrite) as folder:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"spec": tune.grid_search(specs)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=g.concurrency, reuse_actors=False),
+            run_config=run_cfg,
+        )
+        results = tuner.fit()
+        errors = []
+        for i in range(len(results)):
+            res = results[i]
+            if res.error is not None:
+                spec = res.config["spec"]
+                msg = str(res.error).strip().splitlines()[-1][:300] if str(res.error).strip() else repr(res.error)
+                errors.append({**spec, "status": f"error: {msg}"})
+                con.print(f"[red]trial failed[/]: {spec['model']} · {method_label(spec)}: {msg}")
+        table = finalize_rows(collect.rows + errors)
+        files = write_results(folder, table)
+        write_configs(folder, raw_yaml, dump_yaml(cfg))
+        summary = {"trials": len(specs), "rows": len(table), "errors": len(errors), "files": files,
+                   "tune_experiment": where, "seconds": round(time.perf_counter() - t0, 2)}
+        write_json(folder / "summary.json", summary)
+    return {**summary, "out": out, "rows_table": table}
+

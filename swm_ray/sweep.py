@@ -1,0 +1,271 @@
+"""Grid trials without Ray (floor 1): the combinations of a `grid:` config, one trial's work, and the results
+table and plots. `swm_ray/jobs/grid.py` runs the trials as Ray Tune trials; tests may call `run_trial`.
+
+A trial is one (model, method) pair, where a method is a combination criterion × search × merge, a baseline
+pruner, or the original model. It loads the model once, keeps one memo of candidate scores, and takes the
+model to every target of the grid in turn (best-first to 6 layers passes through the states for 2 and 4,
+so the later targets cost little), evaluating each result. It reports one row per target.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from swm_ray.config import MergeConfig, RunConfig
+from swm_ray.errors import UserError
+
+ROW_KEYS = (
+    "model", "method", "criterion", "search", "merge", "target_kind", "target", "status", "threshold",
+    "windows", "layers_before", "layers_after", "removed_layers", "params_before", "params_after",
+    "params_removed", "ppl", "ppl_ratio", "zeroshot_mean", "evaluations", "selection_seconds", "eval_seconds",
+    "note",
+)
+
+
+def trial_specs(cfg: RunConfig) -> list[dict]:
+    """Every (model, method) pair of the grid, originals and baselines first."""
+    g = cfg.grid
+    models = list(g.models) or [cfg.model.source]
+    specs: list[dict] = []
+    for m in models:
+        specs.append({"model": m, "method": "original"})
+        if g.target_kind() in ("layers", "ratios"):
+            specs += [{"model": m, "method": b} for b in g.baselines]
+        for c in g.criteria:
+            # CKA windows depend on the matrix only, not on how a window is merged
+            merges = g.merges if c != "cka" else g.merges[:1]
+            for s in g.searches:
+                for mm in merges:
+                    specs.append({"model": m, "method": "swm", "criterion": c, "search": s, "merge": mm})
+    return specs
+
+
+def model_label(source: str) -> str:
+    """A short name for tables and plots: builtin names and hub ids as given, paths by their last part."""
+    if source.startswith("builtin:") or "://" not in source and not source.startswith(("/", ".", "~")):
+        return source
+    return source.rstrip("/").rsplit("/", 1)[-1] or source
+
+
+def method_label(row: dict) -> str:
+    if row.get("method") == "swm":
+        return f"{row['criterion']} / {row['search']} / {row['merge']}"
+    return str(row.get("method"))
+
+
+def check_grid(cfg: RunConfig) -> None:
+    """Mistakes a user can make in a grid, found before anything starts."""
+    from swm_ray.selection import check_threshold
+
+    g = cfg.grid
+    if g.target_kind() is None:
+        raise UserError("give the grid's targets: --layers 2,4,6, --ratios 0.1,0.2 or --thresholds 0.7,0.8")
+    for t in g.thresholds:
+        for c in g.criteria:
+            check_threshold(c, t)
+    if not g.criteria and not g.baselines:
+        raise UserError("the grid is empty: give --criteria and/or --baselines")
+
+
+def _target_select(cfg: RunConfig, spec: dict, kind: str, target: float):
+    """The select section of one trial at one target."""
+    upd: dict[str, Any] = {"threshold": None, "ratio": None, "layers": None}
+    upd.update(criterion=spec["criterion"], search=spec["search"])
+    upd[{"layers": "layers", "ratios": "ratio", "thresholds": "threshold"}[kind]] = target
+    return cfg.select.model_copy(update=upd)
+
+
+def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report: Callable[[dict], None],
+              device: str = "cpu") -> None:
+    """Take one (model, method) to every target of the grid; `report(row)` once per target."""
+    import torch
+
+    from swm_ray.evaluation import evaluate_model
+    from swm_ray.merge import apply_windows
+    from swm_ray.models import count_parameters, decoder_layers, load_model
+
+    g = cfg.grid
+    kind = g.target_kind()
+    targets = {"layers": g.layers, "ratios": g.ratios, "thresholds": g.thresholds}[kind]
+    m = cfg.model
+    model, tok = load_model(model_path, device=device, dtype=m.dtype, allow_pickle=m.allow_pickle,
+                            trust_remote_code=m.trust_remote_code)
+    n_layers = len(decoder_layers(model))
+    params_before = count_parameters(model)
+    base = {k: spec.get(k) for k in ("model", "method", "criterion", "search", "merge")}
+    base.update(target_kind=kind, layers_before=n_layers, params_before=params_before)
+
+    def finish(row: dict, candidate) -> None:
+        t0 = time.perf_counter()
+        metrics = evaluate_model(candidate, tok, cfg.eval)
+        row["eval_seconds"] = round(time.perf_counter() - t0, 2)
+        row["params_after"] = count_parameters(candidate)
+        row["layers_after"] = len(decoder_layers(candidate))
+        row["removed_layers"] = n_layers - row["layers_after"]
+        row["params_removed"] = 1 - row["params_after"] / params_before
+        row["ppl"] = metrics["ppl"]["ppl"] if metrics.get("ppl") else None
+        row["zeroshot_mean"] = metrics.get("mean")
+        for task, r in (metrics.get("tasks") or {}).items():
+            row[f"task_{task}"] = r["value"]
+        row.setdefault("status", "ok")
+        report(row)
+
+    if spec["method"] == "original":
+        finish({**base, "target": 0, "windows": "[]"}, model)
+        return
+
+    if spec["method"] == "shortgpt":
+        from swm_ray.baselines import block_influence, shortgpt_windows
+        from swm_ray.selection import target_layers
+
+        bi = block_influence(model, calib.input_ids, calib.batches)
+        for t in targets:
+            row = {**base, "merge": "keep-first", "target": t}
+            try:
+                sel_cfg = cfg.model_copy(update={"select": _target_select(
+                    cfg, {"criterion": "output", "search": "best-first"}, kind, t)})
+                n = target_layers(sel_cfg, model, n_layers)
+            except UserError as e:
+                report({**row, "status": "skipped", "note": str(e)})
+                continue
+            protected = set(cfg.select.protected_layers) | ({n_layers - 1} if cfg.select.protect_last else set())
+            windows = shortgpt_windows(bi, n, protected=sorted(protected))
+            row["windows"] = json.dumps([list(w) for w in windows])
+            finish(row, apply_windows(copy.deepcopy(model), windows, "keep-first"))
+        return
+
+    from swm_ray.scoring import LocalEvaluator, ShardScorer
+    from swm_ray.selection import CkaEvaluator, MemoEvaluator, select_windows, target_layers
+
+    crit, merge = spec["criterion"], spec["merge"]
+    if crit == "cka":
+        inner = CkaEvaluator(matrix)
+    else:
+        inner = LocalEvaluator([ShardScorer(model, calib.input_ids, calib.batches, crit, merge)], crit)
+    ev = MemoEvaluator(inner)
+    for t in targets:
+        row = {**base, "target": t}
+        t0 = time.perf_counter()
+        misses0 = ev.misses
+        try:
+            tcfg = cfg.model_copy(update={"select": _target_select(cfg, spec, kind, t),
+                                          "merge": MergeConfig(method=merge)})
+            n_remove = target_layers(tcfg, model, n_layers)
+            sel = select_windows(tcfg, ev, n_layers, n_remove)
+        except UserError as e:
+            report({**row, "status": "skipped", "note": str(e)})
+            continue
+        row.update(threshold=sel.threshold, windows=json.dumps([list(w) for w in sel.windows]),
+                   evaluations=ev.misses - misses0, selection_seconds=round(time.perf_counter() - t0, 2),
+                   note=sel.note or None)
+        if not sel.windows:
+            report({**row, "status": "nothing merged", "layers_after": n_layers, "removed_layers": 0})
+            continue
+        with torch.inference_mode():
+            candidate = apply_windows(copy.deepcopy(model), sel.windows, merge)
+        finish(row, candidate)
+        del candidate
+
+
+# -- results ------------------------------------------------------------------------------------------------
+def finalize_rows(rows: list[dict]) -> list[dict]:
+    """Fill every key, add ppl_ratio against each model's original, sort by model, method, removed layers."""
+    task_keys = sorted({k for r in rows for k in r if k.startswith("task_")})
+    keys = list(ROW_KEYS) + task_keys
+    out = [{k: r.get(k) for k in keys} for r in rows]
+    orig = {r["model"]: r["ppl"] for r in out if r["method"] == "original" and r.get("ppl")}
+    for r in out:
+        base = orig.get(r["model"])
+        r["ppl_ratio"] = r["ppl"] / base if base and r.get("ppl") is not None else None
+    rank = {"original": 0, "shortgpt": 1}
+    out.sort(key=lambda r: (str(r["model"]), rank.get(r["method"], 2), method_label(r),
+                            r["removed_layers"] if r["removed_layers"] is not None else -1,
+                            float(r["target"]) if r["target"] is not None else 0.0))
+    return out
+
+
+def _fmt(v: Any, nd: int = 2) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:,.{nd}f}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = "| model | method | target | layers | windows | params removed | PPL | × original | zero-shot | status |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        layers = f"{r['layers_before']} → {r['layers_after']}" if r.get("layers_after") is not None else ""
+        lines.append(
+            f"| {model_label(str(r['model']))} | {method_label(r)} | {_fmt(r['target'], 4)} | {layers} | "
+            f"{r['windows'] or ''} | "
+            f"{_fmt(100 * r['params_removed'], 1) + '%' if r.get('params_removed') is not None else ''} | "
+            f"{_fmt(r['ppl'])} | {_fmt(r['ppl_ratio'])} | {_fmt(r['zeroshot_mean'], 3)} | {r['status']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(folder: Path, rows: list[dict]) -> list[str]:
+    """results.parquet, results.csv, results.md and one perplexity plot per model; returns the file names."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, folder / "results.parquet")
+    pacsv.write_csv(table, folder / "results.csv")
+    (folder / "results.md").write_text(markdown_table(rows))
+    names = ["results.parquet", "results.csv", "results.md"]
+    names += plot_results(folder / "plots", rows)
+    return names
+
+
+def _slug(s: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s).strip("_") or "model"
+
+
+def plot_results(folder: Path, rows: list[dict]) -> list[str]:
+    """Per model: perplexity (log scale) against layers removed, one line per method, the original dashed;
+    and the zero-shot mean the same way when it was measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for model in sorted({r["model"] for r in rows}):
+        mine = [r for r in rows if r["model"] == model and r["status"] == "ok"]
+        for metric, label, log in (("ppl", "perplexity", True), ("zeroshot_mean", "zero-shot mean", False)):
+            if not any(r.get(metric) is not None for r in mine if r["method"] != "original"):
+                continue
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for meth in sorted({method_label(r) for r in mine if r["method"] != "original"}):
+                pts = sorted((r["removed_layers"], r[metric]) for r in mine
+                             if method_label(r) == meth and r.get(metric) is not None)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=meth)
+            base = [r[metric] for r in mine if r["method"] == "original" and r.get(metric) is not None]
+            if base:
+                ax.axhline(base[0], color="gray", linestyle="--", label="original")
+            if log:
+                ax.set_yscale("log")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("decoder layers removed")
+            ax.set_ylabel(label)
+            ax.set_title(f"{model_label(model)}: {label}")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            name = f"{metric}_{_slug(model_label(model))}.png"
+            fig.savefig(folder / name, dpi=110)
+            plt.close(fig)
+            names.append(f"plots/{name}")
+    return names

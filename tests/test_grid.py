@@ -1,0 +1,121 @@
+"""`swm-ray grid`: the trial list, bad input, and a real Ray Tune grid on a tiny model."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from swm_ray.cli import app
+from swm_ray.config import build_config
+from swm_ray.errors import UserError
+from swm_ray.sweep import check_grid, finalize_rows, markdown_table, trial_specs
+
+
+def test_trial_specs_cover_the_grid():
+    cfg = build_config(sets={"grid.criteria": ["output", "cka"], "grid.searches": ["best-first", "top-down"],
+                             "grid.merges": ["reference", "mean"], "grid.layers": [2, 4],
+                             "grid.models": ["a", "b"]})
+    specs = trial_specs(cfg)
+    per_model = [s for s in specs if s["model"] == "a"]
+    # original + shortgpt + output (2 searches × 2 merges) + cka (2 searches; merge does not change CKA windows)
+    assert len(per_model) == 1 + 1 + 4 + 2
+    assert {s["method"] for s in per_model} == {"original", "shortgpt", "swm"}
+    assert len(specs) == 2 * len(per_model)
+    # thresholds: baselines need a layer count, so they are left out
+    cfg = build_config(sets={"grid.thresholds": [0.9]})
+    assert [s["method"] for s in trial_specs(cfg)] == ["original", "swm"]
+
+
+@pytest.mark.parametrize("sets, msg", [
+    ({}, "give the grid's targets"),
+    ({"grid.thresholds": [1.5]}, "out of range"),
+    ({"grid.thresholds": [0.5], "grid.criteria": ["kl", "output"]}, None),
+])
+def test_check_grid(sets, msg):
+    cfg = build_config(sets=sets)
+    if msg is None:
+        check_grid(cfg)
+    else:
+        with pytest.raises(UserError, match=msg):
+            check_grid(cfg)
+
+
+def test_grid_config_rejects_two_target_kinds_and_bad_ratios():
+    with pytest.raises(UserError, match="only one kind of target"):
+        build_config(sets={"grid.layers": [2], "grid.ratios": [0.1]})
+    with pytest.raises(UserError, match=r"ratios must lie in \(0, 1\)"):
+        build_config(sets={"grid.ratios": [1.2]})
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--criteria", "output"], "give the grid's targets"),
+    (["--layers", "2,x"], "comma-separated list of numbers"),
+    (["--layers", "2", "--criteria", "magic"], "grid.criteria"),
+    (["--thresholds", "0.5", "--criteria", "output,cka"], None),  # valid: fails later on the missing model
+])
+def test_grid_cli_bad_input_is_one_line(tmp_path, args, msg):
+    out = tmp_path / "g"
+    res = CliRunner().invoke(app, ["grid", str(tmp_path / "no-such-model"), *args, "--out", str(out)])
+    assert res.exit_code != 0
+    assert "Traceback" not in res.output
+    if msg:
+        assert msg in res.output
+    assert len(res.output.strip().splitlines()) <= 2
+    assert not out.exists()
+
+
+def test_finalize_rows_ratio_and_table():
+    rows = [
+        {"model": "m", "method": "original", "target": 0, "status": "ok", "ppl": 10.0, "removed_layers": 0},
+        {"model": "m", "method": "swm", "criterion": "output", "search": "best-first", "merge": "reference",
+         "target": 2, "status": "ok", "ppl": 25.0, "removed_layers": 2, "task_piqa": 0.6},
+    ]
+    out = finalize_rows(rows)
+    assert [r["method"] for r in out] == ["original", "swm"]
+    assert out[1]["ppl_ratio"] == pytest.approx(2.5) and out[0]["ppl_ratio"] == pytest.approx(1.0)
+    assert out[0]["task_piqa"] is None and out[1]["task_piqa"] == 0.6
+    md = markdown_table(out)
+    assert "output / best-first / reference" in md and "2.50" in md
+
+
+def test_grid_runs_as_tune_trials(ray_session, tiny_llama_dir, tokens_parquet, text_jsonl, tmp_path):
+    """A real grid: 2 criteria × 2 layer counts + ShortGPT + the original, each trial evaluated; the rows
+    agree with `compress` run directly, and the outputs are written."""
+    from swm_ray.jobs.compress import run_compress
+    from swm_ray.jobs.grid import run_grid
+
+    common = {"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet), "data.samples": 16,
+              "data.seq_len": 16, "data.batch_size": 4, "ray.actors": 1, "eval.tasks": [],
+              "eval.ppl_data": str(text_jsonl), "eval.ppl_chunk": 16, "eval.ppl_max_tokens": 256}
+    out = tmp_path / "grid"
+    cfg = build_config(flags={**common, "out": str(out)},
+                       sets={"grid.criteria": ["output", "cka"], "grid.layers": [1, 2], "grid.concurrency": 2})
+    res = run_grid(cfg)
+    assert res["errors"] == 0
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert len(rows) == 1 + 2 + 2 * 2
+    by = {(r["method"], r["criterion"], r["target"]): r for r in rows}
+    orig = by[("original", None, 0)]
+    assert orig["removed_layers"] == 0 and orig["ppl_ratio"] == pytest.approx(1.0)
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert np.isfinite(r["ppl"]) and r["ppl"] > 0
+        assert r["removed_layers"] == r["target"]
+        assert r["layers_after"] == 6 - r["target"]
+        assert r["ppl_ratio"] == pytest.approx(r["ppl"] / orig["ppl"])
+    # the grid's choice is the tool's choice: compress with the same settings picks the same windows
+    direct = run_compress(build_config(flags={**common, "out": str(tmp_path / "c")},
+                                       sets={"select.layers": 2, "select.criterion": "output"}))
+    assert json.loads(by[("swm", "output", 2)]["windows"]) == direct["plan"]["windows"]
+    for f in ("results.csv", "results.md", "config.resolved.yaml", "summary.json", "plots/ppl_"):
+        matches = list(out.glob(f + "*"))
+        assert matches, f
+    # every row was also appended to the experiment's rows.jsonl as it arrived (kept if a grid is interrupted)
+    from pathlib import Path
+
+    streamed = (Path(res["tune_experiment"]) / "rows.jsonl").read_text().splitlines()
+    assert len(streamed) == len(rows)
+    png = next(out.glob("plots/ppl_*.png")).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
