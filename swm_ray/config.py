@@ -62,7 +62,7 @@ class RayConfig(_Section):
 
 
 class SelectConfig(_Section):
-    criterion: Literal["output", "cka", "kl"] = "output"
+    criterion: Literal["output", "cka", "kl", "nll"] = "output"
     search: Literal["best-first", "top-down"] = "best-first"
     threshold: float | None = None
     ratio: float | None = Field(None, gt=0, lt=1)
@@ -109,7 +109,7 @@ class EvalConfig(_Section):
         return v
 
 
-Criterion = Literal["output", "cka", "kl"]
+Criterion = Literal["output", "cka", "kl", "nll"]
 Search = Literal["best-first", "top-down"]
 MergeMethod = Literal["reference", "paper", "mean", "keep-first", "keep-last"]
 
@@ -126,7 +126,7 @@ class GridConfig(_Section):
     layers: tuple[int, ...] = ()
     ratios: tuple[float, ...] = ()
     thresholds: tuple[float, ...] = ()
-    baselines: tuple[Literal["shortgpt"], ...] = ("shortgpt",)
+    baselines: tuple[Literal["shortgpt", "sleb"], ...] = ("shortgpt",)
     concurrency: int | None = Field(None, ge=1, description="trials at once (default: as resources allow)")
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs, else 0")

@@ -9,6 +9,8 @@ Criteria (sums over this shard; the driver adds shards and divides by the count)
 - `output`: cosine between the original's and the candidate's final hidden states (after the final norm),
   each crop flattened to one vector (the paper's released signal); count = crops.
 - `kl`: KL(original || candidate) of next-token distributions, summed over tokens; count = tokens.
+- `nll`: the candidate's own next-token negative log-likelihood of the calibration text (nats), summed
+  over predicted tokens (SLEB's signal: calibration perplexity = exp(mean)); count = tokens − 1 per row.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ def _first(x):
 class _Chunk:
     """One minibatch: per-layer call kwargs (masks, rotary), hidden states at each position, references."""
 
-    def __init__(self, kwargs: list[dict], inputs: list[torch.Tensor], ref_final: torch.Tensor, ref_logp):
+    def __init__(self, kwargs: list[dict], inputs: list[torch.Tensor], ref_final: torch.Tensor, ref_logp,
+                 ids: torch.Tensor):
+        self.ids = ids  # (b, T) token ids, the labels of `nll`
         self.kwargs = kwargs  # by ORIGINAL layer index
         self.inputs_orig = inputs  # hidden state entering each original layer; [-1] = last layer's output
         self.inputs = list(inputs)  # the same for the CURRENT stack, by position
@@ -56,8 +60,8 @@ class ShardScorer:
 
     def __init__(self, model, input_ids: np.ndarray, batches: Sequence[tuple[int, int]], criterion: str,
                  method: str, max_chunk: int = 32, logp_cache_bytes: int = 2**30):
-        if criterion not in ("output", "kl"):
-            raise ValueError(f"ShardScorer scores output or kl, not {criterion!r}")
+        if criterion not in ("output", "kl", "nll"):
+            raise ValueError(f"ShardScorer scores output, kl or nll, not {criterion!r}")
         self.model = model
         self.inner = inner_model(model)
         self.original = list(decoder_layers(model))
@@ -134,6 +138,9 @@ class ShardScorer:
             cos = F.cosine_similarity(cand, ch.ref_final, dim=1)
             return float(cos.double().sum()), int(cos.numel())
         logp = F.log_softmax(self._logits(final), dim=-1)
+        if self.criterion == "nll":
+            nll = -logp[:, :-1].gather(-1, ch.ids[:, 1:, None]).squeeze(-1)  # (b, T-1)
+            return float(nll.double().sum()), int(nll.numel())
         ref = ch.ref_logp
         if ref is None:
             ref = F.log_softmax(self._logits(ch.ref_final.reshape(final.shape).to(final.dtype)), dim=-1)
@@ -177,7 +184,7 @@ class ShardScorer:
         ref_final = final.reshape(final.shape[0], -1).float()
         keep = self.criterion == "kl" and self.keep_logp
         ref_logp = F.log_softmax(self._logits(final), dim=-1) if keep else None
-        return _Chunk(kwargs, inputs, ref_final, ref_logp)
+        return _Chunk(kwargs, inputs, ref_final, ref_logp, ids)
 
 
 def reduce_scores(parts: Sequence[Sequence[tuple[float, int]]]) -> list[float]:

@@ -293,8 +293,10 @@ def layers_for_ratio(ratio: float, params_total: int, params_per_layer: int, num
 
 
 def check_threshold(criterion: str, t: float) -> None:
-    if criterion in ("output", "cka") and not (0 < t <= 1) or criterion == "kl" and not (t > 0 and math.isfinite(t)):
-        rng = "(0, 1]" if criterion != "kl" else "> 0"
+    """Cosine and CKA: (0, 1]; KL and NLL (nats per token): > 0."""
+    bounded = criterion in ("output", "cka")
+    if bounded and not (0 < t <= 1) or not bounded and not (t > 0 and math.isfinite(t)):
+        rng = "(0, 1]" if bounded else "> 0"
         raise UserError(f"--threshold {t}: out of range for criterion {criterion!r} (must be {rng})")
 
 
@@ -347,7 +349,7 @@ def select_windows(cfg, ev, n_layers: int, n_remove: int | None, on_event=None) 
 
     if n_remove is None:
         return run(s.threshold, on_event)
-    lo, hi = (0.0, 1.0) if s.criterion != "kl" else (0.0, 8.0)
+    lo, hi = {"kl": (0.0, 8.0), "nll": (0.0, 16.0)}.get(s.criterion, (0.0, 1.0))
     sel = search_threshold(run, n_remove, lo, hi, ev.higher_is_better)
     for event, window, score in sel.trace:
         if on_event:

@@ -120,6 +120,14 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
         finish({**base, "target": 0, "windows": "[]"}, model)
         return
 
+    if spec["method"] == "sleb":
+        # SLEB: remove one block at a time, each time the one whose removal keeps the calibration perplexity
+        # lowest = best-first under `nll` with keep-first pairs (merging positions p-1, p with keep-first drops
+        # the layer at p). Unlike SLEB, layer 0 is never removed; the last layer may be.
+        spec = {**spec, "criterion": "nll", "search": "best-first", "merge": "keep-first"}
+        base.update(criterion="nll", search="best-first", merge="keep-first")
+        cfg = cfg.model_copy(update={"select": cfg.select.model_copy(update={"protect_last": False})})
+
     if spec["method"] == "shortgpt":
         from swm_ray.baselines import block_influence, shortgpt_windows
         from swm_ray.selection import target_layers
@@ -143,7 +151,7 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
     from swm_ray.scoring import LocalEvaluator, ShardScorer
     from swm_ray.selection import CkaEvaluator, MemoEvaluator, select_windows, target_layers
 
-    crit, merge = spec["criterion"], spec["merge"]
+    crit, merge = spec["criterion"], spec["merge"]  # a swm combination, or SLEB
     if crit == "cka":
         inner = CkaEvaluator(matrix)
     else:
@@ -183,7 +191,7 @@ def finalize_rows(rows: list[dict]) -> list[dict]:
     for r in out:
         base = orig.get(r["model"])
         r["ppl_ratio"] = r["ppl"] / base if base and r.get("ppl") is not None else None
-    rank = {"original": 0, "shortgpt": 1}
+    rank = {"original": 0, "shortgpt": 1, "sleb": 1}
     out.sort(key=lambda r: (str(r["model"]), rank.get(r["method"], 2), method_label(r),
                             r["removed_layers"] if r["removed_layers"] is not None else -1,
                             float(r["target"]) if r["target"] is not None else 0.0))

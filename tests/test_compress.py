@@ -20,7 +20,7 @@ def _cfg(model_dir, data, out, **sets):
     return build_config(flags=base, sets=sets)
 
 
-@pytest.mark.parametrize("criterion", ["output", "kl"])
+@pytest.mark.parametrize("criterion", ["output", "kl", "nll"])
 def test_distributed_and_single_choose_the_same_windows(ray_session, tiny_llama_dir, tokens_parquet, tmp_path,
                                                        criterion):
     one = run_compress(_cfg(tiny_llama_dir, tokens_parquet, tmp_path / "a", **{

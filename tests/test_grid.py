@@ -80,8 +80,49 @@ def test_finalize_rows_ratio_and_table():
     assert "output / best-first / reference" in md and "2.50" in md
 
 
+def test_sleb_baseline_is_greedy_block_removal_by_calibration_nll(tiny_llama_dir, tokens_parquet, text_jsonl):
+    """The SLEB trial equals SLEB done by hand: repeatedly delete the block (never layer 0) whose removal
+    leaves the lowest calibration loss."""
+    import copy
+
+    import torch
+
+    from swm_ray.jobs.analyze import prepare_calibration
+    from swm_ray.models import load_model
+    from swm_ray.sweep import run_trial
+
+    cfg = build_config(flags={"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet),
+                              "data.samples": 8, "data.seq_len": 16, "data.batch_size": 4, "eval.tasks": [],
+                              "eval.ppl_data": str(text_jsonl), "eval.ppl_chunk": 16, "eval.ppl_max_tokens": 128},
+                       sets={"grid.layers": [1, 2], "grid.baselines": ["sleb"], "grid.criteria": []})
+    _, calib, _ = prepare_calibration(cfg)
+    rows = []
+    run_trial({"model": str(tiny_llama_dir), "method": "sleb"}, cfg, str(tiny_llama_dir), calib, None, rows.append)
+    model, _ = load_model(str(tiny_llama_dir))
+    ids = torch.tensor(calib.input_ids)
+    kept = list(range(6))
+    removed = []
+    for _ in range(2):
+        losses = {}
+        for layer in kept[1:]:
+            cand = copy.deepcopy(model)
+            cand.model.layers = torch.nn.ModuleList([cand.model.layers[i] for i in kept if i != layer])
+            cand.config.num_hidden_layers = len(cand.model.layers)
+            with torch.no_grad():
+                losses[layer] = cand(ids, labels=ids, use_cache=False).loss.item()
+        drop = min(losses, key=losses.get)
+        kept.remove(drop)
+        removed.append(drop)
+    assert [r["removed_layers"] for r in rows] == [1, 2]
+    assert all(r["status"] == "ok" and r["criterion"] == "nll" and r["merge"] == "keep-first" for r in rows)
+    from swm_ray.baselines import drop_windows
+
+    assert json.loads(rows[0]["windows"]) == [list(w) for w in drop_windows(removed[:1])]
+    assert json.loads(rows[1]["windows"]) == [list(w) for w in drop_windows(removed)]
+
+
 def test_grid_runs_as_tune_trials(ray_session, tiny_llama_dir, tokens_parquet, text_jsonl, tmp_path):
-    """A real grid: 2 criteria × 2 layer counts + ShortGPT + the original, each trial evaluated; the rows
+    """A real grid: 2 criteria × 2 layer counts + ShortGPT + SLEB + the original, each trial evaluated; the rows
     agree with `compress` run directly, and the outputs are written."""
     from swm_ray.jobs.compress import run_compress
     from swm_ray.jobs.grid import run_grid
@@ -91,11 +132,12 @@ def test_grid_runs_as_tune_trials(ray_session, tiny_llama_dir, tokens_parquet, t
               "eval.ppl_data": str(text_jsonl), "eval.ppl_chunk": 16, "eval.ppl_max_tokens": 256}
     out = tmp_path / "grid"
     cfg = build_config(flags={**common, "out": str(out)},
-                       sets={"grid.criteria": ["output", "cka"], "grid.layers": [1, 2], "grid.concurrency": 2})
+                       sets={"grid.criteria": ["output", "cka"], "grid.layers": [1, 2], "grid.concurrency": 2,
+                             "grid.baselines": ["shortgpt", "sleb"]})
     res = run_grid(cfg)
     assert res["errors"] == 0
     rows = pq.read_table(out / "results.parquet").to_pylist()
-    assert len(rows) == 1 + 2 + 2 * 2
+    assert len(rows) == 1 + 2 * 2 + 2 * 2
     by = {(r["method"], r["criterion"], r["target"]): r for r in rows}
     orig = by[("original", None, 0)]
     assert orig["removed_layers"] == 0 and orig["ppl_ratio"] == pytest.approx(1.0)

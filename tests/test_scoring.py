@@ -22,12 +22,15 @@ def _brute(model, ids, windows, criterion):
     if criterion == "output":
         a, b = o.hidden_states[-1].flatten(1), n.hidden_states[-1].flatten(1)
         return F.cosine_similarity(a, b, dim=1).mean().item()
+    if criterion == "nll":  # the candidate's own loss on the text, as transformers computes it
+        with torch.no_grad():
+            return cand(x, labels=x).loss.item()
     lo, ln = F.log_softmax(o.logits.float(), -1), F.log_softmax(n.logits.float(), -1)
     return (lo.exp() * (lo - ln)).sum(-1).mean().item()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("criterion", ["output", "kl"])
+@pytest.mark.parametrize("criterion", ["output", "kl", "nll"])
 def test_scorer_matches_brute_force(arch, criterion):
     model, _ = tiny_model(arch, n_layers=6)
     ids = np.random.default_rng(0).integers(4, 256, size=(8, 12))

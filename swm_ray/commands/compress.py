@@ -16,25 +16,27 @@ from swm_ray.commands.common import (
     user_errors,
 )
 
-HELP = """Merge runs of consecutive similar decoder layers into one layer each and write an HF model folder.
-
-Defaults (criterion output, search best-first, merge reference) come from measurements on SmolLM2: the
-paper's output-cosine criterion ranks models correctly, but its top-down search commits the most expensive
-window first (6 layers: perplexity x1100 vs x2.2 for best-first). --paper selects the authors' exact
-procedure (criterion output, search top-down, their loop semantics) for reproduction.
-
-Merge methods: reference = what produced the paper's published numbers (attention/MLP weights of the
-window's top layer, norms of its bottom layer); paper = the formula as printed, θ_low + Σ(θ_k − θ_low);
-mean = average of the window; keep-first / keep-last = keep one layer, drop the rest (pure pruning)."""
+HELP = "\n\n".join([
+    "Merge runs of consecutive similar decoder layers into one layer each and write an HF model folder.",
+    "Defaults (criterion output, search best-first, merge reference) come from measurements on SmolLM2: the "
+    "paper's output-cosine criterion ranks models correctly, but its top-down search commits the most expensive "
+    "window first (6 layers: perplexity x653 the original's vs x1.96 for best-first; BENCHMARKS.md). --paper "
+    "selects the authors' exact procedure (criterion output, search top-down, their loop semantics) for "
+    "reproduction.",
+    "Merge methods: reference = what produced the paper's published numbers (attention/MLP weights of the "
+    "window's top layer, norms of its bottom layer); paper = the formula as printed, θ_low + Σ(θ_k − θ_low); "
+    "mean = average of the window; keep-first / keep-last = keep one layer, drop the rest (pure pruning).",
+])
 
 
 @user_errors
 def compress_command(
     model: str = ModelArg,
     data: str = typer.Option(None, "--data", help="calibration text (default builtin:lambada)"),
-    criterion: str = typer.Option(None, "--criterion", help="output (default) | cka | kl"),
+    criterion: str = typer.Option(None, "--criterion", help="output (default) | cka | kl | nll (the "
+                                   "candidate's own calibration NLL, SLEB's signal)"),
     search: str = typer.Option(None, "--search", help="best-first (default) | top-down (the paper's loop)"),
-    threshold: float = typer.Option(None, "--threshold", help="accept while cosine/CKA > T, or KL <= T"),
+    threshold: float = typer.Option(None, "--threshold", help="accept while cosine/CKA > T, or KL/NLL <= T"),
     ratio: float = typer.Option(None, "--ratio", help="fraction of all parameters to remove (the paper's ratio)"),
     layers: int = typer.Option(None, "--layers", help="number of decoder layers to remove"),
     merge: str = typer.Option(None, "--merge", help="reference (default) | paper | mean | keep-first | keep-last"),

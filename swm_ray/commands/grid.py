@@ -17,17 +17,18 @@ from swm_ray.commands.common import (
 )
 from swm_ray.errors import UserError
 
-HELP = """Run a grid of compressions as Ray Tune trials and compare them (perplexity, zero-shot) in one table.
-
-A trial is one model with one method: a combination criterion / search / merge, a baseline pruner
-(ShortGPT: drop the layers of lowest Block Influence), or the original model. Each trial takes its model to
-every target in turn and evaluates each result. Lists are comma-separated, e.g.
---criteria output,kl,cka --searches best-first,top-down --layers 2,4,6.
-
-Writes OUT/results.parquet, results.csv, results.md, plots/ppl_<model>.png (and zero-shot plots when
-tasks are evaluated) and the configs. Tune's experiment folder stays in the swm-ray cache (or at
---set grid.tune_storage=s3://...), where every row is also appended as it arrives, so an interrupted grid
-keeps what it measured."""
+HELP = "\n\n".join([
+    "Run a grid of compressions as Ray Tune trials and compare them (perplexity, zero-shot) in one table.",
+    "A trial is one model with one method: a combination criterion / search / merge, a baseline pruner "
+    "(shortgpt: drop the layers of lowest Block Influence; sleb: remove one block at a time, the one whose "
+    "removal keeps the calibration loss lowest), or the original model. Each trial takes its model to every "
+    "target in turn and evaluates each result. Lists are comma-separated, e.g. --criteria output,kl,cka "
+    "--searches best-first,top-down --layers 2,4,6.",
+    "Writes OUT/results.parquet, results.csv, results.md, plots/ppl_<model>.png (and zero-shot plots when "
+    "tasks are evaluated) and the configs. Tune's experiment folder stays in the swm-ray cache (or at --set "
+    "grid.tune_storage=s3://...), where every row is also appended as it arrives, so an interrupted grid keeps "
+    "what it measured.",
+])
 
 
 def _split(value: str | None, cast=str, what: str = "") -> list | None:
@@ -47,13 +48,15 @@ def grid_command(
     models: list[str] = typer.Argument(None, help="models (default builtin:smollm2-135m): builtin:NAME, local "
                                        "HF folders, hub ids or s3://"),
     data: str = typer.Option(None, "--data", help="calibration text (default builtin:lambada)"),
-    criteria: str = typer.Option(None, "--criteria", help="comma list of output, kl, cka (default output)"),
+    criteria: str = typer.Option(None, "--criteria", help="comma list of output, kl, nll, cka (default "
+                                "output), or none"),
     searches: str = typer.Option(None, "--searches", help="comma list of best-first, top-down (default best-first)"),
     merges: str = typer.Option(None, "--merges", help="comma list of reference, paper, mean, keep-first, keep-last"),
     layers: str = typer.Option(None, "--layers", help="layer counts to remove, e.g. 2,4,6"),
     ratios: str = typer.Option(None, "--ratios", help="fractions of all parameters to remove, e.g. 0.1,0.2"),
     thresholds: str = typer.Option(None, "--thresholds", help="thresholds, e.g. 0.7,0.8 (valid for every criterion)"),
-    baselines: str = typer.Option(None, "--baselines", help="baseline pruners: shortgpt (default) or none"),
+    baselines: str = typer.Option(None, "--baselines", help="baseline pruners: shortgpt (default), sleb, "
+                                 "a comma list, or none"),
     tasks: str = typer.Option(None, "--tasks", help="zero-shot tasks per result (default: the paper's 7; none: "
                               "perplexity only)"),
     limit: int = typer.Option(None, "--limit", help="items per zero-shot task (quick runs)"),

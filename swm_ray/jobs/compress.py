@@ -11,7 +11,7 @@ from swm_ray.errors import UserError
 from swm_ray.jobs.analyze import prepare_calibration, similarity_matrix
 from swm_ray.selection import MemoEvaluator, check_threshold, select_windows, target_layers
 
-CRITERION_LABEL = {"output": "output cosine", "cka": "CKA", "kl": "KL"}
+CRITERION_LABEL = {"output": "output cosine", "cka": "CKA", "kl": "KL", "nll": "NLL"}
 
 
 def _console():
