@@ -161,3 +161,34 @@ def test_grid_runs_as_tune_trials(ray_session, tiny_llama_dir, tokens_parquet, t
     assert len(streamed) == len(rows)
     png = next(out.glob("plots/ppl_*.png")).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_interrupted_grid_resumes(ray_session, tiny_llama_dir, tokens_parquet, text_jsonl, tmp_path):
+    """Trials that failed (here: the weights were missing while they ran) run again on --resume; the grid's
+    settings come from the experiment, and the finished table is complete."""
+    import shutil
+
+    from swm_ray.jobs.grid import run_grid
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    weights = model / "model.safetensors"
+    hidden = tmp_path / "weights.bak"
+    weights.rename(hidden)
+    cfg = build_config(flags={"model.source": str(model), "data.source": str(tokens_parquet), "data.samples": 8,
+                              "data.seq_len": 16, "data.batch_size": 4, "eval.tasks": [],
+                              "eval.ppl_data": str(text_jsonl), "eval.ppl_chunk": 16, "eval.ppl_max_tokens": 128,
+                              "out": str(tmp_path / "first")},
+                       sets={"grid.criteria": ["output"], "grid.layers": [1, 2], "grid.baselines": []})
+    first = run_grid(cfg)
+    assert first["errors"] == 2  # the original and output / best-first
+    assert all(r["status"].startswith("error") for r in first["rows_table"])
+    hidden.rename(weights)
+    again = build_config(flags={"out": str(tmp_path / "second")})  # nothing but the output: settings are saved
+    second = run_grid(again, resume=first["tune_experiment"])
+    assert second["errors"] == 0 and second["tune_experiment"] == first["tune_experiment"]
+    rows = pq.read_table(tmp_path / "second" / "results.parquet").to_pylist()
+    assert sorted((r["method"], r["target"]) for r in rows) == [("original", 0), ("swm", 1), ("swm", 2)]
+    assert all(r["status"] == "ok" and r["ppl"] > 0 for r in rows)
+    with pytest.raises(UserError, match="not a local swm-ray grid experiment"):
+        run_grid(again, resume=str(tmp_path))

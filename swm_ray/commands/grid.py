@@ -63,6 +63,8 @@ def grid_command(
     concurrency: int = typer.Option(None, "--concurrency", help="trials at once (default: as resources allow)"),
     cpus_per_trial: float = typer.Option(None, "--cpus-per-trial", help="CPUs (and torch threads) per trial"),
     gpus_per_trial: float = typer.Option(None, "--gpus-per-trial", help="GPUs per trial (default 1 if any)"),
+    resume: str = typer.Option(None, "--resume", help="finish an interrupted grid: its 'Tune experiment:' folder "
+                               "(its own settings are used; only --out and --overwrite apply)"),
     out: str = typer.Option(None, "--out", "-o", help="output folder, local or s3:// (default ./swm-ray-grid)"),
     overwrite: bool = OverwriteOpt,
     allow_pickle: bool = AllowPickleOpt,
@@ -82,7 +84,7 @@ def grid_command(
     cfg, raw = make_config(config, flags, set_)
     from swm_ray.jobs.grid import run_grid
 
-    res = run_grid(cfg, raw)
+    res = run_grid(cfg, raw, resume=resume)
     echo("")
     echo(_summary_table(res["rows_table"]))
     echo(f"{res['trials']} trials, {res['rows']} rows, {res['errors']} failed trial(s), {res['seconds']:.0f} s")

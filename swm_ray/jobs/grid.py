@@ -15,6 +15,7 @@ from pathlib import Path
 from swm_ray import storage
 from swm_ray.artifacts import write_configs, write_json
 from swm_ray.config import RunConfig, dump_yaml
+from swm_ray.errors import UserError
 from swm_ray.sweep import (
     ROW_KEYS,
     check_grid,
@@ -95,13 +96,40 @@ def _absolute(source: str | None) -> str | None:
     return str(p.resolve()) if p.exists() else source
 
 
-def run_grid(cfg: RunConfig, raw_yaml: str = "") -> dict:
-    """Run the grid; write results.parquet/.csv/.md, plots and configs to `cfg.out`. Returns the summary."""
+def _saved_grid(resume: str) -> tuple[Path, RunConfig, str]:
+    """(experiment folder, its config, its raw YAML) of an earlier grid to resume."""
+    from ray import tune
+
+    exp = Path(resume).expanduser().resolve()
+    if storage.is_remote(resume) or not (exp / "grid.json").is_file() or not tune.Tuner.can_restore(str(exp)):
+        raise UserError(f"--resume {resume}: not a local swm-ray grid experiment (give the folder printed as "
+                        f"'Tune experiment:' by the grid to resume)")
+    saved = json.loads((exp / "grid.json").read_text())
+    return exp, RunConfig.model_validate(saved["config"]), saved.get("raw", "")
+
+
+def _rows_from_file(path: Path) -> list[dict]:
+    """Rows as streamed; a trial restarted after an interruption reports its targets again: keep the last."""
+    keyed: dict = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            keyed[tuple(str(r.get(k)) for k in ("model", "method", "criterion", "search", "merge", "target"))] = r
+    return list(keyed.values())
+
+
+def run_grid(cfg: RunConfig, raw_yaml: str = "", resume: str | None = None) -> dict:
+    """Run the grid (or finish the earlier one at `resume`: its unfinished and failed trials run again);
+    write results.parquet/.csv/.md, plots and configs to `cfg.out`. Returns the summary."""
     import ray
     from ray import tune
 
     from swm_ray.jobs.runtime import init_ray
 
+    exp = None
+    if resume:
+        exp, saved, raw_yaml = _saved_grid(resume)
+        cfg = saved.model_copy(update={"out": cfg.out, "overwrite": cfg.overwrite})
     check_grid(cfg)
     g = cfg.grid
     cfg = cfg.model_copy(update={
@@ -139,26 +167,33 @@ def run_grid(cfg: RunConfig, raw_yaml: str = "") -> dict:
         tune.with_parameters(_trial, context=context, cfg_json=cfg.model_dump(mode="json"), threads=threads),
         {"cpu": g.cpus_per_trial, "gpu": gpus},
     )
-    name = f"grid-{time.strftime('%Y%m%d-%H%M%S')}"
-    if g.tune_storage:
+    name = exp.name if exp else f"grid-{time.strftime('%Y%m%d-%H%M%S')}"
+    if exp:
+        fs, spath = None, str(exp.parent)
+        rows_file = exp / "rows.jsonl"
+    elif g.tune_storage:
         fs, spath = storage.arrow_filesystem(g.tune_storage)
         rows_file = None
     else:  # on this machine, outside the output folder: it survives an interrupted or failed grid
         fs, spath = None, str(storage.cache_root() / "grids")
         Path(spath, name).mkdir(parents=True, exist_ok=True)
         rows_file = Path(spath, name, "rows.jsonl")
-    where = f"{g.tune_storage.rstrip('/')}/{name}" if g.tune_storage else str(Path(spath, name))
+        Path(spath, name, "grid.json").write_text(json.dumps({"config": cfg.model_dump(mode="json"), "raw": raw_yaml}))
+    where = f"{g.tune_storage.rstrip('/')}/{name}" if g.tune_storage and not exp else str(Path(spath, name))
     con.print(f"  Tune experiment: {where}" + (f" (rows also go to {rows_file} as they arrive)" if rows_file else ""))
     collect = _collector(rows_file)
     run_cfg = tune.RunConfig(name=name, storage_path=spath, storage_filesystem=fs, verbose=0, callbacks=[collect],
                              failure_config=tune.FailureConfig(max_failures=0))
     with storage.atomic_output_dir(out, cfg.overwrite) as folder:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"spec": tune.grid_search(specs)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=g.concurrency, reuse_actors=False),
-            run_config=run_cfg,
-        )
+        if exp:  # finished trials keep their rows; unfinished and failed ones start again
+            tuner = tune.Tuner.restore(str(exp), trainable=trainable, restart_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"spec": tune.grid_search(specs)},
+                tune_config=tune.TuneConfig(max_concurrent_trials=g.concurrency, reuse_actors=False),
+                run_config=run_cfg,
+            )
         results = tuner.fit()
         errors = []
         for i in range(len(results)):
@@ -168,7 +203,8 @@ def run_grid(cfg: RunConfig, raw_yaml: str = "") -> dict:
                 msg = str(res.error).strip().splitlines()[-1][:300] if str(res.error).strip() else repr(res.error)
                 errors.append({**spec, "status": f"error: {msg}"})
                 con.print(f"[red]trial failed[/]: {spec['model']} · {method_label(spec)}: {msg}")
-        table = finalize_rows(collect.rows + errors)
+        rows = _rows_from_file(rows_file) if rows_file is not None and rows_file.exists() else collect.rows
+        table = finalize_rows(rows + errors)
         files = write_results(folder, table)
         write_configs(folder, raw_yaml, dump_yaml(cfg))
         summary = {"trials": len(specs), "rows": len(table), "errors": len(errors), "files": files,
