@@ -71,6 +71,8 @@ def check_grid(cfg: RunConfig) -> None:
             check_threshold(c, t)
     if not g.criteria and not g.baselines:
         raise UserError("the grid is empty: give --criteria and/or --baselines")
+    if not g.criteria and g.thresholds:
+        raise UserError("baselines need layer counts or ratios (--layers / --ratios), not --thresholds")
 
 
 def _target_select(cfg: RunConfig, spec: dict, kind: str, target: float):

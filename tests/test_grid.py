@@ -32,6 +32,8 @@ def test_trial_specs_cover_the_grid():
     ({}, "give the grid's targets"),
     ({"grid.thresholds": [1.5]}, "out of range"),
     ({"grid.thresholds": [0.5], "grid.criteria": ["kl", "output"]}, None),
+    ({"grid.thresholds": [0.5], "grid.criteria": []}, "baselines need layer counts or ratios"),
+    ({"grid.layers": [2], "grid.criteria": [], "grid.baselines": []}, "the grid is empty"),
 ])
 def test_check_grid(sets, msg):
     cfg = build_config(sets=sets)
