@@ -86,8 +86,6 @@ def _target_select(cfg: RunConfig, spec: dict, kind: str, target: float):
 def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report: Callable[[dict], None],
               device: str = "cpu") -> None:
     """Take one (model, method) to every target of the grid; `report(row)` once per target."""
-    import torch
-
     from swm_ray.evaluation import evaluate_model
     from swm_ray.merge import apply_windows
     from swm_ray.models import count_parameters, decoder_layers, load_model
@@ -177,8 +175,7 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
         if not sel.windows:
             report({**row, "status": "nothing merged", "layers_after": n_layers, "removed_layers": 0})
             continue
-        with torch.inference_mode():
-            candidate = apply_windows(copy.deepcopy(model), sel.windows, merge)
+        candidate = apply_windows(copy.deepcopy(model), sel.windows, merge)  # a plain model, as compress saves
         finish(row, candidate)
         del candidate
 
