@@ -147,6 +147,10 @@ class GridConfig(_Section):
     def target_kind(self) -> str | None:
         return next((n for n in ("layers", "ratios", "thresholds") if getattr(self, n)), None)
 
+    def targets(self) -> tuple:
+        kind = self.target_kind()
+        return getattr(self, kind) if kind else ()
+
 
 class RunConfig(_Section):
     model: ModelConfig = ModelConfig()

@@ -334,13 +334,17 @@ def target_layers(cfg, model, n_layers: int) -> int | None:
     return None
 
 
+def protected_set(select, n_layers: int) -> list[int]:
+    """Original layers never merged away: `select.protected_layers`, plus the last one when `protect_last`."""
+    return sorted(set(select.protected_layers) | ({n_layers - 1} if select.protect_last else set()))
+
+
 def select_windows(cfg, ev, n_layers: int, n_remove: int | None, on_event=None) -> Selection:
     """Run the search of `cfg.select` (a RunConfig's) to its target: `n_remove` layers, else its threshold."""
     s = cfg.select
-    protected = set(s.protected_layers) | ({n_layers - 1} if s.protect_last else set())
     if s.search == "best-first":
         return best_first(n_layers, ev, layers_to_remove=n_remove, threshold=s.threshold,
-                          protected=sorted(protected), on_event=on_event)
+                          protected=protected_set(s, n_layers), on_event=on_event)
     paper_loop = s.paper_loop and s.criterion != "cka"  # CKA windows commit the pending window
 
     def run(t: float, report=None) -> Selection:

@@ -75,10 +75,9 @@ def check_grid(cfg: RunConfig) -> None:
         raise UserError("baselines need layer counts or ratios (--layers / --ratios), not --thresholds")
 
 
-def _target_select(cfg: RunConfig, spec: dict, kind: str, target: float):
-    """The select section of one trial at one target."""
-    upd: dict[str, Any] = {"threshold": None, "ratio": None, "layers": None}
-    upd.update(criterion=spec["criterion"], search=spec["search"])
+def _target_select(cfg: RunConfig, kind: str, target: float, **update: Any):
+    """The select section at one target (and with `update`, e.g. a trial's criterion and search)."""
+    upd: dict[str, Any] = {"threshold": None, "ratio": None, "layers": None, **update}
     upd[{"layers": "layers", "ratios": "ratio", "thresholds": "threshold"}[kind]] = target
     return cfg.select.model_copy(update=upd)
 
@@ -92,12 +91,19 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
 
     g = cfg.grid
     kind = g.target_kind()
-    targets = {"layers": g.layers, "ratios": g.ratios, "thresholds": g.thresholds}[kind]
+    targets = g.targets()
     m = cfg.model
     model, tok = load_model(model_path, device=device, dtype=m.dtype, allow_pickle=m.allow_pickle,
                             trust_remote_code=m.trust_remote_code)
     n_layers = len(decoder_layers(model))
     params_before = count_parameters(model)
+    if spec["method"] == "sleb":
+        # SLEB: remove one block at a time, each time the one whose removal keeps the calibration perplexity
+        # lowest = best-first under `nll` with keep-first pairs (merging positions p-1, p with keep-first drops
+        # the layer at p). Unlike SLEB, layer 0 is never removed; the last layer may be.
+        spec = {**spec, "criterion": "nll", "search": "best-first", "merge": "keep-first"}
+        cfg = cfg.model_copy(update={"select": cfg.select.model_copy(update={"protect_last": False})})
+
     base = {k: spec.get(k) for k in ("model", "method", "criterion", "search", "merge")}
     base.update(target_kind=kind, layers_before=n_layers, params_before=params_before)
 
@@ -120,30 +126,19 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
         finish({**base, "target": 0, "windows": "[]"}, model)
         return
 
-    if spec["method"] == "sleb":
-        # SLEB: remove one block at a time, each time the one whose removal keeps the calibration perplexity
-        # lowest = best-first under `nll` with keep-first pairs (merging positions p-1, p with keep-first drops
-        # the layer at p). Unlike SLEB, layer 0 is never removed; the last layer may be.
-        spec = {**spec, "criterion": "nll", "search": "best-first", "merge": "keep-first"}
-        base.update(criterion="nll", search="best-first", merge="keep-first")
-        cfg = cfg.model_copy(update={"select": cfg.select.model_copy(update={"protect_last": False})})
-
     if spec["method"] == "shortgpt":
         from swm_ray.baselines import block_influence, shortgpt_windows
-        from swm_ray.selection import target_layers
+        from swm_ray.selection import protected_set, target_layers
 
         bi = block_influence(model, calib.input_ids, calib.batches)
         for t in targets:
             row = {**base, "merge": "keep-first", "target": t}
             try:
-                sel_cfg = cfg.model_copy(update={"select": _target_select(
-                    cfg, {"criterion": "output", "search": "best-first"}, kind, t)})
-                n = target_layers(sel_cfg, model, n_layers)
+                n = target_layers(cfg.model_copy(update={"select": _target_select(cfg, kind, t)}), model, n_layers)
             except UserError as e:
                 report({**row, "status": "skipped", "note": str(e)})
                 continue
-            protected = set(cfg.select.protected_layers) | ({n_layers - 1} if cfg.select.protect_last else set())
-            windows = shortgpt_windows(bi, n, protected=sorted(protected))
+            windows = shortgpt_windows(bi, n, protected=protected_set(cfg.select, n_layers))
             row["windows"] = json.dumps([list(w) for w in windows])
             finish(row, apply_windows(copy.deepcopy(model), windows, "keep-first"))
         return
@@ -162,7 +157,8 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
         t0 = time.perf_counter()
         misses0 = ev.misses
         try:
-            tcfg = cfg.model_copy(update={"select": _target_select(cfg, spec, kind, t),
+            tcfg = cfg.model_copy(update={"select": _target_select(cfg, kind, t, criterion=crit,
+                                                                   search=spec["search"]),
                                           "merge": MergeConfig(method=merge)})
             n_remove = target_layers(tcfg, model, n_layers)
             sel = select_windows(tcfg, ev, n_layers, n_remove)

@@ -83,20 +83,15 @@ def grid_command(
     }
     cfg, raw = make_config(config, flags, set_)
     from swm_ray.jobs.grid import run_grid
+    from swm_ray.sweep import markdown_table
 
     res = run_grid(cfg, raw, resume=resume)
     echo("")
-    echo(_summary_table(res["rows_table"]))
+    echo(markdown_table(res["rows_table"]))
     echo(f"{res['trials']} trials, {res['rows']} rows, {res['errors']} failed trial(s), {res['seconds']:.0f} s")
     echo(f"wrote {res['out']}: " + ", ".join(res["files"]))
     if res["errors"]:
         raise typer.Exit(1)
-
-
-def _summary_table(rows: list[dict]) -> str:
-    from swm_ray.sweep import markdown_table
-
-    return markdown_table(rows)
 
 
 grid_command.__doc__ = HELP

@@ -53,15 +53,18 @@ def _console():
     return Console(file=sys.stderr, highlight=False)
 
 
+def _for_model(cfg: RunConfig, source: str) -> RunConfig:
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"source": source})})
+
+
 def _prepare(cfg: RunConfig, models: list[str]) -> dict:
     """Check every model and sample its calibration set before anything starts (no Ray needed)."""
     from swm_ray.jobs.analyze import prepare_calibration
 
     context = {}
     for m in models:
-        mcfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"source": m})})
-        _, calib, n_layers = prepare_calibration(mcfg)
-        context[m] = {"calib": calib, "matrix": None, "num_layers": n_layers, "cfg": mcfg}
+        _, calib, n_layers = prepare_calibration(_for_model(cfg, m))
+        context[m] = {"calib": calib, "matrix": None, "num_layers": n_layers}
     return context
 
 
@@ -146,17 +149,16 @@ def run_grid(cfg: RunConfig, raw_yaml: str = "", resume: str | None = None) -> d
     specs = trial_specs(cfg)
     context = _prepare(cfg, models)
     con.print(f"[bold]grid[/]: {len(specs)} trials ({len(models)} model(s)), targets {g.target_kind()} "
-              f"{list(getattr(g, g.target_kind()))}")
+              f"{list(g.targets())}")
     init_ray(cfg.ray)
     from swm_ray.jobs.analyze import similarity_matrix
 
     for m, ctx in context.items():
         calib = ctx["calib"]
         if "cka" in g.criteria:
-            ctx["matrix"], info = similarity_matrix(ctx.pop("cfg"), calib)
+            ctx["matrix"], info = similarity_matrix(_for_model(cfg, m), calib)
             how = "from the statistics cache" if info.get("cached") else "computed"
             con.print(f"  {model_label(m)}: CKA matrix {how}")
-        ctx.pop("cfg", None)
         con.print(f"  {model_label(m)}: {ctx['num_layers']} decoder layers, {calib.input_ids.shape[0]}×"
                   f"{calib.input_ids.shape[1]} calibration tokens")
     gpus = g.gpus_per_trial
@@ -169,17 +171,17 @@ def run_grid(cfg: RunConfig, raw_yaml: str = "", resume: str | None = None) -> d
     )
     name = exp.name if exp else f"grid-{time.strftime('%Y%m%d-%H%M%S')}"
     if exp:
-        fs, spath = None, str(exp.parent)
+        fs, spath, where = None, str(exp.parent), str(exp)
         rows_file = exp / "rows.jsonl"
     elif g.tune_storage:
         fs, spath = storage.arrow_filesystem(g.tune_storage)
-        rows_file = None
+        where, rows_file = f"{g.tune_storage.rstrip('/')}/{name}", None
     else:  # on this machine, outside the output folder: it survives an interrupted or failed grid
         fs, spath = None, str(storage.cache_root() / "grids")
-        Path(spath, name).mkdir(parents=True, exist_ok=True)
-        rows_file = Path(spath, name, "rows.jsonl")
-        Path(spath, name, "grid.json").write_text(json.dumps({"config": cfg.model_dump(mode="json"), "raw": raw_yaml}))
-    where = f"{g.tune_storage.rstrip('/')}/{name}" if g.tune_storage and not exp else str(Path(spath, name))
+        where = str(Path(spath, name))
+        Path(where).mkdir(parents=True, exist_ok=True)
+        rows_file = Path(where, "rows.jsonl")
+        Path(where, "grid.json").write_text(json.dumps({"config": cfg.model_dump(mode="json"), "raw": raw_yaml}))
     con.print(f"  Tune experiment: {where}" + (f" (rows also go to {rows_file} as they arrive)" if rows_file else ""))
     collect = _collector(rows_file)
     run_cfg = tune.RunConfig(name=name, storage_path=spath, storage_filesystem=fs, verbose=0, callbacks=[collect],
