@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from swm_ray.errors import UserError
-from swm_ray.models import text_config
+from swm_ray.models import text_config_of
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text")
 
@@ -38,17 +38,22 @@ _KNOWN_PER_LAYER = ("layer_types", "mlp_layer_types")
 _LAYER_COUNT_KEYS = ("max_window_layers",)
 
 
-def model_types(model) -> list[str]:
+def model_types(config) -> list[str]:
     """The model_type of the top-level config and of its text config (they differ for multimodal models)."""
-    names = [getattr(model.config, "model_type", None), getattr(text_config(model), "model_type", None)]
+    names = [getattr(config, "model_type", None), getattr(text_config_of(config), "model_type", None)]
     return [n for n in dict.fromkeys(names) if n]
 
 
 def check_supported(model) -> None:
     """Raise UserError unless the model is one of the decoder architectures swm-ray has been checked on."""
-    types = model_types(model)
+    check_supported_config(model.config, type(model).__name__)
+
+
+def check_supported_config(config, what: str = "") -> None:
+    """`check_supported` from a config alone (no weights needed)."""
+    types = model_types(config)
     if not types or not any(t in SUPPORTED_MODEL_TYPES for t in types):
-        shown = types[0] if types else type(model).__name__
+        shown = types[0] if types else what or type(config).__name__
         raise UserError(
             f"model type {shown!r} is not supported: swm-ray merges layers of "
             + ", ".join(SUPPORTED_MODEL_TYPES)

@@ -13,42 +13,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from swm_ray.models import decoder_layers, inner_model
+from swm_ray.stack import LayerStack
 
 
 @torch.inference_mode()
-def block_influence(model, input_ids: np.ndarray, batches: Sequence[tuple[int, int]]) -> np.ndarray:
-    """(L,) mean per-token 1 − cos(layer input, layer output) over the given minibatches."""
-    layers = decoder_layers(model)
-    sums = np.zeros(len(layers))
-    count = 0
-    inputs: dict[int, torch.Tensor] = {}
-
-    def pre(i):
-        def hook(_m, args, kwargs):
-            inputs[i] = args[0] if args else kwargs["hidden_states"]
-
-        return hook
-
-    def post(i):
-        def hook(_m, _a, out):
-            h = out[0] if isinstance(out, (tuple, list)) else out
-            cos = F.cosine_similarity(inputs.pop(i).float(), h.float(), dim=-1)
-            sums[i] += float((1 - cos).double().sum())
-
-        return hook
-
-    handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    handles += [layer.register_forward_hook(post(i)) for i, layer in enumerate(layers)]
-    dev = next(model.parameters()).device
-    try:
-        for a, b in batches:
-            ids = torch.tensor(input_ids[a:b], device=dev)
-            inner_model(model)(input_ids=ids, use_cache=False)
-            count += ids.numel()
-    finally:
-        for h in handles:
-            h.remove()
+def block_influence(stack: LayerStack, input_ids: np.ndarray, batches: Sequence[tuple[int, int]]) -> np.ndarray:
+    """(L,) mean per-token 1 − cos(layer input, layer output) over the given minibatches (layer-major)."""
+    pros = [stack.prologue(torch.tensor(input_ids[a:b])) for a, b in batches]
+    hidden = [p.hidden for p in pros]
+    sums = np.zeros(stack.num_layers)
+    for i in range(stack.num_layers):
+        with stack.layer(i) as layer:
+            for k, p in enumerate(pros):
+                out = stack.run(layer, hidden[k], p.kwargs[i])
+                cos = F.cosine_similarity(hidden[k].float(), out.float(), dim=-1)
+                sums[i] += float((1 - cos).double().sum())
+                hidden[k] = out
+    count = sum((b - a) * input_ids.shape[1] for a, b in batches)
     return sums / max(count, 1)
 
 

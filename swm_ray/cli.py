@@ -9,6 +9,7 @@ from swm_ray.commands.analyze import analyze_command
 from swm_ray.commands.compress import compress_command
 from swm_ray.commands.evaluate import eval_command
 from swm_ray.commands.grid import grid_command
+from swm_ray.commands.show_config import config_command
 from swm_ray.commands.submit import submit_command
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app.command("analyze")(analyze_command)
 app.command("compress")(compress_command)
 app.command("eval")(eval_command)
 app.command("grid")(grid_command)
+app.command("config")(config_command)
 app.command(
     "submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
 )(submit_command)

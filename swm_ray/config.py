@@ -23,23 +23,37 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
+    """The model to load and how."""
+
     source: str = Field(DEFAULT_MODEL, description="builtin:NAME, a local HF folder, a hub id, or s3://...")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    allow_pickle: bool = False  # load .bin/.pt weights (pickle) only when asked
-    trust_remote_code: bool = False
-    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto (float32 on the CPU, bfloat16 on a GPU), float32, bfloat16 or float16")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    allow_pickle: bool = Field(False, description="allow loading pickle (.bin/.pt) weights")
+    trust_remote_code: bool = Field(False, description="run the model repository's own code")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) of the model")
+    stream: Literal["auto", "always", "never"] = Field(
+        "auto", description="layer streaming: one decoder layer resident at a time, read lazily from the "
+        "safetensors files (auto: when the model does not fit the memory budget)")
+    max_memory: str | None = Field(
+        None, description="memory budget of one actor (or of this process), e.g. 2GB or 512MiB; default: the "
+        "free memory of its device(s) (a share of host RAM on the CPU)")
 
 
 class DataConfig(_Section):
+    """Calibration text."""
+
     source: str = Field(DEFAULT_DATA, description="builtin:lambada | builtin:boolq-passages | file | s3://")
     samples: int = Field(10, ge=1, description="number of calibration sequences (the paper: 10)")
     seq_len: int = Field(128, ge=2, description="tokens per sequence (the paper: 128)")
-    seed: int = 1234
-    mode: Literal["crops", "packed"] = "crops"  # crops: the paper's sampler; packed: concatenate then cut
-    bos: Literal["auto", "always", "never"] = "auto"
+    seed: int = Field(1234, description="seed of the calibration sampler")
+    mode: Literal["crops", "packed"] = Field(
+        "crops", description="crops: the paper's sampler; packed: concatenate the texts, then cut")
+    bos: Literal["auto", "always", "never"] = Field(
+        "auto", description="BOS before each sequence: auto (where the tokenizer or model family expects it), "
+        "always or never")
     batch_size: int = Field(5, description="sequences per minibatch (>= 4 for unbiased HSIC)")
-    text_column: str = "text"
+    text_column: str = Field("text", description="the text column of .parquet/.jsonl files")
 
     @field_validator("batch_size")
     @classmethod
@@ -50,27 +64,52 @@ class DataConfig(_Section):
 
 
 class StatsConfig(_Section):
-    kernel: Literal["linear", "rbf"] = "linear"
+    """Layer-similarity (CKA) statistics."""
+
+    kernel: Literal["linear", "rbf"] = Field("linear", description="CKA kernel: linear or rbf")
     skip_first_tokens: int = Field(1, ge=0, description="positions left out of the features (attention sink)")
 
 
 class RayConfig(_Section):
+    """Ray: the actors holding model replicas, and the cluster to join."""
+
     actors: int | None = Field(None, ge=1, description="default: one per visible GPU, else 1")
-    address: str | None = None  # None: embedded local Ray; "auto" or ray://... to join a cluster
-    cpus_per_actor: float = Field(1.0, gt=0)
-    threads_per_actor: int | None = None  # torch threads inside an actor (default: cpus_per_actor, min 1)
+    address: str | None = Field(
+        None, description="null: an embedded local Ray; auto or ray://HOST:10001 to join a cluster")
+    cpus_per_actor: float | None = Field(
+        None, gt=0, description="CPUs reserved by each model-holding actor (default: on the embedded local Ray "
+        "this machine's CPUs shared among the actors; on a cluster 1)")
+    gpus_per_actor: int = Field(1, ge=1, description="GPUs owned by one actor where the cluster has GPUs; the "
+                                "model is placed across them with accelerate's device map")
+    placement_timeout_s: float = Field(300.0, gt=0, description="how long to wait for the cluster to place the "
+                                       "actors before stopping with what is missing")
+    call_timeout_s: float = Field(3600.0, gt=0, description="an actor call that makes no progress for this long "
+                                  "is treated as stuck: the actor is killed, restarted and the call retried")
+    max_restarts: int = Field(3, ge=0, description="times Ray restarts a dead actor (it reloads its model and "
+                              "rebuilds its state; its lost calls are retried)")
+    threads_per_actor: int | None = Field(
+        None, description="torch threads inside an actor (default: the CPUs it reserves, at least 1)")
 
 
 class SelectConfig(_Section):
-    criterion: Literal["output", "cka", "kl", "nll"] = "output"
-    search: Literal["best-first", "top-down"] = "best-first"
-    threshold: float | None = None
-    ratio: float | None = Field(None, gt=0, lt=1)
-    layers: int | None = Field(None, ge=1)
-    paper_loop: bool = True  # top-down only: reproduce the authors' loop exactly (False applies the fixes)
-    protect_last: bool = True  # never merge the last decoder layer (the paper's rule)
-    protected_layers: tuple[int, ...] = ()  # 0-based original indices that are never merged away
-    max_steps: int = Field(10_000, ge=1)  # guard against an endless top-down loop
+    """Window selection: criterion, search and target (one of threshold, ratio, layers)."""
+
+    criterion: Literal["output", "cka", "kl", "nll"] = Field(
+        "output", description="how a candidate window is judged: output (cosine of the final hidden states), kl "
+        "(next-token KL to the original), nll (the candidate's calibration loss) or cka (the CKA matrix only)")
+    search: Literal["best-first", "top-down"] = Field(
+        "best-first", description="best-first (each step commits the best adjacent merge anywhere) or top-down "
+        "(the paper's loop)")
+    threshold: float | None = Field(None, description="accept while cosine/CKA > T, or KL/NLL <= T")
+    ratio: float | None = Field(None, gt=0, lt=1, description="fraction of all parameters to remove")
+    layers: int | None = Field(None, ge=1, description="number of decoder layers to remove")
+    paper_loop: bool = Field(
+        True, description="top-down only: true = the authors' loop exactly (the last layer is never merged, "
+        "whatever protect_last; a window pending at the bottom is dropped); false = the fixes (no no-op re-test, "
+        "the pending window is committed, protect_last is honoured)")
+    protect_last: bool = Field(True, description="never merge the last decoder layer away (the paper's rule)")
+    protected_layers: tuple[int, ...] = Field((), description="0-based original layers that are never merged away")
+    max_steps: int = Field(10_000, ge=1, description="guard against an endless top-down loop (window tests)")
 
     @model_validator(mode="after")
     def _one_target(self) -> SelectConfig:
@@ -81,25 +120,39 @@ class SelectConfig(_Section):
 
 
 class MergeConfig(_Section):
-    method: Literal["reference", "paper", "mean", "keep-first", "keep-last"] = "reference"
+    """How a window of layers becomes one layer."""
+
+    method: Literal["reference", "paper", "mean", "keep-first", "keep-last"] = Field(
+        "reference", description="reference (what produced the published numbers), paper (the formula as "
+        "printed), mean, keep-first or keep-last")
+    attention: Literal["global", "bottom"] = Field(
+        "global", description="attention type (sliding/full, and its RoPE) of a merged window on hybrid models: "
+        "global = full attention when the window contains a full-attention layer; bottom = the bottom layer's "
+        "type, as the authors' code does")
 
 
 class EvalConfig(_Section):
-    tasks: tuple[str, ...] = PAPER_TASKS
+    """Evaluation (`eval`, `compress --eval`, grid trials): zero-shot tasks, perplexity, latency."""
+
+    tasks: tuple[str, ...] = Field(PAPER_TASKS, description="zero-shot tasks (lm-eval); [] for none")
     limit: int | None = Field(None, description="items per task (quick runs)")
-    batch_size: int = Field(16, ge=1)
-    ppl_data: str | None = "builtin:boolq-passages"
-    ppl_chunk: int = Field(128, ge=2)
-    ppl_max_tokens: int | None = 16384
-    ppl_bos: Literal["stream", "chunk", "none"] = "stream"
-    ppl_batch_size: int = Field(8, ge=1)
-    latency: bool = False
-    latency_runs: int = Field(20, ge=1)
-    latency_warmup: int = Field(10, ge=0)
-    latency_new_tokens: int = Field(128, ge=1)
-    offline: bool | None = None  # None: offline when the hub is unreachable
-    baseline: str | None = None
-    enabled: bool = False  # `compress --eval`
+    batch_size: int = Field(16, ge=1, description="lm-eval batch size")
+    ppl_data: str | None = Field("builtin:boolq-passages", description="perplexity text: builtin:boolq-passages, "
+                                 "wikitext2 or ptb (hub), a .parquet/.jsonl/.txt file; null for none")
+    ppl_chunk: int = Field(128, ge=2, description="tokens per perplexity chunk")
+    ppl_max_tokens: int | None = Field(16384, description="perplexity tokens used at most (null: all)")
+    ppl_bos: Literal["stream", "chunk", "none"] = Field(
+        "stream", description="BOS for perplexity: stream (once), chunk (every chunk) or none")
+    ppl_batch_size: int = Field(8, ge=1, description="perplexity chunks per forward")
+    latency: bool = Field(False, description="also time greedy generation at batch 1")
+    latency_runs: int = Field(20, ge=1, description="timed latency runs")
+    latency_warmup: int = Field(10, ge=0, description="discarded warm-up runs")
+    latency_new_tokens: int = Field(128, ge=1, description="generated tokens per latency run")
+    offline: bool | None = Field(
+        None, description="zero-shot task definitions: null or true = the packaged offline ones (the default; "
+        "validation splits); false = lm-eval's standard tasks from the hub (ARC, OpenBookQA: test splits)")
+    baseline: str | None = Field(None, description="`eval`: a second model evaluated and compared")
+    enabled: bool = Field(False, description="`compress --eval`: evaluate the result into its model card")
 
     @field_validator("limit")
     @classmethod
@@ -119,16 +172,17 @@ class GridConfig(_Section):
     target (layer counts, parameter ratios or thresholds), next to baseline pruners and the original model.
     The other sections (data, eval, select.paper_loop, ...) apply to every trial."""
 
-    models: tuple[str, ...] = ()  # default: model.source
-    criteria: tuple[Criterion, ...] = ("output",)
-    searches: tuple[Search, ...] = ("best-first",)
-    merges: tuple[MergeMethod, ...] = ("reference",)
-    layers: tuple[int, ...] = ()
-    ratios: tuple[float, ...] = ()
-    thresholds: tuple[float, ...] = ()
-    baselines: tuple[Literal["shortgpt", "sleb"], ...] = ("shortgpt",)
+    models: tuple[str, ...] = Field((), description="models of the grid (default: model.source)")
+    criteria: tuple[Criterion, ...] = Field(("output",), description="criteria of the merging trials; [] for none")
+    searches: tuple[Search, ...] = Field(("best-first",), description="searches of the merging trials")
+    merges: tuple[MergeMethod, ...] = Field(("reference",), description="merge methods of the merging trials")
+    layers: tuple[int, ...] = Field((), description="layer counts to remove (give one kind of target)")
+    ratios: tuple[float, ...] = Field((), description="fractions of all parameters to remove")
+    thresholds: tuple[float, ...] = Field((), description="thresholds (valid for every criterion)")
+    baselines: tuple[Literal["shortgpt", "sleb"], ...] = Field(
+        ("shortgpt",), description="baseline pruners: shortgpt, sleb; [] for none")
     concurrency: int | None = Field(None, ge=1, description="trials at once (default: as resources allow)")
-    cpus_per_trial: float = Field(1.0, gt=0)
+    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs (and torch threads) per trial")
     gpus_per_trial: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs, else 0")
     tune_storage: str | None = Field(None, description="where Tune keeps its experiment (default: inside OUT; "
                                      "give s3://... when trials run on several nodes)")
@@ -161,8 +215,11 @@ class RunConfig(_Section):
     merge: MergeConfig = MergeConfig()
     eval: EvalConfig = EvalConfig()
     grid: GridConfig = GridConfig()
-    out: str | None = None
-    overwrite: bool = False
+    out: str | None = Field(None, description="output: a folder for analyze/compress/grid, eval.json (or a folder) "
+                            "for eval; local or s3://")
+    overwrite: bool = Field(False, description="replace an earlier swm-ray output at out")
+    resume: bool = Field(False, description="continue an interrupted analyze/compress of the same output from "
+                         "the state it left beside it")
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
@@ -223,7 +280,7 @@ def build_config(
         where = ".".join(str(p) for p in err["loc"]) or "config"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (see `swm-ray config` for the valid ones)"
+            msg = "unknown key (`swm-ray config` lists the valid keys with their help)"
         raise UserError(f"config {where}: {msg}") from None
 
 

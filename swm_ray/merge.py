@@ -11,9 +11,12 @@ Methods (layers of a window given bottom-to-top, `low..high`):
 - `keep-first`: the bottom layer unchanged (the others are deleted).
 - `keep-last`: every weight of the top layer (norms included).
 
-The merged layer always takes the bottom layer's POSITION: its module is a copy of the bottom layer (so
-position-dependent attributes such as Gemma's/Qwen's `layer_type`, `is_sliding`, `sliding_window` and the
-config's `layer_types` entry are the bottom layer's), and the chosen weights are loaded into it. A
+The merged layer takes the bottom layer's POSITION. Its attention type (Gemma's/Qwen's `layer_type`,
+`sliding_window`, the config's `layer_types` entry and with it the RoPE base) is that of the window's
+*anchor* layer: by default (`global`) a window that contains a full-attention layer stays full attention;
+`bottom` reproduces the authors' code, where the bottom layer's type wins even when the window reaches a
+global layer. Its module is a copy of the anchor layer with the chosen weights loaded into it. Every
+executor (in memory, layer streaming, the streaming writer) computes tensors with `merge_tensor`. A
 parameter is a norm when its name contains "norm"; everything else (self_attn.*, mlp.*, biases) is an
 attention/MLP weight.
 """
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +36,7 @@ from swm_ray.errors import UserError
 from swm_ray.models import decoder_layers, inner_model, text_config
 
 MERGE_METHODS = ("reference", "paper", "mean", "keep-first", "keep-last")
+ATTENTION_RULES = ("global", "bottom")
 DROP_ONLY_METHODS = ("keep-first", "keep-last")  # plans that only delete layers (mergekit passthrough works)
 METHOD_DESCRIPTIONS = {
     "reference": "attention and MLP weights of each window's top layer, all norm weights of its bottom layer "
@@ -65,21 +69,27 @@ def copy_layer(layer: nn.Module) -> nn.Module:
     return copy.deepcopy(layer, memo)
 
 
-def _combine(tensors: list[torch.Tensor], method: str) -> torch.Tensor:
-    """One attention/MLP tensor of the merged layer from the window's tensors (bottom first), same shape."""
-    base = tensors[0]
-    if method == "reference":
-        return tensors[-1]
+def merge_tensor(name: str, read: Callable[[int], torch.Tensor], n: int, method: str) -> torch.Tensor:
+    """One tensor of the merged layer of a window of `n` layers; `read(k)` gives layer k's tensor (0 = bottom).
+
+    Reads only what the method needs, one layer at a time (a running float32 sum for `paper` and `mean`), so
+    an executor never holds the whole window. Every executor (in memory, streaming, the writer) calls this.
+    """
+    if method == "keep-first" or (is_norm_param(name) and method != "keep-last"):
+        return read(0)
+    if method in ("reference", "keep-last") or n == 1:
+        return read(n - 1)
+    base = read(0)
     if not base.is_floating_point():
         return base
     acc = base.float().clone()
     if method == "paper":
-        for t in tensors[1:]:
-            acc += t.float() - base.float()
+        for k in range(1, n):
+            acc += read(k).float() - base.float()
     elif method == "mean":
-        for t in tensors[1:]:
-            acc += t.float()
-        acc /= len(tensors)
+        for k in range(1, n):
+            acc += read(k).float()
+        acc /= n
     else:
         raise ValueError(f"no combination rule for merge method {method!r}")
     return acc.to(base.dtype)
@@ -92,28 +102,46 @@ def merged_state(layers: Sequence[nn.Module], method: str) -> dict[str, torch.Te
     for i, state in enumerate(states[1:], start=1):
         if list(state) != names:
             raise ValueError(f"layer {i} of the window has different parameters from the bottom layer")
-    if method == "keep-first":
-        return dict(states[0])
-    if method == "keep-last":
-        return dict(states[-1])
-    out = {}
-    for name in names:
-        if is_norm_param(name):
-            out[name] = states[0][name]
-        else:
-            out[name] = _combine([s[name] for s in states], method)
-    return out
+    return {name: merge_tensor(name, lambda k, name=name: states[k][name], len(states), method) for name in names}
+
+
+def layer_types_of(config) -> list[str] | None:
+    """The per-layer attention types of a config (`layer_types`), or None where all layers are alike."""
+    types = getattr(config, "layer_types", None)
+    return list(types) if isinstance(types, (list, tuple)) and len(types) == config.num_hidden_layers else None
+
+
+def anchor_layer(layer_types: Sequence[str] | None, window: Sequence[int], rule: str = "global") -> int:
+    """The original layer whose attention type (and with it sliding window and RoPE) a merged window takes.
+
+    `global` (default): the lowest full-attention layer of the window when it has one (a window that contains
+    a global layer stays global), else its bottom layer. `bottom`: always the bottom layer, as the authors'
+    code does (a window from a local layer up to a global one then becomes local).
+    """
+    low, high = int(window[0]), int(window[1])
+    if rule not in ATTENTION_RULES:
+        raise UserError(f"unknown attention rule {rule!r}: choose one of {', '.join(ATTENTION_RULES)}")
+    if rule == "bottom" or not layer_types:
+        return low
+    for i in range(low, high + 1):
+        if layer_types[i] == "full_attention":
+            return i
+    return low
+
+
+def mixes_types(layer_types: Sequence[str] | None, window: Sequence[int]) -> bool:
+    return bool(layer_types) and len({layer_types[i] for i in range(window[0], window[1] + 1)}) > 1
 
 
 @torch.no_grad()
-def merge_layers(layers: Sequence[nn.Module], method: str) -> nn.Module:
-    """A NEW decoder layer merging `layers` (consecutive, bottom-to-top). The inputs are left untouched."""
+def merge_layers(layers: Sequence[nn.Module], method: str, anchor: int = 0) -> nn.Module:
+    """A NEW decoder layer merging `layers` (consecutive, bottom-to-top); the module (attention type, sliding
+    window) is a copy of `layers[anchor]` (see `anchor_layer`). The inputs are left untouched."""
     check_method(method)
     if len(layers) == 0:
         raise ValueError("merge_layers needs at least one layer")
-    merged = copy_layer(layers[0])
-    if method != "keep-first":
-        merged.load_state_dict(merged_state(layers, method), strict=True)
+    merged = copy_layer(layers[anchor])
+    merged.load_state_dict(merged_state(layers, method), strict=True)
     return merged
 
 
@@ -155,46 +183,42 @@ def kept_layers(num_layers: int, windows: Iterable[Sequence[int]]) -> list[int]:
     return [i for i in range(num_layers) if i not in removed]
 
 
+def new_layer_sources(num_layers: int, windows: Iterable[Sequence[int]], layer_types: Sequence[str] | None,
+                      rule: str = "global") -> list[tuple[int, int, int]]:
+    """(low, high, anchor) of every layer of the edited stack, bottom first: a kept layer is (i, i, i)."""
+    wins = validate_windows(windows, num_layers)
+    by_low = {low: high for low, high in wins}
+    return [(i, by_low.get(i, i), anchor_layer(layer_types, (i, by_low.get(i, i)), rule))
+            for i in kept_layers(num_layers, wins)]
+
+
+def edit_config(config, sources: Sequence[tuple[int, int, int]]) -> None:
+    """Make a (text) config describe the edited stack: depth, per-layer lists taken from each anchor layer."""
+    slice_per_layer_config(config, [anchor for _, _, anchor in sources])
+
+
 @torch.no_grad()
-def apply_windows(model, windows: Iterable[Sequence[int]], method: str):
+def apply_windows(model, windows: Iterable[Sequence[int]], method: str, attention: str = "global"):
     """Replace each window of ORIGINAL layers by one merged layer, in place; returns `model`.
 
     Afterwards `self_attn.layer_idx` runs 0..L'-1, `num_hidden_layers` = L', every per-layer config list
-    is sliced to the kept layers (a merged layer keeps its bottom layer's entry), `max_window_layers` is
-    recounted. Windows: inclusive 0-based [low, high], disjoint, in any order.
+    is sliced to the kept layers (a merged layer takes the entry of its anchor layer, see `anchor_layer`),
+    `max_window_layers` is recounted. Windows: inclusive 0-based [low, high], disjoint, in any order.
     """
     check_supported(model)
     check_method(method)
     layers = decoder_layers(model)
-    wins = validate_windows(windows, len(layers))
-    by_low = {low: high for low, high in wins}
-    kept = kept_layers(len(layers), wins)
+    cfg = text_config(model)
+    sources = new_layer_sources(len(layers), windows, layer_types_of(cfg), attention)
     new_layers = []
-    for i in kept:
-        high = by_low.get(i, i)
-        new_layers.append(merge_layers(list(layers[i : high + 1]), method) if high > i else layers[i])
+    for low, high, anchor in sources:
+        window = list(layers[low : high + 1])
+        new_layers.append(merge_layers(window, method, anchor - low) if high > low else layers[low])
     for pos, layer in enumerate(new_layers):
         set_layer_index(layer, pos)
     inner = inner_model(model)
     inner.layers = nn.ModuleList(new_layers)
-    cfg = text_config(model)
-    slice_per_layer_config(cfg, kept)
+    edit_config(cfg, sources)
     if hasattr(inner, "has_sliding_layers") and isinstance(getattr(cfg, "layer_types", None), list):
         inner.has_sliding_layers = "sliding_attention" in cfg.layer_types
     return model
-
-
-def build_candidate_layers(current_layers: Sequence[nn.Module], low: int, high: int, method: str) -> list[nn.Module]:
-    """The stack `current_layers` with POSITIONS low..high (inclusive) collapsed into one merged layer.
-
-    Nothing is copied except the merged layer (a new module whose `layer_idx` is `low`); the other entries
-    are the same module objects, so the caller's stack is untouched. Run the candidate without a KV cache
-    (use_cache=False): the layers above keep their old `layer_idx`. For models with per-layer attention
-    types, position `low` keeps the type of `current_layers[low]`.
-    """
-    check_method(method)
-    if not 0 <= low <= high < len(current_layers):
-        raise UserError(f"window [{low}, {high}] is outside the current layers 0..{len(current_layers) - 1}")
-    merged = merge_layers(list(current_layers[low : high + 1]), method)
-    set_layer_index(merged, low)
-    return [*current_layers[:low], merged, *current_layers[high + 1 :]]

@@ -73,8 +73,17 @@ def _convert_builtin(name: str, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def resolve_model_path(source: str, revision: str | None = None) -> str:
-    """Turn a model source into something `from_pretrained` takes: a local folder, or a hub id."""
+def resolve_model_path(source: str, revision: str | None = None, *, allow_pickle: bool = False,
+                       trust_remote_code: bool = False) -> str:
+    """Turn a model source into a local folder: builtin models are converted into the cache once, `s3://`
+    folders mirrored into it once per node, hub ids fetched at `revision` (the hub's own cache and locks).
+
+    A revision names a branch, tag or commit of a hub repository; for other sources it is refused, since
+    nothing could check that the files are that revision."""
+    if revision is not None and (source.startswith("builtin:") or storage.is_remote(source)
+                                 or Path(source).expanduser().exists()):
+        raise UserError(f"model {source}: a revision ({revision}) applies to hub ids only; drop "
+                        f"model.revision or give the hub id")
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         if name not in BUILTIN_MODELS:
@@ -83,7 +92,9 @@ def resolve_model_path(source: str, revision: str | None = None) -> str:
         target = storage.cache_root() / "models" / name
         if not (target / "config.json").exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            _convert_builtin(name, target)
+            with storage.cache_lock(f"builtin-{name}"):
+                if not (target / "config.json").exists():
+                    _convert_builtin(name, target)
         return str(target)
     if storage.is_remote(source):
         return str(storage.download_to_cache(source))
@@ -96,7 +107,24 @@ def resolve_model_path(source: str, revision: str | None = None) -> str:
         return str(p.resolve())
     if source.startswith((".", "/", "~")) or source.count("/") > 1 or not source.strip():
         raise UserError(f"model {source!r} not found: give a local folder, a hub id, s3://... or builtin:smollm2-135m")
-    return source  # a hub id; from_pretrained reports if it is unreachable
+    return _hub_snapshot(source, revision, allow_pickle, trust_remote_code)
+
+
+def _hub_snapshot(repo: str, revision: str | None, allow_pickle: bool, trust_remote_code: bool) -> str:
+    """The local snapshot of a hub repository at `revision` (downloaded unless cached): config, tokenizer and
+    safetensors files (pickle weights only with allow_pickle, code only with trust_remote_code)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+    patterns += ["*.bin", "*.pt"] if allow_pickle else []
+    patterns += ["*.py"] if trust_remote_code else []
+    try:
+        return snapshot_download(repo_id=repo, revision=revision, allow_patterns=patterns)
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo or revision, gated: all the user's to fix
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        at = f" at revision {revision}" if revision else ""
+        raise UserError(f"model {repo}{at}: cannot fetch it from the hub ({type(e).__name__}: {first}); give a "
+                        f"local folder or s3://, or check the id, the revision and your network/HF token") from None
 
 
 def _has_safetensors(path: str) -> bool:
@@ -125,21 +153,26 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
     with_tokenizer: bool = True,
+    gpus: int = 1,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """Load (model in eval mode on its device, tokenizer). Raises UserError for user mistakes."""
+    """Load (model in eval mode on its device, tokenizer). Raises UserError for user mistakes.
+
+    With `gpus` > 1 on a CUDA machine the model is placed across that many GPUs by accelerate's device map
+    (each GPU filled up to 90% of its free memory)."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(source, revision)
+    path = resolve_model_path(source, revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     dev = pick_device(device)
     if not allow_pickle and not _has_safetensors(path):
         raise UserError(f"model {source}: no .safetensors weights; pass --allow-pickle to load pickle (.bin) files")
+    spread = spread_map(dev, gpus)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=pick_dtype(dtype, dev),
             use_safetensors=None if allow_pickle else True,
             trust_remote_code=trust_remote_code,
-            revision=revision,
+            **spread,
         )
     except ValueError as e:
         first = str(e).splitlines()[0][:200]
@@ -147,10 +180,25 @@ def load_model(
     except OSError as e:
         first = str(e).splitlines()[0][:200]
         raise UserError(f"model {source}: cannot load ({first})") from None
-    model.to(dev).eval()
+    if not spread:
+        model.to(dev)
+    model.eval()
     decoder_layers(model)  # fails early, with a clear message, for non-decoder models
     tok = load_tokenizer(path, trust_remote_code) if with_tokenizer else None
     return model, tok
+
+
+def spread_map(device: str, gpus: int) -> dict:
+    """`from_pretrained` arguments that place a model across `gpus` CUDA devices (empty for one device)."""
+    import torch
+
+    if gpus <= 1 or not device.startswith("cuda") or not torch.cuda.is_available():
+        return {}
+    first = torch.device(device).index or 0
+    ids = list(range(first, min(torch.cuda.device_count(), first + gpus)))
+    if len(ids) < gpus:
+        raise UserError(f"--gpus-per-actor {gpus}: only {len(ids)} GPU(s) visible from {device}")
+    return {"device_map": "auto", "max_memory": {i: int(torch.cuda.mem_get_info(i)[0] * 0.9) for i in ids}}
 
 
 def inner_model(model) -> torch.nn.Module:
@@ -174,8 +222,11 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 def text_config(model):
     """The config that holds num_hidden_layers and the per-layer lists (text part of multimodal configs)."""
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return text_config_of(model.config)
+
+
+def text_config_of(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def count_parameters(model) -> int:

@@ -52,24 +52,40 @@ class Selection:
 
 
 class MemoEvaluator:
-    """Caches scores by (current groups, candidate): threshold searches re-run loops without recomputing."""
+    """Caches scores by (current groups, candidate): threshold searches re-run loops without recomputing.
 
-    def __init__(self, inner: Evaluator):
+    `entries()` / `load()` turn the cache into plain data and back (`--resume` keeps it beside the output);
+    `on_new(entries)` is told about every batch of scores computed. `misses` counts the candidate checks this
+    evaluator itself ran (loaded scores are not counted)."""
+
+    def __init__(self, inner: Evaluator, on_new: Callable[[list], None] | None = None):
         self.inner = inner
         self.higher_is_better = inner.higher_is_better
         self.cache: dict = {}
         self.misses = 0
+        self.on_new = on_new
         self._committed: tuple[Group, ...] | None = None
 
     def score(self, groups, candidates):
-        key = tuple(groups)
-        todo = [c for c in candidates if (key, c) not in self.cache]
+        key = tuple(tuple(g) for g in groups)
+        todo = [tuple(c) for c in candidates if (key, tuple(c)) not in self.cache]
         if todo:
             self._sync(groups)
-            for c, s in zip(todo, self.inner.score(groups, todo)):
+            fresh = list(zip(todo, self.inner.score(groups, todo)))
+            for c, s in fresh:
                 self.cache[(key, c)] = s
             self.misses += len(todo)
-        return [self.cache[(key, c)] for c in candidates]
+            if self.on_new is not None:
+                self.on_new(self.entries())
+        return [self.cache[(key, tuple(c))] for c in candidates]
+
+    def entries(self) -> list:
+        """The cache as JSON-able data: [[groups], [low, high], score] per entry, in insertion order."""
+        return [[[list(g) for g in k], list(c), s] for (k, c), s in self.cache.items()]
+
+    def load(self, entries: list) -> None:
+        for groups, cand, score in entries:
+            self.cache[(tuple(tuple(g) for g in groups), tuple(cand))] = float(score)
 
     def commit(self, groups, window):
         pass  # the inner evaluator is brought to the right state lazily, only when it must compute
@@ -106,6 +122,7 @@ def top_down(
     ev: Evaluator,
     *,
     paper_loop: bool = True,
+    protect_last: bool = True,
     max_steps: int = 10_000,
     protected: Sequence[int] = (),
     on_event: Callable[[str, Group, float | None], None] | None = None,
@@ -114,17 +131,18 @@ def top_down(
 
     A window that would merge a `protected` original layer away fails without being evaluated.
 
-    `paper_loop=True` reproduces it exactly: the last layer is never merged, layer 0 is never the base of a
-    committed window, a window still growing when `low` reaches −1 is dropped, and after a commit the next
-    test is the no-op window [low, low]. `paper_loop=False` applies the fixes: skip the no-op re-test and
-    commit a pending window at the end. Both stop after `max_steps` tests (a no-op re-test that fails
-    would otherwise loop forever).
+    `paper_loop=True` reproduces it exactly: the last layer is never merged (the loop starts at L−2, whatever
+    `protect_last`), layer 0 is never the base of a committed window, a window still growing when `low`
+    reaches −1 is dropped, and after a commit the next test is the no-op window [low, low].
+    `paper_loop=False` applies the fixes: it starts at the last layer (L−1) unless `protect_last`, skips the
+    no-op re-test and commits a pending window at the end. Both stop after `max_steps` tests (a no-op
+    re-test that fails would otherwise loop forever).
     """
     groups = initial_groups(num_layers)
     sel = Selection([], [], threshold=threshold)
     emit = on_event or (lambda *a: None)
     prot = set(protected)
-    high = num_layers - 2
+    high = num_layers - 1 if not paper_loop and not protect_last else num_layers - 2
     low = high - 1
     last_pass: float | None = None
     steps = 0
@@ -318,10 +336,11 @@ class CkaEvaluator:
         pass
 
 
-def target_layers(cfg, model, n_layers: int) -> int | None:
-    """Layers to remove asked for by `cfg.select` (a RunConfig's) layers or ratio; None for a threshold run."""
-    from swm_ray.models import count_parameters, decoder_layers
+def target_layers(cfg, params_total: int, params_per_layer: int, n_layers: int) -> int | None:
+    """Layers to remove asked for by `cfg.select` (a RunConfig's) layers or ratio; None for a threshold run.
 
+    `params_total` and `params_per_layer` count the model's parameters (from a checkpoint's headers or a
+    loaded model)."""
     s = cfg.select
     if s.layers is not None:
         if s.layers > n_layers - 2:
@@ -329,8 +348,7 @@ def target_layers(cfg, model, n_layers: int) -> int | None:
                             f"{n_layers - 2} can be removed")
         return s.layers
     if s.ratio is not None:
-        per_layer = sum(p.numel() for p in decoder_layers(model)[0].parameters())
-        return layers_for_ratio(s.ratio, count_parameters(model), per_layer, n_layers)
+        return layers_for_ratio(s.ratio, params_total, params_per_layer, n_layers)
     return None
 
 
@@ -346,10 +364,12 @@ def select_windows(cfg, ev, n_layers: int, n_remove: int | None, on_event=None) 
         return best_first(n_layers, ev, layers_to_remove=n_remove, threshold=s.threshold,
                           protected=protected_set(s, n_layers), on_event=on_event)
     paper_loop = s.paper_loop and s.criterion != "cka"  # CKA windows commit the pending window
+    # the authors' loop never reaches the last layer; with the fixes, protect_last decides
+    protected = sorted(set(s.protected_layers)) if paper_loop else protected_set(s, n_layers)
 
     def run(t: float, report=None) -> Selection:
-        return top_down(n_layers, t, ev, paper_loop=paper_loop, max_steps=s.max_steps,
-                        protected=sorted(set(s.protected_layers)), on_event=report)
+        return top_down(n_layers, t, ev, paper_loop=paper_loop, protect_last=s.protect_last,
+                        max_steps=s.max_steps, protected=protected, on_event=report)
 
     if n_remove is None:
         return run(s.threshold, on_event)

@@ -9,7 +9,6 @@ so the later targets cost little), evaluating each result. It reports one row pe
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -17,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from swm_ray.config import MergeConfig, RunConfig
+from swm_ray.config import RunConfig
 from swm_ray.errors import UserError
 
 ROW_KEYS = (
@@ -82,21 +81,43 @@ def _target_select(cfg: RunConfig, kind: str, target: float, **update: Any):
     return cfg.select.model_copy(update=upd)
 
 
+def _candidate_model(stack, ckpt, config, windows, merge: str, attention: str):
+    """The compressed model a row evaluates: edited in memory, or, when the source streams, the plan applied
+    to the checkpoint and run one layer at a time (nothing written)."""
+    import copy
+
+    from swm_ray.executor import PlanView
+    from swm_ray.merge import apply_windows
+    from swm_ray.stack import StreamingStack
+
+    if not stack.streaming:
+        return apply_windows(copy.deepcopy(stack.model), windows, merge, attention)  # a plain model
+    view = PlanView(ckpt, config, windows, merge, attention)
+    return StreamingStack(view, view.config, stack.device, stack.dtype)
+
+
 def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report: Callable[[dict], None],
               device: str = "cpu") -> None:
     """Take one (model, method) to every target of the grid; `report(row)` once per target."""
+    from swm_ray.checkpoint import Checkpoint
     from swm_ray.evaluation import evaluate_model
-    from swm_ray.merge import apply_windows
-    from swm_ray.models import count_parameters, decoder_layers, load_model
+    from swm_ray.models import load_config, load_tokenizer, text_config_of
+    from swm_ray.stack import StackSpec, open_stack
 
     g = cfg.grid
     kind = g.target_kind()
     targets = g.targets()
     m = cfg.model
-    model, tok = load_model(model_path, device=device, dtype=m.dtype, allow_pickle=m.allow_pickle,
-                            trust_remote_code=m.trust_remote_code)
-    n_layers = len(decoder_layers(model))
-    params_before = count_parameters(model)
+    stack = open_stack(StackSpec(model_path, device=device, dtype=m.dtype, stream=m.stream, max_memory=m.max_memory,
+                                 allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code),
+                       rows=int(calib.input_ids.shape[0]), seq_len=int(calib.input_ids.shape[1]))
+    tok = load_tokenizer(model_path, m.trust_remote_code)
+    config = load_config(model_path, m.trust_remote_code)
+    ckpt = Checkpoint(model_path, m.allow_pickle)
+    tied = bool(getattr(text_config_of(config), "tie_word_embeddings", False))
+    n_layers = stack.num_layers
+    params_before, per_layer = ckpt.param_count(tied), ckpt.layer_params(0)
+    attention = cfg.merge.attention
     if spec["method"] == "sleb":
         # SLEB: remove one block at a time, each time the one whose removal keeps the calibration perplexity
         # lowest = best-first under `nll` with keep-first pairs (merging positions p-1, p with keep-first drops
@@ -107,12 +128,16 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
     base = {k: spec.get(k) for k in ("model", "method", "criterion", "search", "merge")}
     base.update(target_kind=kind, layers_before=n_layers, params_before=params_before)
 
-    def finish(row: dict, candidate) -> None:
+    def finish(row: dict, windows, merge: str) -> None:
+        if windows:
+            candidate = _candidate_model(stack, ckpt, config, windows, merge, attention)
+        else:
+            candidate = stack if stack.streaming else stack.model
         t0 = time.perf_counter()
         metrics = evaluate_model(candidate, tok, cfg.eval)
         row["eval_seconds"] = round(time.perf_counter() - t0, 2)
-        row["params_after"] = count_parameters(candidate)
-        row["layers_after"] = len(decoder_layers(candidate))
+        row["params_after"] = metrics["params"]
+        row["layers_after"] = n_layers - sum(h - lo for lo, h in windows)
         row["removed_layers"] = n_layers - row["layers_after"]
         row["params_removed"] = 1 - row["params_after"] / params_before
         row["ppl"] = metrics["ppl"]["ppl"] if metrics.get("ppl") else None
@@ -123,24 +148,25 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
         report(row)
 
     if spec["method"] == "original":
-        finish({**base, "target": 0, "windows": "[]"}, model)
+        finish({**base, "target": 0, "windows": "[]"}, [], "reference")
         return
 
     if spec["method"] == "shortgpt":
         from swm_ray.baselines import block_influence, shortgpt_windows
         from swm_ray.selection import protected_set, target_layers
 
-        bi = block_influence(model, calib.input_ids, calib.batches)
+        bi = block_influence(stack, calib.input_ids, calib.batches)
         for t in targets:
             row = {**base, "merge": "keep-first", "target": t}
             try:
-                n = target_layers(cfg.model_copy(update={"select": _target_select(cfg, kind, t)}), model, n_layers)
+                tcfg = cfg.model_copy(update={"select": _target_select(cfg, kind, t)})
+                n = target_layers(tcfg, params_before, per_layer, n_layers)
             except UserError as e:
                 report({**row, "status": "skipped", "note": str(e)})
                 continue
             windows = shortgpt_windows(bi, n, protected=protected_set(cfg.select, n_layers))
             row["windows"] = json.dumps([list(w) for w in windows])
-            finish(row, apply_windows(copy.deepcopy(model), windows, "keep-first"))
+            finish(row, windows, "keep-first")
         return
 
     from swm_ray.scoring import LocalEvaluator, ShardScorer
@@ -150,7 +176,7 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
     if crit == "cka":
         inner = CkaEvaluator(matrix)
     else:
-        inner = LocalEvaluator([ShardScorer(model, calib.input_ids, calib.batches, crit, merge)], crit)
+        inner = LocalEvaluator([ShardScorer(stack, calib.input_ids, crit, merge, attention=attention)], crit)
     ev = MemoEvaluator(inner)
     for t in targets:
         row = {**base, "target": t}
@@ -159,8 +185,8 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
         try:
             tcfg = cfg.model_copy(update={"select": _target_select(cfg, kind, t, criterion=crit,
                                                                    search=spec["search"]),
-                                          "merge": MergeConfig(method=merge)})
-            n_remove = target_layers(tcfg, model, n_layers)
+                                          "merge": cfg.merge.model_copy(update={"method": merge})})
+            n_remove = target_layers(tcfg, params_before, per_layer, n_layers)
             sel = select_windows(tcfg, ev, n_layers, n_remove)
         except UserError as e:
             report({**row, "status": "skipped", "note": str(e)})
@@ -171,9 +197,7 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
         if not sel.windows:
             report({**row, "status": "nothing merged", "layers_after": n_layers, "removed_layers": 0})
             continue
-        candidate = apply_windows(copy.deepcopy(model), sel.windows, merge)  # a plain model, as compress saves
-        finish(row, candidate)
-        del candidate
+        finish(row, sel.windows, merge)
 
 
 # -- results ------------------------------------------------------------------------------------------------

@@ -62,7 +62,14 @@ def test_paper_loop_cka_and_ratio_targets(ray_session, tiny_llama_dir, tokens_pa
     assert (tmp_path / "c" / "mergekit_config.yml").exists()
     ratio = run_compress(_cfg(tiny_llama_dir, tokens_parquet, tmp_path / "r", **{"select.ratio": 0.2}))
     p = ratio["plan"]
-    assert p["num_layers_before"] - p["num_layers_after"] >= 1
+    removed = p["num_layers_before"] - p["num_layers_after"]
+    per_layer = sum(t.numel() for t in AutoModelForCausalLM.from_pretrained(tiny_llama_dir).model.layers[0]
+                    .parameters())
+    assert p["params_before"] - p["params_after"] == removed * per_layer  # whole layers went, nothing else
+    # the paper's ratio: the layer count whose share of all parameters is closest to 0.2
+    share = {k: k * per_layer / p["params_before"] for k in range(1, p["num_layers_before"] - 1)}
+    assert removed == min(share, key=lambda k: abs(share[k] - 0.2))
+    assert sum(hi - lo for lo, hi in p["windows"]) == removed
 
 
 runner = CliRunner()

@@ -12,13 +12,13 @@ from swm_ray.architectures import check_supported, per_layer_config_keys, slice_
 from swm_ray.errors import UserError
 from swm_ray.merge import (
     MERGE_METHODS,
+    anchor_layer,
     apply_windows,
-    build_candidate_layers,
     kept_layers,
     merge_layers,
     validate_windows,
 )
-from swm_ray.models import decoder_layers, inner_model
+from swm_ray.models import decoder_layers
 
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41]])  # longer than the tiny sliding windows (4)
 
@@ -125,7 +125,7 @@ def test_apply_windows_renumbers_and_runs_with_cache(llama):
     torch.testing.assert_close(cached, uncached)
 
 
-def test_gemma3_layer_types_sliced_with_bottom_entry():
+def test_gemma3_layer_types_sliced_with_anchor_entry():
     model, _ = tiny_model("gemma3")
     cfg = model.config
     assert cfg.layer_types == ["sliding_attention", "sliding_attention", "full_attention"] * 2
@@ -134,7 +134,7 @@ def test_gemma3_layer_types_sliced_with_bottom_entry():
     assert cfg.layer_types == ["sliding_attention", "sliding_attention", "full_attention",
                                "sliding_attention", "full_attention"]
     layers = decoder_layers(model)
-    assert layers[2].self_attn.is_sliding is False  # the merged layer keeps the bottom's attention type
+    assert layers[2].self_attn.is_sliding is False  # a window holding a global layer stays global
     assert [x.layer_idx for x in layers] == list(range(5))
     assert [x.self_attn.layer_idx for x in layers] == list(range(5))
     cfg.validate()  # transformers' own check: len(layer_types) == num_hidden_layers
@@ -198,19 +198,62 @@ def test_validate_and_kept_layers():
     assert kept_layers(6, []) == list(range(6))
 
 
-def test_candidate_layers_match_apply_windows(llama):
-    reference_model = copy.deepcopy(llama)
-    apply_windows(reference_model, [(2, 4)], "paper")
-    current = list(decoder_layers(llama))
-    candidate = build_candidate_layers(current, 2, 4, "paper")
-    assert len(candidate) == 4 and len(current) == 6
-    assert candidate[2].self_attn.layer_idx == 2
-    assert candidate[0] is current[0] and candidate[3] is current[5]
-    inner = inner_model(llama)
-    inner.layers = torch.nn.ModuleList(candidate)  # llama iterates layers[:num_hidden_layers]: shorter is fine
+def test_anchor_rule():
+    types = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    assert anchor_layer(types, (0, 1)) == 0  # all local: the bottom
+    assert anchor_layer(types, (1, 3)) == 2  # contains a global layer: that layer's type
+    assert anchor_layer(types, (1, 3), "bottom") == 1  # the authors' code: the bottom's type
+    assert anchor_layer(None, (1, 3)) == 1  # no per-layer types (Llama): the bottom
+    with pytest.raises(UserError, match="attention rule"):
+        anchor_layer(types, (0, 1), "top")
+
+
+def _reach(model, position: int) -> bool:
+    """Does the hidden state after decoder layer `position` at the last token depend on token 0?"""
+    x = IDS.clone()
+    y = IDS.clone()
+    y[0, 0] = 99
+    seen = []
+    hook = decoder_layers(model)[position].register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(
+        o, tuple) else o))
     with torch.no_grad():
-        got = llama(IDS, use_cache=False).logits
-        want = reference_model(IDS, use_cache=False).logits
-    torch.testing.assert_close(got, want)
-    with pytest.raises(UserError):
-        build_candidate_layers(current, 4, 6, "paper")
+        model(x, use_cache=False)
+        model(y, use_cache=False)
+    hook.remove()
+    return not torch.allclose(seen[0][0, -1], seen[1][0, -1])
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gemma2"])
+def test_window_reaching_a_global_layer_stays_global(arch):
+    """11 tokens, sliding windows of 4: a local layer above local layers cannot see token 0 from the last
+    position, a global one can. A window from a local layer up to a global one must stay global (default),
+    and becomes local under the authors' rule (`bottom`)."""
+    model, _ = tiny_model(arch)
+    types = model.config.layer_types
+    low = next(i for i in range(5) if types[i] != types[i + 1] and types[i] == "sliding_attention"
+               and all(t == "sliding_attention" for t in types[:i]))
+    high = low + 1
+    assert types[high] == "full_attention"
+    glob, local = copy.deepcopy(model), copy.deepcopy(model)
+    apply_windows(glob, [(low, high)], "reference")
+    apply_windows(local, [(low, high)], "reference", attention="bottom")
+    assert glob.config.layer_types[low] == "full_attention" and local.config.layer_types[low] == "sliding_attention"
+    assert _reach(glob, low) and not _reach(local, low)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2"])
+def test_generation_with_kv_cache_after_merging_hybrid(arch):
+    model, _ = tiny_model(arch)
+    apply_windows(model, [(1, 2), (4, 5)], "reference")
+    out = model.generate(IDS[:, :8], max_new_tokens=6, do_sample=False)  # exercises the KV cache
+    assert out.shape == (1, 14)
+    with torch.no_grad():
+        cached = model(IDS, use_cache=True).logits
+        uncached = model(IDS, use_cache=False).logits
+        torch.testing.assert_close(cached, uncached)
+        # greedy continuation with the cache equals recomputing the whole prefix each step
+        seq = IDS[:, :8]
+        for _ in range(6):
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(out, seq)

@@ -132,7 +132,9 @@ def test_shortgpt_windows_are_keep_first_plans():
     assert drop_windows([5, 3, 4, 9]) == [(8, 9), (2, 5)]
     bi = np.array([0.0, 0.5, 0.1, 0.2, 0.9, 0.05])
     assert shortgpt_windows(bi, 2) == [(4, 5), (1, 2)]  # layer 0 is never dropped
-    assert shortgpt_windows(bi, 2, protected=[5]) == [(2, 3), (1, 2)][:0] or shortgpt_windows(bi, 2, [5]) == [(1, 3)]
+    # layer 5 protected: the two lowest BI among 1..4 are layers 2 (0.1) and 3 (0.2), one run kept by layer 1
+    assert shortgpt_windows(bi, 2, protected=[5]) == [(1, 3)]
+    assert shortgpt_windows(bi, 3, protected=[5]) == [(0, 3)]  # + layer 1 (0.5): the run 1..3 is kept by layer 0
 
 
 def test_top_down_respects_protected_layers():
@@ -141,3 +143,40 @@ def test_top_down_respects_protected_layers():
     # (2, 4) would contain layer 2: it fails unevaluated, so (3, 4) is committed instead
     assert sel.windows == [(3, 4)]
     assert (2, 4) not in ev.calls
+
+
+LAST = {(4, 5): 0.9, (3, 5): 0.2}  # on 6 layers: merging the last layer into layer 4 is the best window
+
+
+def test_fixed_loop_merges_the_last_layer_unless_protected():
+    ev = Oracle(LAST)
+    sel = top_down(6, 0.5, ev, paper_loop=False, protect_last=False)
+    assert ev.calls[:2] == [(4, 5), (3, 5)]  # starts at L-1
+    assert sel.windows == [(4, 5)] and sel.scores == [0.9]
+    kept = Oracle(LAST)
+    sel = top_down(6, 0.5, kept, paper_loop=False, protect_last=True)
+    assert kept.calls[0] == (3, 4) and all(w[1] <= 4 for w in kept.calls) and sel.windows == []
+
+
+def test_paper_loop_is_unchanged_by_protect_last():
+    runs = []
+    for protect_last in (True, False):
+        ev = Oracle({**TABLE, **LAST})
+        sel = top_down(6, 0.5, ev, paper_loop=True, protect_last=protect_last)
+        runs.append((ev.calls, sel.trace, sel.windows))
+    assert runs[0] == runs[1]
+    assert all(w[1] <= 4 for w in runs[0][0]) and runs[0][2] == [(2, 4)]  # the authors' loop starts at L-2
+
+
+@pytest.mark.parametrize("paper_loop, protect_last, merges_last", [
+    (False, False, True), (False, True, False), (True, False, False), (True, True, False)])
+def test_select_windows_passes_protect_last_to_the_fixed_loop(paper_loop, protect_last, merges_last):
+    from swm_ray.config import build_config
+    from swm_ray.selection import select_windows
+
+    cfg = build_config(sets={"select.search": "top-down", "select.threshold": 0.5,
+                             "select.paper_loop": paper_loop, "select.protect_last": protect_last})
+    ev = Oracle(LAST)
+    sel = select_windows(cfg, ev, 6, None)
+    assert ((4, 5) in sel.windows) is merges_last
+    assert any(5 in range(a, b + 1) for a, b in ev.calls) is merges_last  # never even scored when protected

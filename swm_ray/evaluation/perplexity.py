@@ -81,20 +81,55 @@ def make_chunks(stream: list[int], chunk: int, bos: BosMode = "none", bos_token:
 
 
 def chunk_nll(model, chunks: list[list[int]], batch_size: int = 8) -> tuple[float, int]:
-    """(summed NLL, number of target tokens) of next-token prediction inside each chunk, batched."""
-    import torch
-    import torch.nn.functional as F
+    """(summed NLL, number of target tokens) of next-token prediction inside each chunk, batched.
 
+    `model` is a causal LM, or a `LayerStack` (`swm_ray.stack`) for a model run one layer at a time."""
+    import torch
+
+    from swm_ray.stack import LayerStack
+
+    if isinstance(model, LayerStack):
+        return _stack_nll(model, chunks, batch_size)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.inference_mode():
         for start in range(0, len(chunks), batch_size):
             ids = torch.tensor(chunks[start : start + batch_size], dtype=torch.long, device=device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            targets = ids[:, 1:]
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-            total += float(loss.double())
-            count += targets.numel()
+            t, c = _batch_nll(model(input_ids=ids, use_cache=False).logits, ids)
+            total += t
+            count += c
+    return total, count
+
+
+def _batch_nll(logits, ids) -> tuple[float, int]:
+    import torch.nn.functional as F
+
+    logits = logits[:, :-1].float()
+    targets = ids[:, 1:].to(logits.device)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+    return float(loss.double()), targets.numel()
+
+
+def _stack_nll(stack, chunks: list[list[int]], batch_size: int, rows_per_pass: int = 64) -> tuple[float, int]:
+    """`chunk_nll` layer by layer: `rows_per_pass` chunks walk up the stack together (one build of each
+    layer per pass), in batches of `batch_size` exactly as the whole-model path runs them."""
+    import torch
+
+    per_pass = max(batch_size, rows_per_pass // batch_size * batch_size)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(chunks), per_pass):
+            part = chunks[start : start + per_pass]
+            ids = [torch.tensor(part[b : b + batch_size], dtype=torch.long) for b in range(0, len(part), batch_size)]
+            pros = [stack.prologue(x) for x in ids]
+            hidden = [p.hidden for p in pros]
+            for i in range(stack.num_layers):
+                with stack.layer(i) as layer:
+                    hidden = [stack.run(layer, h, p.kwargs[i]) for h, p in zip(hidden, pros)]
+            for h, x in zip(hidden, ids):
+                t, c = _batch_nll(stack.logits(stack.final(h)), x)
+                total += t
+                count += c
     return total, count
 
 

@@ -1,9 +1,10 @@
 """`eval.json` and the side-by-side table (baseline vs model) printed by `swm-ray eval`.
 
-`eval.json`: `model`, `params`, `mode`, `limit`, `tasks.<task>.{metric, value, stderr, n}` (values are
-fractions in [0, 1]), `mean` (plain mean over tasks), `ppl` and `latency` when measured, a `baseline` block
-with the same fields when a baseline was evaluated, and `comparison` (deltas and ratios). lm-eval's raw
-results go to a sibling file (`eval.raw.json`), named in `raw_file`.
+`eval.json`: `model`, `params`, `mode` and `task_source` (`offline`: swm-ray's packaged task definitions;
+`hub`: lm-eval's standard tasks), `splits` ({task: split}), `limit`, `tasks.<task>.{metric, value, stderr, n,
+split, source}` (values are fractions in [0, 1]), `mean` (plain mean over tasks), `ppl` and `latency` when
+measured, a `baseline` block with the same fields when a baseline was evaluated, and `comparison` (deltas and
+ratios). lm-eval's raw results go to a sibling file (`eval.raw.json`), named in `raw_file`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from swm_ray import storage
 
-RESULT_KEYS = ("model", "params", "mode", "limit", "tasks", "mean", "ppl", "latency")
+RESULT_KEYS = ("model", "params", "mode", "task_source", "splits", "limit", "tasks", "mean", "ppl", "latency")
 TASK_LABELS = {
     "boolq": "BoolQ",
     "piqa": "PIQA",
@@ -175,8 +176,21 @@ def format_table(report: dict) -> str:
     lines = [_line(header, widths), "  ".join("-" * w for w in widths)]
     lines += [_line(r, widths) for r in rows]
     title = f"model: {report.get('model')}" + (f"   baseline: {base.get('model')}" if base else "")
-    notes = [f"mode: {report.get('mode', '-')}, limit: {report.get('limit') or 'all'}"]
+    notes = [f"tasks: {report.get('task_source') or report.get('mode') or '-'}{_splits_note(report)}, "
+             f"limit: {report.get('limit') or 'all'}"]
     return "\n".join([title, *lines, *notes])
+
+
+def _splits_note(report: dict) -> str:
+    """` (validation split)` or ` (test: arc_easy, openbookqa; validation: boolq, piqa)`."""
+    by_split: dict[str, list[str]] = {}
+    for task, split in (report.get("splits") or {}).items():
+        by_split.setdefault(split, []).append(task)
+    if not by_split:
+        return ""
+    if len(by_split) == 1:
+        return f" ({next(iter(by_split))} split)"
+    return " (" + "; ".join(f"{s}: {', '.join(ts)}" for s, ts in sorted(by_split.items())) + ")"
 
 
 def _line(cells: list[str], widths: list[int]) -> str:

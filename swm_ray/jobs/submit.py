@@ -3,22 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shlex
 import sys
 import time
+from collections.abc import Collection
 
 from swm_ray.errors import UserError
 
-COMMANDS = ("analyze", "compress", "eval", "version")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIAL", "PRIVATE")  # inside a word
+SECRET_PARTS = {"PASS", "PAT"}  # whole words; any word ending in KEY counts too (AWS_ACCESS_KEY_ID, APIKEY)
 
 
-def entrypoint(args: list[str]) -> str:
-    """The job's shell command: `swm-ray ARGS` (the job's driver joins the cluster through RAY_ADDRESS)."""
-    if not args or args[0] not in COMMANDS:
-        raise UserError(f"submit: give the swm-ray command to run, one of {', '.join(COMMANDS)} "
+def entrypoint(args: list[str], commands: Collection[str]) -> str:
+    """The job's shell command: `swm-ray ARGS`, ARGS[0] one of `commands` (the CLI's own, given by the caller;
+    the job's driver joins the cluster through RAY_ADDRESS)."""
+    if not args or args[0] not in commands:
+        raise UserError(f"submit: give the swm-ray command to run, one of {', '.join(commands)} "
                         f"(e.g. swm-ray submit --address URL -- compress MODEL --layers 6)")
     return shlex.join(["swm-ray", *args])
+
+
+def looks_secret(key: str) -> bool:
+    """Whether an environment variable's name suggests a credential (HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...)."""
+    words = [w for w in re.split(r"[^A-Z0-9]+", key.upper()) if w]
+    return any(any(s in w for s in SECRET_WORDS) or w in SECRET_PARTS or w.endswith("KEY") for w in words)
+
+
+def secret_keys(env: dict[str, str]) -> list[str]:
+    """The keys of `env` that look like credentials (their values are never looked at)."""
+    return [k for k in env if looks_secret(k)]
 
 
 def _present_token_if_any() -> None:
@@ -55,10 +70,12 @@ def runtime_env(working_dir: str | None, pip: list[str] | None, env: dict[str, s
     return renv
 
 
-def run_submit(address: str, args: list[str], *, working_dir: str | None = None, pip: list[str] | None = None,
-               env: dict[str, str] | None = None, wait: bool = True, timeout_s: float | None = None) -> dict:
-    """Submit; with `wait`, stream the job's logs to stdout and return its final status."""
-    cmd = entrypoint(args)
+def run_submit(address: str, args: list[str], *, commands: Collection[str], working_dir: str | None = None,
+               pip: list[str] | None = None, env: dict[str, str] | None = None, wait: bool = True,
+               timeout_s: float | None = None) -> dict:
+    """Submit `swm-ray ARGS` (ARGS[0] one of `commands`); with `wait`, stream the job's logs to stdout and
+    return its final status."""
+    cmd = entrypoint(args, commands)
     client = _client(address)
     job_id = _submit_when_ready(client, cmd, runtime_env(working_dir, pip, env or {}))
     print(f"submitted {job_id}: {cmd}", file=sys.stderr, flush=True)

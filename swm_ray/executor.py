@@ -1,0 +1,108 @@
+"""The executor: a plan applied to a source checkpoint, as a checkpoint whose tensors are computed on demand.
+
+`PlanView` answers the same questions as `Checkpoint` (names, dtypes, shapes, `read`), for the EDITED
+model: kept layers are the source's tensors under their new index, a merged window's tensors are computed
+from that window's own layers with `merge.merge_tensor`, nothing else is touched. The streaming writer
+writes a `PlanView` tensor by tensor; `StreamingStack` runs one layer at a time (the reload check, and
+evaluating a candidate without writing it); `materialize` builds it in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+
+from swm_ray.checkpoint import Checkpoint, TensorInfo, dtype_code
+from swm_ray.merge import check_method, edit_config, layer_types_of, merge_tensor, new_layer_sources
+from swm_ray.models import text_config_of
+
+
+class PlanView:
+    """The edited model's tensors (see the module docstring). `config` is the edited config (a copy)."""
+
+    def __init__(self, ckpt: Checkpoint, source_config, windows: Sequence[Sequence[int]], method: str,
+                 attention: str = "global"):
+        check_method(method)
+        self.source = ckpt
+        self.method = method
+        tcfg = text_config_of(source_config)
+        self.sources = new_layer_sources(ckpt.num_layers, windows, layer_types_of(tcfg), attention)
+        self.config = copy.deepcopy(source_config)
+        edit_config(text_config_of(self.config), self.sources)
+        self.layer_prefix = ckpt.layer_prefix
+        self.num_layers = len(self.sources)
+        self.pickled = False
+        self.infos: dict[str, TensorInfo] = {}
+        self._origin: dict[str, tuple[int, str] | str] = {}  # new name -> (position, name in layer) or source key
+        for key in ckpt.other_keys():
+            self.infos[key] = ckpt.infos[key]
+            self._origin[key] = key
+        for pos, (low, _high, _anchor) in enumerate(self.sources):
+            for rest, key in ckpt.layer_keys(low).items():
+                name = f"{self.layer_prefix}.{pos}.{rest}"
+                src = ckpt.infos[key]
+                self.infos[name] = TensorInfo(name, src.file, src.dtype, src.shape)
+                self._origin[name] = (pos, rest)
+
+    # -- the Checkpoint interface ---------------------------------------------------------------------------
+    def layer_keys(self, i: int) -> dict[str, str]:
+        head = f"{self.layer_prefix}.{i}."
+        return {k[len(head):]: k for k in self.infos if k.startswith(head)}
+
+    def layer_of(self, name: str) -> tuple[int, str] | None:
+        origin = self._origin.get(name)
+        return origin if isinstance(origin, tuple) else None
+
+    def other_keys(self) -> list[str]:
+        return [k for k, o in self._origin.items() if isinstance(o, str)]
+
+    def nbytes(self, keys=None) -> int:
+        return sum(self.infos[k].nbytes for k in (self.infos if keys is None else keys))
+
+    def param_count(self, tied_embeddings: bool = False) -> int:
+        return Checkpoint.param_count(self, tied_embeddings)  # type: ignore[arg-type]
+
+    def layer_state(self, i: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        return {rest: self.read(key, dtype) for rest, key in self.layer_keys(i).items()}
+
+    def read(self, name: str, dtype: torch.dtype | None = None, hasher=None) -> torch.Tensor:
+        """The edited model's tensor `name`; `hasher` sees every SOURCE tensor read for it."""
+        origin = self._origin[name]
+        if isinstance(origin, str):
+            return self.source.read(origin, dtype, hasher)
+        pos, rest = origin
+        low, high, _ = self.sources[pos]
+
+        def read(k: int) -> torch.Tensor:
+            return self.source.read(self.source.layer_keys(low + k)[rest], hasher=hasher)
+
+        t = merge_tensor(rest, read, high - low + 1, self.method)
+        if dtype_code(t.dtype) != self.infos[name].dtype:
+            raise RuntimeError(f"merged {name} came out as {t.dtype}, expected {self.infos[name].dtype}")
+        return t.to(dtype) if dtype is not None and dtype != t.dtype else t
+
+
+@torch.no_grad()
+def materialize(view, config, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """A causal LM in memory holding every tensor of `view` (a Checkpoint, or a PlanView and its `.config`);
+    peak memory is the model plus one tensor. Returns the model in eval mode."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    first = next(iter(view.infos.values()))
+    dtype = dtype or first.torch_dtype
+    with no_init_weights(), torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    params = dict(model.named_parameters())
+    missing = [n for n in params if n not in view.infos]
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    missing = [n for n in missing if not (tied and n.endswith("lm_head.weight"))]
+    if missing:
+        raise RuntimeError(f"the edited model lacks tensors {missing[:3]}")
+    for name, p in params.items():
+        if name in view.infos:
+            p.copy_(view.read(name, p.dtype))
+    return model.eval()

@@ -1,0 +1,220 @@
+"""Nothing lost when a worker or the driver dies (real Ray, real SIGKILL, no mocks): actor restarts give the
+identical matrix, windows and folder; `--resume` continues an interrupted run; no hang when the cluster
+cannot place the actors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import tiny_model
+
+from swm_ray.config import build_config
+from swm_ray.errors import UserError
+from swm_ray.jobs.analyze import run_analyze
+from swm_ray.jobs.compress import run_compress
+from swm_ray.runstate import SUFFIX
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory) -> Path:
+    """A tiny Llama with 12 layers (more steps for a search to be interrupted in)."""
+    d = tmp_path_factory.mktemp("deep")
+    model, tok = tiny_model("llama", n_layers=12, seed=3)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def many_rows(tmp_path_factory) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = np.random.default_rng(11).integers(4, 256, size=(192, 24)).tolist()
+    path = tmp_path_factory.mktemp("rows") / "rows.parquet"
+    pq.write_table(pa.table({"input_ids": rows}), path)
+    return path
+
+
+def _cfg(model, data, out, **flags):
+    base = {"model.source": str(model), "data.source": str(data), "data.samples": 192, "data.seq_len": 24,
+            "data.batch_size": 4, "out": str(out), "ray.actors": 1, "model.stream": "never"}
+    return build_config(flags={**base, **flags})
+
+
+def _actor_pids() -> set[int]:
+    """PIDs of live model-holding actors (Ray titles its worker processes `ray::ModelActor...`)."""
+    pids = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if cmd.startswith("ray::ModelActor") and (d / "stat").read_text().split()[2] != "Z":
+                pids.add(int(d.name))
+    return pids
+
+
+def _kill_when(ready, timeout: float = 120.0) -> dict:
+    """A thread that SIGKILLs every model actor once `ready()` holds; reports the pids it killed and the
+    actor pids seen afterwards (a restart shows up as a new pid)."""
+    seen: dict = {"killed": set(), "after": set(), "error": None}
+
+    def watch():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():
+                pids = _actor_pids()
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+                seen["killed"] = pids
+                while time.monotonic() < deadline and not seen.get("stop"):
+                    seen["after"] |= _actor_pids() - pids
+                    time.sleep(0.05)
+                return
+            time.sleep(0.01)
+        seen["error"] = "the run never reached the point to kill at"
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    seen["thread"] = t
+    return seen
+
+
+def test_actor_killed_mid_statistics_gives_the_identical_matrix(ray_session, deep_model, many_rows, tmp_path):
+    want = run_analyze(_cfg(deep_model, many_rows, tmp_path / "clean"))
+    partial = tmp_path / f".killed{SUFFIX}"
+    seen = _kill_when(lambda: partial.exists() and any(partial.glob("hsic-*.npy")))
+    got = run_analyze(_cfg(deep_model, many_rows, tmp_path / "killed"))
+    seen["stop"] = True
+    seen["thread"].join()
+    assert seen["error"] is None and seen["killed"], "no actor was killed mid-statistics"
+    assert seen["after"], "no restarted actor appeared"
+    assert got["minibatches"] == want["minibatches"] == 48
+    np.testing.assert_array_equal(np.load(tmp_path / "killed" / "similarity.npy"),
+                                  np.load(tmp_path / "clean" / "similarity.npy"))
+    assert not partial.exists()  # a completed run removes its partial state
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_actor_killed_mid_search_gives_the_identical_windows_and_folder(ray_session, deep_model, many_rows,
+                                                                        tmp_path):
+    flags = {"select.layers": 5}
+    want = run_compress(_cfg(deep_model, many_rows, tmp_path / "clean", **flags))
+    memo = tmp_path / f".killed{SUFFIX}" / "memo.json"
+    seen = _kill_when(lambda: memo.exists() and len(json.loads(memo.read_text())["entries"]) >= 11)
+    got = run_compress(_cfg(deep_model, many_rows, tmp_path / "killed", **flags))
+    seen["stop"] = True
+    seen["thread"].join()
+    assert seen["error"] is None and seen["killed"] and seen["after"]
+    assert got["plan"]["windows"] == want["plan"]["windows"]
+    assert got["plan"]["similarities"] == want["plan"]["similarities"]
+    a, b = _tensors(tmp_path / "clean"), _tensors(tmp_path / "killed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from swm_ray.cli import main; main()", *args]
+
+
+def test_driver_killed_then_resume(deep_model, many_rows, tmp_path):
+    """The driver (and its embedded Ray) dies after a committed step; the same command with --resume gives the
+    same plan and folder with fewer candidate checks than a fresh run."""
+    args = ["compress", str(deep_model), "--data", str(many_rows), "--samples", "192", "--seq-len", "24",
+            "--layers", "5", "--actors", "1", "--no-stream-layers"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    fresh = subprocess.run(_cli(*args, "--out", str(tmp_path / "fresh")), env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    memo = tmp_path / f".run{SUFFIX}" / "memo.json"
+    proc = subprocess.Popen(_cli(*args, "--out", str(tmp_path / "run")), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if memo.exists() and len(json.loads(memo.read_text())["entries"]) >= 21:  # two steps committed
+                break
+            time.sleep(0.01)
+    finally:
+        alive = proc.poll() is None
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, as a lost machine would
+        proc.wait()
+    assert alive, "the run finished before it could be interrupted"
+    assert not (tmp_path / "run").exists()
+    again = subprocess.run(_cli(*args, "--out", str(tmp_path / "run")), env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode != 0 and again.stderr.count("\n") == 1 and "--resume" in again.stderr
+    resumed = subprocess.run(_cli(*args, "--out", str(tmp_path / "run"), "--resume"), env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    plan_fresh = json.loads((tmp_path / "fresh" / "plan.json").read_text())
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert plan["windows"] == plan_fresh["windows"] and plan["similarities"] == plan_fresh["similarities"]
+    assert 0 < plan["extra"]["candidate_evaluations"] < plan_fresh["extra"]["candidate_evaluations"]
+    assert plan["extra"]["resumed_scores"] >= 21
+    a, b = _tensors(tmp_path / "fresh"), _tensors(tmp_path / "run")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / f".run{SUFFIX}").exists()
+
+
+def test_resume_without_partial_state_is_a_one_line_error(tiny_llama_dir, tokens_parquet, tmp_path):
+    cfg = build_config(flags={"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet),
+                              "data.samples": 16, "data.seq_len": 16, "data.batch_size": 4,
+                              "select.layers": 1, "out": str(tmp_path / "o"), "resume": True})
+    with pytest.raises(UserError, match="--resume: no interrupted run") as e:
+        run_compress(cfg)
+    assert "\n" not in str(e.value)
+    res = subprocess.run(_cli("analyze", str(tiny_llama_dir), "--data", str(tokens_parquet), "--samples", "16",
+                              "--seq-len", "16", "--batch-size", "4", "--out", str(tmp_path / "a"), "--resume"),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stderr.startswith("error: --resume: no interrupted run")
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+
+
+PLACEMENT = """
+import sys, time, ray
+from swm_ray.config import build_config
+from swm_ray.errors import UserError
+from swm_ray.jobs.compress import run_compress
+ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+cfg = build_config(flags={"model.source": sys.argv[1], "data.source": sys.argv[2], "data.samples": 16,
+    "data.seq_len": 16, "data.batch_size": 4, "select.layers": 1, "out": sys.argv[3], "ray.actors": 2,
+    "ray.gpus_per_actor": 2, "ray.placement_timeout_s": 3})
+t0 = time.monotonic()
+try:
+    run_compress(cfg)
+except UserError as e:
+    print(f"ERROR after {time.monotonic() - t0:.1f} s: {e} (exit {e.exit_code})")
+"""
+
+
+def test_more_gpus_than_exist_ends_within_the_timeout(tiny_llama_dir, tokens_parquet, tmp_path):
+    res = subprocess.run([sys.executable, "-c", PLACEMENT, str(tiny_llama_dir), str(tokens_parquet),
+                          str(tmp_path / "o")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("ERROR after")), None)
+    assert line is not None, res.stderr[-2000:]
+    secs = float(line.split()[2])
+    assert secs < 60  # the placement timeout (3 s) plus start-up, not a hang
+    assert "could not place 2 actors" in line and "'GPU': 2" in line and "GPU: 2" in line and "(exit 1)" in line
+    assert not (tmp_path / "o").exists()
