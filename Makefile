@@ -44,3 +44,10 @@ clean:
 # On a GPU machine that has torch + transformers (no Ray needed): drives the library floor directly.
 gpu-check:
 	PYTHONPATH=. python3 benchmarks/gpu_check.py
+
+# The image the cluster manifests run (cluster/Dockerfile; the build context is this source tree, see
+# .dockerignore). Push it to a registry the cluster pulls from: make image IMAGE=REGISTRY/swm-ray:TAG
+IMAGE ?= swm-ray:latest
+.PHONY: image
+image:
+	docker build -f cluster/Dockerfile -t $(IMAGE) .

@@ -29,10 +29,10 @@ def _setup(threads: int):
 
     torch.set_num_threads(threads)
     from swm_ray.config import build_config
-    from swm_ray.jobs.analyze import prepare_calibration
+    from swm_ray.data import calibration_for
     from swm_ray.models import load_model
 
-    _, calib, n = prepare_calibration(build_config())
+    _, calib, n = calibration_for(build_config())
     model, _ = load_model("builtin:smollm2-135m")
     return model, calib, n
 

@@ -25,12 +25,12 @@ def ppl_of(model, tok) -> float:
 
 def shortgpt(layers: int) -> dict:
     from swm_ray.baselines import block_influence, shortgpt_windows
-    from swm_ray.jobs.analyze import prepare_calibration
+    from swm_ray.data import calibration_for
     from swm_ray.merge import apply_windows
     from swm_ray.models import load_model
 
     cfg = build_config()
-    _, calib, n = prepare_calibration(cfg)
+    _, calib, n = calibration_for(cfg)
     model, tok = load_model("builtin:smollm2-135m")
     bi = block_influence(model, calib.input_ids, calib.batches)
     windows = shortgpt_windows(bi, layers, protected=[n - 1])

@@ -1,8 +1,7 @@
 """Scale-out benchmarks: memory that does not grow with depth, a budget 4× smaller than the model, the
 streaming writer against a plain copy, and 2 actors against 1.
 
-    python benchmarks/bench_scale.py rss          # peak RSS, 8 vs 32 layers, streaming and in memory
-    python benchmarks/bench_scale.py budget       # a model 4x the budget, compressed under it
+    python benchmarks/bench_scale.py rss          # peak RSS, 8 vs 32 layers; a model 4x the budget under it
     python benchmarks/bench_scale.py writer       # streaming writer vs copying the checkpoint's bytes
     python benchmarks/bench_scale.py actors       # 2 actors vs 1 (one thread each), with Ray
     python benchmarks/bench_scale.py all
@@ -10,7 +9,8 @@ streaming writer against a plain copy, and 2 actors against 1.
 Models are random-init Llama-shaped checkpoints (hidden 1024, FFN 2816, 16 heads, vocab 32000, fp32) written
 once into $SWM_BENCH_DIR (default /tmp/swm-bench). Calibration: 10 random rows of 128 tokens (minibatches of
 5), the defaults' shape. Each measurement of memory runs in a fresh process (`_child`), which reports its own
-peak RSS (VmHWM) and the RSS it had after imports, before any model was opened ("base"). The library
+peak RSS (VmHWM) and the RSS it had once the libraries were loaded and warm, before the model was opened
+("base": see `_warm_up`). The library
 floor runs there without Ray: one process does what the driver and one actor do in a real run. Prints JSON.
 """
 
@@ -74,6 +74,19 @@ def _ids():
 
 
 # -- what one process runs ----------------------------------------------------------------------------------
+def _warm_up() -> None:
+    """Load the libraries' code and kernels (a 2-layer Llama of width 64, one forward) so that "base" is the
+    process with everything but the model's tensors: a budget covers tensors, the libraries come on top."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=256)
+    with torch.inference_mode():
+        AutoModelForCausalLM.from_config(cfg)(torch.ones(2, 16, dtype=torch.long))
+
+
+
 def _child(args) -> dict:
     import torch
 
@@ -88,6 +101,7 @@ def _child(args) -> dict:
     torch.set_num_threads(args.threads)
     path = str(model_dir(args.layers))
     ids = _ids()
+    _warm_up()
     base = rss_mb()
     t0 = time.perf_counter()
     spec = StackSpec(path, device="cpu", dtype="float32", stream=args.stream, max_memory=args.max_memory)
@@ -119,36 +133,39 @@ def run_child(*flags: str) -> dict:
 
 
 # -- the benchmarks ------------------------------------------------------------------------------------------
+BUDGET = "470MB"  # the 32-layer model's fp32 weights (1.91 GB) are 4.06x this
+
+
 def bench_rss() -> dict:
-    """Peak RSS at 8 and 32 layers, streaming and in memory, for analyze and compress --layers 2."""
-    model_dir(8), model_dir(32)
-    rows = []
-    for task in ("analyze", "compress"):
-        for stream in ("always", "never"):
-            for layers in (8, 32):
-                rows.append(run_child("--task", task, "--stream", stream, "--layers", str(layers)))
-    ratios = {}
-    for task in ("analyze", "compress"):
-        for mode in ("stream", "memory"):
-            a, b = (next(r for r in rows if r["task"] == task and r["mode"] == mode and r["layers"] == n)
-                    for n in (8, 32))
-            ratios[f"{task}_{mode}_32_over_8"] = round(b["peak_mb"] / a["peak_mb"], 3)
-    return {"runs": rows, "ratios": ratios}
-
-
-def bench_budget(budget: str = "480MB") -> dict:
-    """A 32-layer model (fp32 weights ~4x the budget) compressed under `--max-memory`, windows compared with
-    the in-memory run."""
+    """Peak RSS at 8 and 32 layers for analyze and compress --layers 2: streaming with the default budget
+    (host RAM: every candidate's stream alive at once), streaming under --max-memory 470MB (the scorer runs
+    as many candidates per pass as the budget allows), and in memory. The 32-layer model under 470MB is the
+    budget target: fp32 weights 4x the budget, compressed under it, windows compared with the in-memory run."""
     from swm_ray.checkpoint import Checkpoint
     from swm_ray.memory import parse_size
 
+    model_dir(8), model_dir(32)
+    variants = {"stream": ("--stream", "always"), "budget": ("--stream", "auto", "--max-memory", BUDGET),
+                "memory": ("--stream", "never")}
+    rows = []
+    for task in ("analyze", "compress"):
+        for name, flags in variants.items():
+            for layers in (8, 32):
+                rows.append({"variant": name, **run_child("--task", task, *flags, "--layers", str(layers))})
+    ratios = {}
+    for task in ("analyze", "compress"):
+        for name in variants:
+            a, b = (next(r for r in rows if r["task"] == task and r["variant"] == name and r["layers"] == n)
+                    for n in (8, 32))
+            ratios[f"{task}_{name}_32_over_8"] = round(b["peak_mb"] / a["peak_mb"], 3)
     weights = Checkpoint(model_dir(32)).nbytes()
-    limited = run_child("--task", "compress", "--stream", "auto", "--max-memory", budget, "--layers", "32")
-    whole = run_child("--task", "compress", "--stream", "never", "--layers", "32")
-    return {"weights_mb": round(weights / 1e6, 1), "budget_mb": round(parse_size(budget) / 1e6, 1),
-            "weights_over_budget": round(weights / parse_size(budget), 2), "limited": limited, "in_memory": whole,
-            "same_windows": limited["windows"] == whole["windows"],
-            "limited_above_base_within_budget": limited["above_base_mb"] * 2**20 <= parse_size(budget)}
+    limited, whole = (next(r for r in rows if r["task"] == "compress" and r["variant"] == v and r["layers"] == 32)
+                      for v in ("budget", "memory"))
+    budget = {"weights_mb": round(weights / 1e6, 1), "budget_mb": parse_size(BUDGET) / 1e6,
+              "weights_over_budget": round(weights / parse_size(BUDGET), 2), "mode": limited["mode"],
+              "above_base_mb": limited["above_base_mb"], "same_windows_as_in_memory": limited["windows"] ==
+              whole["windows"], "within_budget": limited["above_base_mb"] * 1e6 <= parse_size(BUDGET)}
+    return {"runs": rows, "ratios": ratios, "budget": budget}
 
 
 def _writer_child(args) -> dict:
@@ -240,7 +257,7 @@ def bench_actors(repeat: int = 3) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["rss", "budget", "writer", "actors", "all", "child"])
+    ap.add_argument("what", choices=["rss", "writer", "actors", "all", "child"])
     ap.add_argument("--task", default="analyze")
     ap.add_argument("--stream", default="auto")
     ap.add_argument("--layers", type=int, default=8)
@@ -253,8 +270,8 @@ def main() -> None:
         print(json.dumps(_writer_child(args) if args.writer else _child(args)))
         return
     ROOT.mkdir(parents=True, exist_ok=True)
-    todo = ["rss", "budget", "writer", "actors"] if args.what == "all" else [args.what]
-    fns = {"rss": bench_rss, "budget": bench_budget, "writer": bench_writer, "actors": bench_actors}
+    todo = ["rss", "writer", "actors"] if args.what == "all" else [args.what]
+    fns = {"rss": bench_rss, "writer": bench_writer, "actors": bench_actors}
     print(json.dumps({name: fns[name]() for name in todo}, indent=1))
 
 

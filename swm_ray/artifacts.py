@@ -10,6 +10,18 @@ import numpy as np
 SIMILARITY_FILES = ("similarity.npy", "similarity.parquet", "similarity.png", "stats.json")
 
 
+def fmt_cell(value, digits: int = 2) -> str:
+    """A value for a Markdown table: floats with `digits` decimals and thousands separators, integers with
+    separators, None and NaN empty, anything else as text."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
 def layer_labels(n: int) -> list[str]:
     """Index 0 is the embedding output, index i the output of decoder layer i-1 (0-based)."""
     return ["emb"] + [f"L{i}" for i in range(n - 1)]

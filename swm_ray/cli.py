@@ -6,11 +6,13 @@ import typer
 
 from swm_ray import __version__
 from swm_ray.commands.analyze import analyze_command
+from swm_ray.commands.apply import apply_command
 from swm_ray.commands.compress import compress_command
 from swm_ray.commands.evaluate import eval_command
 from swm_ray.commands.grid import grid_command
 from swm_ray.commands.show_config import config_command
 from swm_ray.commands.submit import submit_command
+from swm_ray.commands.zoo import zoo_command
 
 app = typer.Typer(
     name="swm-ray",
@@ -22,8 +24,10 @@ app = typer.Typer(
 
 app.command("analyze")(analyze_command)
 app.command("compress")(compress_command)
+app.command("apply")(apply_command)
 app.command("eval")(eval_command)
 app.command("grid")(grid_command)
+app.command("zoo")(zoo_command)
 app.command("config")(config_command)
 app.command(
     "submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}

@@ -6,12 +6,23 @@ Precedence: defaults < YAML file (`--config`) < CLI flags (each flag is a shortc
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from swm_ray.errors import UserError
+
+CRITERIA = ("output", "cka", "kl", "nll")
+SEARCHES = ("best-first", "top-down")
+MERGE_METHODS = ("reference", "paper", "mean", "keep-first", "keep-last")
+ATTENTION_RULES = ("global", "bottom")
+METHODS = ("swm", "shortgpt", "sleb", "laco", "shortened-ppl")  # every compression method is a planner
+BASELINES = METHODS[1:]
+Criterion = Literal[CRITERIA]
+Search = Literal[SEARCHES]
+MergeMethod = Literal[MERGE_METHODS]
 
 DEFAULT_MODEL = "builtin:smollm2-135m"
 DEFAULT_DATA = "builtin:lambada"
@@ -94,10 +105,18 @@ class RayConfig(_Section):
 class SelectConfig(_Section):
     """Window selection: criterion, search and target (one of threshold, ratio, layers)."""
 
-    criterion: Literal["output", "cka", "kl", "nll"] = Field(
+    method: Literal[METHODS] = Field(
+        "swm", description="swm (sliding-window merging: criterion, search and merge below), or a baseline: "
+        "shortgpt (drop the layers of lowest Block Influence), sleb (remove blocks one at a time by calibration "
+        "loss), laco (LaCo layer collapse: laco_layers merged with the paper formula, top-down, interval "
+        "laco_interval, while the output cosine stays above T), shortened-ppl (Shortened-LLM's one-shot PPL "
+        "ranking)")
+    laco_layers: int = Field(4, ge=2, description="LaCo: layers merged into one per accepted window (C)")
+    laco_interval: int = Field(2, ge=1, description="LaCo: layers to move down after an accepted window (I)")
+    criterion: Criterion = Field(
         "output", description="how a candidate window is judged: output (cosine of the final hidden states), kl "
         "(next-token KL to the original), nll (the candidate's calibration loss) or cka (the CKA matrix only)")
-    search: Literal["best-first", "top-down"] = Field(
+    search: Search = Field(
         "best-first", description="best-first (each step commits the best adjacent merge anywhere) or top-down "
         "(the paper's loop)")
     threshold: float | None = Field(None, description="accept while cosine/CKA > T, or KL/NLL <= T")
@@ -122,10 +141,10 @@ class SelectConfig(_Section):
 class MergeConfig(_Section):
     """How a window of layers becomes one layer."""
 
-    method: Literal["reference", "paper", "mean", "keep-first", "keep-last"] = Field(
+    method: MergeMethod = Field(
         "reference", description="reference (what produced the published numbers), paper (the formula as "
         "printed), mean, keep-first or keep-last")
-    attention: Literal["global", "bottom"] = Field(
+    attention: Literal[ATTENTION_RULES] = Field(
         "global", description="attention type (sliding/full, and its RoPE) of a merged window on hybrid models: "
         "global = full attention when the window contains a full-attention layer; bottom = the bottom layer's "
         "type, as the authors' code does")
@@ -162,9 +181,6 @@ class EvalConfig(_Section):
         return v
 
 
-Criterion = Literal["output", "cka", "kl", "nll"]
-Search = Literal["best-first", "top-down"]
-MergeMethod = Literal["reference", "paper", "mean", "keep-first", "keep-last"]
 
 
 class GridConfig(_Section):
@@ -179,7 +195,7 @@ class GridConfig(_Section):
     layers: tuple[int, ...] = Field((), description="layer counts to remove (give one kind of target)")
     ratios: tuple[float, ...] = Field((), description="fractions of all parameters to remove")
     thresholds: tuple[float, ...] = Field((), description="thresholds (valid for every criterion)")
-    baselines: tuple[Literal["shortgpt", "sleb"], ...] = Field(
+    baselines: tuple[Literal[BASELINES], ...] = Field(
         ("shortgpt",), description="baseline pruners: shortgpt, sleb; [] for none")
     concurrency: int | None = Field(None, ge=1, description="trials at once (default: as resources allow)")
     cpus_per_trial: float = Field(1.0, gt=0, description="CPUs (and torch threads) per trial")
@@ -267,7 +283,7 @@ def build_config(
     sets: dict[str, Any] | None = None,
 ) -> RunConfig:
     """Merge defaults < YAML < flags (dotted paths, None = not given) < --set, and validate."""
-    tree: dict = _deepcopy(yaml_data or {})
+    tree: dict = copy.deepcopy(yaml_data or {})
     for dotted, value in (flags or {}).items():
         if value is not None:
             _set_path(tree, dotted, value)
@@ -282,14 +298,6 @@ def build_config(
         if err["type"] == "extra_forbidden":
             msg = "unknown key (`swm-ray config` lists the valid keys with their help)"
         raise UserError(f"config {where}: {msg}") from None
-
-
-def _deepcopy(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: _deepcopy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deepcopy(v) for v in d]
-    return d
 
 
 def dump_yaml(cfg: RunConfig) -> str:

@@ -256,3 +256,26 @@ def _pretokenized(rows: list[list[int]], samples: int, batch_size: int, source: 
         raise UserError(f"data {source}: pre-tokenized rows differ in length ({sorted(lengths)[:4]}...); "
                         f"give rows of one length")
     return Calibration(np.asarray(use, dtype=np.int64), _checked_batches(samples, batch_size), False, True, source)
+
+
+def calibration_for(cfg) -> tuple[str, Calibration, int]:
+    """Resolve the model of a RunConfig once, check its structure, sample its calibration set.
+
+    Returns (resolved model path, calibration, number of decoder layers).
+    """
+    from swm_ray.models import check_decoder, load_config, load_tokenizer, resolve_model_path
+
+    m = cfg.model
+    path = resolve_model_path(m.source, m.revision, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)
+    n_layers = check_decoder(path, cfg.model.trust_remote_code)
+    tok = load_tokenizer(path, cfg.model.trust_remote_code)
+    model_type = getattr(load_config(path, cfg.model.trust_remote_code), "model_type", None)
+    d = cfg.data
+    calib = build_calibration(
+        d.source, tok, samples=d.samples, seq_len=d.seq_len, batch_size=d.batch_size, seed=d.seed,
+        mode=d.mode, bos=d.bos, model_type=model_type, text_column=d.text_column,
+    )
+    if cfg.stats.skip_first_tokens >= calib.input_ids.shape[1]:
+        raise UserError(f"--skip-first-tokens {cfg.stats.skip_first_tokens} leaves no token of "
+                        f"{calib.input_ids.shape[1]}-token sequences")
+    return path, calib, n_layers

@@ -15,3 +15,17 @@ class RunError(UserError):
 
     def __init__(self, message: str):
         super().__init__(message, exit_code=1)
+
+
+def find_user_error(e: BaseException | None) -> UserError | None:
+    """The UserError behind an exception, also when a Ray task or actor wrapped it (`.cause`)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None)  # ray.exceptions.RayTaskError keeps the original here; the wrapper
+        if isinstance(inner, UserError):  # is itself an instance of UserError but prints the whole traceback
+            return inner
+        if isinstance(e, UserError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None

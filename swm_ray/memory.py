@@ -81,8 +81,9 @@ class Footprint:
         return self.weights + 2 * self.stream_bytes <= IN_MEMORY_HEADROOM * budget
 
     def max_streams(self, budget: int) -> int:
-        """Candidate streams a streaming pass may keep at once within `budget` (at least 1)."""
-        spare = budget - self.resident - 3 * self.largest_layer - self.stream_bytes
+        """Candidate streams a streaming pass may keep at once within `budget` (at least 1); a tenth of the
+        budget is left for the small buffers around them (reference outputs, masks, a norm's output)."""
+        spare = 0.9 * budget - self.resident - 3 * self.largest_layer - self.stream_bytes
         return max(1, int(spare // max(1, self.stream_bytes)))
 
 
@@ -98,3 +99,25 @@ def choose_mode(stream: str, footprint: Footprint, budget: int, what: str) -> st
             f"LM head {fmt_bytes(footprint.resident)}, a layer {fmt_bytes(footprint.largest_layer)}) but the budget "
             f"is {fmt_bytes(budget)}: raise --max-memory, use GPUs with more memory, or --gpus-per-actor")
     return "stream"
+
+
+def return_freed_memory() -> bool:
+    """Make this process hand freed blocks of 1 MiB or more straight back to the OS (glibc only).
+
+    Layer streaming allocates and frees a layer's tensors (a few MB each) over and over, interleaved with
+    activations of other lifetimes. glibc raises its mmap threshold after such frees (up to 32 MiB), after
+    which those blocks come from the heap, fragment it, and the process keeps the high-water mark of every
+    layer it ever held: measured on a 32-layer model, 1.27 GB above the interpreter instead of 0.72 GB.
+    Fixing the threshold at 1 MiB (M_MMAP_THRESHOLD, which also stops the adjustment) keeps a streaming
+    process's memory at what it holds. Returns False where it does not apply (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False

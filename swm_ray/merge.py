@@ -32,11 +32,10 @@ from torch import nn
 from transformers import PreTrainedConfig
 
 from swm_ray.architectures import check_supported, slice_per_layer_config
+from swm_ray.config import ATTENTION_RULES, MERGE_METHODS
 from swm_ray.errors import UserError
 from swm_ray.models import decoder_layers, inner_model, text_config
 
-MERGE_METHODS = ("reference", "paper", "mean", "keep-first", "keep-last")
-ATTENTION_RULES = ("global", "bottom")
 DROP_ONLY_METHODS = ("keep-first", "keep-last")  # plans that only delete layers (mergekit passthrough works)
 METHOD_DESCRIPTIONS = {
     "reference": "attention and MLP weights of each window's top layer, all norm weights of its bottom layer "

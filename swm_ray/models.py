@@ -33,11 +33,9 @@ def pick_device(device: str = "auto") -> str:
 
 
 def pick_dtype(dtype: str, device: str) -> torch.dtype | str:
-    """`auto`: bf16 on GPU, fp32 on CPU; `checkpoint`: the dtype the weights were saved in."""
+    """`auto`: bf16 on GPU, fp32 on CPU; else the named dtype."""
     import torch
 
-    if dtype == "checkpoint":
-        return "auto"
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return getattr(torch, dtype)
@@ -180,6 +178,11 @@ def load_model(
     except OSError as e:
         first = str(e).splitlines()[0][:200]
         raise UserError(f"model {source}: cannot load ({first})") from None
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":  # safetensors' own error: a damaged or incomplete file
+            raise
+        raise UserError(f"model {source}: its safetensors files are damaged or incomplete ({str(e)[:160]}); "
+                        f"download it again") from None
     if not spread:
         model.to(dev)
     model.eval()

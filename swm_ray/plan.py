@@ -1,7 +1,10 @@
 """The compression plan: which windows of original layers were merged, and how (plain data, JSON round-trip).
 
 Windows are inclusive [low, high] pairs of 0-based ORIGINAL decoder-layer indices, listed TOP window first
-(the order a top-down search finds them); `similarities[i]` is the score that accepted `windows[i]`.
+(the order a top-down search finds them); `similarities[i]` is the score that accepted `windows[i]`. A plan
+names its source (model, revision, the checksum of its weights), the merge method and the attention rule:
+`swm-ray apply` replays it on that source and gets the same folder. Version 1 plans (without the source
+fields) still load.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 from swm_ray.errors import UserError
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 def removed_from_windows(windows: Iterable[Sequence[int]]) -> list[int]:
@@ -34,6 +37,10 @@ class Plan:
     num_layers_before: int
     merge: str
     source_model: str = ""
+    source_revision: str | None = None
+    source_checksum: str | None = None  # `checkpoint.WeightHasher` of the weights the plan was applied to
+    method: str = "swm"
+    attention: str = "global"  # the attention-type rule of merged windows (`merge.anchor_layer`)
     criterion: str = ""
     search: str = ""
     threshold: float | None = None

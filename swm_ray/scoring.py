@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from swm_ray.merge import is_norm_param
+from swm_ray.selection import Group
 from swm_ray.stack import LayerStack
 
-Group = tuple[int, int]
 RowScores = tuple[np.ndarray, int]  # per-row sums (float64) and the count they are divided by
 COMPOSABLE = ("reference", "keep-first", "keep-last")  # merged windows built from their groups' states
 

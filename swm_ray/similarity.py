@@ -51,11 +51,6 @@ def hsic_matrix(grams: torch.Tensor) -> np.ndarray:
     return (h / (b * (b - 3))).cpu().numpy()
 
 
-def hsic(k: torch.Tensor, l: torch.Tensor) -> float:
-    """Unbiased HSIC of two (b, b) Gram matrices."""
-    return float(hsic_matrix(torch.stack([k, l]))[0, 1])
-
-
 def cka_from_sums(s: np.ndarray) -> np.ndarray:
     """CKA[i, j] = S[i, j] / sqrt(S[i, i] S[j, j])."""
     d = np.sqrt(np.clip(np.diag(s), 1e-300, None))
@@ -66,22 +61,3 @@ def cka(x: torch.Tensor, y: torch.Tensor, kernel: str = "linear") -> float:
     """CKA of two (b, f) feature sets from one minibatch (convenience for tests and small checks)."""
     s = hsic_matrix(torch.stack([gram(x.to(torch.float64), kernel), gram(y.to(torch.float64), kernel)]))
     return float(cka_from_sums(s)[0, 1])
-
-
-class HsicAccumulator:
-    """Running sums S (float64, (n, n)) and the number of minibatches added."""
-
-    def __init__(self, n: int):
-        self.sums = np.zeros((n, n), dtype=np.float64)
-        self.count = 0
-
-    def add_grams(self, grams: torch.Tensor) -> None:
-        self.sums += hsic_matrix(grams)
-        self.count += 1
-
-    def merge(self, sums: np.ndarray, count: int) -> None:
-        self.sums += sums
-        self.count += count
-
-    def cka(self) -> np.ndarray:
-        return cka_from_sums(self.sums)

@@ -200,6 +200,9 @@ class StreamingStack(LayerStack):
         from transformers import AutoModelForCausalLM
         from transformers.initialization import no_init_weights
 
+        from swm_ray.memory import return_freed_memory
+
+        return_freed_memory()  # layers come and go: keep the process at what it holds (see there)
         self.ckpt = ckpt
         where = getattr(ckpt, "path", "the edited model")
         with torch.device("meta"):

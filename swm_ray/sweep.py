@@ -10,20 +10,20 @@ so the later targets cost little), evaluating each result. It reports one row pe
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from swm_ray.artifacts import fmt_cell
 from swm_ray.config import RunConfig
 from swm_ray.errors import UserError
 
 ROW_KEYS = (
     "model", "method", "criterion", "search", "merge", "target_kind", "target", "status", "threshold",
     "windows", "layers_before", "layers_after", "removed_layers", "params_before", "params_after",
-    "params_removed", "ppl", "ppl_ratio", "zeroshot_mean", "evaluations", "selection_seconds", "eval_seconds",
-    "note",
+    "params_removed", "ppl", "ppl_ratio", "zeroshot_mean", "task_source", "evaluations", "selection_seconds",
+    "eval_seconds", "note", "plan",
 )
 
 
@@ -98,15 +98,18 @@ def _candidate_model(stack, ckpt, config, windows, merge: str, attention: str):
 
 def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report: Callable[[dict], None],
               device: str = "cpu") -> None:
-    """Take one (model, method) to every target of the grid; `report(row)` once per target."""
+    """Take one (model, method) to every target of the grid with the method's planner (`planners.py`, as
+    `compress` does) and evaluate each plan; `report(row)` once per target. Rows carry their plan (JSON)."""
     from swm_ray.checkpoint import Checkpoint
     from swm_ray.evaluation import evaluate_model
     from swm_ray.models import load_config, load_tokenizer, text_config_of
+    from swm_ray.plan import Plan
+    from swm_ray.planners import LocalScoring, plan_windows
+    from swm_ray.selection import target_layers
     from swm_ray.stack import StackSpec, open_stack
 
     g = cfg.grid
     kind = g.target_kind()
-    targets = g.targets()
     m = cfg.model
     stack = open_stack(StackSpec(model_path, device=device, dtype=m.dtype, stream=m.stream, max_memory=m.max_memory,
                                  allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code),
@@ -118,13 +121,6 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
     n_layers = stack.num_layers
     params_before, per_layer = ckpt.param_count(tied), ckpt.layer_params(0)
     attention = cfg.merge.attention
-    if spec["method"] == "sleb":
-        # SLEB: remove one block at a time, each time the one whose removal keeps the calibration perplexity
-        # lowest = best-first under `nll` with keep-first pairs (merging positions p-1, p with keep-first drops
-        # the layer at p). Unlike SLEB, layer 0 is never removed; the last layer may be.
-        spec = {**spec, "criterion": "nll", "search": "best-first", "merge": "keep-first"}
-        cfg = cfg.model_copy(update={"select": cfg.select.model_copy(update={"protect_last": False})})
-
     base = {k: spec.get(k) for k in ("model", "method", "criterion", "search", "merge")}
     base.update(target_kind=kind, layers_before=n_layers, params_before=params_before)
 
@@ -142,68 +138,57 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
         row["params_removed"] = 1 - row["params_after"] / params_before
         row["ppl"] = metrics["ppl"]["ppl"] if metrics.get("ppl") else None
         row["zeroshot_mean"] = metrics.get("mean")
+        row["task_source"] = metrics.get("task_source")
         for task, r in (metrics.get("tasks") or {}).items():
             row[f"task_{task}"] = r["value"]
+            row[f"split_{task}"] = r.get("split")
         row.setdefault("status", "ok")
         report(row)
 
     if spec["method"] == "original":
         finish({**base, "target": 0, "windows": "[]"}, [], "reference")
         return
-
-    if spec["method"] == "shortgpt":
-        from swm_ray.baselines import block_influence, shortgpt_windows
-        from swm_ray.selection import protected_set, target_layers
-
-        bi = block_influence(stack, calib.input_ids, calib.batches)
-        for t in targets:
-            row = {**base, "merge": "keep-first", "target": t}
-            try:
-                tcfg = cfg.model_copy(update={"select": _target_select(cfg, kind, t)})
-                n = target_layers(tcfg, params_before, per_layer, n_layers)
-            except UserError as e:
-                report({**row, "status": "skipped", "note": str(e)})
-                continue
-            windows = shortgpt_windows(bi, n, protected=protected_set(cfg.select, n_layers))
-            row["windows"] = json.dumps([list(w) for w in windows])
-            finish(row, windows, "keep-first")
-        return
-
-    from swm_ray.scoring import LocalEvaluator, ShardScorer
-    from swm_ray.selection import CkaEvaluator, MemoEvaluator, select_windows, target_layers
-
-    crit, merge = spec["criterion"], spec["merge"]  # a swm combination, or SLEB
-    if crit == "cka":
-        inner = CkaEvaluator(matrix)
-    else:
-        inner = LocalEvaluator([ShardScorer(stack, calib.input_ids, crit, merge, attention=attention)], crit)
-    ev = MemoEvaluator(inner)
-    for t in targets:
+    scoring = LocalScoring(stack, calib, attention, matrix, kernel=cfg.stats.kernel,
+                           skip_first_tokens=cfg.stats.skip_first_tokens)
+    select = {"method": "swm" if spec["method"] == "swm" else spec["method"]}
+    if spec["method"] == "swm":
+        select.update(criterion=spec["criterion"], search=spec["search"])
+    for t in g.targets():
         row = {**base, "target": t}
         t0 = time.perf_counter()
-        misses0 = ev.misses
         try:
-            tcfg = cfg.model_copy(update={"select": _target_select(cfg, kind, t, criterion=crit,
-                                                                   search=spec["search"]),
-                                          "merge": cfg.merge.model_copy(update={"method": merge})})
+            tcfg = cfg.model_copy(update={"select": _target_select(cfg, kind, t, **select),
+                                          "merge": cfg.merge.model_copy(update={"method": spec.get("merge")
+                                                                                or cfg.merge.method})})
             n_remove = target_layers(tcfg, params_before, per_layer, n_layers)
-            sel = select_windows(tcfg, ev, n_layers, n_remove)
+            misses0 = _misses(scoring)
+            planned = plan_windows(tcfg, scoring, n_layers, n_remove)
         except UserError as e:
             report({**row, "status": "skipped", "note": str(e)})
             continue
-        row.update(threshold=sel.threshold, windows=json.dumps([list(w) for w in sel.windows]),
-                   evaluations=ev.misses - misses0, selection_seconds=round(time.perf_counter() - t0, 2),
-                   note=sel.note or None)
+        sel = planned.selection
+        plan = Plan(windows=[list(w) for w in sel.windows], num_layers_before=n_layers, merge=planned.merge,
+                    source_model=spec["model"], source_revision=m.revision, method=tcfg.select.method,
+                    attention=attention, criterion=planned.criterion, search=planned.search,
+                    threshold=sel.threshold, similarities=sel.scores, params_before=params_before)
+        row.update(merge=planned.merge, criterion=planned.criterion, search=planned.search, threshold=sel.threshold,
+                   windows=json.dumps([list(w) for w in sel.windows]), evaluations=_misses(scoring) - misses0,
+                   selection_seconds=round(time.perf_counter() - t0, 2), note=sel.note or None,
+                   plan=plan.to_json())
         if not sel.windows:
             report({**row, "status": "nothing merged", "layers_after": n_layers, "removed_layers": 0})
             continue
-        finish(row, sel.windows, merge)
+        finish(row, sel.windows, planned.merge)
+
+
+def _misses(scoring) -> int:
+    return sum(ev.misses for ev in scoring._evaluators.values())
 
 
 # -- results ------------------------------------------------------------------------------------------------
 def finalize_rows(rows: list[dict]) -> list[dict]:
     """Fill every key, add ppl_ratio against each model's original, sort by model, method, removed layers."""
-    task_keys = sorted({k for r in rows for k in r if k.startswith("task_")})
+    task_keys = sorted({k for r in rows for k in r if k.startswith(("task_", "split_")) and k not in ROW_KEYS})
     keys = list(ROW_KEYS) + task_keys
     out = [{k: r.get(k) for k in keys} for r in rows]
     orig = {r["model"]: r["ppl"] for r in out if r["method"] == "original" and r.get("ppl")}
@@ -217,39 +202,42 @@ def finalize_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _fmt(v: Any, nd: int = 2) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    if isinstance(v, float):
-        return f"{v:,.{nd}f}"
-    return str(v)
-
-
 def markdown_table(rows: list[dict]) -> str:
     head = "| model | method | target | layers | windows | params removed | PPL | × original | zero-shot | status |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         layers = f"{r['layers_before']} → {r['layers_after']}" if r.get("layers_after") is not None else ""
         lines.append(
-            f"| {model_label(str(r['model']))} | {method_label(r)} | {_fmt(r['target'], 4)} | {layers} | "
+            f"| {model_label(str(r['model']))} | {method_label(r)} | {fmt_cell(r['target'], 4)} | {layers} | "
             f"{r['windows'] or ''} | "
-            f"{_fmt(100 * r['params_removed'], 1) + '%' if r.get('params_removed') is not None else ''} | "
-            f"{_fmt(r['ppl'])} | {_fmt(r['ppl_ratio'])} | {_fmt(r['zeroshot_mean'], 3)} | {r['status']} |"
+            f"{fmt_cell(100 * r['params_removed'], 1) + '%' if r.get('params_removed') is not None else ''} | "
+            f"{fmt_cell(r['ppl'])} | {fmt_cell(r['ppl_ratio'])} | {fmt_cell(r['zeroshot_mean'], 3)} | {r['status']} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def write_results(folder: Path, rows: list[dict]) -> list[str]:
-    """results.parquet, results.csv, results.md and one perplexity plot per model; returns the file names."""
+    """results.parquet, results.csv, results.md, one plan file per row that has a plan (`plans/NNN-*.json`,
+    so "re-run the chosen row" is `swm-ray apply OUT/plans/NNN-....json`; the tables name the file), and one
+    perplexity plot per model; returns the file names."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
+    names: list[str] = []
+    rows = [dict(r) for r in rows]
+    for i, r in enumerate(rows):
+        if r.get("plan"):
+            name = f"plans/{i:03d}-{_slug(model_label(str(r['model'])))}-{_slug(method_label(r))}-{r['target']}.json"
+            (folder / "plans").mkdir(exist_ok=True)
+            (folder / name).write_text(r["plan"] if r["plan"].endswith("\n") else r["plan"] + "\n")
+            r["plan"] = name
+            names.append(name)
     table = pa.Table.from_pylist(rows)
     pq.write_table(table, folder / "results.parquet")
     pacsv.write_csv(table, folder / "results.csv")
     (folder / "results.md").write_text(markdown_table(rows))
-    names = ["results.parquet", "results.csv", "results.md"]
+    names = ["results.parquet", "results.csv", "results.md", *names]
     names += plot_results(folder / "plots", rows)
     return names
 

@@ -18,6 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from swm_ray import storage
 from swm_ray.architectures import per_layer_config_keys
+from swm_ray.artifacts import fmt_cell
+from swm_ray.errors import UserError
 from swm_ray.merge import DROP_ONLY_METHODS, METHOD_DESCRIPTIONS
 from swm_ray.models import decoder_layers, text_config, text_config_of
 from swm_ray.plan import Plan
@@ -83,14 +85,6 @@ def render_mergekit_config(plan: Plan, dtype: str = "bfloat16") -> str | None:
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return str(value)
-
-
 def render_metrics_table(metrics: dict[str, Any]) -> str:
     """Markdown table: one row per key; nested dicts ({task: {metric: value}}) get one column per metric."""
     if not metrics:
@@ -99,17 +93,17 @@ def render_metrics_table(metrics: dict[str, Any]) -> str:
         cols = list(dict.fromkeys(k for v in metrics.values() for k in v))
         rows = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for name, vals in metrics.items():
-            rows.append(f"| {name} | " + " | ".join(_fmt(vals[c]) if c in vals else "" for c in cols) + " |")
+            rows.append(f"| {name} | " + " | ".join(fmt_cell(vals[c], 4) if c in vals else "" for c in cols) + " |")
         return "\n".join(rows)
     rows = ["| metric | value |", "|---|---|"]
-    rows += [f"| {name} | {_fmt(v)} |" for name, v in metrics.items()]
+    rows += [f"| {name} | {fmt_cell(v, 4)} |" for name, v in metrics.items()]
     return "\n".join(rows)
 
 
 def _windows_table(plan: Plan) -> str:
     rows = ["| window (original layers, inclusive) | layers merged | score |", "|---|---|---|"]
     for i, (low, high) in enumerate(plan.windows):
-        score = _fmt(plan.similarities[i]) if i < len(plan.similarities) else ""
+        score = fmt_cell(plan.similarities[i], 4) if i < len(plan.similarities) else ""
         rows.append(f"| [{low}, {high}] | {high - low + 1} | {score} |")
     return "\n".join(rows)
 
@@ -305,6 +299,10 @@ def save_model_folder(
 
 
 # -- the streaming writer: a plan applied to a checkpoint, tensor by tensor --------------------------------
+class ChecksumMismatch(UserError):
+    """The source's weights differ from those a plan was made from."""
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
                    "chat_template.json", "generation_config.json")
@@ -370,13 +368,15 @@ def write_model_folder(
     attention: str = "global",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    expect_checksum: str | None = None,
 ) -> dict:
     """Apply `plan` to the checkpoint at `source_path` and write the model folder at `out`, never holding the
     model: kept layers are copied tensor by tensor under their new names, merged windows computed from their
     own layers, shards streamed into the output as they fill (to S3 as multipart uploads). Peak memory is one
-    window's tensor plus small buffers. `plan` gets the source weights' checksum (`extra.source_checksum`)
-    and `params_after`. Checked before publishing: locally by `verify_folder` on the written files; on S3 from
-    the same computation (headers against the architecture, a streamed forward). Returns
+    window's tensor plus small buffers. `plan` gets the source weights' checksum (`source_checksum`) and
+    `params_after`; with `expect_checksum` a different checksum aborts before anything is published. Checked
+    before publishing: locally by `verify_folder` on the written files; on S3 from the same computation
+    (headers against the architecture, a streamed forward). Returns
     {"out", "files", "checksum", "params_after"}.
     """
     import tempfile
@@ -401,7 +401,12 @@ def write_model_folder(
         scratch = Path(tmp)
         _small_files(source, view, scratch)
         files = write_shards(view, sink, max_shard_size, hasher)
-        plan.extra["source_checksum"] = hasher.hexdigest()
+        checksum = hasher.hexdigest()
+        if expect_checksum is not None and checksum != expect_checksum:
+            raise ChecksumMismatch(f"the weights at {source_path} are not those the plan was made from (checksum "
+                                   f"{checksum[:19]}… vs the plan's {expect_checksum[:19]}…): apply it to its "
+                                   f"own source and revision, or pass --force")
+        plan.source_checksum = checksum
         card = render_model_card(plan, metrics=metrics, resolved_yaml=resolved_yaml, name=Path(str(out)).name)
         _write_text_files(scratch, plan, raw_yaml, resolved_yaml, metrics, card, str(dtype).removeprefix("torch."))
         sink.put_dir(scratch)
@@ -417,7 +422,7 @@ def write_model_folder(
                 if not torch.isfinite(logits).all():
                     raise RuntimeError(f"the model written to {out} produces non-finite logits")
     final = out if storage.is_remote(out) else str(Path(out).resolve())
-    return {"out": final, "files": files, "checksum": plan.extra["source_checksum"], "params_after": plan.params_after}
+    return {"out": final, "files": files, "checksum": plan.source_checksum, "params_after": plan.params_after}
 
 
 def update_metrics(out: str, plan: Plan, metrics: dict, resolved_yaml: str | None = None) -> None:

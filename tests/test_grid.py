@@ -89,7 +89,7 @@ def test_sleb_baseline_is_greedy_block_removal_by_calibration_nll(tiny_llama_dir
 
     import torch
 
-    from swm_ray.jobs.analyze import prepare_calibration
+    from swm_ray.data import calibration_for
     from swm_ray.models import load_model
     from swm_ray.sweep import run_trial
 
@@ -97,7 +97,7 @@ def test_sleb_baseline_is_greedy_block_removal_by_calibration_nll(tiny_llama_dir
                               "data.samples": 8, "data.seq_len": 16, "data.batch_size": 4, "eval.tasks": [],
                               "eval.ppl_data": str(text_jsonl), "eval.ppl_chunk": 16, "eval.ppl_max_tokens": 128},
                        sets={"grid.layers": [1, 2], "grid.baselines": ["sleb"], "grid.criteria": []})
-    _, calib, _ = prepare_calibration(cfg)
+    _, calib, _ = calibration_for(cfg)
     rows = []
     run_trial({"model": str(tiny_llama_dir), "method": "sleb"}, cfg, str(tiny_llama_dir), calib, None, rows.append)
     model, _ = load_model(str(tiny_llama_dir))

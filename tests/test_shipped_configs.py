@@ -21,11 +21,21 @@ def test_configs_are_shipped_in_one_place():
     assert not (ROOT / "configs").exists()  # one home: swm_ray/configs (installed with the package)
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in SHIPPED if not p.stem.startswith("zoo-")], ids=lambda p: p.name)
 def test_configs_validate(path):
     _, data = load_yaml_text(str(path))
     cfg = build_config(data)
     assert cfg.select.criterion in ("output", "cka", "kl")
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.stem.startswith("zoo-")], ids=lambda p: p.name)
+def test_zoo_files_validate(path, tmp_path):
+    from swm_ray.jobs.zoo import load_zoo
+
+    entries, opts = load_zoo(str(path), str(tmp_path / "zoo"))
+    assert entries and len({e.cfg.out for e in entries}) == len(entries)
+    assert all(e.cfg.eval.enabled and e.cfg.select.layers for e in entries)
+    assert opts["concurrency"] in (None, *range(1, 64))
 
 
 def _help(command: str) -> str:

@@ -18,7 +18,7 @@ from swm_ray.errors import UserError
 from swm_ray.jobs.submit import entrypoint, run_submit
 
 runner = CliRunner()
-COMMANDS = ("analyze", "compress", "eval", "grid", "config", "version")
+COMMANDS = ("analyze", "compress", "apply", "eval", "grid", "zoo", "config", "version")
 
 
 def test_entrypoint_and_argument_errors():
@@ -86,3 +86,35 @@ def test_submit_runs_a_job_and_streams_its_logs(ray_head, capsys):
     import swm_ray
 
     assert swm_ray.__version__ in capsys.readouterr().out
+
+
+def _job_env() -> dict[str, str]:
+    return {"PATH": str(Path(sys.executable).parent) + ":" + os.environ["PATH"], "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", "SWM_RAY_CACHE": os.environ.get("SWM_RAY_CACHE", "")}
+
+
+@pytest.mark.cluster
+def test_submit_runs_a_grid_and_a_zoo(ray_head, tiny_llama_dir, tokens_parquet, tmp_path, capsys):
+    """`grid` and `zoo` as Ray jobs on a running cluster (the job's driver joins it through RAY_ADDRESS)."""
+    import json
+
+    import yaml
+
+    data = ["--set", f"data.source={tokens_parquet}", "--set", "data.samples=16", "--set", "data.seq_len=16",
+            "--set", "data.batch_size=4"]
+    grid = run_submit(ray_head, ["grid", str(tiny_llama_dir), "--criteria", "none", "--baselines", "shortgpt",
+                                 "--layers", "1", "--tasks", "none", "--set", "eval.ppl_data=null", *data,
+                                 "--out", str(tmp_path / "grid")], commands=COMMANDS, env=_job_env(), timeout_s=600)
+    assert grid["status"] == "SUCCEEDED", capsys.readouterr().out[-3000:]
+    table = (tmp_path / "grid" / "results.md").read_text()
+    assert "shortgpt" in table and any((tmp_path / "grid" / "plans").glob("*.json"))
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text(yaml.safe_dump({
+        "defaults": {"data": {"source": str(tokens_parquet), "samples": 16, "seq_len": 16, "batch_size": 4},
+                     "select": {"layers": 1, "method": "shortgpt"}, "eval": {"tasks": [], "ppl_data": None}},
+        "models": [{"source": str(tiny_llama_dir), "name": "tiny"}]}))
+    res = run_submit(ray_head, ["zoo", str(zoo), "--out", str(tmp_path / "zoo")], commands=COMMANDS,
+                     env=_job_env(), timeout_s=600)
+    assert res["status"] == "SUCCEEDED", capsys.readouterr().out[-3000:]
+    manifest = json.loads((tmp_path / "zoo" / "manifest.json").read_text())
+    assert [(r["name"], r["status"]) for r in manifest] == [("tiny", "ok")]

@@ -51,6 +51,12 @@ class ModelActor:
         return minibatch_hsic(self.stack, input_ids, [tuple(b) for b in batches], kernel=kernel,
                               skip_first_tokens=skip)
 
+    def block_influence(self, input_ids: np.ndarray, batches: list) -> np.ndarray:
+        """(B, L) Block Influence sums of each given minibatch (ShortGPT's signal)."""
+        from swm_ray.baselines import block_influence_sums
+
+        return block_influence_sums(self.stack, input_ids, [tuple(b) for b in batches])
+
     def prepare(self, job: dict) -> int:
         """Build the candidate scorer of `job` now (its reference pass), so the first step is not slower."""
         return self._scorer(job, []).rows

@@ -13,7 +13,7 @@ from typing import Any
 import typer
 
 from swm_ray.config import RunConfig, build_config, load_yaml_text, parse_set
-from swm_ray.errors import UserError
+from swm_ray.errors import UserError, find_user_error
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (sections model:, data:, select:, ...)")
 SetOpt = typer.Option(None, "--set", help="override any config path, e.g. --set data.samples=32 (repeatable)")
@@ -51,11 +51,16 @@ def shipped_configs() -> dict[str, Path]:
 
 def resolve_config_file(name: str) -> str:
     """`--config` value -> a readable path: a file path (local or s3://) as given, or a bare NAME (no folder, no
-    .yaml suffix) that is not a local file -> the shipped config NAME (`best`, `paper`, ...)."""
+    .yaml suffix) that is not a local file -> the shipped config NAME (`best`, `paper`, ...); so is
+    `configs/NAME.yaml` when no such file exists here (the shipped configs' place in a source checkout)."""
     is_path = "://" in name or "/" in name or os.sep in name or name.endswith((".yaml", ".yml"))
+    shipped = shipped_configs()
+    legacy = Path(name)  # configs/NAME.yaml: where the shipped configs lived in a source checkout
+    if is_path and "://" not in name and not legacy.exists() and legacy.parent.name == "configs" \
+            and legacy.stem in shipped:
+        return str(shipped[legacy.stem])
     if is_path or Path(name).expanduser().is_file():
         return name
-    shipped = shipped_configs()
     if name in shipped:
         return str(shipped[name])
     raise UserError(f"config {name}: no such file and no shipped config of that name; shipped configs: "
@@ -109,7 +114,8 @@ def user_errors(fn: Callable) -> Callable:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted: nothing was written at the output path", err=True)
+            typer.echo("interrupted: outputs appear only when complete, so nothing half-written was left (analyze "
+                       "and compress continue with --resume; finished zoo models and grid rows are kept)", err=True)
             raise typer.Exit(130) from None
         except Exception as e:  # a Ray task may wrap our UserError
             cause = _find_user_error(e)
@@ -122,16 +128,7 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def _find_user_error(e: BaseException) -> UserError | None:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, UserError):
-            return e
-        inner = getattr(e, "cause", None)  # ray.exceptions.RayTaskError keeps the original here
-        if isinstance(inner, UserError):
-            return inner
-        e = e.__cause__ or e.__context__
-    return None
+    return find_user_error(e)
 
 
 def echo(msg: str) -> None:

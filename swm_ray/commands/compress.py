@@ -36,8 +36,9 @@ HELP = "\n\n".join([
 ])
 
 
-PAPER = {"select.criterion": "output", "select.search": "top-down", "select.paper_loop": True}
-_FLAG_NAMES = {"select.criterion": "--criterion", "select.search": "--search"}
+PAPER = {"select.method": "swm", "select.criterion": "output", "select.search": "top-down",
+         "select.paper_loop": True, "merge.attention": "bottom"}
+_FLAG_NAMES = {"select.method": "--method", "select.criterion": "--criterion", "select.search": "--search"}
 
 
 def paper_settings(flags: dict, sets: list[str] | None) -> dict:
@@ -48,7 +49,8 @@ def paper_settings(flags: dict, sets: list[str] | None) -> dict:
         given += [(f"--set {item}", k, v) for k, v in parse_set([item]).items() if k in PAPER]
     clash = [label for label, k, v in given if v != PAPER[k]]
     if clash:
-        raise UserError(f"--paper means criterion output, search top-down and the authors' loop; it cannot be "
+        raise UserError(f"--paper means method swm, criterion output, search top-down, the authors' loop and "
+                        f"their attention rule; it cannot be "
                         f"combined with {', '.join(clash)}: drop --paper or those values")
     return dict(PAPER)
 
@@ -57,6 +59,9 @@ def paper_settings(flags: dict, sets: list[str] | None) -> dict:
 def compress_command(
     model: str = ModelArg,
     data: str = typer.Option(None, "--data", help="calibration text (default builtin:lambada)"),
+    method: str = typer.Option(None, "--method", help="swm (default: sliding-window merging with --criterion, "
+                               "--search, --merge) | shortgpt | sleb | laco | shortened-ppl (baseline pruners, "
+                               "through the same writer and evaluation)"),
     criterion: str = typer.Option(None, "--criterion", help="output (default) | cka | kl | nll (the "
                                    "candidate's own calibration NLL, SLEB's signal)"),
     search: str = typer.Option(None, "--search", help="best-first (default) | top-down (the paper's loop)"),
@@ -84,7 +89,8 @@ def compress_command(
     set_: list[str] = SetOpt,
 ) -> None:
     flags = {
-        "model.source": model, "data.source": data, "select.criterion": criterion, "select.search": search,
+        "model.source": model, "data.source": data, "select.method": method, "select.criterion": criterion,
+        "select.search": search,
         "select.threshold": threshold, "select.ratio": ratio, "select.layers": layers, "merge.method": merge,
         "ray.actors": actors, "data.samples": samples, "data.seq_len": seq_len, "eval.enabled": do_eval,
         "out": out, "overwrite": overwrite, "resume": resume, "model.allow_pickle": allow_pickle,

@@ -99,7 +99,10 @@ def grid_command(
     echo("")
     echo(markdown_table(res["rows_table"]))
     echo(f"{res['trials']} trials, {res['rows']} rows, {res['errors']} failed trial(s), {res['seconds']:.0f} s")
-    echo(f"wrote {res['out']}: " + ", ".join(res["files"]))
+    plans = [f for f in res["files"] if f.startswith("plans/")]
+    shown = [f for f in res["files"] if not f.startswith("plans/")] + ([f"plans/ ({len(plans)} plans: swm-ray apply "
+                                                                        f"one to re-run its row)"] if plans else [])
+    echo(f"wrote {res['out']}: " + ", ".join(shown))
     if res["errors"]:
         raise typer.Exit(1)
 

@@ -11,32 +11,9 @@ import numpy as np
 from swm_ray import storage
 from swm_ray.artifacts import write_configs, write_json, write_similarity
 from swm_ray.config import RunConfig, dump_yaml
-from swm_ray.data import Calibration, build_calibration
-from swm_ray.errors import UserError
-from swm_ray.models import check_decoder, load_config, load_tokenizer, resolve_model_path
+from swm_ray.data import Calibration, calibration_for
 from swm_ray.runstate import RunState
 from swm_ray.similarity import cka_from_sums
-
-
-def prepare_calibration(cfg: RunConfig) -> tuple[str, Calibration, int]:
-    """Resolve the model once on the driver, check its structure, sample the calibration set.
-
-    Returns (resolved model path, calibration, number of decoder layers).
-    """
-    m = cfg.model
-    path = resolve_model_path(m.source, m.revision, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)
-    n_layers = check_decoder(path, cfg.model.trust_remote_code)
-    tok = load_tokenizer(path, cfg.model.trust_remote_code)
-    model_type = getattr(load_config(path, cfg.model.trust_remote_code), "model_type", None)
-    d = cfg.data
-    calib = build_calibration(
-        d.source, tok, samples=d.samples, seq_len=d.seq_len, batch_size=d.batch_size, seed=d.seed,
-        mode=d.mode, bos=d.bos, model_type=model_type, text_column=d.text_column,
-    )
-    if cfg.stats.skip_first_tokens >= calib.input_ids.shape[1]:
-        raise UserError(f"--skip-first-tokens {cfg.stats.skip_first_tokens} leaves no token of "
-                        f"{calib.input_ids.shape[1]}-token sequences")
-    return path, calib, n_layers
 
 
 def stats_cache_key(cfg: RunConfig, calib: Calibration) -> str:
@@ -98,7 +75,7 @@ def run_analyze(cfg: RunConfig, raw_yaml: str = "") -> dict:
     """Compute and write the layer-similarity matrix. Returns stats (and `out`)."""
     out = cfg.out or "swm-ray-analyze"
     storage.check_run_paths(out, cfg.overwrite, [cfg.model.source, cfg.data.source])
-    path, calib, n_layers = prepare_calibration(cfg)
+    path, calib, n_layers = calibration_for(cfg)
     state = RunState.open(out, "analyze", cfg, cfg.resume)
     state.start(calib.input_ids)
     cka, info = similarity_matrix(cfg, calib, reuse=False, state=state)

@@ -6,27 +6,23 @@ actor pool, and the writer applies the plan to the checkpoint tensor by tensor.
 
 from __future__ import annotations
 
-import sys
 import time
 
 from swm_ray import storage
 from swm_ray.config import RunConfig, dump_yaml
+from swm_ray.data import calibration_for
 from swm_ray.errors import UserError
-from swm_ray.jobs.analyze import prepare_calibration, similarity_matrix
+from swm_ray.jobs.analyze import similarity_matrix
+from swm_ray.jobs.console import console
 from swm_ray.runstate import RunState
-from swm_ray.selection import MemoEvaluator, check_threshold, select_windows, target_layers
+from swm_ray.selection import MemoEvaluator, check_threshold, target_layers
 
-CRITERION_LABEL = {"output": "output cosine", "cka": "CKA", "kl": "KL", "nll": "NLL"}
+CRITERION_LABEL = {"output": "output cosine", "cka": "CKA", "kl": "KL", "nll": "NLL", "block-influence": "BI"}
 
-
-def _console():
-    from rich.console import Console
-
-    return Console(file=sys.stderr, highlight=False)
 
 
 def _reporter(criterion: str):
-    con = _console()
+    con = console()
     marks = {"pass": "[green]pass[/]", "fail": "[red]fail[/]", "commit": "[bold cyan]merge[/]",
              "drop": "[yellow]drop (paper loop)[/]", "stop": "[yellow]stop[/]"}
 
@@ -50,63 +46,106 @@ def model_sizes(path: str, cfg: RunConfig) -> tuple[int, int, object]:
     return ckpt.param_count(tied), ckpt.layer_params(0), config
 
 
+class RayScoring:
+    """The planners' `Scoring` over the actor pool (started on first need): candidate evaluators whose checks
+    fan out to the actors, Block Influence and the CKA matrix summed over their minibatches. Every score
+    computed is saved into the run's state as it arrives, and a resumed run starts from the saved ones."""
+
+    def __init__(self, cfg: RunConfig, calib, state: RunState):
+        self.cfg = cfg
+        self.calib = calib
+        self.state = state
+        self.pool = None
+        self.saved = (state.load_json("memo.json") or {}).get("entries", [])
+        self._evaluators: dict = {}
+
+    def _pool(self):
+        from swm_ray.jobs.pool import ActorPool
+
+        if self.pool is None:
+            self.pool = ActorPool(self.cfg, *self.calib.input_ids.shape)
+        return self.pool
+
+    def evaluator(self, criterion: str, merge: str) -> MemoEvaluator:
+        from swm_ray.jobs.pool import RayEvaluator
+
+        key = (criterion, merge)
+        if key not in self._evaluators:
+            pool = self._pool()
+            jobs = pool.scoring_jobs(self.calib, criterion, merge, self.cfg.merge.attention)
+            ev = MemoEvaluator(RayEvaluator(pool, criterion, jobs),
+                               on_new=lambda entries: self.state.save_json("memo.json", {"entries": entries}))
+            ev.load(self.saved)  # a resumed run replays the steps it had taken from these scores
+            self._evaluators[key] = ev
+        return self._evaluators[key]
+
+    def block_influence(self):
+        return self._pool().block_influence(self.calib)
+
+    def cka_matrix(self):
+        return similarity_matrix(self.cfg, self.calib, pool=self.pool, state=self.state)[0]
+
+    def modes(self) -> list[str]:
+        return sorted({i["mode"] for i in self.pool.infos}) if self.pool is not None else []
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
 def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
-    """Select windows, write the model folder; returns the summary."""
-    from swm_ray.jobs.pool import ActorPool, RayEvaluator
+    """Plan with the method of `cfg.select.method`, write the model folder; returns the summary."""
     from swm_ray.plan import Plan
-    from swm_ray.selection import CkaEvaluator
+    from swm_ray.planners import check_method_count, check_method_target, method_signals, plan_windows
     from swm_ray.writer import write_model_folder
 
     s = cfg.select
     out = cfg.out or "swm-ray-compressed"
     if s.threshold is None and s.ratio is None and s.layers is None:
         raise UserError("give a target: --threshold T, --ratio R or --layers N")
-    if s.threshold is not None:
+    criterion, _ = method_signals(cfg)
+    if s.threshold is not None and s.method == "swm":
         check_threshold(s.criterion, s.threshold)
+    check_method_target(cfg)
     storage.check_run_paths(out, cfg.overwrite, [cfg.model.source, cfg.data.source])
     t0 = time.perf_counter()
-    path, calib, n_layers = prepare_calibration(cfg)
+    path, calib, n_layers = calibration_for(cfg)
     state = RunState.open(out, "compress", cfg, cfg.resume)
-    params_before, per_layer, _ = model_sizes(path, cfg)
+    params_before, per_layer, config = model_sizes(path, cfg)
     n_remove = target_layers(cfg, params_before, per_layer, n_layers)
+    check_method_count(cfg, n_layers, n_remove)
     state.start(calib.input_ids)
-    con = _console()
-    con.print(f"[bold]selecting windows[/]: criterion {s.criterion}, search {s.search}, "
+    con = console()
+    what = f"criterion {s.criterion}, search {s.search}" if s.method == "swm" else f"method {s.method}"
+    con.print(f"[bold]selecting windows[/]: {what}, "
               f"target {f'{n_remove} layers' if n_remove is not None else f'T={s.threshold}'}")
-    pool = None
-    memo = state.load_json("memo.json") or {"entries": []}
+    scoring = RayScoring(cfg, calib, state)
+    if scoring.saved:
+        con.print(f"resuming: {len(scoring.saved)} candidate scores from the interrupted run")
     try:
-        if s.criterion == "cka":
-            matrix, _ = similarity_matrix(cfg, calib, state=state)
-            inner = CkaEvaluator(matrix)
-        else:
-            pool = ActorPool(cfg, *calib.input_ids.shape)
-            jobs = pool.scoring_jobs(calib, s.criterion, cfg.merge.method, cfg.merge.attention)
-            inner = RayEvaluator(pool, s.criterion, jobs)
-        ev = MemoEvaluator(inner, on_new=lambda entries: state.save_json("memo.json", {"entries": entries}))
-        ev.load(memo["entries"])  # a resumed run replays the steps it had taken from these scores
-        if memo["entries"]:
-            con.print(f"resuming: {len(memo['entries'])} candidate scores from the interrupted run")
         t_search = time.perf_counter()
-        sel = select_windows(cfg, ev, n_layers, n_remove, _reporter(s.criterion))
+        planned = plan_windows(cfg, scoring, n_layers, n_remove, _reporter(criterion))
         t_select = time.perf_counter() - t_search  # the search alone (scorers ready, matrix loaded)
-        modes = sorted({i["mode"] for i in pool.infos}) if pool is not None else []
+        modes = scoring.modes()
     finally:
-        if pool is not None:
-            pool.shutdown()
+        scoring.shutdown()
+    sel = planned.selection
     if not sel.windows:
         state.clear()  # the search finished: nothing to resume
-        raise UserError(f"no window passed (criterion {s.criterion}, threshold {sel.threshold}): "
-                        f"nothing to merge; loosen --threshold or give --layers")
+        raise UserError(f"no window passed ({what}, threshold {sel.threshold}): nothing to merge; loosen "
+                        f"--threshold or give --layers")
+    _warn_mixed_windows(con, config, sel.windows, cfg.merge.attention)
     m = cfg.model
+    misses = planned.evaluator.misses if planned.evaluator is not None else 0
     plan = Plan(
-        windows=[list(w) for w in sel.windows], num_layers_before=n_layers, merge=cfg.merge.method,
-        source_model=m.source, criterion=s.criterion, search=s.search, threshold=sel.threshold,
-        similarities=sel.scores, params_before=params_before,
-        extra={"candidate_evaluations": ev.misses, "resumed_scores": len(memo["entries"]),
+        windows=[list(w) for w in sel.windows], num_layers_before=n_layers, merge=planned.merge,
+        source_model=m.source, source_revision=m.revision, method=s.method, attention=cfg.merge.attention,
+        criterion=planned.criterion, search=planned.search, threshold=sel.threshold, similarities=sel.scores,
+        params_before=params_before,
+        extra={"candidate_evaluations": misses, "resumed_scores": len(scoring.saved),
                "selection_seconds": round(t_select, 2),
-               "paper_loop": s.paper_loop if s.search == "top-down" else None, "note": sel.note,
-               "source_revision": m.revision, "attention": cfg.merge.attention, "actor_modes": modes,
+               "paper_loop": s.paper_loop if s.method == "swm" and s.search == "top-down" else None,
+               "note": sel.note, "actor_modes": modes,
                "calibration": {"source": cfg.data.source, "samples": int(calib.input_ids.shape[0]),
                                "seq_len": int(calib.input_ids.shape[1]), "bos_prepended": calib.bos_prepended}},
     )
@@ -119,6 +158,21 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
         metrics = _evaluate_output(cfg, written["out"], plan, raw_yaml)
     return {"out": written["out"], "plan": plan.to_dict(), "note": sel.note, "metrics": metrics,
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _warn_mixed_windows(con, config, windows, attention: str) -> None:
+    """Under the authors' attention rule, say which windows turn a global layer into a local one."""
+    from swm_ray.merge import anchor_layer, layer_types_of, mixes_types
+    from swm_ray.models import text_config_of
+
+    types = layer_types_of(text_config_of(config))
+    if attention != "bottom" or not types:
+        return
+    for w in windows:
+        if mixes_types(types, w) and types[anchor_layer(types, w, "bottom")] != "full_attention":
+            con.print(f"[yellow]warning[/]: window {w[0]}–{w[1]} holds a full-attention layer but becomes "
+                      f"{types[w[0]]} under the authors' rule (merge.attention=bottom, set by --paper); the "
+                      f"default rule (global) keeps it full attention")
 
 
 def _evaluate_output(cfg: RunConfig, out: str, plan, raw_yaml: str) -> dict:

@@ -8,7 +8,6 @@ recomputes statistics. Rows arrive through a Tune callback as trials report them
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from swm_ray import storage
 from swm_ray.artifacts import write_configs, write_json
 from swm_ray.config import RunConfig, dump_yaml
 from swm_ray.errors import UserError
+from swm_ray.jobs.console import console
 from swm_ray.sweep import (
     ROW_KEYS,
     check_grid,
@@ -49,11 +49,6 @@ def _trial(config: dict, context: dict, cfg_json: dict, threads: int) -> None:
               device=cfg.model.device)
 
 
-def _console():
-    from rich.console import Console
-
-    return Console(file=sys.stderr, highlight=False)
-
 
 def _for_model(cfg: RunConfig, source: str) -> RunConfig:
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"source": source})})
@@ -61,11 +56,11 @@ def _for_model(cfg: RunConfig, source: str) -> RunConfig:
 
 def _prepare(cfg: RunConfig, models: list[str]) -> dict:
     """Check every model and sample its calibration set before anything starts (no Ray needed)."""
-    from swm_ray.jobs.analyze import prepare_calibration
+    from swm_ray.data import calibration_for
 
     context = {}
     for m in models:
-        _, calib, n_layers = prepare_calibration(_for_model(cfg, m))
+        _, calib, n_layers = calibration_for(_for_model(cfg, m))
         context[m] = {"calib": calib, "matrix": None, "num_layers": n_layers}
     return context
 
@@ -80,13 +75,13 @@ def _collector(rows_file: Path | None):
             self.rows: list[dict] = []
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            row = {k: v for k, v in result.items() if k in ROW_KEYS or k.startswith("task_")}
+            row = {k: v for k, v in result.items() if k in ROW_KEYS or k.startswith(("task_", "split_"))}
             self.rows.append(row)
             if rows_file is not None:
                 with open(rows_file, "a") as f:
                     f.write(json.dumps(row, default=str) + "\n")
             ppl = f"PPL {row['ppl']:.2f}" if row.get("ppl") is not None else row.get("status", "")
-            _console().print(f"  {model_label(str(row.get('model')))} · {method_label(row)} · "
+            console().print(f"  {model_label(str(row.get('model')))} · {method_label(row)} · "
                              f"{row.get('target_kind')} {row.get('target')}: {row.get('layers_before')} → "
                              f"{row.get('layers_after')} layers, {ppl}")
 
@@ -146,7 +141,7 @@ def run_grid(cfg: RunConfig, raw_yaml: str = "", resume: str | None = None) -> d
     out = cfg.out or "swm-ray-grid"
     storage.check_run_paths(out, cfg.overwrite, [*(cfg.grid.models or [cfg.model.source]), cfg.data.source])
     t0 = time.perf_counter()
-    con = _console()
+    con = console()
     models = list(g.models)
     specs = trial_specs(cfg)
     context = _prepare(cfg, models)

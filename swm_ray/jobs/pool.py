@@ -10,7 +10,6 @@ whose placement is awaited with a timeout.
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -19,6 +18,7 @@ import numpy as np
 from swm_ray.config import RunConfig
 from swm_ray.data import Calibration
 from swm_ray.errors import RunError, UserError
+from swm_ray.jobs.console import console
 from swm_ray.jobs.runtime import actor_count, actor_options, init_ray, threads_per_actor
 
 
@@ -37,7 +37,7 @@ def gather(refs: Sequence, description: str, *, pool: ActorPool | None = None, o
     timeout = pool.cfg.ray.call_timeout_s if pool is not None and owners else None
     last = time.monotonic()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=False, console=_stderr_console()) as bar:
+    with Progress(*columns, transient=False, console=console()) as bar:
         task = bar.add_task(description, total=len(refs))
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=min(timeout or 5.0, 5.0))
@@ -69,11 +69,6 @@ def _get(ref, pool: ActorPool | None, owner: int | None):
                        f"with no room elsewhere ends the run): {first}. Run the same command with --resume to "
                        f"continue from what was finished") from None
 
-
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(file=sys.stderr)
 
 
 def row_shards(rows: int, k: int) -> list[tuple[int, int]]:
@@ -126,7 +121,7 @@ class ActorPool:
         if self.restarts > self.cfg.ray.max_restarts * self.k:
             raise RunError(f"actors {sorted(actors)} stuck again ({why}) after {self.restarts - len(actors)} "
                            f"restarts; run the same command with --resume to continue from what was finished")
-        _stderr_console().print(f"[yellow]restarting stuck actor(s) {sorted(actors)}[/]: {why}")
+        console().print(f"[yellow]restarting stuck actor(s) {sorted(actors)}[/]: {why}")
         for j in actors:
             ray.kill(self.actors[j], no_restart=False)
 
@@ -143,8 +138,8 @@ class ActorPool:
             have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}
             free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU", "memory")}
             raise RunError(f"the cluster could not place {self.k} actors of {res} within {timeout_s:.0f} s: it has "
-                            f"{_fmt(have)} ({_fmt(free)} free); use fewer --actors or --gpus-per-actor, add nodes, or "
-                            f"raise --set ray.placement_timeout_s")
+                           f"{_resources_text(have)} ({_resources_text(free)} free); use fewer --actors or "
+                           f"--gpus-per-actor, add nodes, or raise --set ray.placement_timeout_s")
         return pg
 
     def _bundle_nodes(self) -> list[str]:
@@ -161,40 +156,55 @@ class ActorPool:
                 return j
         raise IndexError(batch_index)
 
-    def hsic_sums(self, calib: Calibration, kernel: str, skip: int, done: dict[int, np.ndarray] | None = None,
-                  on_batch: Callable[[int, np.ndarray], None] | None = None) -> tuple[np.ndarray, int, int]:
-        """Fan the minibatches out, gather once, add the per-minibatch sums in minibatch order.
-
-        `done` holds minibatches finished earlier (a resumed run): only the others are computed, and
-        `on_batch(b, sums)` sees each as it arrives. In memory every minibatch is its own call (the bar
-        advances per minibatch); a streaming actor gets all its minibatches in one call (each layer read once)."""
+    def per_minibatch(self, calib: Calibration, method: str, args: tuple, what: str,
+                      done: dict[int, object] | None = None,
+                      on_batch: Callable[[int, object], None] | None = None) -> dict[int, object]:
+        """Run actor `method(ids, batches, *args)` over every minibatch not in `done`, each by the actor that owns
+        it; returns {minibatch: result}. In memory every minibatch is its own call (the bar advances per
+        minibatch); a streaming actor gets all its minibatches in one call, so each layer is read once.
+        `on_batch(b, result)` sees each result as it arrives (a resumable run saves it there)."""
         import ray
 
-        per_batch: dict[int, np.ndarray] = dict(done or {})
+        results: dict[int, object] = dict(done or {})
         ids_ref = ray.put(calib.input_ids)
         calls: list[tuple[int, list[int]]] = []  # (actor, minibatch indices)
         for j in range(self.k):
-            mine = [b for b in calib.shard(j, self.k) if b not in per_batch]
+            mine = [b for b in calib.shard(j, self.k) if b not in results]
             if self.infos[j]["mode"] == "stream":
                 calls += [(j, mine)] if mine else []
             else:
                 calls += [(j, [b]) for b in mine]
-        refs = [self.actors[j].hsic_sums.remote(ids_ref, [calib.batches[b] for b in bs], kernel, skip)
+        refs = [getattr(self.actors[j], method).remote(ids_ref, [calib.batches[b] for b in bs], *args)
                 for j, bs in calls]
 
-        def arrived(i: int, sums: list) -> None:
-            for b, s in zip(calls[i][1], sums):
-                per_batch[b] = s
+        def arrived(i: int, values) -> None:
+            for b, v in zip(calls[i][1], values):
+                results[b] = v
                 if on_batch is not None:
-                    on_batch(b, s)
+                    on_batch(b, v)
 
-        gather(refs, f"statistics ({self.k} actor{'s' if self.k > 1 else ''})", pool=self,
+        gather(refs, f"{what} ({self.k} actor{'s' if self.k > 1 else ''})", pool=self,
                owners=[j for j, _ in calls], on_result=arrived)
+        return results
+
+    def hsic_sums(self, calib: Calibration, kernel: str, skip: int, done: dict[int, np.ndarray] | None = None,
+                  on_batch: Callable[[int, np.ndarray], None] | None = None) -> tuple[np.ndarray, int, int]:
+        """HSIC sums of the calibration set: per-minibatch sums added in minibatch order, so the result does
+        not depend on the number of actors. `done`/`on_batch`: see `per_minibatch`."""
+        per_batch = self.per_minibatch(calib, "hsic_sums", (kernel, skip), "statistics", done, on_batch)
         total = np.zeros((self.num_layers + 1, self.num_layers + 1))
-        for b in range(len(calib.batches)):  # fixed order: the result does not depend on the number of actors
+        for b in range(len(calib.batches)):  # fixed order
             total += per_batch[b]
         tokens = sum((b - a) * calib.input_ids.shape[1] for a, b in calib.batches)
         return total, len(calib.batches), tokens
+
+    def block_influence(self, calib: Calibration) -> np.ndarray:
+        """(L,) Block Influence over the calibration set, minibatches added in order (as in one process)."""
+        from swm_ray.baselines import influence_from_sums
+
+        per_batch = self.per_minibatch(calib, "block_influence", (), "Block Influence")
+        tokens = sum((b - a) * calib.input_ids.shape[1] for a, b in calib.batches)
+        return influence_from_sums([per_batch[b] for b in range(len(calib.batches))], tokens)
 
     def scoring_jobs(self, calib: Calibration, criterion: str, method: str, attention: str = "global") -> list:
         """What each actor's candidate checks need (its rows, the criterion...), sent with every call so that a
@@ -219,7 +229,7 @@ class ActorPool:
         remove_placement_group(self.pg)
 
 
-def _fmt(res: dict) -> str:
+def _resources_text(res: dict) -> str:
     return "{" + ", ".join(f"{k}: {v / 2**30:.1f} GiB" if k == "memory" else f"{k}: {v:g}"
                            for k, v in sorted(res.items())) + "}"
 

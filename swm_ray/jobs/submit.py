@@ -81,7 +81,11 @@ def run_submit(address: str, args: list[str], *, commands: Collection[str], work
     print(f"submitted {job_id}: {cmd}", file=sys.stderr, flush=True)
     if not wait:
         return {"job_id": job_id, "status": str(client.get_job_status(job_id).value)}
-    asyncio.run(_tail(client, job_id))
+    try:
+        asyncio.run(_tail(client, job_id))
+    except KeyboardInterrupt:
+        raise UserError(f"stopped following job {job_id}; it keeps running on the cluster: swm-ray submit "
+                        f"--address {address} --stop {job_id} stops it", exit_code=130) from None
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     status = str(client.get_job_status(job_id).value)
     while status not in TERMINAL and (deadline is None or time.monotonic() < deadline):

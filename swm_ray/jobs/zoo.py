@@ -1,0 +1,284 @@
+"""`swm-ray zoo ZOO.yaml --out PREFIX`: compress a list of models, each as a Ray task, into one folder each.
+
+ZOO.yaml:
+
+    defaults:              # any config sections (select, merge, data, eval, model options, ...)
+      select: {layers: 6}
+      eval: {enabled: true, tasks: [piqa, arc_easy], limit: 100}
+    concurrency: 2         # optional: models at once (default: as the cluster's resources allow)
+    gpu_memory_gb: 80      # optional: memory of one GPU, to size each model's GPUs from its weights
+    models:
+      - source: builtin:smollm2-135m          # local folder, hub id, s3:// or builtin:
+        name: smollm2-swm                      # optional: the output folder's name
+        revision: main                         # optional (hub ids)
+        select: {method: swm}                  # optional: the entry's own settings over the defaults
+
+Each entry runs `pipeline.compress_here` (the planners, writer and evaluation of `compress`) in one Ray task
+that asks for the resources the model needs (GPUs from its size where the cluster has GPUs). Outputs go to
+PREFIX/NAME; `manifest.parquet` (and .csv, .md) at PREFIX gets a row per model as each finishes. A model that
+fails becomes an error row and the others go on. A rerun skips every model whose output is complete and
+whose settings are unchanged; `--retry-failed` reruns only the models whose manifest row is an error.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import yaml
+
+from swm_ray import storage
+from swm_ray.config import RunConfig, build_config
+from swm_ray.errors import UserError
+from swm_ray.jobs.console import console
+
+MANIFEST_KEYS = ("name", "source", "revision", "output", "method", "merge", "windows", "layers_before",
+                 "layers_after", "layers_removed", "params_removed", "ppl", "zeroshot_mean", "seconds", "status",
+                 "error")
+ENTRY_KEYS = {"source", "name", "revision"}
+
+
+@dataclass
+class Entry:
+    name: str
+    cfg: RunConfig
+    raw: str  # the entry's settings as YAML, written into its output
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text).strip("-") or "model"
+
+
+def load_zoo(path: str, prefix: str) -> tuple[list[Entry], dict]:
+    """Every entry's validated config (one-line errors name the entry), and the file's zoo options."""
+    from swm_ray.config import load_yaml_text
+
+    _, data = load_yaml_text(path)
+    unknown = set(data) - {"defaults", "models", "concurrency", "gpu_memory_gb"}
+    if unknown:
+        raise UserError(f"zoo {path}: unknown top-level keys {sorted(unknown)}: use defaults, models, concurrency, "
+                        f"gpu_memory_gb")
+    defaults = data.get("defaults") or {}
+    models = data.get("models")
+    if not isinstance(models, list) or not models:
+        raise UserError(f"zoo {path}: give a list of models (models: [{{source: ...}}, ...])")
+    entries, names = [], set()
+    for i, item in enumerate(models, 1):
+        if isinstance(item, str):
+            item = {"source": item}
+        if not isinstance(item, dict) or not item.get("source"):
+            raise UserError(f"zoo {path}: model {i} has no source")
+        sections = {k: v for k, v in item.items() if k not in ENTRY_KEYS}
+        tree = _merge({"eval": {"enabled": True}}, _merge(defaults, sections))
+        tree = _merge(tree, {"model": {"source": str(item["source"]), "revision": item.get("revision")}})
+        try:
+            cfg = build_config(tree)
+        except UserError as e:
+            raise UserError(f"zoo {path}: model {i} ({item['source']}): {e}") from None
+        name = _slug(str(item.get("name") or _default_name(cfg)))
+        if name in names:
+            raise UserError(f"zoo {path}: two models would write {prefix.rstrip('/')}/{name}: give them distinct "
+                            f"names (name: ...)")
+        names.add(name)
+        cfg = cfg.model_copy(update={"out": f"{prefix.rstrip('/')}/{name}", "overwrite": True})
+        entries.append(Entry(name, cfg, yaml.safe_dump({"zoo": path, **item}, sort_keys=False)))
+    opts = {"concurrency": data.get("concurrency"), "gpu_memory_gb": float(data.get("gpu_memory_gb") or 80)}
+    return entries, opts
+
+
+def _default_name(cfg: RunConfig) -> str:
+    from swm_ray.sweep import model_label
+
+    s = cfg.select
+    target = (f"L{s.layers}" if s.layers is not None else f"r{s.ratio}" if s.ratio is not None
+              else f"t{s.threshold}")
+    return f"{model_label(cfg.model.source).split(':')[-1].split('/')[-1]}-{s.method}-{target}"
+
+
+# -- the manifest ---------------------------------------------------------------------------------------------
+def read_manifest(prefix: str) -> dict[str, dict]:
+    path = f"{prefix.rstrip('/')}/manifest.json"
+    if not storage.exists(path):
+        return {}
+    return {r["name"]: r for r in json.loads(storage.read_bytes(path))}
+
+
+def write_manifest(prefix: str, rows: dict[str, dict], order: list[str]) -> None:
+    """manifest.json / .parquet / .csv / .md at PREFIX, each replaced whole (as each model finishes)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    listed = [{k: rows[n].get(k) for k in MANIFEST_KEYS} for n in order if n in rows]
+    base = prefix.rstrip("/")
+    storage.replace_file(f"{base}/manifest.json", (json.dumps(listed, indent=1, default=str) + "\n").encode())
+    table = pa.Table.from_pylist(listed)
+    for name, writer in (("manifest.parquet", pq.write_table), ("manifest.csv", pacsv.write_csv)):
+        buf = io.BytesIO()
+        writer(table, buf)
+        storage.replace_file(f"{base}/{name}", buf.getvalue())
+    storage.replace_file(f"{base}/manifest.md", markdown_manifest(listed).encode())
+
+
+def markdown_manifest(rows: list[dict]) -> str:
+    head = "| model | source | method | windows | layers | params removed | PPL | zero-shot | seconds | status |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        layers = f"{r['layers_before']} → {r['layers_after']}" if r.get("layers_after") is not None else ""
+        removed = f"{100 * r['params_removed']:.1f}%" if r.get("params_removed") is not None else ""
+        ppl = f"{r['ppl']:.2f}" if r.get("ppl") is not None else ""
+        zs = f"{r['zeroshot_mean']:.3f}" if r.get("zeroshot_mean") is not None else ""
+        status = r["status"] + (f": {r['error']}" if r.get("error") else "")
+        lines.append(f"| {r['name']} | {r['source']} | {r.get('method') or ''} | {r.get('windows') or ''} | {layers} "
+                     f"| {removed} | {ppl} | {zs} | {r.get('seconds') or ''} | {status} |")
+    return "\n".join(lines) + "\n"
+
+
+def _row(entry: Entry, result: dict | None, error: str | None, seconds: float) -> dict:
+    cfg = entry.cfg
+    row = {"name": entry.name, "source": cfg.model.source, "revision": cfg.model.revision, "output": cfg.out,
+           "method": cfg.select.method, "seconds": round(seconds, 1), "status": "error" if error else "ok",
+           "error": error}
+    if result:
+        p, metrics = result["plan"], result.get("metrics") or {}
+        row.update(merge=p["merge"], windows=json.dumps(p["windows"]), layers_before=p["num_layers_before"],
+                   layers_after=p["num_layers_after"],
+                   layers_removed=p["num_layers_before"] - p["num_layers_after"],
+                   params_removed=1 - p["params_after"] / p["params_before"] if p.get("params_before") else None,
+                   ppl=(metrics.get("ppl") or {}).get("ppl"), zeroshot_mean=metrics.get("mean"))
+    return row
+
+
+def _complete(entry: Entry) -> bool:
+    """The entry's output is complete (its mark) and was made with the same settings."""
+    from swm_ray.runstate import fingerprint
+
+    out = entry.cfg.out.rstrip("/")
+    if not storage.exists(f"{out}/{storage.OWNER_MARK}") or not storage.exists(f"{out}/plan.json"):
+        return False
+    plan = json.loads(storage.read_bytes(f"{out}/plan.json"))
+    return plan.get("extra", {}).get("settings") == fingerprint(entry.cfg)
+
+
+# -- running ----------------------------------------------------------------------------------------------------
+def _task(cfg_json: dict, raw: str, threads: int) -> dict:
+    """One zoo entry in a Ray worker: the whole compress pipeline on this task's resources."""
+    import transformers
+
+    from swm_ray.models import set_threads
+    from swm_ray.pipeline import compress_here
+
+    set_threads(threads)
+    transformers.utils.logging.disable_progress_bar()
+    return compress_here(RunConfig.model_validate(cfg_json), raw)
+
+
+def _resources(entry: Entry, has_gpus: bool, gpu_memory_gb: float, cpus: float) -> dict:
+    """CPUs, and GPUs from the model's size where the cluster has GPUs (at least one)."""
+    if not has_gpus:
+        return {"num_cpus": cpus, "num_gpus": 0}
+    weights = _weights_bytes(entry.cfg.model.source)
+    gpus = max(1, math.ceil(weights * 1.2 / (gpu_memory_gb * 1e9))) if weights else 1
+    return {"num_cpus": cpus, "num_gpus": gpus}
+
+
+def _weights_bytes(source: str) -> int | None:
+    """Size of a model's weights from its files without downloading them (None when unknown: a hub id)."""
+    from pathlib import Path
+
+    if storage.is_remote(source):
+        fs = storage.s3fs_filesystem()
+        with storage.storage_errors(source, "sizing"):
+            return sum(fs.du(f) for f in fs.glob(source.rstrip("/") + "/*.safetensors")) or None
+    p = Path(source).expanduser()
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.glob("*.safetensors")) or None
+    return None
+
+
+def run_zoo(zoo_path: str, prefix: str, *, retry_failed: bool = False, concurrency: int | None = None,
+            cpus_per_model: float = 1.0, address: str | None = None) -> dict:
+    """Compress every model of the zoo (see the module docstring); returns the manifest rows in order."""
+    import ray
+
+    from swm_ray.config import RayConfig
+    from swm_ray.jobs.runtime import init_ray
+
+    entries, opts = load_zoo(zoo_path, prefix)
+    order = [e.name for e in entries]
+    previous = read_manifest(prefix)
+    rows: dict[str, dict] = {}
+    todo: list[Entry] = []
+    for e in entries:
+        before = previous.get(e.name)
+        if retry_failed:
+            if before is not None and before.get("status") != "error":
+                rows[e.name] = before
+                continue
+        elif _complete(e):
+            rows[e.name] = before or {**_row(e, None, None, 0.0), "status": "ok"}
+            continue
+        todo.append(e)
+    for e in todo:
+        storage.check_run_paths(e.cfg.out, True, [e.cfg.model.source, e.cfg.data.source])
+    con = console()
+    con.print(f"[bold]zoo[/]: {len(entries)} models, {len(todo)} to run, {len(entries) - len(todo)} kept")
+    if todo:
+        init_ray(RayConfig(address=address))
+        has_gpus = ray.cluster_resources().get("GPU", 0) >= 1
+        remote = ray.remote(_task)
+        limit = concurrency or opts["concurrency"] or len(todo)
+        pending: dict = {}
+        queue = list(todo)
+        started: dict[str, float] = {}
+        try:
+            while queue or pending:
+                while queue and len(pending) < limit:
+                    e = queue.pop(0)
+                    res = _resources(e, has_gpus, opts["gpu_memory_gb"], cpus_per_model)
+                    threads = max(1, int(res["num_cpus"]))
+                    ref = remote.options(**res, max_retries=0).remote(e.cfg.model_dump(mode="json"), e.raw, threads)
+                    pending[ref] = e
+                    started[e.name] = time.perf_counter()
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    e = pending.pop(ref)
+                    result, error = None, None
+                    try:
+                        result = ray.get(ref)
+                    except Exception as exc:  # noqa: BLE001 - one model's failure is its row, the others go on
+                        error = _one_line(exc)
+                    rows[e.name] = _row(e, result, error, time.perf_counter() - started[e.name])
+                    write_manifest(prefix, rows, order)
+                    con.print(f"  {e.name}: " + ("[green]ok[/]" if error is None else f"[red]error[/]: {error}"))
+        except KeyboardInterrupt:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            write_manifest(prefix, rows, order)
+            raise
+    write_manifest(prefix, rows, order)
+    return {"rows": [rows[n] for n in order if n in rows], "ran": len(todo), "kept": len(entries) - len(todo),
+            "errors": sum(1 for n in order if rows.get(n, {}).get("status") == "error")}
+
+
+def _one_line(exc: BaseException) -> str:
+    from swm_ray.errors import find_user_error
+
+    user = find_user_error(exc)
+    if user is not None:
+        return str(user)
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1][:300] if text else ''}"
+
+

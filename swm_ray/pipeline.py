@@ -1,0 +1,72 @@
+"""Compress one model in this process: calibration -> planner -> writer -> evaluation (no Ray).
+
+The same planners (`planners.py`), writer and evaluation as `swm-ray compress`, with candidate checks run
+here on a layer stack (in memory or streaming, as the model fits) instead of an actor pool. A zoo entry runs
+this inside one Ray task that owns the resources it asked for.
+"""
+
+from __future__ import annotations
+
+import time
+
+from swm_ray.config import RunConfig, dump_yaml
+from swm_ray.errors import UserError
+
+
+def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None) -> dict:
+    """Plan with `cfg.select.method`, write `cfg.out` (replacing an earlier output of ours when
+    `cfg.overwrite`), evaluate it into its card when `cfg.eval.enabled`. Returns a summary with the plan."""
+    from swm_ray.checkpoint import Checkpoint
+    from swm_ray.data import calibration_for
+    from swm_ray.models import load_config, text_config_of
+    from swm_ray.plan import Plan
+    from swm_ray.planners import LocalScoring, check_method_count, check_method_target, plan_windows
+    from swm_ray.runstate import fingerprint
+    from swm_ray.selection import check_threshold, target_layers
+    from swm_ray.stack import StackSpec, open_stack
+    from swm_ray.writer import update_metrics, write_model_folder
+
+    s, m = cfg.select, cfg.model
+    if s.threshold is None and s.ratio is None and s.layers is None:
+        raise UserError("give a target: layers, ratio or threshold")
+    if s.threshold is not None and s.method == "swm":
+        check_threshold(s.criterion, s.threshold)
+    check_method_target(cfg)
+    t0 = time.perf_counter()
+    path, calib, n_layers = calibration_for(cfg)
+    config = load_config(path, m.trust_remote_code)
+    ckpt = Checkpoint(path, m.allow_pickle)
+    params_before = ckpt.param_count(bool(getattr(text_config_of(config), "tie_word_embeddings", False)))
+    n_remove = target_layers(cfg, params_before, ckpt.layer_params(0), n_layers)
+    check_method_count(cfg, n_layers, n_remove)
+    stack = open_stack(StackSpec(path, device=device or m.device, dtype=m.dtype, stream=m.stream,
+                                 max_memory=m.max_memory, allow_pickle=m.allow_pickle,
+                                 trust_remote_code=m.trust_remote_code),
+                       rows=int(calib.input_ids.shape[0]), seq_len=int(calib.input_ids.shape[1]))
+    scoring = LocalScoring(stack, calib, cfg.merge.attention, kernel=cfg.stats.kernel,
+                           skip_first_tokens=cfg.stats.skip_first_tokens)
+    planned = plan_windows(cfg, scoring, n_layers, n_remove)
+    sel = planned.selection
+    del scoring, stack
+    if not sel.windows:
+        raise UserError(f"no window passed (method {s.method}, threshold {sel.threshold}): nothing to merge")
+    plan = Plan(windows=[list(w) for w in sel.windows], num_layers_before=n_layers, merge=planned.merge,
+                source_model=m.source, source_revision=m.revision, method=s.method, attention=cfg.merge.attention,
+                criterion=planned.criterion, search=planned.search, threshold=sel.threshold,
+                similarities=sel.scores, params_before=params_before,
+                extra={"candidate_evaluations": planned.evaluator.misses if planned.evaluator else 0,
+                       "note": sel.note, "settings": fingerprint(cfg)})
+    written = write_model_folder(path, plan, cfg.out, raw_yaml=raw_yaml, resolved_yaml=dump_yaml(cfg),
+                                 overwrite=cfg.overwrite, attention=cfg.merge.attention,
+                                 allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)
+    metrics = None
+    if cfg.eval.enabled:
+        from swm_ray.evaluation import evaluate_source
+
+        model_cfg = {**m.model_dump(), "source": written["out"], "revision": None}
+        if device:
+            model_cfg["device"] = device
+        metrics = evaluate_source(written["out"], model_cfg, cfg.eval)
+        update_metrics(written["out"], plan, metrics, resolved_yaml=dump_yaml(cfg))
+    return {"out": written["out"], "plan": plan.to_dict(), "metrics": metrics,
+            "seconds": round(time.perf_counter() - t0, 2)}
