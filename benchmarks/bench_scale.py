@@ -235,7 +235,7 @@ def bench_actors(repeat: int = 3) -> dict:
     pools, jobs = {}, {}
     for k in (1, 2):
         cfg = build_config(flags={"model.source": path, "ray.actors": k, "ray.threads_per_actor": 1,
-                                  "ray.cpus_per_actor": 1, "model.stream": "never"})
+                                  "ray.cpus_per_actor": 0.5, "model.stream": "never"})  # both pools fit 2 CPUs
         pools[k] = ActorPool(cfg, ROWS, SEQ)
         jobs[k] = pools[k].scoring_jobs(calib, "output", "reference")
     cands = mergeable_pairs(initial_groups(8), {7})

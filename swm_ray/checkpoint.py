@@ -13,10 +13,13 @@ tensors are streamed into it in header order, so a shard never has to exist in m
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import re
 import struct
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -227,27 +230,63 @@ class Checkpoint:
 
 class WeightHasher:
     """Checksum of a checkpoint's tensors that does not depend on the order they are read in: sha256 of the
-    sorted (name, dtype, shape, sha256 of the bytes) of every tensor. Feed it through `Checkpoint.read`."""
+    sorted (name, dtype, shape, sha256 of the bytes) of every tensor. Feed it tensors as `Checkpoint.read`
+    reads them, or byte ranges of the files (`add_range`, hashed on a background thread while the caller
+    copies them)."""
+
+    CHUNK = 8 << 20
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
         self.digests: dict[str, str] = {}
+        self._pending: dict[str, Future] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swm-hash")
 
     def __call__(self, name: str, data) -> None:
-        if name not in self.digests:
+        if name not in self.digests and name not in self._pending:
             self.digests[name] = hashlib.sha256(data).hexdigest()
 
+    def add_range(self, name: str) -> None:
+        """Hash a tensor from its file on the background thread (sha256 and reads release the GIL)."""
+        if name in self.digests or name in self._pending:
+            return
+        if self.ckpt.pickled:
+            self.ckpt.read(name, hasher=self)
+            return
+        info = self.ckpt.infos[name]
+        self._pending[name] = self._pool.submit(_hash_range, info.file, info.start, info.stop, self.CHUNK)
+
     def missing(self) -> list[str]:
-        return [k for k in self.ckpt.infos if k not in self.digests]
+        return [k for k in self.ckpt.infos if k not in self.digests and k not in self._pending]
 
     def hexdigest(self) -> str:
         for name in self.missing():  # tensors the caller never needed (e.g. the bottom of a reference window)
-            self.ckpt.read(name, hasher=self)
+            self.add_range(name)
+        for name, fut in self._pending.items():
+            self.digests[name] = fut.result()
+        self._pending.clear()
+        self._pool.shutdown()
         h = hashlib.sha256()
         for name in sorted(self.digests):
             info = self.ckpt.infos[name]
             h.update(f"{name}\0{info.dtype}\0{list(info.shape)}\0{self.digests[name]}\n".encode())
         return "sha256:" + h.hexdigest()
+
+
+def _hash_range(path: Path, start: int, stop: int, chunk: int) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(min(chunk, max(stop - start, 1)))
+    view = memoryview(buf)
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = stop - start
+        while left > 0:
+            got = f.readinto(view[: min(len(buf), left)])
+            if not got:
+                raise UserError(f"{path}: truncated while hashing")
+            h.update(view[:got])
+            left -= got
+    return h.hexdigest()
 
 
 def weights_checksum(ckpt: Checkpoint) -> str:
@@ -315,6 +354,28 @@ class SafetensorsWriter:
         if data.numel():
             self.fh.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
         self._next += 1
+
+    def copy_range(self, name: str, info: TensorInfo) -> bool:
+        """Write the next tensor straight from its byte range in a safetensors file, in the kernel (sendfile)
+        when the output is a local file; False when it is not (the caller writes the tensor instead)."""
+        want = self.expected[self._next]
+        if name != want.name or info.shape != want.shape or info.dtype != want.dtype or not info.stop:
+            raise RuntimeError(f"writer expected {want} next, got {name} {info.shape} {info.dtype}")
+        try:
+            out = self.fh.fileno()
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            return False
+        self.fh.flush()
+        with open(info.file, "rb") as src:
+            offset, left = info.start, info.stop - info.start
+            while left > 0:
+                sent = os.sendfile(out, src.fileno(), offset, left)
+                if sent == 0:
+                    raise UserError(f"{info.file}: truncated tensor {name}")
+                offset += sent
+                left -= sent
+        self._next += 1
+        return True
 
     def close(self) -> None:
         if self._next != len(self.expected):

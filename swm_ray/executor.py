@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from swm_ray.checkpoint import Checkpoint, TensorInfo, dtype_code
-from swm_ray.merge import check_method, edit_config, layer_types_of, merge_tensor, new_layer_sources
+from swm_ray.merge import check_method, edit_config, layer_types_of, merge_tensor, new_layer_sources, selected_layer
 from swm_ray.models import text_config_of
 
 
@@ -66,6 +66,17 @@ class PlanView:
 
     def layer_state(self, i: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         return {rest: self.read(key, dtype) for rest, key in self.layer_keys(i).items()}
+
+    def source_of(self, name: str) -> str | None:
+        """The source key whose stored bytes ARE the edited tensor `name` (a kept layer's tensor, or one a
+        merge takes as it is), or None when the tensor is computed. A writer copies those bytes directly."""
+        origin = self._origin[name]
+        if isinstance(origin, str):
+            return origin
+        pos, rest = origin
+        low, high, _ = self.sources[pos]
+        k = selected_layer(rest, high - low + 1, self.method)
+        return None if k is None else self.source.layer_keys(low + k)[rest]
 
     def read(self, name: str, dtype: torch.dtype | None = None, hasher=None) -> torch.Tensor:
         """The edited model's tensor `name`; `hasher` sees every SOURCE tensor read for it."""

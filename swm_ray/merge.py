@@ -68,16 +68,26 @@ def copy_layer(layer: nn.Module) -> nn.Module:
     return copy.deepcopy(layer, memo)
 
 
+def selected_layer(name: str, n: int, method: str) -> int | None:
+    """The window layer (0 = bottom) whose tensor `name` the merged layer takes unchanged, or None when the
+    method computes it (`paper` and `mean` on attention/MLP weights). A writer copies selected tensors'
+    bytes as they are."""
+    if method == "keep-first" or (is_norm_param(name) and method != "keep-last"):
+        return 0
+    if method in ("reference", "keep-last") or n == 1:
+        return n - 1
+    return None
+
+
 def merge_tensor(name: str, read: Callable[[int], torch.Tensor], n: int, method: str) -> torch.Tensor:
     """One tensor of the merged layer of a window of `n` layers; `read(k)` gives layer k's tensor (0 = bottom).
 
     Reads only what the method needs, one layer at a time (a running float32 sum for `paper` and `mean`), so
     an executor never holds the whole window. Every executor (in memory, streaming, the writer) calls this.
     """
-    if method == "keep-first" or (is_norm_param(name) and method != "keep-last"):
-        return read(0)
-    if method in ("reference", "keep-last") or n == 1:
-        return read(n - 1)
+    taken = selected_layer(name, n, method)
+    if taken is not None:
+        return read(taken)
     base = read(0)
     if not base.is_floating_point():
         return base

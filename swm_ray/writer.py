@@ -329,10 +329,16 @@ def write_shards(view, sink, max_shard_size: str | int, hasher=None) -> list[str
     planned = [PlannedTensor(n, view.infos[n].dtype, view.infos[n].shape) for n in output_order(view)]
     shards = plan_shards(planned, shard_bytes(max_shard_size))
     names = shard_names(len(shards))
+    source = getattr(view, "source", view)  # the checkpoint whose bytes a copied tensor comes from
     for name, tensors in zip(names, shards):
         with sink.open(name) as fh:
             w = SafetensorsWriter(fh, tensors)
             for t in tensors:
+                key = view.source_of(t.name) if hasattr(view, "source_of") else t.name
+                if key is not None and not source.pickled and w.copy_range(t.name, source.infos[key]):
+                    if hasher is not None:
+                        hasher.add_range(key)  # hashed on a thread while the kernel copies the next ones
+                    continue
                 w.write(t.name, view.read(t.name, hasher=hasher))
             w.close()
     if len(shards) > 1:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from swm_ray.cli import app
 from swm_ray.errors import UserError
-from swm_ray.jobs.submit import entrypoint, run_submit
+from swm_ray.jobs.submit import _token_headers, entrypoint, run_submit
 
 runner = CliRunner()
 COMMANDS = ("analyze", "compress", "apply", "eval", "grid", "zoo", "config", "version")
@@ -29,6 +29,22 @@ def test_entrypoint_and_argument_errors():
     assert res.exit_code != 0 and "no cluster address" in res.output
     res = runner.invoke(app, ["submit", "--address", "http://127.0.0.1:9", "--env", "NOEQUALS", "--", "version"])
     assert res.exit_code != 0 and "expected KEY=VALUE" in res.output
+
+
+def test_token_header_comes_from_env_then_path_then_home(tmp_path, monkeypatch):
+    """The client sends the cluster token itself, whatever Ray decided about auth earlier in this process."""
+    for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _token_headers() == {}
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("home-token\n")
+    assert _token_headers() == {"Authorization": "Bearer home-token"}
+    (tmp_path / "t").write_text("path-token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "t"))
+    assert _token_headers() == {"Authorization": "Bearer path-token"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "env-token")
+    assert _token_headers() == {"Authorization": "Bearer env-token"}
 
 
 def _head_log(log: Path) -> str:

@@ -36,24 +36,30 @@ def secret_keys(env: dict[str, str]) -> list[str]:
     return [k for k in env if looks_secret(k)]
 
 
-def _present_token_if_any() -> None:
-    """Clusters started by `ray start` require a token; the client only sends one in token mode."""
+def _token_headers() -> dict[str, str]:
+    """The cluster token as an explicit Authorization header: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH
+    names, else ~/.ray/auth_token (where `ray start` and a local `ray.init` write it). Passed explicitly
+    because Ray's own client decides once per process whether to send one, and a process that touched Ray
+    before the token existed would send none. Clusters without token authentication ignore the header."""
     import os
     from pathlib import Path
 
-    has_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or (
-        Path.home() / ".ray" / "auth_token").exists()
-    if has_token:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+        try:
+            token = path.read_text().strip()
+        except OSError:
+            token = ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def _client(address: str):
-    _present_token_if_any()
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=_token_headers())
     except AuthenticationError:
         raise UserError(f"the Ray cluster at {address} requires a token: set RAY_AUTH_TOKEN (or "
                         f"RAY_AUTH_TOKEN_PATH) to the cluster's token") from None
