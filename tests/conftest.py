@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,25 @@ def ray_session():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _ray_resources_returned(request):
+    """A test on the shared Ray leaves every CPU free when it ends (actors killed, placement groups removed,
+    also when the run failed), so a leak fails the test that leaked, not a later one."""
+    yield
+    if "ray_session" not in request.fixturenames:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return
+    total = ray.cluster_resources().get("CPU", 0)
+    deadline = time.monotonic() + 30  # kills and group removals are asynchronous
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.2)
+    free = ray.available_resources().get("CPU", 0)
+    assert free == total, f"{total - free} CPU still held after the test (an actor or placement group leaked)"
 
 
 @pytest.fixture(autouse=True)

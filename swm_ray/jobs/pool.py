@@ -101,15 +101,21 @@ class ActorPool:
         model_cfg = cfg.model.model_dump()
         shard_rows = -(-rows // self.k)
         self.actors = []
-        for j in range(self.k):
-            strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=j)
-            share = nodes.count(nodes[j]) if nodes else self.k
-            self.actors.append(ModelActor.options(
-                scheduling_strategy=strategy, max_restarts=cfg.ray.max_restarts, max_task_retries=-1, **bundle,
-            ).remote(model_cfg, threads, shard_rows, seq_len, int(bundle.get("num_gpus", 1)), share))
         self.restarts = 0
-        self.infos = gather([a.info.remote() for a in self.actors], f"loading the model ({self.k} actor"
-                            f"{'s' if self.k > 1 else ''})", pool=self, owners=range(self.k))
+        try:  # an actor that cannot load (a budget below one layer, unreadable weights) frees the group
+            for j in range(self.k):
+                strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg,
+                                                            placement_group_bundle_index=j)
+                share = nodes.count(nodes[j]) if nodes else self.k
+                self.actors.append(ModelActor.options(
+                    scheduling_strategy=strategy, max_restarts=cfg.ray.max_restarts, max_task_retries=-1,
+                    **bundle,
+                ).remote(model_cfg, threads, shard_rows, seq_len, int(bundle.get("num_gpus", 1)), share))
+            self.infos = gather([a.info.remote() for a in self.actors], f"loading the model ({self.k} actor"
+                                f"{'s' if self.k > 1 else ''})", pool=self, owners=range(self.k))
+        except BaseException:
+            self.shutdown()
+            raise
         self.num_layers = self.infos[0]["num_layers"]
         self.streaming = any(i["mode"] == "stream" for i in self.infos)
 

@@ -250,6 +250,9 @@ def run_zoo(zoo_path: str, prefix: str, *, retry_failed: bool = False, concurren
                     ref = remote.options(**res, max_retries=0).remote(e.cfg.model_dump(mode="json"), e.raw, threads)
                     pending[ref] = e
                     started[e.name] = time.perf_counter()
+                    gpus = f", {res['num_gpus']} GPU" if res["num_gpus"] else ""
+                    con.print(f"  {e.name}: started ({e.cfg.select.method}, {res['num_cpus']:g} CPU{gpus}; "
+                              f"{len(queue)} waiting)")
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
                     e = pending.pop(ref)
@@ -260,7 +263,13 @@ def run_zoo(zoo_path: str, prefix: str, *, retry_failed: bool = False, concurren
                         error = _one_line(exc)
                     rows[e.name] = _row(e, result, error, time.perf_counter() - started[e.name])
                     write_manifest(prefix, rows, order)
-                    con.print(f"  {e.name}: " + ("[green]ok[/]" if error is None else f"[red]error[/]: {error}"))
+                    row = rows[e.name]
+                    if error is None:
+                        ppl = f", perplexity {row['ppl']:.2f}" if row.get("ppl") is not None else ""
+                        con.print(f"  {e.name}: [green]ok[/] in {row['seconds']:.0f} s, {row['layers_before']} -> "
+                                  f"{row['layers_after']} layers{ppl}")
+                    else:
+                        con.print(f"  {e.name}: [red]error[/] after {row['seconds']:.0f} s: {error}")
         except KeyboardInterrupt:
             for ref in pending:
                 ray.cancel(ref, force=True)
