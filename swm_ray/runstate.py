@@ -27,8 +27,12 @@ SUFFIX = ".partial"
 
 
 def fingerprint(cfg) -> str:
-    """Hash of the settings that decide a run's result (a RunConfig's model, data, stats, select, merge)."""
-    keep = {k: cfg.model_dump(mode="json")[k] for k in ("model", "data", "stats", "select", "merge")}
+    """Hash of the settings that decide a run's result (a RunConfig's model, data, stats, select, merge).
+
+    Only values that differ from their defaults count, so a new setting added at a default that keeps the
+    old behaviour leaves the fingerprints of earlier outputs (zoo entries, partial states) valid."""
+    dumped = cfg.model_dump(mode="json", exclude_defaults=True)
+    keep = {k: dumped.get(k, {}) for k in ("model", "data", "stats", "select", "merge")}
     keep["model"] = {k: v for k, v in keep["model"].items() if k not in ("device", "max_memory", "stream")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:20]
 

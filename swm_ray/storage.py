@@ -521,6 +521,7 @@ class _LocalSink(OutputSink):
 
     def put_dir(self, local_dir: Path) -> None:
         shutil.copytree(local_dir, self.root, dirs_exist_ok=True)
+        self.root.chmod(0o755)  # copytree copies the (private) mode of a temporary source folder
 
     def _commit(self) -> None:
         for f in self._files:

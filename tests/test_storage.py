@@ -95,6 +95,21 @@ def test_local_atomic_dir_leaves_nothing_on_failure(tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "cache"]
 
 
+def test_local_outputs_are_readable_by_others(tmp_path):
+    """Outputs are staged in private temporary folders; the finished folder is 0755 whichever way it was
+    filled (files opened in place, or a folder copied in)."""
+    with storage.open_output(str(tmp_path / "streamed")) as sink:
+        with sink.open("a.txt") as f:
+            f.write(b"x")
+    staged = tmp_path / "staged"
+    staged.mkdir(mode=0o700)
+    (staged / "b.txt").write_text("y")
+    with storage.open_output(str(tmp_path / "copied")) as sink:
+        sink.put_dir(staged)
+    assert (tmp_path / "streamed").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "copied").stat().st_mode & 0o777 == 0o755
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
 

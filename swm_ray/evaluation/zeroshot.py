@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import json
+import logging
 import math
 import os
 import shutil
@@ -213,15 +214,22 @@ def run_lm_eval(model, tok, tasks: list[str], limit: int | None, batch_size: int
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
-    out = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        task_manager=task_manager(tasks, offline),
-        limit=limit,
-        log_samples=False,
-        bootstrap_iters=100_000,
-    )
+    # lm-eval warns that a model object (not a hub name) was passed; that is how swm-ray evaluates in memory
+    hf_log = logging.getLogger("lm_eval.models.huggingface")
+    level = hf_log.level
+    hf_log.setLevel(logging.ERROR)
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            task_manager=task_manager(tasks, offline),
+            limit=limit,
+            log_samples=False,
+            bootstrap_iters=100_000,
+        )
+    finally:
+        hf_log.setLevel(level)
     if out is None:  # non-zero ranks in lm-eval's distributed mode
         raise RuntimeError("lm-eval returned no results")
     return out
