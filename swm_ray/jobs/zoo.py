@@ -229,6 +229,8 @@ def run_zoo(zoo_path: str, prefix: str, *, retry_failed: bool = False, concurren
             rows[e.name] = before or {**_row(e, None, None, 0.0), "status": "ok"}
             continue
         todo.append(e)
+        if before is not None:  # its row still describes what is on disk until this run replaces it
+            rows[e.name] = before
     for e in todo:
         storage.check_run_paths(e.cfg.out, True, [e.cfg.model.source, e.cfg.data.source])
     con = console()
