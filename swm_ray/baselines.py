@@ -4,6 +4,9 @@ ShortGPT: Block Influence BI_l = 1 − mean over tokens of cos(input of layer l,
 n layers with the lowest BI. A run of dropped layers [i..j] becomes the window [i−1, j] with `keep-first`
 (the kept layer i−1 stands for it), so the plan is a drop-only plan like any other.
 
+ReplaceMe's block choice (`replaceme_windows`): the n consecutive layers whose input and output hidden states
+are closest in angle at the last token, from additive per-minibatch sums (`angular_distance_sums`).
+
 LaCo (`laco`) and Shortened-LLM's PPL criterion (`shortened_ppl`) are pure planners over an `Evaluator`
 (`selection.py`): they never load a model, so the same code runs on in-process scorers or on Ray actors, and
 they return a `Selection` like the SWM searches do.
@@ -39,18 +42,65 @@ def block_influence_sums(stack: LayerStack, input_ids: np.ndarray, batches: Sequ
     return sums
 
 
-def influence_from_sums(per_batch: Sequence[np.ndarray], tokens: int) -> np.ndarray:
-    """(L,) mean Block Influence from per-minibatch sums, added in minibatch order."""
+def mean_of_sums(per_batch: Sequence[np.ndarray], count: int) -> np.ndarray:
+    """Per-minibatch sums added in minibatch order (so the result does not depend on how many actors ran),
+    divided by what they were summed over (tokens for Block Influence, rows for angular distances)."""
     total = np.zeros_like(per_batch[0])
-    for row in per_batch:
-        total += row
-    return total / max(tokens, 1)
+    for part in per_batch:
+        total += part
+    return total / max(count, 1)
+
+
+influence_from_sums = mean_of_sums  # (L,) mean Block Influence over tokens
+angular_from_sums = mean_of_sums  # (L+1, L+1) mean angular distance over rows
 
 
 def block_influence(stack: LayerStack, input_ids: np.ndarray, batches: Sequence[tuple[int, int]]) -> np.ndarray:
     """(L,) mean per-token 1 − cos(layer input, layer output) over the given minibatches."""
     tokens = sum((b - a) * input_ids.shape[1] for a, b in batches)
     return influence_from_sums(list(block_influence_sums(stack, input_ids, batches)), tokens)
+
+
+@torch.inference_mode()
+def angular_distance_sums(stack: LayerStack, input_ids: np.ndarray,
+                          batches: Sequence[tuple[int, int]]) -> np.ndarray:
+    """(B, L+1, L+1): per minibatch, the sums over its rows of the angular distance arccos(cos)/π between the
+    hidden states i and j at the last token (0 = what enters layer 0, i = what layer i−1 returns, before the
+    final norm). Additive: the driver adds shards' minibatches in minibatch order."""
+    pros = [stack.prologue(torch.tensor(np.asarray(input_ids[a:b]))) for a, b in batches]
+    hidden = [p.hidden for p in pros]
+    last = [[h[:, -1, :].double().cpu()] for h in hidden]
+    for i in range(stack.num_layers):
+        with stack.layer(i) as layer:
+            for k, p in enumerate(pros):
+                hidden[k] = stack.run(layer, hidden[k], p.kwargs[i])
+                last[k].append(hidden[k][:, -1, :].double().cpu())
+    out = np.zeros((len(batches), stack.num_layers + 1, stack.num_layers + 1))
+    for k, states in enumerate(last):
+        unit = F.normalize(torch.stack(states, dim=1), dim=-1)  # (b, L+1, d)
+        cos = (unit @ unit.transpose(1, 2)).clamp(-1.0, 1.0)
+        out[k] = (torch.arccos(cos) / np.pi).sum(0).numpy()
+    return out
+
+
+def angular_distances(stack: LayerStack, input_ids: np.ndarray, batches: Sequence[tuple[int, int]]) -> np.ndarray:
+    rows = sum(b - a for a, b in batches)
+    return angular_from_sums(list(angular_distance_sums(stack, input_ids, batches)), rows)
+
+
+def replaceme_windows(dist: np.ndarray, n: int, protected: Sequence[int] = ()) -> tuple[list[tuple[int, int]], float]:
+    """ReplaceMe's cut (arXiv 2505.02819): the n consecutive layers s..s+n−1 with the smallest angular distance
+    between their input (state s) and output (state s+n), as the keep-first window [s−1, s+n−1] (layer s−1
+    stays and carries the compensation); s ≥ 1, no protected layer removed; ties go to the lowest s.
+    Returns ([window], distance)."""
+    n_layers = dist.shape[0] - 1
+    prot = set(protected)
+    starts = [s for s in range(1, n_layers - n + 1) if not prot & set(range(s, s + n))]
+    if not starts:
+        raise UserError(f"ReplaceMe: no block of {n} consecutive layers can be removed from {n_layers} (layer 0 and "
+                        f"protected layers {sorted(prot)} stay); ask for fewer layers")
+    best = min(starts, key=lambda s: (dist[s, s + n], s))
+    return [(best - 1, best + n - 1)], float(dist[best, best + n])
 
 
 def drop_windows(dropped: Sequence[int]) -> list[tuple[int, int]]:

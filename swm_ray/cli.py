@@ -10,6 +10,7 @@ from swm_ray.commands.apply import apply_command
 from swm_ray.commands.compress import compress_command
 from swm_ray.commands.evaluate import eval_command
 from swm_ray.commands.grid import grid_command
+from swm_ray.commands.heal import heal_command
 from swm_ray.commands.show_config import config_command
 from swm_ray.commands.submit import submit_command
 from swm_ray.commands.zoo import zoo_command
@@ -25,6 +26,7 @@ app = typer.Typer(
 app.command("analyze")(analyze_command)
 app.command("compress")(compress_command)
 app.command("apply")(apply_command)
+app.command("heal")(heal_command)
 app.command("eval")(eval_command)
 app.command("grid")(grid_command)
 app.command("zoo")(zoo_command)

@@ -18,8 +18,12 @@ CRITERIA = ("output", "cka", "kl", "nll")
 SEARCHES = ("best-first", "top-down")
 MERGE_METHODS = ("reference", "paper", "mean", "keep-first", "keep-last")
 ATTENTION_RULES = ("global", "bottom")
-METHODS = ("swm", "shortgpt", "sleb", "laco", "shortened-ppl")  # every compression method is a planner
+METHODS = ("swm", "shortgpt", "sleb", "laco", "shortened-ppl", "replaceme")  # every compression method is a planner
 BASELINES = METHODS[1:]
+COMPENSATIONS = ("none", "lstsq", "scale")
+COMPENSATION_INPUTS = ("compressed", "original")
+HEAL_MODES = ("lora", "local")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Criterion = Literal[CRITERIA]
 Search = Literal[SEARCHES]
 MergeMethod = Literal[MERGE_METHODS]
@@ -110,7 +114,8 @@ class SelectConfig(_Section):
         "shortgpt (drop the layers of lowest Block Influence), sleb (remove blocks one at a time by calibration "
         "loss), laco (LaCo layer collapse: laco_layers merged with the paper formula, top-down, interval "
         "laco_interval, while the output cosine stays above T), shortened-ppl (Shortened-LLM's one-shot PPL "
-        "ranking)")
+        "ranking), replaceme (ReplaceMe: the block of consecutive layers whose input and output are closest in "
+        "angle at the last token, removed, with lstsq compensation unless merge.compensate says otherwise)")
     laco_layers: int = Field(4, ge=2, description="LaCo: layers merged into one per accepted window (C)")
     laco_interval: int = Field(2, ge=1, description="LaCo: layers to move down after an accepted window (I)")
     criterion: Criterion = Field(
@@ -148,6 +153,17 @@ class MergeConfig(_Section):
         "global", description="attention type (sliding/full, and its RoPE) of a merged window on hybrid models: "
         "global = full attention when the window contains a full-attention layer; bottom = the bottom layer's "
         "type, as the authors' code does")
+    compensate: Literal[COMPENSATIONS] | None = Field(
+        None, description="a correction fitted on calibration and folded into each merged window's (or kept "
+        "layer's) MLP output: none, lstsq (ReplaceMe's least-squares map T, folded into down_proj; diagonal on "
+        "Gemma 2/3, folded into post_feedforward_layernorm), scale (one least-squares factor); null = the method's "
+        "own (lstsq for replaceme, none otherwise)")
+    ridge: float = Field(0.0, ge=0, description="ridge λ of the fit: T = (MᵀM + λ·tr(MᵀM)/d·I)⁻¹ MᵀB")
+    compensate_input: Literal[COMPENSATION_INPUTS] = Field(
+        "compressed", description="the input a window's fit sees: compressed (the compressed model's own, windows "
+        "below merged and compensated: fitted bottom-up) or original (the original's: local fits)")
+    skip_first: int = Field(1, ge=0, description="positions at the start of every row left out of the fit "
+                            "(the attention sink)")
 
 
 class EvalConfig(_Section):
@@ -196,7 +212,10 @@ class GridConfig(_Section):
     ratios: tuple[float, ...] = Field((), description="fractions of all parameters to remove")
     thresholds: tuple[float, ...] = Field((), description="thresholds (valid for every criterion)")
     baselines: tuple[Literal[BASELINES], ...] = Field(
-        ("shortgpt",), description="baseline pruners: shortgpt, sleb; [] for none")
+        ("shortgpt",), description="baseline pruners: shortgpt, sleb, laco, shortened-ppl, replaceme; [] for none")
+    compensate: tuple[Literal[COMPENSATIONS], ...] = Field(
+        (), description="compensations every trial's plans are evaluated with (none, lstsq, scale), one row each; "
+        "[] = each method's own (merge.compensate, else lstsq for replaceme and none for the others)")
     concurrency: int | None = Field(None, ge=1, description="trials at once (default: as resources allow)")
     cpus_per_trial: float = Field(1.0, gt=0, description="CPUs (and torch threads) per trial")
     gpus_per_trial: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs, else 0")
@@ -222,6 +241,54 @@ class GridConfig(_Section):
         return getattr(self, kind) if kind else ()
 
 
+class HealConfig(_Section):
+    """`swm-ray heal` (and `compress --heal`): recovery training of a compressed model. lora: LoRA adapters on
+    q, k, v, o, gate, up, down trained with Ray Train and merged into the weights (the paper's recipe as
+    defaults); local: each merged layer refit alone to the original window's output (MSE on hidden states)."""
+
+    mode: Literal[HEAL_MODES] = Field("lora", description="lora (LoRA on the whole model, Ray Train workers) or "
+                                      "local (refit each merged layer of plan.json to its original window)")
+    after_compress: Literal[HEAL_MODES] | None = Field(
+        None, description="`compress --heal`: heal the compressed folder in this mode before evaluating it")
+    data: str | None = Field(None, description="training text: instruction records (instruction/input/output) "
+                             "or plain text, .parquet/.jsonl/.json/.txt, local or s3://, or builtin: text "
+                             "(default: data.source)")
+    source: str | None = Field(None, description="local: the original model the windows are fitted to (default: "
+                               "plan.json's source_model)")
+    steps: int | None = Field(None, ge=1, description="optimizer steps: lora in total (default: from epochs), "
+                              "local per merged layer (default 400)")
+    epochs: float = Field(2.0, gt=0, description="lora: passes over the training examples (when steps is null)")
+    lr: float | None = Field(None, gt=0, description="learning rate (default: lora 1e-4, local 3e-4)")
+    batch_size: int = Field(64, ge=1, description="lora: examples per optimizer step over all workers (effective "
+                            "batch; gradient accumulation makes up the rest)")
+    micro_batch_size: int = Field(4, ge=1, description="examples per forward pass of one worker (lora), or "
+                                  "calibration rows per Adam step (local)")
+    cutoff: int = Field(256, ge=8, description="lora: tokens per example at most (longer ones are cut)")
+    warmup_steps: int = Field(100, ge=0, description="lora: linear warm-up steps (then linear decay to 0)")
+    lora_r: int = Field(8, ge=1, description="LoRA rank")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: tuple[str, ...] = Field(LORA_TARGETS, description="linear layers that get adapters")
+    max_examples: int | None = Field(None, ge=1, description="lora: use at most this many training examples")
+    workers: int | None = Field(None, ge=1, description="lora: Ray Train workers (data parallel; default: one per "
+                                "GPU of the cluster, else 1)")
+    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs per Ray Train worker (default: on the "
+                                          "embedded local Ray its CPUs shared among the workers; on a cluster 1)")
+    checkpoint_every: int = Field(50, ge=1, description="lora: steps between checkpoints")
+    checkpoints: str | None = Field(None, description="lora: where Ray Train keeps checkpoints, local or s3:// "
+                                    "(default: beside out, .<name>.heal/); --resume continues from the last")
+    keep_adapter: bool = Field(False, description="lora: also save the adapter alone (OUT/adapter/)")
+    log_every: int = Field(10, ge=1, description="steps between progress lines (loss, tokens/s)")
+    seed: int = Field(1234, description="seed of data order, adapter init and calibration sampling")
+    local_samples: int = Field(128, ge=1, description="local: calibration sequences")
+    local_seq_len: int = Field(128, ge=2, description="local: tokens per calibration sequence")
+    local_target: Literal["original", "window"] = Field(
+        "original", description="local: what a merged layer learns to output: original = the original model's "
+        "hidden state after the window (its own path from the embeddings, so drift from below is corrected too); "
+        "window = the original window's layers run on the same input")
+    skip_first_tokens: int = Field(1, ge=0, description="local: positions left out of the MSE (attention sink)")
+
+
 class RunConfig(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -231,11 +298,12 @@ class RunConfig(_Section):
     merge: MergeConfig = MergeConfig()
     eval: EvalConfig = EvalConfig()
     grid: GridConfig = GridConfig()
-    out: str | None = Field(None, description="output: a folder for analyze/compress/grid, eval.json (or a folder) "
-                            "for eval; local or s3://")
+    heal: HealConfig = HealConfig()
+    out: str | None = Field(None, description="output: a folder for analyze/compress/grid/heal, eval.json (or a "
+                            "folder) for eval; local or s3://")
     overwrite: bool = Field(False, description="replace an earlier swm-ray output at out")
-    resume: bool = Field(False, description="continue an interrupted analyze/compress of the same output from "
-                         "the state it left beside it")
+    resume: bool = Field(False, description="continue an interrupted analyze/compress/heal of the same output "
+                         "from the state (heal: the checkpoints) it left beside it")
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:

@@ -2,7 +2,8 @@
 
 `PlanView` answers the same questions as `Checkpoint` (names, dtypes, shapes, `read`), for the EDITED
 model: kept layers are the source's tensors under their new index, a merged window's tensors are computed
-from that window's own layers with `merge.merge_tensor`, nothing else is touched. The streaming writer
+from that window's own layers with `merge.merge_tensor`, a compensated window's fit is folded into its
+tensor when that tensor is read (`compensation.fold`), nothing else is touched. The streaming writer
 writes a `PlanView` tensor by tensor; `StreamingStack` runs one layer at a time (the reload check, and
 evaluating a candidate without writing it); `materialize` builds it in memory.
 """
@@ -10,11 +11,12 @@ evaluating a candidate without writing it); `materialize` builds it in memory.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from swm_ray.checkpoint import Checkpoint, TensorInfo, dtype_code
+from swm_ray.errors import UserError
 from swm_ray.merge import check_method, edit_config, layer_types_of, merge_tensor, new_layer_sources, selected_layer
 from swm_ray.models import text_config_of
 
@@ -23,7 +25,8 @@ class PlanView:
     """The edited model's tensors (see the module docstring). `config` is the edited config (a copy)."""
 
     def __init__(self, ckpt: Checkpoint, source_config, windows: Sequence[Sequence[int]], method: str,
-                 attention: str = "global"):
+                 attention: str = "global", fits: Mapping | None = None):
+        """`fits`: {window: `compensation.Fit`} folded into those windows' layers (a plan's compensation)."""
         check_method(method)
         self.source = ckpt
         self.method = method
@@ -45,6 +48,18 @@ class PlanView:
                 src = ckpt.infos[key]
                 self.infos[name] = TensorInfo(name, src.file, src.dtype, src.shape)
                 self._origin[name] = (pos, rest)
+        self._folds: dict[str, tuple] = {}  # new name -> (fit, site)
+        if fits:
+            from swm_ray.compensation import fold_site
+
+            site = fold_site(tcfg.model_type, ckpt.layer_keys(0))
+            position = {(low, high): pos for pos, (low, high, _) in enumerate(self.sources)}
+            for window, fit in fits.items():
+                pos = position.get((int(window[0]), int(window[1])))
+                if pos is None:
+                    raise UserError(f"compensation of window {list(window)}: the plan has no such window")
+                for rest in site.names:
+                    self._folds[f"{self.layer_prefix}.{pos}.{rest}"] = (fit, site)
 
     # -- the Checkpoint interface ---------------------------------------------------------------------------
     def layer_keys(self, i: int) -> dict[str, str]:
@@ -73,6 +88,8 @@ class PlanView:
         origin = self._origin[name]
         if isinstance(origin, str):
             return origin
+        if name in self._folds:
+            return None
         pos, rest = origin
         low, high, _ = self.sources[pos]
         k = selected_layer(rest, high - low + 1, self.method)
@@ -90,6 +107,10 @@ class PlanView:
             return self.source.read(self.source.layer_keys(low + k)[rest], hasher=hasher)
 
         t = merge_tensor(rest, read, high - low + 1, self.method)
+        if name in self._folds:
+            from swm_ray.compensation import fold
+
+            t = fold(rest, t, *self._folds[name])
         if dtype_code(t.dtype) != self.infos[name].dtype:
             raise RuntimeError(f"merged {name} came out as {t.dtype}, expected {self.infos[name].dtype}")
         return t.to(dtype) if dtype is not None and dtype != t.dtype else t

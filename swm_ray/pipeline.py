@@ -17,10 +17,18 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
     """Plan with `cfg.select.method`, write `cfg.out` (replacing an earlier output of ours when
     `cfg.overwrite`), evaluate it into its card when `cfg.eval.enabled`. Returns a summary with the plan."""
     from swm_ray.checkpoint import Checkpoint
+    from swm_ray.compensation import stack_site
     from swm_ray.data import calibration_for
     from swm_ray.models import load_config, text_config_of
     from swm_ray.plan import Plan
-    from swm_ray.planners import LocalScoring, check_method_count, check_method_target, plan_windows
+    from swm_ray.planners import (
+        LocalScoring,
+        check_method_count,
+        check_method_target,
+        compensate_plan,
+        method_compensation,
+        plan_windows,
+    )
     from swm_ray.runstate import fingerprint
     from swm_ray.selection import check_threshold, target_layers
     from swm_ray.stack import StackSpec, open_stack
@@ -47,6 +55,9 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
                            skip_first_tokens=cfg.stats.skip_first_tokens)
     planned = plan_windows(cfg, scoring, n_layers, n_remove)
     sel = planned.selection
+    compensate = method_compensation(cfg)
+    site = stack_site(stack) if compensate != "none" else None
+    comp = compensate_plan(cfg, scoring, sel.windows, planned.merge, site, compensate)
     del scoring, stack
     if not sel.windows:
         raise UserError(f"no window passed (method {s.method}, threshold {sel.threshold}): nothing to merge")
@@ -56,6 +67,8 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
                 similarities=sel.scores, params_before=params_before,
                 extra={"candidate_evaluations": planned.evaluator.misses if planned.evaluator else 0,
                        "note": sel.note, "settings": fingerprint(cfg)})
+    if comp is not None:
+        comp.attach(plan)
     written = write_model_folder(path, plan, cfg.out, raw_yaml=raw_yaml, resolved_yaml=dump_yaml(cfg),
                                  overwrite=cfg.overwrite, attention=cfg.merge.attention,
                                  allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)

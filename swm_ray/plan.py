@@ -3,8 +3,11 @@
 Windows are inclusive [low, high] pairs of 0-based ORIGINAL decoder-layer indices, listed TOP window first
 (the order a top-down search finds them); `similarities[i]` is the score that accepted `windows[i]`. A plan
 names its source (model, revision, the checksum of its weights), the merge method and the attention rule:
-`swm-ray apply` replays it on that source and gets the same folder. Version 1 plans (without the source
-fields) still load.
+`swm-ray apply` replays it on that source and gets the same folder. A plan with `compensation` (version 3)
+carries fitted matrices in a side file beside its JSON, `<name>.tensors` (`plan.json` -> `plan.tensors`; the
+safetensors format, named so that weight loaders that take every `*.safetensors` of a model folder do not
+take it for weights), read and written with it. Version 1 and 2 plans (without the source fields, or
+without compensation) still load.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 from swm_ray.errors import UserError
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 
 
 def removed_from_windows(windows: Iterable[Sequence[int]]) -> list[int]:
@@ -50,6 +53,7 @@ class Plan:
     removed_layers: list[int] = dataclasses.field(default_factory=list)
     num_layers_after: int | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    compensation: dict[str, Any] | None = None  # `compensation.Compensation.record()`; the tensors: `.tensors`
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
@@ -59,6 +63,11 @@ class Plan:
             self.removed_layers = removed_from_windows(self.windows)
         if self.num_layers_after is None:
             self.num_layers_after = self.num_layers_before - len(self.removed_layers)
+        self.tensors: dict[str, Any] = {}  # compensation name -> torch tensor (not part of the JSON)
+
+    @property
+    def compensated(self) -> bool:
+        return bool(self.compensation) and self.compensation.get("method") not in (None, "none")
 
     @property
     def kept_layers(self) -> list[int]:
@@ -84,9 +93,14 @@ class Plan:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     def save(self, path: str | Path) -> Path:
-        """Write the plan as JSON to a LOCAL path (parents created); returns the path."""
+        """Write the plan as JSON to a LOCAL path (parents created), and its compensation tensors beside it when
+        it has them; returns the path."""
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
+        if self.compensated and self.tensors:
+            side = tensors_path(p)
+            self.compensation["tensors_file"] = side.name
+            side.write_bytes(self.tensors_bytes())
         p.write_text(self.to_json())
         return p
 
@@ -102,4 +116,33 @@ class Plan:
             raise UserError(f"plan {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(data, dict):
             raise UserError(f"plan {path}: expected a JSON object")
-        return cls.from_dict(data)
+        plan = cls.from_dict(data)
+        if plan.compensated:
+            plan.tensors = _load_tensors(str(path))
+        return plan
+
+    def tensors_bytes(self) -> bytes:
+        """The compensation tensors in the side file's format (safetensors), names sorted."""
+        from safetensors.torch import save
+
+        return save({k: v.contiguous() for k, v in sorted(self.tensors.items())})
+
+
+def tensors_path(plan_path: str | Path) -> Path:
+    """The side file of a plan's compensation tensors: `x.json` -> `x.tensors` (safetensors format)."""
+    p = Path(plan_path)
+    return p.with_name(p.name.removesuffix(".json") + ".tensors")
+
+
+def _load_tensors(plan_path: str) -> dict[str, Any]:
+    from safetensors.torch import load
+
+    from swm_ray import storage
+
+    where = plan_path.removesuffix(".json") + ".tensors"
+    try:
+        raw = storage.read_bytes(where)
+    except (FileNotFoundError, UserError):
+        raise UserError(f"plan {plan_path} is compensated: its fitted matrices must lie beside it as {where} "
+                        f"(copy them with the plan)") from None
+    return load(raw)

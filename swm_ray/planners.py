@@ -13,7 +13,13 @@ Methods:
   (best-first under `nll` with keep-first pairs; layer 0 is never removed);
 - `laco`: LaCo's layer collapse, C consecutive layers merged with the paper formula, top-down with interval
   I, accepted while the output cosine stays above T (`baselines.laco`);
-- `shortened-ppl`: Shortened-LLM's one-shot PPL ranking of single-block removals (`baselines.shortened_ppl`).
+- `shortened-ppl`: Shortened-LLM's one-shot PPL ranking of single-block removals (`baselines.shortened_ppl`);
+- `replaceme`: ReplaceMe's block, the n consecutive layers whose input and output are closest in angle at the
+  last token (`baselines.replaceme_windows`), removed; compensated with `lstsq` unless `merge.compensate` says
+  otherwise.
+
+Any plan can then be compensated (`compensate_plan`, `merge.compensate`): a linear map per window, fitted
+from sums over the calibration rows that the same `Scoring` provider computes (`compensation.py`).
 """
 
 from __future__ import annotations
@@ -51,6 +57,13 @@ class Scoring(Protocol):
     def cka_matrix(self) -> np.ndarray:
         """The (L+1)² CKA matrix of the calibration set."""
 
+    def angular_distances(self) -> np.ndarray:
+        """(L+1)² mean angular distance between hidden states at the last token (ReplaceMe's signal)."""
+
+    def compensation_sums(self, windows, merge: str, fits: dict, targets: list, source: str,
+                          skip_first: int) -> list:
+        """`compensation.CompSums` of each target window over all calibration rows, added in row order."""
+
 
 @dataclass
 class PlannedWindows:
@@ -68,13 +81,20 @@ def method_signals(cfg) -> tuple[str, str]:
     method = cfg.select.method
     return {"swm": (cfg.select.criterion, cfg.merge.method), "sleb": ("nll", "keep-first"),
             "laco": ("output", "paper"), "shortened-ppl": ("nll", "keep-first"),
-            "shortgpt": ("block-influence", "keep-first")}[method]
+            "shortgpt": ("block-influence", "keep-first"), "replaceme": ("angular", "keep-first")}[method]
+
+
+def method_compensation(cfg) -> str:
+    """The compensation a run applies: `merge.compensate`, else the method's own (lstsq for replaceme)."""
+    if cfg.merge.compensate is not None:
+        return cfg.merge.compensate
+    return "lstsq" if cfg.select.method == "replaceme" else "none"
 
 
 def check_method_target(cfg) -> None:
     """One-line errors for a target a method cannot take (checked before any model loads)."""
     s = cfg.select
-    if s.method in ("shortgpt", "shortened-ppl") and s.threshold is not None:
+    if s.method in ("shortgpt", "shortened-ppl", "replaceme") and s.threshold is not None:
         raise UserError(f"--method {s.method} ranks layers once: give --layers or --ratio, not --threshold")
     if s.method in ("laco", "sleb") and s.threshold is not None:
         check_threshold("output" if s.method == "laco" else "nll", s.threshold)
@@ -104,6 +124,14 @@ def plan_windows(cfg, scoring: Scoring, n_layers: int, n_remove: int | None,
 
         windows = shortgpt_windows(scoring.block_influence(), n_remove, protected=protected_set(s, n_layers))
         sel = Selection(windows=list(windows), scores=[], note="ShortGPT: the layers of lowest Block Influence")
+        return PlannedWindows(sel, merge, None, criterion, "rank")
+    if s.method == "replaceme":
+        from swm_ray.baselines import replaceme_windows
+
+        windows, dist = replaceme_windows(scoring.angular_distances(), n_remove,
+                                          protected=protected_set(s, n_layers))
+        sel = Selection(windows=list(windows), scores=[dist],
+                        note="ReplaceMe: the block whose input and output are closest in angle at the last token")
         return PlannedWindows(sel, merge, None, criterion, "rank")
     ev = scoring.evaluator(criterion, merge)
     if s.method == "sleb":
@@ -138,6 +166,22 @@ def _laco(cfg, ev, n_layers: int, n_remove: int | None, on_event) -> Selection:
     return sel
 
 
+def compensate_plan(cfg, scoring: Scoring, windows, merge: str, site, method: str | None = None):
+    """The `compensation.Compensation` of a plan's windows (None when the method is none or nothing was cut),
+    fitted bottom-up from sums the `scoring` provider computes, with the settings of `cfg.merge`."""
+    from swm_ray.compensation import fit_plan
+
+    method = method or method_compensation(cfg)
+    if method == "none" or not windows:
+        return None
+    m = cfg.merge
+
+    def sums_for(fits, targets):
+        return scoring.compensation_sums(windows, merge, fits, targets, m.compensate_input, m.skip_first)
+
+    return fit_plan(cfg, method, windows, merge, site, sums_for)
+
+
 class LocalScoring:
     """`Scoring` in this process, on a layer stack (`stack.py`) and one calibration set."""
 
@@ -152,6 +196,7 @@ class LocalScoring:
         self.wrap = wrap
         self._evaluators: dict[tuple[str, str], MemoEvaluator] = {}
         self._influence: np.ndarray | None = None
+        self._angular: np.ndarray | None = None
 
     def evaluator(self, criterion: str, merge: str) -> MemoEvaluator:
         from swm_ray.scoring import LocalEvaluator, ShardScorer
@@ -168,6 +213,20 @@ class LocalScoring:
         if self._influence is None:
             self._influence = block_influence(self.stack, self.calib.input_ids, self.calib.batches)
         return self._influence
+
+    def angular_distances(self) -> np.ndarray:
+        from swm_ray.baselines import angular_distances
+
+        if self._angular is None:
+            self._angular = angular_distances(self.stack, self.calib.input_ids, self.calib.batches)
+        return self._angular
+
+    def compensation_sums(self, windows, merge: str, fits: dict, targets: list, source: str,
+                          skip_first: int) -> list:
+        from swm_ray.compensation import compensation_sums
+
+        return compensation_sums(self.stack, self.calib.input_ids, self.calib.batches, windows, merge,
+                                 self.attention, fits, targets, source=source, skip_first=skip_first)
 
     def cka_matrix(self) -> np.ndarray:
         if self.matrix is None:

@@ -9,6 +9,7 @@ so the later targets cost little), evaluating each result. It reports one row pe
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Callable
@@ -16,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from swm_ray.artifacts import fmt_cell
-from swm_ray.config import RunConfig
+from swm_ray.config import BASELINES, RunConfig
 from swm_ray.errors import UserError
 
 ROW_KEYS = (
-    "model", "method", "criterion", "search", "merge", "target_kind", "target", "status", "threshold",
+    "model", "method", "criterion", "search", "merge", "compensate", "target_kind", "target", "status", "threshold",
     "windows", "layers_before", "layers_after", "removed_layers", "params_before", "params_after",
     "params_removed", "ppl", "ppl_ratio", "zeroshot_mean", "task_source", "evaluations", "selection_seconds",
-    "eval_seconds", "note", "plan",
+    "eval_seconds", "compensate_seconds", "note", "plan", "plan_tensors",
 )
 
 
@@ -53,9 +54,10 @@ def model_label(source: str) -> str:
 
 
 def method_label(row: dict) -> str:
-    if row.get("method") == "swm":
-        return f"{row['criterion']} / {row['search']} / {row['merge']}"
-    return str(row.get("method"))
+    label = f"{row['criterion']} / {row['search']} / {row['merge']}" if row.get("method") == "swm" else \
+        str(row.get("method"))
+    comp = row.get("compensate")
+    return f"{label} + {comp}" if comp not in (None, "none") else label
 
 
 def check_grid(cfg: RunConfig) -> None:
@@ -81,18 +83,21 @@ def _target_select(cfg: RunConfig, kind: str, target: float, **update: Any):
     return cfg.select.model_copy(update=upd)
 
 
-def _candidate_model(stack, ckpt, config, windows, merge: str, attention: str):
-    """The compressed model a row evaluates: edited in memory, or, when the source streams, the plan applied
-    to the checkpoint and run one layer at a time (nothing written)."""
+def _candidate_model(stack, ckpt, config, windows, merge: str, attention: str, fits=None):
+    """The compressed model a row evaluates (with the compensation `fits` folded in): edited in memory, or,
+    when the source streams, the plan applied to the checkpoint and run one layer at a time (nothing written)."""
     import copy
 
+    from swm_ray.compensation import compensate_model
     from swm_ray.executor import PlanView
     from swm_ray.merge import apply_windows
     from swm_ray.stack import StreamingStack
 
     if not stack.streaming:
-        return apply_windows(copy.deepcopy(stack.model), windows, merge, attention)  # a plain model
-    view = PlanView(ckpt, config, windows, merge, attention)
+        model = apply_windows(copy.deepcopy(stack.model), windows, merge, attention)  # a plain model
+        compensate_model(model, windows, fits or {})
+        return model
+    view = PlanView(ckpt, config, windows, merge, attention, fits)
     return StreamingStack(view, view.config, stack.device, stack.dtype)
 
 
@@ -101,10 +106,11 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
     """Take one (model, method) to every target of the grid with the method's planner (`planners.py`, as
     `compress` does) and evaluate each plan; `report(row)` once per target. Rows carry their plan (JSON)."""
     from swm_ray.checkpoint import Checkpoint
+    from swm_ray.compensation import stack_site
     from swm_ray.evaluation import evaluate_model
     from swm_ray.models import load_config, load_tokenizer, text_config_of
     from swm_ray.plan import Plan
-    from swm_ray.planners import LocalScoring, plan_windows
+    from swm_ray.planners import LocalScoring, compensate_plan, method_compensation, plan_windows
     from swm_ray.selection import target_layers
     from swm_ray.stack import StackSpec, open_stack
 
@@ -124,9 +130,9 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
     base = {k: spec.get(k) for k in ("model", "method", "criterion", "search", "merge")}
     base.update(target_kind=kind, layers_before=n_layers, params_before=params_before)
 
-    def finish(row: dict, windows, merge: str) -> None:
+    def finish(row: dict, windows, merge: str, fits=None) -> None:
         if windows:
-            candidate = _candidate_model(stack, ckpt, config, windows, merge, attention)
+            candidate = _candidate_model(stack, ckpt, config, windows, merge, attention, fits)
         else:
             candidate = stack if stack.streaming else stack.model
         t0 = time.perf_counter()
@@ -178,7 +184,18 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
         if not sel.windows:
             report({**row, "status": "nothing merged", "layers_after": n_layers, "removed_layers": 0})
             continue
-        finish(row, sel.windows, planned.merge)
+        for comp_method in g.compensate or (method_compensation(tcfg),):
+            crow = {**row, "compensate": comp_method}
+            t1 = time.perf_counter()
+            comp = compensate_plan(tcfg, scoring, sel.windows, planned.merge, stack_site(stack), comp_method) \
+                if comp_method != "none" else None
+            if comp is not None:
+                crow["compensate_seconds"] = round(time.perf_counter() - t1, 2)
+                comp.attach(plan)  # the row's plan records the fit; its matrices travel as base64 safetensors
+                crow["plan"] = plan.to_json()
+                crow["plan_tensors"] = base64.b64encode(plan.tensors_bytes()).decode("ascii")
+                plan.compensation, plan.tensors = None, {}
+            finish(crow, sel.windows, planned.merge, comp.fits if comp is not None else None)
 
 
 def _misses(scoring) -> int:
@@ -195,7 +212,7 @@ def finalize_rows(rows: list[dict]) -> list[dict]:
     for r in out:
         base = orig.get(r["model"])
         r["ppl_ratio"] = r["ppl"] / base if base and r.get("ppl") is not None else None
-    rank = {"original": 0, "shortgpt": 1, "sleb": 1}
+    rank = {"original": 0, **{b: 1 for b in BASELINES}}
     out.sort(key=lambda r: (str(r["model"]), rank.get(r["method"], 2), method_label(r),
                             r["removed_layers"] if r["removed_layers"] is not None else -1,
                             float(r["target"]) if r["target"] is not None else 0.0))
@@ -227,12 +244,17 @@ def write_results(folder: Path, rows: list[dict]) -> list[str]:
     names: list[str] = []
     rows = [dict(r) for r in rows]
     for i, r in enumerate(rows):
+        tensors = r.pop("plan_tensors", None)
         if r.get("plan"):
             name = f"plans/{i:03d}-{_slug(model_label(str(r['model'])))}-{_slug(method_label(r))}-{r['target']}.json"
             (folder / "plans").mkdir(exist_ok=True)
             (folder / name).write_text(r["plan"] if r["plan"].endswith("\n") else r["plan"] + "\n")
             r["plan"] = name
             names.append(name)
+            if tensors:  # a compensated plan's fitted matrices, beside it (`plan.tensors_path`)
+                side = name.removesuffix(".json") + ".tensors"
+                (folder / side).write_bytes(base64.b64decode(tensors))
+                names.append(side)
     table = pa.Table.from_pylist(rows)
     pq.write_table(table, folder / "results.parquet")
     pacsv.write_csv(table, folder / "results.csv")

@@ -55,7 +55,7 @@ def _ranges(indices: list[int]) -> list[tuple[int, int]]:
 
 def mergekit_kept_layers(plan: Plan) -> list[int]:
     """Original indices mergekit must copy: the kept layers, with each window's top for keep-last."""
-    if plan.merge not in DROP_ONLY_METHODS:
+    if plan.merge not in DROP_ONLY_METHODS or plan.compensated:
         raise ValueError(f"merge {plan.merge!r} changes weights: no mergekit passthrough recipe exists")
     removed = set(plan.removed_layers)
     if plan.merge == "keep-last":
@@ -68,9 +68,9 @@ def mergekit_kept_layers(plan: Plan) -> list[int]:
 def render_mergekit_config(plan: Plan, dtype: str = "bfloat16") -> str | None:
     """A mergekit passthrough YAML reproducing a drop-only plan (None for plans that change weights).
 
-    `layer_range` is half-open, [start, end), as mergekit expects.
+    `layer_range` is half-open, [start, end), as mergekit expects. A compensated plan changes weights: None.
     """
-    if plan.merge not in DROP_ONLY_METHODS:
+    if plan.merge not in DROP_ONLY_METHODS or plan.compensated:
         return None
     model = plan.source_model or "SOURCE_MODEL"
     lines = [
@@ -137,6 +137,11 @@ def render_model_card(
     ]
     if criterion:
         parts.append(f"Selection: {criterion}.\n")
+    if plan.compensated:
+        c = plan.compensation
+        parts.append(f"Compensation: **`{c['method']}`**, a linear map fitted on calibration data (input: "
+                     f"{c.get('input')}) and folded into each window's MLP output ({c.get('site')}); the fitted "
+                     "matrices are in `plan.tensors` (safetensors format) beside `plan.json`.\n")
     parts.append("Windows are 0-based indices of the original decoder layers, top window first.\n")
     parts.append(_windows_table(plan) + "\n")
     parts.append(f"Original layers removed: {plan.removed_layers or 'none'}.\n")
@@ -396,7 +401,7 @@ def write_model_folder(
     config = load_config(source_path, trust_remote_code)
     check_supported_config(config)
     ckpt = Checkpoint(source_path, allow_pickle)
-    view = PlanView(ckpt, config, plan.windows, plan.merge, attention)
+    view = PlanView(ckpt, config, plan.windows, plan.merge, attention, plan_fits(plan))
     check_config_lists(view.config)
     tcfg = text_config_of(view.config)
     plan.params_after = view.param_count(bool(getattr(tcfg, "tie_word_embeddings", False)))
@@ -429,6 +434,13 @@ def write_model_folder(
                     raise RuntimeError(f"the model written to {out} produces non-finite logits")
     final = out if storage.is_remote(out) else str(Path(out).resolve())
     return {"out": final, "files": files, "checksum": plan.source_checksum, "params_after": plan.params_after}
+
+
+def plan_fits(plan: Plan) -> dict:
+    """The compensation fits a plan carries ({} for none)."""
+    from swm_ray.compensation import fits_from_record
+
+    return fits_from_record(plan.compensation, plan.tensors) if plan.compensated else {}
 
 
 def update_metrics(out: str, plan: Plan, metrics: dict, resolved_yaml: str | None = None) -> None:

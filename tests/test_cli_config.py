@@ -25,7 +25,8 @@ from swm_ray.config import RunConfig, build_config
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
 JOBS = {"analyze": ("swm_ray.jobs.analyze", "run_analyze"), "compress": ("swm_ray.jobs.compress", "run_compress"),
-        "eval": ("swm_ray.jobs.eval", "run_eval"), "grid": ("swm_ray.jobs.grid", "run_grid")}
+        "eval": ("swm_ray.jobs.eval", "run_eval"), "grid": ("swm_ray.jobs.grid", "run_grid"),
+        "heal": ("swm_ray.jobs.heal", "run_heal"), "compress --heal": ("swm_ray.jobs.heal", "run_compress_and_heal")}
 NOT_CONFIG = {"config", "set_"}  # options that are not a config path themselves
 EXTRA = {"grid": {"resume"}}  # grid --resume names an experiment, not a config value (checked below)
 
@@ -38,12 +39,15 @@ class Captured(Exception):
 def capture(monkeypatch):
     """Stub every job module; returns a dict that receives the command's config (and call details)."""
     seen: dict = {}
+    stubs: dict[str, dict] = {}
     for command, (module, fn) in JOBS.items():
         def run(cfg, *args, _command=command, **kwargs):
             seen.update(command=_command, cfg=cfg, args=args, kwargs=kwargs)
             raise Captured
 
-        monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(**{fn: run}))
+        stubs.setdefault(module, {})[fn] = run
+    for module, fns in stubs.items():
+        monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(**fns))
     monkeypatch.setitem(sys.modules, "swm_ray.sweep", types.SimpleNamespace(markdown_table=lambda rows: ""))
     return seen
 
@@ -70,12 +74,13 @@ CONFIG = {
     "stats": {"kernel": "rbf", "skip_first_tokens": 0},
     "ray": {"actors": 3, "gpus_per_actor": 2},
     "select": {"method": "sleb", "criterion": "kl", "search": "top-down", "layers": 3, "paper_loop": False},
-    "merge": {"method": "mean"},
+    "merge": {"method": "mean", "compensate": "scale"},
     "eval": {"tasks": ["piqa"], "limit": 4, "batch_size": 3, "ppl_data": "cfg-ppl.txt", "ppl_bos": "none",
              "latency": True, "latency_runs": 2, "latency_warmup": 1, "latency_new_tokens": 5, "offline": False,
              "baseline": "cfg-base", "enabled": True},
     "grid": {"models": ["cfg-m1", "cfg-m2"], "criteria": ["kl"], "searches": ["top-down"], "merges": ["mean"],
-             "ratios": [0.1], "baselines": ["sleb"], "concurrency": 2, "cpus_per_trial": 2.0, "gpus_per_trial": 0.5},
+             "ratios": [0.1], "baselines": ["sleb"],
+             "compensate": ["scale"], "concurrency": 2, "cpus_per_trial": 2.0, "gpus_per_trial": 0.5},
     "out": "cfg-out",
     "overwrite": True,
     "resume": True,
@@ -111,6 +116,9 @@ FLAGS = {
         ("search", ["--search", "best-first"], "select.search", "best-first"),
         ("layers", ["--layers", "2"], "select.layers", 2),
         ("merge", ["--merge", "keep-last"], "merge.method", "keep-last"),
+        ("compensate", ["--compensate", "lstsq"], "merge.compensate", "lstsq"),
+        ("heal", ["--heal", "local"], "heal.after_compress", "local"),
+        ("heal_data", ["--heal-data", "flag-hdata"], "heal.data", "flag-hdata"),
         ("actors", ["--actors", "5"], "ray.actors", 5),
         ("samples", ["--samples", "9"], "data.samples", 9),
         ("seq_len", ["--seq-len", "17"], "data.seq_len", 17),
@@ -119,6 +127,24 @@ FLAGS = {
         ("overwrite", ["--overwrite"], "overwrite", True),
         ("resume", ["--resume"], "resume", True),
         *COMMON,
+    ],
+    "heal": [
+        ("model", ["flag-model"], "model.source", "flag-model"),
+        ("data", ["--data", "flag-data"], "heal.data", "flag-data"),
+        ("mode", ["--mode", "local"], "heal.mode", "local"),
+        ("out", ["--out", "flag-out"], "out", "flag-out"),
+        ("workers", ["--workers", "3"], "heal.workers", 3),
+        ("steps", ["--steps", "5"], "heal.steps", 5),
+        ("epochs", ["--epochs", "1.5"], "heal.epochs", 1.5),
+        ("lr", ["--lr", "0.001"], "heal.lr", 0.001),
+        ("batch_size", ["--batch-size", "16"], "heal.batch_size", 16),
+        ("keep_adapter", ["--keep-adapter"], "heal.keep_adapter", True),
+        ("checkpoints", ["--checkpoints", "flag-ckpt"], "heal.checkpoints", "flag-ckpt"),
+        ("source", ["--source", "flag-src"], "heal.source", "flag-src"),
+        ("do_eval", ["--eval"], "eval.enabled", True),
+        ("overwrite", ["--overwrite"], "overwrite", True),
+        ("resume", ["--resume"], "resume", True),
+        *[c for c in COMMON if c[0] != "gpus_per_actor"],
     ],
     "eval": [
         ("model", ["flag-model"], "model.source", "flag-model"),
@@ -147,6 +173,7 @@ FLAGS = {
         ("merges", ["--merges", "reference,paper"], "grid.merges", ["reference", "paper"]),
         ("layers", ["--layers", "2,4"], "grid.layers", [2, 4]),
         ("baselines", ["--baselines", "shortgpt"], "grid.baselines", ["shortgpt"]),
+        ("compensate", ["--compensate", "lstsq,none"], "grid.compensate", ["lstsq", "none"]),
         ("tasks", ["--tasks", "arc_easy"], "eval.tasks", ["arc_easy"]),
         ("limit", ["--limit", "6"], "eval.limit", 6),
         ("concurrency", ["--concurrency", "3"], "grid.concurrency", 3),
@@ -183,7 +210,8 @@ def _option_names(command: str) -> set[str]:
 def _other_value(value):
     """A YAML value different from the flag's (and valid for the same path)."""
     table = {True: False, "always": "never", "chunk": "stream", "nll": "output", "best-first": "top-down",
-             "keep-last": "reference", "linear": "rbf", "bfloat16": "float32", "laco": "shortgpt"}
+             "keep-last": "reference", "linear": "rbf", "bfloat16": "float32", "laco": "shortgpt", "local": "lora",
+             "lstsq": "none"}
     if isinstance(value, bool) or isinstance(value, str) and value in table:
         return table[value]
     if isinstance(value, list):
@@ -202,7 +230,7 @@ def _set_args(entries) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("command", ["analyze", "compress", "eval", "grid", "config"])
+@pytest.mark.parametrize("command", ["analyze", "compress", "eval", "grid", "heal", "config"])
 def test_every_option_defaults_to_none(command):
     """An option with a default of its own would override the config whenever it is left out."""
     defaults = {p.name: p.default for p in _click(command).params if p.default is not None}

@@ -93,6 +93,10 @@ def test_compress_method_equals_the_grid_row(ray_session, deep_llama, tokens_par
     assert grid_plan["similarities"] == res["plan"]["similarities"] and grid_plan["merge"] == res["plan"]["merge"]
     plan_file = tmp_path / "row-plan.json"
     plan_file.write_text(row["plan"])
+    if row.get("plan_tensors"):  # a compensated plan (replaceme): its matrices beside it, as the grid writes them
+        import base64
+
+        (tmp_path / "row-plan.tensors").write_bytes(base64.b64decode(row["plan_tensors"]))
     run_apply(build_config(flags={"out": str(tmp_path / "a")}), str(plan_file))
     a, b = _files(tmp_path / "c"), _files(tmp_path / "a")
     assert all(a[k] == b[k] for k in a if k != "tokenizer.json")

@@ -57,6 +57,23 @@ class ModelActor:
 
         return block_influence_sums(self.stack, input_ids, [tuple(b) for b in batches])
 
+    def angular_distances(self, input_ids: np.ndarray, batches: list) -> np.ndarray:
+        """(B, L+1, L+1) sums of last-token angular distances of each given minibatch (ReplaceMe's signal)."""
+        from swm_ray.baselines import angular_distance_sums
+
+        return angular_distance_sums(self.stack, input_ids, [tuple(b) for b in batches])
+
+    def compensation_sums(self, input_ids: np.ndarray, batches: list, request: dict) -> list:
+        """`compensation.CompSums` of each target window over the given minibatches (added in their order), with
+        the plan's windows and the fits below applied; the request carries everything (a retried call on a
+        restarted actor gives the same)."""
+        from swm_ray.compensation import compensation_sums
+
+        r = request
+        return compensation_sums(self.stack, input_ids, [tuple(b) for b in batches], r["windows"], r["merge"],
+                                 r["attention"], r["fits"], r["targets"], source=r["source"],
+                                 skip_first=r["skip_first"])
+
     def prepare(self, job: dict) -> int:
         """Build the candidate scorer of `job` now (its reference pass), so the first step is not slower."""
         return self._scorer(job, []).rows

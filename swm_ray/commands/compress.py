@@ -60,8 +60,8 @@ def compress_command(
     model: str = ModelArg,
     data: str = typer.Option(None, "--data", help="calibration text (default builtin:lambada)"),
     method: str = typer.Option(None, "--method", help="swm (default: sliding-window merging with --criterion, "
-                               "--search, --merge) | shortgpt | sleb | laco | shortened-ppl (baseline pruners, "
-                               "through the same writer and evaluation)"),
+                               "--search, --merge) | shortgpt | sleb | laco | shortened-ppl | replaceme (baseline "
+                               "pruners, through the same writer and evaluation)"),
     criterion: str = typer.Option(None, "--criterion", help="output (default) | cka | kl | nll (the "
                                    "candidate's own calibration NLL, SLEB's signal)"),
     search: str = typer.Option(None, "--search", help="best-first (default) | top-down (the paper's loop)"),
@@ -69,12 +69,18 @@ def compress_command(
     ratio: float = typer.Option(None, "--ratio", help="fraction of all parameters to remove (the paper's ratio)"),
     layers: int = typer.Option(None, "--layers", help="number of decoder layers to remove"),
     merge: str = typer.Option(None, "--merge", help="reference (default) | paper | mean | keep-first | keep-last"),
+    compensate: str = typer.Option(None, "--compensate", help="none | lstsq (a least-squares map fitted per window "
+                                   "on calibration, folded into its MLP output) | scale (one least-squares factor); "
+                                   "default: the method's own (lstsq for replaceme, else none)"),
     paper: bool = typer.Option(None, "--paper", help="the authors' exact procedure: output + top-down + their loop "
                                "(refused together with another --criterion or --search)"),
     actors: int = typer.Option(None, "--actors", help="Ray actors holding model replicas and data shards"),
     samples: int = typer.Option(None, "--samples", help="calibration sequences (default 10)"),
     seq_len: int = typer.Option(None, "--seq-len", help="tokens per sequence (default 128)"),
     do_eval: bool = typer.Option(None, "--eval", help="evaluate the result (perplexity + zero-shot) into the card"),
+    heal: str = typer.Option(None, "--heal", help="lora | local: heal the compressed model (swm-ray heal) before "
+                             "--eval; the healed model is written to --out"),
+    heal_data: str = typer.Option(None, "--heal-data", help="training text of --heal (default: --data)"),
     out: str = typer.Option(None, "--out", "-o",
                             help="output model folder, local or s3:// (default ./swm-ray-compressed)"),
     overwrite: bool = OverwriteOpt,
@@ -92,6 +98,7 @@ def compress_command(
         "model.source": model, "data.source": data, "select.method": method, "select.criterion": criterion,
         "select.search": search,
         "select.threshold": threshold, "select.ratio": ratio, "select.layers": layers, "merge.method": merge,
+        "merge.compensate": compensate, "heal.after_compress": heal, "heal.data": heal_data,
         "ray.actors": actors, "data.samples": samples, "data.seq_len": seq_len, "eval.enabled": do_eval,
         "out": out, "overwrite": overwrite, "resume": resume, "model.allow_pickle": allow_pickle,
         "model.trust_remote_code": trust_remote_code, **scale_flags(stream_layers, max_memory, gpus_per_actor),
@@ -100,7 +107,10 @@ def compress_command(
     if paper:
         flags.update(paper_settings(flags, set_))
     cfg, raw = make_config(config, flags, set_)
-    from swm_ray.jobs.compress import run_compress
+    if cfg.heal.after_compress:
+        from swm_ray.jobs.heal import run_compress_and_heal as run_compress
+    else:
+        from swm_ray.jobs.compress import run_compress
 
     res = run_compress(cfg, raw)
     p = res["plan"]
@@ -111,8 +121,17 @@ def compress_command(
     if p.get("threshold") is not None:
         echo(f"threshold: {p['threshold']:.4f}   criterion: {p['criterion']}   search: {p['search']}   "
              f"merge: {p['merge']}")
+    if p.get("compensation"):
+        c = p["compensation"]
+        echo(f"compensation: {c['method']} (input {c['input']}), missed share of each window's update: "
+             + ", ".join(f"{w['window'][0]}-{w['window'][1]} {w['error_before']:.3f} -> {w['error_after']:.3f}"
+                         for w in c["windows"]))
     if res.get("note"):
         echo(f"note: {res['note']}")
+    if res.get("heal"):
+        from swm_ray.commands.heal import heal_summary
+
+        echo(f"healed ({res['heal'].mode}): {heal_summary(res['heal'])}")
     if res.get("metrics"):
         m = res["metrics"]
         if m.get("ppl"):

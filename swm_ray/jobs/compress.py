@@ -82,6 +82,15 @@ class RayScoring:
     def block_influence(self):
         return self._pool().block_influence(self.calib)
 
+    def angular_distances(self):
+        return self._pool().angular_distances(self.calib)
+
+    def compensation_sums(self, windows, merge, fits, targets, source, skip_first):
+        request = {"windows": [list(w) for w in windows], "merge": merge, "attention": self.cfg.merge.attention,
+                   "fits": dict(fits), "targets": [tuple(t) for t in targets], "source": source,
+                   "skip_first": skip_first}
+        return self._pool().compensation_sums(self.calib, request)
+
     def cka_matrix(self):
         return similarity_matrix(self.cfg, self.calib, pool=self.pool, state=self.state)[0]
 
@@ -95,8 +104,16 @@ class RayScoring:
 
 def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
     """Plan with the method of `cfg.select.method`, write the model folder; returns the summary."""
+    from swm_ray.compensation import checkpoint_site
     from swm_ray.plan import Plan
-    from swm_ray.planners import check_method_count, check_method_target, method_signals, plan_windows
+    from swm_ray.planners import (
+        check_method_count,
+        check_method_target,
+        compensate_plan,
+        method_compensation,
+        method_signals,
+        plan_windows,
+    )
     from swm_ray.writer import write_model_folder
 
     s = cfg.select
@@ -114,6 +131,8 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
     params_before, per_layer, config = model_sizes(path, cfg)
     n_remove = target_layers(cfg, params_before, per_layer, n_layers)
     check_method_count(cfg, n_layers, n_remove)
+    compensate = method_compensation(cfg)
+    site = checkpoint_site(path, config, cfg.model.allow_pickle) if compensate != "none" else None
     state.start(calib.input_ids)
     con = console()
     what = f"criterion {s.criterion}, search {s.search}" if s.method == "swm" else f"method {s.method}"
@@ -126,6 +145,9 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
         t_search = time.perf_counter()
         planned = plan_windows(cfg, scoring, n_layers, n_remove, _reporter(criterion))
         t_select = time.perf_counter() - t_search  # the search alone (scorers ready, matrix loaded)
+        comp = compensate_plan(cfg, scoring, planned.selection.windows, planned.merge, site, compensate)
+        if comp is not None:
+            _report_fits(con, comp)
         modes = scoring.modes()
     finally:
         scoring.shutdown()
@@ -149,6 +171,8 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
                "calibration": {"source": cfg.data.source, "samples": int(calib.input_ids.shape[0]),
                                "seq_len": int(calib.input_ids.shape[1]), "bos_prepended": calib.bos_prepended}},
     )
+    if comp is not None:
+        comp.attach(plan)
     written = write_model_folder(path, plan, out, raw_yaml=raw_yaml, resolved_yaml=dump_yaml(cfg),
                                  overwrite=cfg.overwrite, attention=cfg.merge.attention,
                                  allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)
@@ -158,6 +182,15 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
         metrics = _evaluate_output(cfg, written["out"], plan, raw_yaml)
     return {"out": written["out"], "plan": plan.to_dict(), "note": sel.note, "metrics": metrics,
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _report_fits(con, comp) -> None:
+    con.print(f"[bold]compensation[/] {comp.method} (input {comp.source}), fitted in {comp.seconds:.1f} s:")
+    for (low, high), fit in sorted(comp.fits.items()):
+        con.print(f"  layers {low:>3}–{high:<3} {fit.kind:<8} missed share of the window's update "
+                  f"{fit.error_before:.4f} → {fit.error_after:.4f}")
+    if comp.note:
+        con.print(f"[yellow]warning[/]: {comp.note}")
 
 
 def _warn_mixed_windows(con, config, windows, attention: str) -> None:

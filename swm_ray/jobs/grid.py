@@ -114,7 +114,8 @@ def _rows_from_file(path: Path) -> list[dict]:
     for line in path.read_text().splitlines():
         if line.strip():
             r = json.loads(line)
-            keyed[tuple(str(r.get(k)) for k in ("model", "method", "criterion", "search", "merge", "target"))] = r
+            keyed[tuple(str(r.get(k)) for k in ("model", "method", "criterion", "search", "merge", "compensate",
+                                                 "target"))] = r
     return list(keyed.values())
 
 

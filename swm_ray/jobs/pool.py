@@ -212,6 +212,31 @@ class ActorPool:
         tokens = sum((b - a) * calib.input_ids.shape[1] for a, b in calib.batches)
         return influence_from_sums([per_batch[b] for b in range(len(calib.batches))], tokens)
 
+    def angular_distances(self, calib: Calibration) -> np.ndarray:
+        """(L+1, L+1) mean last-token angular distances, minibatches added in order (as in one process)."""
+        from swm_ray.baselines import angular_from_sums
+
+        per_batch = self.per_minibatch(calib, "angular_distances", (), "angular distances")
+        return angular_from_sums([per_batch[b] for b in range(len(calib.batches))], int(calib.input_ids.shape[0]))
+
+    def compensation_sums(self, calib: Calibration, request: dict) -> list:
+        """Per target window of `request`, the compensation sums over every calibration row: each actor sums its
+        own minibatches (one call, so a streaming actor reads each layer once), the driver adds the actors'
+        sums in actor order, i.e. row order."""
+        import ray
+
+        from swm_ray.compensation import add_sums
+
+        ids_ref = ray.put(calib.input_ids)
+        req_ref = ray.put(request)
+        calls = [(j, [calib.batches[b] for b in calib.shard(j, self.k)]) for j in range(self.k)]
+        calls = [(j, bs) for j, bs in calls if bs]
+        refs = [self.actors[j].compensation_sums.remote(ids_ref, bs, req_ref) for j, bs in calls]
+        what = f"compensation sums of {len(request['targets'])} window(s)"
+        parts = gather(refs, f"{what} ({self.k} actor{'s' if self.k > 1 else ''})", pool=self,
+                       owners=[j for j, _ in calls])
+        return [add_sums([p[t] for p in parts]) for t in range(len(request["targets"]))]
+
     def scoring_jobs(self, calib: Calibration, criterion: str, method: str, attention: str = "global") -> list:
         """What each actor's candidate checks need (its rows, the criterion...), sent with every call so that a
         restarted actor can rebuild its scorer; the actors build them now."""

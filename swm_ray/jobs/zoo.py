@@ -12,6 +12,7 @@ ZOO.yaml:
         name: smollm2-swm                      # optional: the output folder's name
         revision: main                         # optional (hub ids)
         select: {method: swm}                  # optional: the entry's own settings over the defaults
+        merge: {compensate: lstsq}             #   (any section: here a least-squares compensation)
 
 Each entry runs `pipeline.compress_here` (the planners, writer and evaluation of `compress`) in one Ray task
 that asks for the resources the model needs (GPUs from its size where the cluster has GPUs). Outputs go to
@@ -35,7 +36,7 @@ from swm_ray.config import RunConfig, build_config
 from swm_ray.errors import UserError
 from swm_ray.jobs.console import console
 
-MANIFEST_KEYS = ("name", "source", "revision", "output", "method", "merge", "windows", "layers_before",
+MANIFEST_KEYS = ("name", "source", "revision", "output", "method", "merge", "compensate", "windows", "layers_before",
                  "layers_after", "layers_removed", "params_removed", "ppl", "zeroshot_mean", "seconds", "status",
                  "error")
 ENTRY_KEYS = {"source", "name", "revision"}
@@ -151,7 +152,8 @@ def _row(entry: Entry, result: dict | None, error: str | None, seconds: float) -
            "error": error}
     if result:
         p, metrics = result["plan"], result.get("metrics") or {}
-        row.update(merge=p["merge"], windows=json.dumps(p["windows"]), layers_before=p["num_layers_before"],
+        row.update(merge=p["merge"], compensate=(p.get("compensation") or {}).get("method") or "none",
+                   windows=json.dumps(p["windows"]), layers_before=p["num_layers_before"],
                    layers_after=p["num_layers_after"],
                    layers_removed=p["num_layers_before"] - p["num_layers_after"],
                    params_removed=1 - p["params_after"] / p["params_before"] if p.get("params_before") else None,

@@ -1,0 +1,333 @@
+"""Compensation: the fold is exact on every architecture, the sums are additive over rows and actors, windows
+are fitted bottom-up on the compressed model's own input, ReplaceMe picks the hand-computed block, and a
+compensated folder reloads with plain transformers and is reproduced byte for byte by `apply`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import ARCHS, tiny_model
+from transformers import AutoModelForCausalLM
+
+from swm_ray.checkpoint import Checkpoint
+from swm_ray.compensation import (
+    CompSums,
+    Fit,
+    accumulate,
+    add_sums,
+    capture_output,
+    compensate_model,
+    compensation_sums,
+    fit_windows,
+    fold_site,
+    make_fit,
+    stack_site,
+)
+from swm_ray.config import build_config
+from swm_ray.errors import UserError
+from swm_ray.executor import PlanView, materialize
+from swm_ray.merge import apply_windows
+from swm_ray.models import load_config
+from swm_ray.plan import Plan
+from swm_ray.stack import InMemoryStack
+
+IDS = np.random.default_rng(5).integers(4, 256, size=(8, 12))
+BATCHES = [(0, 4), (4, 8)]
+
+
+def _saved(arch: str, folder: Path, n_layers: int = 6):
+    model, tok = tiny_model(arch, n_layers=n_layers)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model
+
+
+def _fits(stack, windows, method="lstsq", source="compressed", merge="reference"):
+    def sums_for(fits, targets):
+        return compensation_sums(stack, IDS, BATCHES, windows, merge, "global", fits, targets, source=source)
+
+    return fit_windows(windows, method, stack_site(stack), sums_for, source=source)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["lstsq", "scale"])
+def test_fold_adds_exactly_m_times_t_minus_i(tmp_path, arch, method):
+    """The layer a plan compensates, as the executor writes it, returns the plain merged layer's output plus
+    m·(T − I), m being the plain layer's MLP output (Gemma 2/3: a diagonal T, folded into the post-MLP norm)."""
+    model = _saved(arch, tmp_path)
+    windows = [[1, 2], [3, 4]]
+    fits = _fits(InMemoryStack(model), windows, method)
+    assert {f.kind for f in fits.values()} == {
+        "scalar" if method == "scale" else "diagonal" if arch.startswith("gemma") else "matrix"}
+    ckpt, config = Checkpoint(tmp_path), load_config(str(tmp_path))
+    plain = PlanView(ckpt, config, windows, "reference")
+    fitted = PlanView(ckpt, config, windows, "reference", fits=fits)
+    a = InMemoryStack(materialize(plain, plain.config))
+    b = InMemoryStack(materialize(fitted, fitted.config))
+    site = stack_site(a)
+    pro = a.prologue(torch.tensor(IDS[:4]))
+    h = pro.hidden
+    for pos in range(a.num_layers):
+        with torch.inference_mode(), capture_output(a.layers[pos], site) as got:
+            want = a.run(a.layers[pos], h, pro.kwargs[pos])
+        out = b.run(b.layers[pos], h, pro.kwargs[pos])
+        window = {1: (1, 2), 2: (3, 4)}.get(pos)
+        if window is None:
+            torch.testing.assert_close(out, want, rtol=0, atol=0)
+        else:
+            fit = fits[window]
+            t = fit.tensor if fit.kind == "matrix" else torch.diag(fit.tensor.expand(want.shape[-1]))
+            m = got[-1]
+            torch.testing.assert_close(out, want + m @ (t - torch.eye(t.shape[0])), rtol=1e-5, atol=1e-5)
+        h = want
+    # the in-memory fold (grid trials) gives the executor's tensors bit for bit
+    apply_windows(model, windows, "reference")
+    compensate_model(model, windows, fits)
+    for name, p in model.state_dict().items():
+        if name in fitted.infos:
+            assert torch.equal(p, fitted.read(name)), name
+
+
+def test_gemma_style_norm_without_a_known_fold_is_refused():
+    names = ["mlp.down_proj.weight", "post_feedforward_layernorm.weight"]
+    with pytest.raises(UserError, match="no exact fold") as e:
+        fold_site("olmo2", names)
+    assert "\n" not in str(e.value)
+    assert fold_site("gemma2", names).unit_offset and fold_site("llama", names[:1]).module == "mlp"
+
+
+def test_sums_are_additive_over_rows(tmp_path):
+    stack = InMemoryStack(_saved("qwen3", tmp_path))
+    windows = [[1, 3]]
+    (whole,) = compensation_sums(stack, IDS, BATCHES, windows, "mean", "global", {}, windows)
+    parts = [compensation_sums(stack, IDS, [b], windows, "mean", "global", {}, windows)[0] for b in BATCHES]
+    total = add_sums(parts)
+    assert total.tokens == whole.tokens == 8 * 11  # the first position of every row is left out
+    np.testing.assert_allclose(total.mtm, whole.mtm, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(total.mtb, whole.mtb, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_streaming_sums_equal_in_memory(tmp_path, arch):
+    """Actors that stream their model one layer at a time compute the same sums (fits below folded in)."""
+    from swm_ray.stack import StreamingStack
+
+    model = _saved(arch, tmp_path)
+    windows = [[1, 2], [3, 4]]
+    mem = InMemoryStack(model)
+    fits = _fits(mem, windows[:1])
+    want = compensation_sums(mem, IDS, BATCHES, windows, "mean", "global", fits, [(3, 4)])[0]
+    stream = StreamingStack.from_path(str(tmp_path), torch.device("cpu"), torch.float32)
+    got = compensation_sums(stream, IDS, BATCHES, windows, "mean", "global", fits, [(3, 4)])[0]
+    assert got.tokens == want.tokens
+    np.testing.assert_allclose(got.mtb, want.mtb, rtol=1e-5, atol=1e-5 * np.abs(want.mtb).max())
+
+
+def test_sums_over_one_and_two_actors_agree(ray_session, tiny_llama_dir, tokens_parquet):
+    """Two actors, each summing its own minibatches, and one process summing all of them (what one actor
+    computes: the same library call) agree to 1e-9."""
+    from swm_ray.data import calibration_for
+    from swm_ray.jobs.pool import ActorPool
+
+    cfg = build_config(flags={"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet),
+                              "data.samples": 16, "data.seq_len": 16, "data.batch_size": 4, "ray.actors": 2})
+    _, calib, _ = calibration_for(cfg)
+    windows, targets = [[1, 2], [3, 4]], [(1, 2), (3, 4)]
+    request = {"windows": windows, "merge": "reference", "attention": "global", "fits": {}, "targets": targets,
+               "source": "compressed", "skip_first": 1}
+    pool = ActorPool(cfg, 16, 16)
+    try:
+        two = pool.compensation_sums(calib, request)
+    finally:
+        pool.shutdown()
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).eval()
+    one = compensation_sums(InMemoryStack(model), calib.input_ids, calib.batches, windows, "reference", "global",
+                            {}, targets)
+    for a, b in zip(one, two):
+        assert a.tokens == b.tokens == 16 * 15
+        for x, y in ((a.mtm, b.mtm), (a.mtb, b.mtb)):
+            assert np.abs(x - y).max() <= 1e-9 * np.abs(x).max()
+
+
+def test_sequential_fit_sees_the_compensated_layers_below(tmp_path):
+    """A scripted case: the upper window's sums, with a fit folded into the lower window, are those of the
+    compressed model built by hand (merged, lower window compensated) run on the calibration rows; the local
+    fit (original input) does not see the lower window at all."""
+    model = _saved("llama", tmp_path)
+    stack = InMemoryStack(model)
+    windows = [[1, 2], [3, 5]]
+    d = model.config.hidden_size
+    noise = torch.randn(d, d, generator=torch.Generator().manual_seed(0))
+    lower = Fit((1, 2), "matrix", torch.eye(d) * 1.5 + 0.05 * noise)
+    (seq,) = compensation_sums(stack, IDS, BATCHES, windows, "reference", "global", {(1, 2): lower}, [(3, 5)])
+    (plain,) = compensation_sums(stack, IDS, BATCHES, windows, "reference", "global", {}, [(3, 5)])
+    assert np.abs(seq.mtb - plain.mtb).max() > 1e-3 * np.abs(plain.mtb).max()  # it does see the fit below
+
+    orig = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    edited = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    apply_windows(edited, windows, "reference")
+    compensate_model(edited, windows, {(1, 2): lower})
+    layer = edited.model.layers[2]  # the merged window 3-5 sits at position 2 (kept: 0, 1, 3)
+    site = stack_site(InMemoryStack(edited))
+    want = CompSums.zeros(d)
+    seen: dict = {}
+
+    def keep(key):
+        return lambda mod, args, kwargs, out: seen.update({key: (args[0] if args else kwargs["hidden_states"],
+                                                                 out[0] if isinstance(out, tuple) else out)})
+
+    hooks = [orig.model.layers[5].register_forward_hook(keep("orig"), with_kwargs=True),
+             layer.register_forward_hook(keep("edited"), with_kwargs=True)]
+    with torch.no_grad():
+        for a, b in BATCHES:  # the layers' own outputs: hidden_states[-1] would be after the final norm
+            ids = torch.tensor(IDS[a:b])
+            orig(ids)
+            with capture_output(layer, site) as got:
+                edited(ids)
+            x, out = seen["edited"]
+            accumulate(want, x, got[-1], out, seen["orig"][1], 1)
+    for h in hooks:
+        h.remove()
+    np.testing.assert_allclose(seq.mtb, want.mtb, rtol=1e-4, atol=1e-4 * np.abs(want.mtb).max())
+    np.testing.assert_allclose(seq.mtm, want.mtm, rtol=1e-4, atol=1e-4 * np.abs(want.mtm).max())
+    (loc_a,) = compensation_sums(stack, IDS, BATCHES, windows, "reference", "global", {(1, 2): lower}, [(3, 5)],
+                                 source="original")
+    (loc_b,) = compensation_sums(stack, IDS, BATCHES, windows, "reference", "global", {}, [(3, 5)],
+                                 source="original")
+    np.testing.assert_array_equal(loc_a.mtb, loc_b.mtb)
+    # fit_windows asks bottom-up, with the fits below
+    calls = []
+
+    def sums_for(fits, targets):
+        calls.append((sorted(fits), list(targets)))
+        return compensation_sums(stack, IDS, BATCHES, windows, "reference", "global", fits, targets)
+
+    fit_windows(windows, "lstsq", site, sums_for)
+    assert calls == [([], [(1, 2)]), ([(1, 2)], [(3, 5)])]
+
+
+def test_lstsq_fit_reduces_the_window_error(tmp_path):
+    stack = InMemoryStack(_saved("mistral", tmp_path))
+    (s,) = compensation_sums(stack, IDS, BATCHES, [[2, 4]], "reference", "global", {}, [(2, 4)])
+    fit = make_fit((2, 4), s, "lstsq", stack_site(stack))
+    assert fit.error_after < fit.error_before and fit.tokens == 88
+    ridge = make_fit((2, 4), s, "lstsq", stack_site(stack), ridge=10.0)
+    assert fit.error_after <= ridge.error_after  # the plain least squares is the minimum on the fit rows
+
+
+def test_replaceme_picks_the_hand_computed_block(tmp_path):
+    from swm_ray.data import Calibration
+    from swm_ray.planners import LocalScoring, plan_windows
+
+    model = _saved("llama", tmp_path, n_layers=8)
+    with torch.no_grad():
+        hs = model(torch.tensor(IDS), output_hidden_states=True).hidden_states  # hs[8] is after the final norm
+    last = torch.stack([h[:, -1, :].double() for h in hs[:8]], dim=1)  # states 0..7 at the last token
+    n = 2
+    dist = {}
+    for s in range(1, 8 - n):  # state s+n <= 7: the last layer stays (protect_last)
+        cos = torch.nn.functional.cosine_similarity(last[:, s], last[:, s + n], dim=-1).clamp(-1, 1)
+        dist[s] = float((torch.arccos(cos) / np.pi).mean())
+    best = min(dist, key=lambda s: (dist[s], s))
+    cfg = build_config(flags={"select.method": "replaceme", "select.layers": n})
+    calib = Calibration(IDS, BATCHES, bos_prepended=False, pretokenized=True, source="test")
+    planned = plan_windows(cfg, LocalScoring(InMemoryStack(model), calib), 8, n)
+    assert planned.selection.windows == [(best - 1, best + n - 1)] and planned.merge == "keep-first"
+    assert planned.selection.scores[0] == pytest.approx(dist[best], abs=1e-6)
+    from swm_ray.planners import method_compensation
+
+    assert method_compensation(cfg) == "lstsq"
+    assert method_compensation(build_config(flags={"select.method": "replaceme", "merge.compensate": "none"})) == "none"
+
+
+def test_compensated_folder_reloads_with_the_same_logits(tmp_path, tokens_parquet):
+    from swm_ray.pipeline import compress_here
+
+    src = tmp_path / "src"
+    model = _saved("gemma2", src)
+    cfg = build_config(flags={"model.source": str(src), "data.source": str(tokens_parquet), "data.samples": 8,
+                              "data.seq_len": 16, "data.batch_size": 4, "select.layers": 2,
+                              "merge.compensate": "lstsq", "out": str(tmp_path / "out")})
+    res = compress_here(cfg)
+    out = Path(res["out"])
+    plan = Plan.load(out / "plan.json")
+    assert plan.compensated and (out / "plan.tensors").exists()
+    assert plan.compensation["tensors_file"] == "plan.tensors"
+    assert not (out / "mergekit_config.yml").exists()
+    from swm_ray.writer import plan_fits
+
+    fits = plan_fits(plan)
+    assert sorted(fits) == sorted(tuple(w) for w in plan.windows)
+    apply_windows(model, plan.windows, plan.merge)
+    compensate_model(model, plan.windows, fits)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    ids = torch.tensor(IDS[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert "Compensation: **`lstsq`**" in (out / "README.md").read_text()
+
+
+def test_apply_reproduces_a_compensated_compress_byte_for_byte(ray_session, tiny_llama_dir, tokens_parquet,
+                                                              tmp_path):
+    from swm_ray.jobs.apply import run_apply
+    from swm_ray.jobs.compress import run_compress
+
+    cfg = build_config(flags={"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet),
+                              "data.samples": 16, "data.seq_len": 16, "data.batch_size": 4, "select.layers": 2,
+                              "ray.actors": 2, "select.method": "shortgpt", "merge.compensate": "lstsq",
+                              "out": str(tmp_path / "c")})
+    res = run_compress(cfg)
+    comp = res["plan"]["compensation"]
+    assert comp["method"] == "lstsq" and comp["input"] == "compressed" and len(comp["windows"]) == len(
+        res["plan"]["windows"])
+    assert all(w["error_after"] < w["error_before"] for w in comp["windows"])
+    assert "overfits" in comp["note"]  # 240 tokens for a 32×32 map: the run says so
+    run_apply(build_config(flags={"out": str(tmp_path / "a")}), str(tmp_path / "c" / "plan.json"))
+    names = [p.name for p in (tmp_path / "c").iterdir() if p.suffix == ".safetensors"]
+    for name in [*names, "config.json", "plan.tensors"]:
+        assert (tmp_path / "c" / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), name
+    # a compensated plan whose tensors were not kept is refused in one line
+    lone = tmp_path / "lone.json"
+    lone.write_text((tmp_path / "c" / "plan.json").read_text())
+    with pytest.raises(UserError, match="must lie beside it") as e:
+        Plan.load(lone)
+    assert "\n" not in str(e.value)
+
+
+def test_plans_without_compensation_still_load(tmp_path):
+    old = {"windows": [[3, 4]], "num_layers_before": 6, "merge": "reference", "version": 2,
+           "source_model": "x", "method": "swm"}
+    (tmp_path / "p.json").write_text(json.dumps(old))
+    plan = Plan.load(tmp_path / "p.json")
+    assert not plan.compensated and plan.tensors == {} and plan.version == 2
+
+
+def test_grid_rows_per_compensation(tmp_path, tiny_llama_dir, tokens_parquet, text_jsonl):
+    from swm_ray.data import calibration_for
+    from swm_ray.sweep import method_label, run_trial
+
+    cfg = build_config(flags={"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet),
+                              "data.samples": 8, "data.seq_len": 16, "data.batch_size": 4, "grid.layers": [2],
+                              "grid.baselines": ["replaceme"], "grid.compensate": ["none", "lstsq", "scale"],
+                              "eval.tasks": [], "eval.ppl_data": str(text_jsonl), "eval.ppl_chunk": 16,
+                              "eval.ppl_bos": "none"})
+    _, calib, _ = calibration_for(cfg)
+    rows: list[dict] = []
+    run_trial({"model": str(tiny_llama_dir), "method": "replaceme"}, cfg, str(tiny_llama_dir), calib, None,
+              rows.append)
+    assert [r["compensate"] for r in rows] == ["none", "lstsq", "scale"]
+    assert [method_label(r) for r in rows] == ["replaceme", "replaceme + lstsq", "replaceme + scale"]
+    assert len({r["ppl"] for r in rows}) == 3 and len({r["windows"] for r in rows}) == 1
+    assert json.loads(rows[1]["plan"])["compensation"]["method"] == "lstsq"
+    assert json.loads(rows[0]["plan"])["compensation"] is None
+    from swm_ray.sweep import finalize_rows, write_results
+
+    files = write_results(tmp_path, finalize_rows(rows))
+    sides = [f for f in files if f.endswith(".tensors")]
+    assert len(sides) == 2 and "plan_tensors" not in (tmp_path / "results.csv").read_text()
+    plan = Plan.load(tmp_path / sides[0].replace(".tensors", ".json"))
+    assert plan.compensated and set(plan.tensors) == {f"compensation.{a}-{b}" for a, b in plan.windows}
