@@ -16,10 +16,13 @@ from swm_ray.errors import UserError
 
 CRITERIA = ("output", "cka", "kl", "nll")
 SEARCHES = ("best-first", "top-down")
-MERGE_METHODS = ("reference", "paper", "mean", "keep-first", "keep-last")
+MERGE_METHODS = ("reference", "paper", "mean", "consistent", "keep-first", "keep-last")
 ATTENTION_RULES = ("global", "bottom")
-METHODS = ("swm", "shortgpt", "sleb", "laco", "shortened-ppl", "replaceme")  # every compression method is a planner
-BASELINES = METHODS[1:]
+METHODS = ("swm", "shortgpt", "sleb", "laco", "shortened-ppl", "replaceme", "auto", "flap", "taylor")  # planners
+WIDTH_METHODS = ("flap", "taylor")  # width pruners (heads and MLP channels, `width.py`), not depth planners
+BASELINES = ("shortgpt", "sleb", "laco", "shortened-ppl", "replaceme")
+AUTO_METHODS = ("swm", *BASELINES)  # what `auto` may run
+AUTO_CANDIDATES = ("swm", "swm/consistent", "swm/keep-first", "shortgpt", "sleb", "replaceme")
 COMPENSATIONS = ("none", "lstsq", "scale")
 COMPENSATION_INPUTS = ("compressed", "original")
 HEAL_MODES = ("lora", "local")
@@ -110,12 +113,17 @@ class SelectConfig(_Section):
     """Window selection: criterion, search and target (one of threshold, ratio, layers)."""
 
     method: Literal[METHODS] = Field(
-        "swm", description="swm (sliding-window merging: criterion, search and merge below), or a baseline: "
+        "auto", description="swm (sliding-window merging: criterion, search and merge below), auto (run the "
+        "auto_candidates to the target and keep the plan with the lowest loss on held-out calibration rows), or a "
+        "baseline: "
         "shortgpt (drop the layers of lowest Block Influence), sleb (remove blocks one at a time by calibration "
         "loss), laco (LaCo layer collapse: laco_layers merged with the paper formula, top-down, interval "
         "laco_interval, while the output cosine stays above T), shortened-ppl (Shortened-LLM's one-shot PPL "
         "ranking), replaceme (ReplaceMe: the block of consecutive layers whose input and output are closest in "
-        "angle at the last token, removed, with lstsq compensation unless merge.compensate says otherwise)")
+        "angle at the last token, removed, with lstsq compensation unless merge.compensate says otherwise); "
+        "width pruners (--ratio only): flap (FLAP, training-free, bias-compensated) or taylor (first-order "
+        "Taylor importance, LLM-Pruner style), which remove whole KV head groups and MLP channels, the same "
+        "number in every layer")
     laco_layers: int = Field(4, ge=2, description="LaCo: layers merged into one per accepted window (C)")
     laco_interval: int = Field(2, ge=1, description="LaCo: layers to move down after an accepted window (I)")
     criterion: Criterion = Field(
@@ -134,6 +142,52 @@ class SelectConfig(_Section):
     protect_last: bool = Field(True, description="never merge the last decoder layer away (the paper's rule)")
     protected_layers: tuple[int, ...] = Field((), description="0-based original layers that are never merged away")
     max_steps: int = Field(10_000, ge=1, description="guard against an endless top-down loop (window tests)")
+    auto_candidates: tuple[str, ...] = Field(
+        AUTO_CANDIDATES, description="auto: the planners it runs, each a method (swm, shortgpt, sleb, laco, "
+        "shortened-ppl, replaceme) or swm/MERGE for swm with another merge method (swm/keep-first)")
+    auto_compensate: tuple[str, ...] = Field(
+        ("none",), description="auto: every candidate plan is tried with each of these compensations: none, scale, "
+        "lstsq, or lstsq:RIDGE (the ridge λ of that fit; plain lstsq uses merge.ridge). Default none only: a fit "
+        "on the calibration text wins on held-out rows of that text but can lose on other text (BENCHMARKS.md)")
+    auto_validation: int = Field(8, ge=1, description="auto: calibration rows drawn beyond data.samples and held "
+                                 "out from every planner and fit; the plan with the lowest NLL on them wins")
+    then_width: float | None = Field(
+        None, gt=0, lt=1, description="after the depth plan, prune width (heads and MLP channels, uniform over the "
+        "layers) of the merged model until this further fraction of the ORIGINAL model's parameters is removed "
+        "(--ratio 0.1 with then_width 0.1: about 20% in all); null = depth only. --method flap|taylor prune width "
+        "alone to --ratio")
+    width_method: Literal[WIDTH_METHODS] = Field(
+        "flap", description="the width pruner of then_width: flap (fluctuation of o_proj/down_proj inputs × weight "
+        "column norms, with bias compensation) or taylor (|Σ w·∂L/∂w| per head group and channel; the whole model "
+        "in memory in one process)")
+    width_bias: bool | None = Field(
+        None, description="FLAP's bias compensation: null = where the architecture can hold the bias (Llama: "
+        "attention and MLP; Qwen3, Gemma 2/3: attention), true = required (refused where it cannot be stored), "
+        "false = none")
+
+    @field_validator("auto_candidates", "auto_compensate")
+    @classmethod
+    def _auto(cls, v: tuple) -> tuple:
+        if not v:
+            raise ValueError("auto needs at least one entry")
+        if len(set(v)) != len(v):
+            raise ValueError("entries repeat")
+        for spec in v:
+            method, _, merge = str(spec).partition("/")
+            comp, colon, ridge = str(spec).partition(":")
+            if comp in COMPENSATIONS and (not colon or comp == "lstsq"):
+                if colon:
+                    try:
+                        if float(ridge) < 0:
+                            raise ValueError
+                    except ValueError:
+                        raise ValueError(f"{spec!r}: the ridge after lstsq: must be a number >= 0") from None
+                continue
+            if method not in AUTO_METHODS or (merge and (method != "swm" or merge not in MERGE_METHODS)):
+                raise ValueError(f"{spec!r} is not a candidate: use a method of {', '.join(AUTO_METHODS)} or "
+                                 f"swm/MERGE with MERGE in {', '.join(MERGE_METHODS)} (compensations: none, scale, "
+                                 f"lstsq, lstsq:RIDGE)")
+        return v
 
     @model_validator(mode="after")
     def _one_target(self) -> SelectConfig:
@@ -148,7 +202,8 @@ class MergeConfig(_Section):
 
     method: MergeMethod = Field(
         "reference", description="reference (what produced the published numbers), paper (the formula as "
-        "printed), mean, keep-first or keep-last")
+        "printed), consistent (as reference, with the norms that scale a weight's output taken with that "
+        "weight), mean, keep-first or keep-last")
     attention: Literal[ATTENTION_RULES] = Field(
         "global", description="attention type (sliding/full, and its RoPE) of a merged window on hybrid models: "
         "global = full attention when the window contains a full-attention layer; bottom = the bottom layer's "
@@ -211,11 +266,17 @@ class GridConfig(_Section):
     layers: tuple[int, ...] = Field((), description="layer counts to remove (give one kind of target)")
     ratios: tuple[float, ...] = Field((), description="fractions of all parameters to remove")
     thresholds: tuple[float, ...] = Field((), description="thresholds (valid for every criterion)")
-    baselines: tuple[Literal[BASELINES], ...] = Field(
-        ("shortgpt",), description="baseline pruners: shortgpt, sleb, laco, shortened-ppl, replaceme; [] for none")
+    baselines: tuple[Literal[(*BASELINES, "auto")], ...] = Field(
+        ("shortgpt",), description="baseline pruners: shortgpt, sleb, laco, shortened-ppl, replaceme, and auto (the "
+        "plan of lowest held-out loss among select.auto_candidates); [] for none")
     compensate: tuple[Literal[COMPENSATIONS], ...] = Field(
         (), description="compensations every trial's plans are evaluated with (none, lstsq, scale), one row each; "
         "[] = each method's own (merge.compensate, else lstsq for replaceme and none for the others)")
+    heal: tuple[Literal[("none", *HEAL_MODES)], ...] = Field(
+        (), description="healing every compressed model is also evaluated with (none, local, lora), one row each, "
+        "trained in the trial's process with the heal section's settings (local against the original model, "
+        "lora as one worker) and needing the model in memory; [] = none only (no healing). The original model's "
+        "row is never healed")
     concurrency: int | None = Field(None, ge=1, description="trials at once (default: as resources allow)")
     cpus_per_trial: float = Field(1.0, gt=0, description="CPUs (and torch threads) per trial")
     gpus_per_trial: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs, else 0")

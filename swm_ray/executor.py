@@ -3,7 +3,8 @@
 `PlanView` answers the same questions as `Checkpoint` (names, dtypes, shapes, `read`), for the EDITED
 model: kept layers are the source's tensors under their new index, a merged window's tensors are computed
 from that window's own layers with `merge.merge_tensor`, a compensated window's fit is folded into its
-tensor when that tensor is read (`compensation.fold`), nothing else is touched. The streaming writer
+tensor when that tensor is read (`compensation.fold`), a width entry slices the layers after that
+(`width.WidthEdit`: heads and channels kept, FLAP's biases), nothing else is touched. The streaming writer
 writes a `PlanView` tensor by tensor; `StreamingStack` runs one layer at a time (the reload check, and
 evaluating a candidate without writing it); `materialize` builds it in memory.
 """
@@ -25,8 +26,10 @@ class PlanView:
     """The edited model's tensors (see the module docstring). `config` is the edited config (a copy)."""
 
     def __init__(self, ckpt: Checkpoint, source_config, windows: Sequence[Sequence[int]], method: str,
-                 attention: str = "global", fits: Mapping | None = None):
-        """`fits`: {window: `compensation.Fit`} folded into those windows' layers (a plan's compensation)."""
+                 attention: str = "global", fits: Mapping | None = None, width: Mapping | None = None,
+                 width_tensors: Mapping | None = None):
+        """`fits`: {window: `compensation.Fit`} folded into those windows' layers (a plan's compensation).
+        `width`: a plan's width entry (indices of the layers after the windows), `width_tensors` its biases."""
         check_method(method)
         self.source = ckpt
         self.method = method
@@ -60,6 +63,29 @@ class PlanView:
                     raise UserError(f"compensation of window {list(window)}: the plan has no such window")
                 for rest in site.names:
                     self._folds[f"{self.layer_prefix}.{pos}.{rest}"] = (fit, site)
+        self.width = None
+        if width:
+            self._apply_width(width, width_tensors or {})
+
+    def _apply_width(self, width: Mapping, tensors: Mapping) -> None:
+        """Shapes of the width-pruned tensors, the biases the edit adds, and the config's widths."""
+        from swm_ray.width import WidthEdit
+
+        tcfg = text_config_of(self.config)
+        self.width = WidthEdit(width, tensors, tcfg, self.num_layers, list(self.layer_keys(0)))
+        for name, origin in list(self._origin.items()):
+            if isinstance(origin, tuple):
+                info = self.infos[name]
+                self.infos[name] = TensorInfo(name, info.file, info.dtype, self.width.shape(*origin, info.shape))
+        for pos in range(self.num_layers):
+            ref = self.infos[f"{self.layer_prefix}.{pos}.{next(iter(self.layer_keys(pos)))}"]
+            weight = self.layer_keys(pos).get("self_attn.o_proj.weight")
+            dtype = self.infos[weight].dtype if weight else ref.dtype
+            for rest, shape in self.width.added.items():
+                name = f"{self.layer_prefix}.{pos}.{rest}"
+                self.infos[name] = TensorInfo(name, ref.file, dtype, shape)
+                self._origin[name] = (pos, rest)
+        self.width.edit_config(tcfg)
 
     # -- the Checkpoint interface ---------------------------------------------------------------------------
     def layer_keys(self, i: int) -> dict[str, str]:
@@ -91,8 +117,10 @@ class PlanView:
         if name in self._folds:
             return None
         pos, rest = origin
+        if self.width is not None and (rest in self.width.added or self.width.touches(rest)):
+            return None
         low, high, _ = self.sources[pos]
-        k = selected_layer(rest, high - low + 1, self.method)
+        k = selected_layer(rest, high - low + 1, self.method, self.source.layer_keys(low))
         return None if k is None else self.source.layer_keys(low + k)[rest]
 
     def read(self, name: str, dtype: torch.dtype | None = None, hasher=None) -> torch.Tensor:
@@ -101,16 +129,20 @@ class PlanView:
         if isinstance(origin, str):
             return self.source.read(origin, dtype, hasher)
         pos, rest = origin
+        if self.width is not None and rest in self.width.added:
+            return self.width.new_tensor(pos, rest, dtype or self.infos[name].torch_dtype)
         low, high, _ = self.sources[pos]
 
         def read(k: int) -> torch.Tensor:
             return self.source.read(self.source.layer_keys(low + k)[rest], hasher=hasher)
 
-        t = merge_tensor(rest, read, high - low + 1, self.method)
+        t = merge_tensor(rest, read, high - low + 1, self.method, self.source.layer_keys(low))
         if name in self._folds:
             from swm_ray.compensation import fold
 
             t = fold(rest, t, *self._folds[name])
+        if self.width is not None:
+            t = self.width.slice(pos, rest, t)
         if dtype_code(t.dtype) != self.infos[name].dtype:
             raise RuntimeError(f"merged {name} came out as {t.dtype}, expected {self.infos[name].dtype}")
         return t.to(dtype) if dtype is not None and dtype != t.dtype else t
@@ -127,6 +159,7 @@ def materialize(view, config, device: str | torch.device = "cpu", dtype: torch.d
     dtype = dtype or first.torch_dtype
     with no_init_weights(), torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # under no_init_weights transformers 5 leaves a tied LM head untied (its own tensor)
     params = dict(model.named_parameters())
     missing = [n for n in params if n not in view.infos]
     head = model.get_output_embeddings()

@@ -368,6 +368,37 @@ class LoraTrainer:
         return {"loss": float(total[0]) / max(1, n_loss), "tokens": int(total[1]), "lr": lr}
 
 
+def lora_data(cfg, tokenizer, model_type: str | None, data: str) -> tuple[Examples, Schedule]:
+    """The LoRA training examples of `data` and their schedule under `cfg.heal` (shared by `swm-ray heal` and the
+    grid's in-process healing)."""
+    from swm_ray.data import wants_bos
+
+    h = cfg.heal
+    bos = wants_bos(tokenizer, model_type, cfg.data.bos)
+    examples = load_examples(data, tokenizer, cutoff=h.cutoff, text_column=cfg.data.text_column,
+                             max_examples=h.max_examples, bos=bos)
+    return examples, Schedule.of(len(examples), h.batch_size, h.epochs, h.steps, h.warmup_steps, h.seed)
+
+
+def lora_in_process(model: nn.Module, examples: Examples, schedule: Schedule, h, *, device, pad_id: int | None):
+    """LoRA on `model` in this process (one worker: no Ray Train), every step of `schedule`, the adapter merged
+    into the weights at the end. Returns (the plain merged model, the per-step history)."""
+    pad = pad_id if pad_id is not None else 0
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    peft_model = apply_lora(model, h, seed=h.seed)
+    trainer = LoraTrainer(peft_model, examples, schedule, h, device=device, pad_id=pad)
+    history = []
+    for step in range(schedule.total_steps):
+        t0 = time.perf_counter()
+        m = trainer.step(step)
+        history.append({"step": step + 1, "loss": round(m["loss"], 6), "lr": m["lr"], "tokens": m["tokens"],
+                        "seconds": round(time.perf_counter() - t0, 4)})
+    merged = peft_model.merge_and_unload().eval()
+    merged.config.use_cache = use_cache
+    return merged, history
+
+
 # -- local: each merged layer refit to its window ------------------------------------------------------------
 def _plain(obj: Any) -> Any:
     """A copy of `obj` whose tensors are ordinary (inference-mode tensors cannot enter autograd)."""
@@ -520,6 +551,41 @@ def heal_local(model: nn.Module, source, plan, input_ids: torch.Tensor, *, steps
         with torch.no_grad():
             hc = [_run(layer, h, k) for h, k in zip(hc, kw)]
     return fits
+
+
+@dataclass
+class LocalSettings:
+    """What `heal_local` is run with under a config's `heal` section (its defaults resolved)."""
+
+    calib: Any  # data.Calibration: the rows the merged layers are refit on
+    steps: int
+    lr: float
+    rows: int
+    skip: int
+    target: str
+    seed: int
+
+    def run(self, model: nn.Module, source, plan, on_fit: Callable[[LocalFit], None] | None = None) -> list[LocalFit]:
+        return heal_local(model, source, plan, torch.from_numpy(self.calib.input_ids), steps=self.steps, lr=self.lr,
+                          rows=self.rows, skip=self.skip, target=self.target, seed=self.seed, on_fit=on_fit)
+
+    def record(self, source: str) -> dict:
+        """The settings as kept in heal.json."""
+        return {"lr": self.lr, "steps": self.steps, "local_target": self.target, "skip_first_tokens": self.skip,
+                "samples": int(self.calib.input_ids.shape[0]), "seq_len": int(self.calib.input_ids.shape[1]),
+                "rows_per_step": self.rows, "source": source}
+
+
+def local_settings(cfg, tokenizer, model_type: str | None, data: str) -> LocalSettings:
+    """`heal.*` resolved for a local heal: `heal.local_samples` × `heal.local_seq_len` calibration rows of
+    `data`, `heal.steps` (default DEFAULT_LOCAL_STEPS) per merged layer at `heal.lr` (default DEFAULT_LR)."""
+    from swm_ray.data import build_calibration
+
+    h, d = cfg.heal, cfg.data
+    calib = build_calibration(data, tokenizer, samples=h.local_samples, seq_len=h.local_seq_len, batch_size=4,
+                              seed=h.seed, mode=d.mode, bos=d.bos, model_type=model_type, text_column=d.text_column)
+    return LocalSettings(calib, h.steps or DEFAULT_LOCAL_STEPS, h.lr or DEFAULT_LR["local"], h.micro_batch_size,
+                         h.skip_first_tokens, h.local_target, h.seed)
 
 
 # -- the healed folder ---------------------------------------------------------------------------------------------

@@ -8,6 +8,12 @@ Methods (layers of a window given bottom-to-top, `low..high`):
 - `paper`: the formula as printed, θ_low + Σ_{k=low+1..high} (θ_k − θ_low) over attention and MLP weights;
   norms of the bottom layer.
 - `mean`: elementwise mean of attention and MLP weights over the window; norms of the bottom layer.
+- `consistent`: like `reference` (attention and MLP weights of the TOP layer), but every norm that FOLLOWS a
+  weight takes that weight's layer: the post-norms of Gemma 2/3 (`post_attention_layernorm`,
+  `post_feedforward_layernorm`, which scale o_proj's and down_proj's outputs) and `q_norm`/`k_norm` (which
+  scale q_proj's and k_proj's outputs) come from the top layer; the pre-norms, which scale the window's
+  INPUT, stay the bottom layer's. On architectures without such norms (Llama, Mistral, Qwen2) it equals
+  `reference`.
 - `keep-first`: the bottom layer unchanged (the others are deleted).
 - `keep-last`: every weight of the top layer (norms included).
 
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -43,6 +49,8 @@ METHOD_DESCRIPTIONS = {
     "paper": "θ_low + Σ_{k=low+1..high} (θ_k − θ_low) over attention and MLP weights (the formula as printed "
     "in the paper), norm weights of the bottom layer",
     "mean": "elementwise mean of the window's attention and MLP weights, norm weights of the bottom layer",
+    "consistent": "attention and MLP weights of each window's top layer with the norms that scale their outputs "
+    "(post-attention/post-MLP norms, q/k norms), the norms that scale the window's input of its bottom layer",
     "keep-first": "each window's bottom layer kept unchanged, the layers above it deleted",
     "keep-last": "each window's top layer kept unchanged (at the bottom layer's position), the others deleted",
 }
@@ -68,24 +76,39 @@ def copy_layer(layer: nn.Module) -> nn.Module:
     return copy.deepcopy(layer, memo)
 
 
-def selected_layer(name: str, n: int, method: str) -> int | None:
+def follows_weight(name: str, layer_names: Collection[str]) -> bool:
+    """True for a norm that scales the OUTPUT of a weight of its own layer: `q_norm`/`k_norm`, Gemma's
+    `post_feedforward_layernorm`, and `post_attention_layernorm` where the layer also has a
+    `pre_feedforward_layernorm` (Gemma 2/3: there it follows o_proj; in Llama-style layers the same name is
+    the norm BEFORE the MLP)."""
+    if not is_norm_param(name):
+        return False
+    if "q_norm" in name or "k_norm" in name or "post_feedforward_layernorm" in name:
+        return True
+    return "post_attention_layernorm" in name and any("pre_feedforward_layernorm" in n for n in layer_names)
+
+
+def selected_layer(name: str, n: int, method: str, layer_names: Collection[str] = ()) -> int | None:
     """The window layer (0 = bottom) whose tensor `name` the merged layer takes unchanged, or None when the
     method computes it (`paper` and `mean` on attention/MLP weights). A writer copies selected tensors'
-    bytes as they are."""
+    bytes as they are. `layer_names`: every tensor name of one decoder layer (`consistent` needs them)."""
+    if method == "consistent" and follows_weight(name, layer_names):
+        return n - 1
     if method == "keep-first" or (is_norm_param(name) and method != "keep-last"):
         return 0
-    if method in ("reference", "keep-last") or n == 1:
+    if method in ("reference", "consistent", "keep-last") or n == 1:
         return n - 1
     return None
 
 
-def merge_tensor(name: str, read: Callable[[int], torch.Tensor], n: int, method: str) -> torch.Tensor:
+def merge_tensor(name: str, read: Callable[[int], torch.Tensor], n: int, method: str,
+                 layer_names: Collection[str] = ()) -> torch.Tensor:
     """One tensor of the merged layer of a window of `n` layers; `read(k)` gives layer k's tensor (0 = bottom).
 
     Reads only what the method needs, one layer at a time (a running float32 sum for `paper` and `mean`), so
     an executor never holds the whole window. Every executor (in memory, streaming, the writer) calls this.
     """
-    taken = selected_layer(name, n, method)
+    taken = selected_layer(name, n, method, layer_names)
     if taken is not None:
         return read(taken)
     base = read(0)
@@ -111,7 +134,8 @@ def merged_state(layers: Sequence[nn.Module], method: str) -> dict[str, torch.Te
     for i, state in enumerate(states[1:], start=1):
         if list(state) != names:
             raise ValueError(f"layer {i} of the window has different parameters from the bottom layer")
-    return {name: merge_tensor(name, lambda k, name=name: states[k][name], len(states), method) for name in names}
+    return {name: merge_tensor(name, lambda k, name=name: states[k][name], len(states), method, names)
+            for name in names}
 
 
 def layer_types_of(config) -> list[str] | None:

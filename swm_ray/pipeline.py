@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from swm_ray.config import RunConfig, dump_yaml
+from swm_ray.config import WIDTH_METHODS, RunConfig, dump_yaml
 from swm_ray.errors import UserError
 
 
@@ -32,16 +32,28 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
     from swm_ray.runstate import fingerprint
     from swm_ray.selection import check_threshold, target_layers
     from swm_ray.stack import StackSpec, open_stack
-    from swm_ray.writer import update_metrics, write_model_folder
+    from swm_ray.writer import write_model_folder
 
     s, m = cfg.select, cfg.model
+    if s.method in WIDTH_METHODS:  # width pruning: the same stages, no depth planner (`width.py`)
+        return width_here(cfg, raw_yaml, device)
+    if s.then_width is not None:
+        from swm_ray.width import check_width_settings
+
+        check_width_settings(cfg, s.width_method)
     if s.threshold is None and s.ratio is None and s.layers is None:
         raise UserError("give a target: layers, ratio or threshold")
     if s.threshold is not None and s.method == "swm":
         check_threshold(s.criterion, s.threshold)
     check_method_target(cfg)
     t0 = time.perf_counter()
-    path, calib, n_layers = calibration_for(cfg)
+    auto = s.method == "auto"
+    if auto:
+        from swm_ray.auto import auto_calibration
+
+        path, calib, val_calib, n_layers = auto_calibration(cfg)
+    else:
+        path, calib, n_layers = calibration_for(cfg)
     config = load_config(path, m.trust_remote_code)
     ckpt = Checkpoint(path, m.allow_pickle)
     params_before = ckpt.param_count(bool(getattr(text_config_of(config), "tie_word_embeddings", False)))
@@ -53,11 +65,20 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
                        rows=int(calib.input_ids.shape[0]), seq_len=int(calib.input_ids.shape[1]))
     scoring = LocalScoring(stack, calib, cfg.merge.attention, kernel=cfg.stats.kernel,
                            skip_first_tokens=cfg.stats.skip_first_tokens)
-    planned = plan_windows(cfg, scoring, n_layers, n_remove)
+    chosen = None
+    if auto:
+        from swm_ray.auto import LocalValidation, run_auto
+
+        chosen = run_auto(cfg, scoring, n_layers, n_remove, lambda st=stack: stack_site(st),
+                          LocalValidation(stack, val_calib, cfg.merge.attention),
+                          layer_names=ckpt.layer_keys(0))
+        planned, comp = chosen.chosen.planned, chosen.chosen.compensation
+    else:
+        planned = plan_windows(cfg, scoring, n_layers, n_remove)
+        compensate = method_compensation(cfg)
+        site = stack_site(stack) if compensate != "none" else None
+        comp = compensate_plan(cfg, scoring, planned.selection.windows, planned.merge, site, compensate)
     sel = planned.selection
-    compensate = method_compensation(cfg)
-    site = stack_site(stack) if compensate != "none" else None
-    comp = compensate_plan(cfg, scoring, sel.windows, planned.merge, site, compensate)
     del scoring, stack
     if not sel.windows:
         raise UserError(f"no window passed (method {s.method}, threshold {sel.threshold}): nothing to merge")
@@ -66,20 +87,61 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
                 criterion=planned.criterion, search=planned.search, threshold=sel.threshold,
                 similarities=sel.scores, params_before=params_before,
                 extra={"candidate_evaluations": planned.evaluator.misses if planned.evaluator else 0,
-                       "note": sel.note, "settings": fingerprint(cfg)})
+                       "note": sel.note, "settings": fingerprint(cfg),
+                       **({"auto": chosen.record()} if chosen else {})})
     if comp is not None:
         comp.attach(plan)
+    if s.then_width is not None:  # width after depth, on the merged model, in this process
+        from swm_ray.width import plan_width, stack_stats
+
+        plan_width(cfg, plan, path, calib, s.then_width, s.width_method, stack_stats(cfg, path, calib, device),
+                   device=device or _width_device(m.device))
     written = write_model_folder(path, plan, cfg.out, raw_yaml=raw_yaml, resolved_yaml=dump_yaml(cfg),
                                  overwrite=cfg.overwrite, attention=cfg.merge.attention,
                                  allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)
+    return _finish(cfg, written["out"], plan, device, t0)
+
+
+def width_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None) -> dict:
+    """`compress_here` for the width pruners (`select.method` flap or taylor): calibration -> width-only plan ->
+    writer -> evaluation, in this process (FLAP's statistics on a layer stack, Taylor's gradients on the model
+    in memory)."""
+    from swm_ray.data import calibration_for
+    from swm_ray.runstate import fingerprint
+    from swm_ray.width import check_width_settings, plan_width, stack_stats, width_only_plan
+    from swm_ray.writer import write_model_folder
+
+    s, m = cfg.select, cfg.model
+    check_width_settings(cfg, s.method)
+    t0 = time.perf_counter()
+    path, calib, n_layers = calibration_for(cfg)
+    plan = width_only_plan(cfg, path, n_layers, calib)
+    plan.extra["settings"] = fingerprint(cfg)
+    plan_width(cfg, plan, path, calib, s.ratio, s.method, stack_stats(cfg, path, calib, device),
+               device=device or _width_device(m.device))
+    written = write_model_folder(path, plan, cfg.out, raw_yaml=raw_yaml, resolved_yaml=dump_yaml(cfg),
+                                 overwrite=cfg.overwrite, attention=cfg.merge.attention, allow_pickle=m.allow_pickle,
+                                 trust_remote_code=m.trust_remote_code)
+    return _finish(cfg, written["out"], plan, device, t0)
+
+
+def _finish(cfg: RunConfig, out: str, plan, device: str | None, t0: float) -> dict:
+    """Evaluate the written folder into its card when `cfg.eval.enabled`; the summary both paths return."""
+    from swm_ray.writer import update_metrics
+
     metrics = None
     if cfg.eval.enabled:
         from swm_ray.evaluation import evaluate_source
 
-        model_cfg = {**m.model_dump(), "source": written["out"], "revision": None}
+        model_cfg = {**cfg.model.model_dump(), "source": out, "revision": None}
         if device:
             model_cfg["device"] = device
-        metrics = evaluate_source(written["out"], model_cfg, cfg.eval)
-        update_metrics(written["out"], plan, metrics, resolved_yaml=dump_yaml(cfg))
-    return {"out": written["out"], "plan": plan.to_dict(), "metrics": metrics,
-            "seconds": round(time.perf_counter() - t0, 2)}
+        metrics = evaluate_source(out, model_cfg, cfg.eval)
+        update_metrics(out, plan, metrics, resolved_yaml=dump_yaml(cfg))
+    return {"out": out, "plan": plan.to_dict(), "metrics": metrics, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _width_device(device: str) -> str:
+    from swm_ray.models import pick_device
+
+    return pick_device(device)

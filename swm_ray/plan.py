@@ -8,6 +8,11 @@ carries fitted matrices in a side file beside its JSON, `<name>.tensors` (`plan.
 safetensors format, named so that weight loaders that take every `*.safetensors` of a model folder do not
 take it for weights), read and written with it. Version 1 and 2 plans (without the source fields, or
 without compensation) still load.
+
+A plan with `width` (version 4, `width.py`) also says which attention heads (whole KV groups) and MLP channels
+every decoder layer keeps; its indices refer to the layers AFTER the depth windows are applied (positions
+0..num_layers_after-1), so depth and width combine in one plan: merge first, then slice. FLAP's bias
+compensation lies in the same side file (`width.<pos>.<bias name>`). Plans without it are unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 from swm_ray.errors import UserError
 
 PLAN_VERSION = 3
+WIDTH_PLAN_VERSION = 4  # plans with a width entry
 
 
 def removed_from_windows(windows: Iterable[Sequence[int]]) -> list[int]:
@@ -55,6 +61,7 @@ class Plan:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     compensation: dict[str, Any] | None = None  # `compensation.Compensation.record()`; the tensors: `.tensors`
     version: int = PLAN_VERSION
+    width: dict[str, Any] | None = None  # `width.width_record()`: heads and channels kept per layer after depth
 
     def __post_init__(self) -> None:
         self.windows = [[int(low), int(high)] for low, high in self.windows]
@@ -64,6 +71,8 @@ class Plan:
         if self.num_layers_after is None:
             self.num_layers_after = self.num_layers_before - len(self.removed_layers)
         self.tensors: dict[str, Any] = {}  # compensation name -> torch tensor (not part of the JSON)
+        if self.width and self.version < WIDTH_PLAN_VERSION:
+            self.version = WIDTH_PLAN_VERSION
 
     @property
     def compensated(self) -> bool:
@@ -97,9 +106,11 @@ class Plan:
         it has them; returns the path."""
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        if self.compensated and self.tensors:
+        if (self.compensated or self.width) and self.tensors:
             side = tensors_path(p)
-            self.compensation["tensors_file"] = side.name
+            for record in (self.compensation if self.compensated else None, self.width):
+                if record is not None:
+                    record["tensors_file"] = side.name
             side.write_bytes(self.tensors_bytes())
         p.write_text(self.to_json())
         return p
@@ -117,7 +128,7 @@ class Plan:
         if not isinstance(data, dict):
             raise UserError(f"plan {path}: expected a JSON object")
         plan = cls.from_dict(data)
-        if plan.compensated:
+        if plan.compensated or (plan.width or {}).get("tensors_file"):
             plan.tensors = _load_tensors(str(path))
         return plan
 

@@ -79,7 +79,7 @@ class PlannedWindows:
 def method_signals(cfg) -> tuple[str, str]:
     """(criterion, merge method) the method of `cfg.select.method` scores and merges with."""
     method = cfg.select.method
-    return {"swm": (cfg.select.criterion, cfg.merge.method), "sleb": ("nll", "keep-first"),
+    return {"swm": (cfg.select.criterion, cfg.merge.method), "auto": ("auto", "auto"), "sleb": ("nll", "keep-first"),
             "laco": ("output", "paper"), "shortened-ppl": ("nll", "keep-first"),
             "shortgpt": ("block-influence", "keep-first"), "replaceme": ("angular", "keep-first")}[method]
 
@@ -94,6 +94,9 @@ def method_compensation(cfg) -> str:
 def check_method_target(cfg) -> None:
     """One-line errors for a target a method cannot take (checked before any model loads)."""
     s = cfg.select
+    if s.method == "auto" and s.threshold is not None:
+        raise UserError("--method auto (the default) compares methods at one size: give --layers or --ratio, or "
+                        "--method swm to merge to a threshold")
     if s.method in ("shortgpt", "shortened-ppl", "replaceme") and s.threshold is not None:
         raise UserError(f"--method {s.method} ranks layers once: give --layers or --ratio, not --threshold")
     if s.method in ("laco", "sleb") and s.threshold is not None:

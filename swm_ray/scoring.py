@@ -27,12 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from swm_ray.merge import is_norm_param
+from swm_ray.merge import follows_weight, is_norm_param
 from swm_ray.selection import Group
 from swm_ray.stack import LayerStack
 
 RowScores = tuple[np.ndarray, int]  # per-row sums (float64) and the count they are divided by
-COMPOSABLE = ("reference", "keep-first", "keep-last")  # merged windows built from their groups' states
+COMPOSABLE = ("reference", "consistent", "keep-first", "keep-last")  # merged windows built from their groups' states
 
 
 def chunk_rows(rows: int, max_rows: int) -> list[tuple[int, int]]:
@@ -151,7 +151,7 @@ class ShardScorer:
             with self._layer_from(p, state) as layer:
                 for i in [i for i, s in streams.items() if self._top(i, merges) < p]:
                     streams[i] = [self.stack.run(layer, x, self._kw(p, k)) for k, x in enumerate(streams[i])]
-                if self.method == "reference" and state is not None:
+                if self.method in ("reference", "consistent") and state is not None:
                     norms[p] = {n: t for n, t in state.items() if is_norm_param(n)}
                 for i, window, lo, hi in [t for t in list(waiting.values()) if self._starts_at(t) == p]:
                     with self._candidate(window, lo, hi, state, norms) as merged:
@@ -171,7 +171,7 @@ class ShardScorer:
     def _starts_at(self, t: tuple[int, Group, int, int]) -> int:
         """Where a candidate's merged layer is built: at its top position when it is composed from the
         groups' own states (the top group's state is at hand there), else at its bottom."""
-        return t[3] if self.stack.streaming and self.method in ("reference", "keep-last") else t[2]
+        return t[3] if self.stack.streaming and self.method in ("reference", "consistent", "keep-last") else t[2]
 
     @staticmethod
     def _top(i: int, merges: list) -> int:
@@ -201,8 +201,10 @@ class ShardScorer:
         anchor = self.stack.anchor(window[0], window[1], self.attention)
         if state is None or self.method not in COMPOSABLE:
             return _built(self.stack, anchor, self.stack.state(window[0], window[1], self.method), window[0])
-        if self.method == "reference":  # norms of the bottom group, attention/MLP of the top group
-            merged = {n: norms[lo][n] if is_norm_param(n) else t for n, t in state.items()}
+        if self.method in ("reference", "consistent"):  # norms of the bottom group, the rest of the top group
+            consistent = self.method == "consistent"  # (norms that follow a weight: of the top group too)
+            merged = {n: norms[lo][n] if is_norm_param(n) and not (consistent and follows_weight(n, state)) else t
+                      for n, t in state.items()}
         else:  # keep-first at its bottom, keep-last at its top: the group's state as it is
             merged = state
         return _built(self.stack, anchor, merged, window[0])

@@ -171,7 +171,7 @@ class InMemoryStack(LayerStack):
         if low == high:
             return self.layers[low].state_dict()
         states = [self.layers[k].state_dict() for k in range(low, high + 1)]
-        return {n: merge_tensor(n, lambda k, n=n: states[k][n], len(states), method) for n in states[0]}
+        return {n: merge_tensor(n, lambda k, n=n: states[k][n], len(states), method, states[0]) for n in states[0]}
 
     def build(self, anchor: int, state: State, position: int | None = None) -> nn.Module:
         layer = copy_layer(self.layers[anchor])
@@ -249,8 +249,8 @@ class StreamingStack(LayerStack):
     def state(self, low: int, high: int, method: str) -> State:
         keys = [self.ckpt.layer_keys(k) for k in range(low, high + 1)]
         self.layer_loads += high - low + 1
-        return {n: merge_tensor(n, lambda k, n=n: self.ckpt.read(keys[k][n], self.dtype), len(keys), method)
-                for n in keys[0]}
+        return {n: merge_tensor(n, lambda k, n=n: self.ckpt.read(keys[k][n], self.dtype), len(keys), method,
+                                keys[0]) for n in keys[0]}
 
     def build(self, anchor: int, state: State, position: int | None = None) -> nn.Module:
         layer = copy_layer(self.templates[anchor])

@@ -4,7 +4,9 @@ table and plots. `swm_ray/jobs/grid.py` runs the trials as Ray Tune trials; test
 A trial is one (model, method) pair, where a method is a combination criterion × search × merge, a baseline
 pruner, or the original model. It loads the model once, keeps one memo of candidate scores, and takes the
 model to every target of the grid in turn (best-first to 6 layers passes through the states for 2 and 4,
-so the later targets cost little), evaluating each result. It reports one row per target.
+so the later targets cost little), evaluating each result. It reports one row per target, or with `grid.heal`
+one per target and heal mode: the same compressed model healed in the trial's own process (`_heal_candidate`)
+and evaluated alike.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ ROW_KEYS = (
     "model", "method", "criterion", "search", "merge", "compensate", "target_kind", "target", "status", "threshold",
     "windows", "layers_before", "layers_after", "removed_layers", "params_before", "params_after",
     "params_removed", "ppl", "ppl_ratio", "zeroshot_mean", "task_source", "evaluations", "selection_seconds",
-    "eval_seconds", "compensate_seconds", "note", "plan", "plan_tensors",
+    "eval_seconds", "compensate_seconds", "heal", "heal_seconds", "note", "plan", "plan_tensors",
 )
 
 
@@ -57,7 +59,9 @@ def method_label(row: dict) -> str:
     label = f"{row['criterion']} / {row['search']} / {row['merge']}" if row.get("method") == "swm" else \
         str(row.get("method"))
     comp = row.get("compensate")
-    return f"{label} + {comp}" if comp not in (None, "none") else label
+    label = f"{label} + {comp}" if comp not in (None, "none") else label
+    heal = row.get("heal")
+    return f"{label} + heal {heal}" if heal not in (None, "none") else label
 
 
 def check_grid(cfg: RunConfig) -> None:
@@ -128,12 +132,15 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
     params_before, per_layer = ckpt.param_count(tied), ckpt.layer_params(0)
     attention = cfg.merge.attention
     base = {k: spec.get(k) for k in ("model", "method", "criterion", "search", "merge")}
-    base.update(target_kind=kind, layers_before=n_layers, params_before=params_before)
+    base.update(target_kind=kind, layers_before=n_layers, params_before=params_before, heal="none")
+    heal_modes = [h for h in dict.fromkeys(g.heal) if h != "none"]
+    unhealed_rows = not g.heal or "none" in g.heal  # grid.heal is an axis: [local] alone reports healed rows only
+    heal_inputs: dict[str, Any] = {}  # per heal mode its training data, prepared once per trial
 
-    def finish(row: dict, windows, merge: str, fits=None) -> None:
-        if windows:
+    def finish(row: dict, windows, merge: str, fits=None, candidate=None) -> None:
+        if candidate is None and windows:
             candidate = _candidate_model(stack, ckpt, config, windows, merge, attention, fits)
-        else:
+        elif candidate is None:
             candidate = stack if stack.streaming else stack.model
         t0 = time.perf_counter()
         metrics = evaluate_model(candidate, tok, cfg.eval)
@@ -151,9 +158,37 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
         row.setdefault("status", "ok")
         report(row)
 
+    def finish_and_heal(row: dict, windows, merge: str, fits=None) -> None:
+        """The un-healed row, then one row per heal mode of the grid (the same candidate, healed in memory)."""
+        unhealed = dict(row)
+        if unhealed_rows:
+            finish(row, windows, merge, fits)
+        for mode in heal_modes:
+            hrow = {**unhealed, "heal": mode}
+            if stack.streaming:
+                report({**hrow, "status": "skipped", "note": "healing in a grid needs the model in memory (this "
+                        "one streams one layer at a time): heal its compressed folder with `swm-ray heal`"})
+                continue
+            t0 = time.perf_counter()
+            try:
+                candidate = _candidate_model(stack, ckpt, config, windows, merge, attention, fits)
+                candidate = _heal_candidate(candidate, mode, stack, windows, merge, cfg, tok,
+                                            getattr(config, "model_type", None), heal_inputs)
+            except UserError as e:
+                report({**hrow, "status": "skipped", "note": f"heal {mode}: {e}"})
+                continue
+            hrow["heal_seconds"] = round(time.perf_counter() - t0, 2)
+            finish(hrow, windows, merge, candidate=candidate)
+
     if spec["method"] == "original":
         finish({**base, "target": 0, "windows": "[]"}, [], "reference")
         return
+    validation = None
+    if spec["method"] == "auto":  # auto's held-out rows: drawn beyond the grid's calibration rows
+        from swm_ray.auto import LocalValidation, auto_calibration
+
+        _, calib, val_calib, _ = auto_calibration(cfg)
+        validation = LocalValidation(stack, val_calib, attention)
     scoring = LocalScoring(stack, calib, attention, matrix, kernel=cfg.stats.kernel,
                            skip_first_tokens=cfg.stats.skip_first_tokens)
     select = {"method": "swm" if spec["method"] == "swm" else spec["method"]}
@@ -168,6 +203,17 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
                                                                                 or cfg.merge.method})})
             n_remove = target_layers(tcfg, params_before, per_layer, n_layers)
             misses0 = _misses(scoring)
+            if validation is not None:
+                from swm_ray.auto import run_auto
+
+                chosen = run_auto(tcfg, scoring, n_layers, n_remove, lambda: stack_site(stack), validation,
+                                  layer_names=ckpt.layer_keys(0))
+                _auto_row(row, chosen, t0, _misses(scoring) - misses0, n_layers, spec["model"], m.revision,
+                          params_before, attention)
+                comp = chosen.chosen.compensation
+                finish_and_heal(row, chosen.chosen.windows, chosen.chosen.merge,
+                                comp.fits if comp is not None else None)
+                continue
             planned = plan_windows(tcfg, scoring, n_layers, n_remove)
         except UserError as e:
             report({**row, "status": "skipped", "note": str(e)})
@@ -195,7 +241,54 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
                 crow["plan"] = plan.to_json()
                 crow["plan_tensors"] = base64.b64encode(plan.tensors_bytes()).decode("ascii")
                 plan.compensation, plan.tensors = None, {}
-            finish(crow, sel.windows, planned.merge, comp.fits if comp is not None else None)
+            finish_and_heal(crow, sel.windows, planned.merge, comp.fits if comp is not None else None)
+
+
+def _heal_candidate(model, mode: str, stack, windows, merge: str, cfg: RunConfig, tok, model_type: str | None,
+                    prepared: dict):
+    """Heal a grid row's compressed model (in memory) in this process: `local` refits each merged layer against
+    the original model (`stack`) on the heal section's calibration rows; `lora` trains LoRA as one worker (no
+    Ray Train inside a Tune trial) on `heal.data` (default data.source) and merges it. Training runs in float32;
+    the model comes back in its own dtype. `prepared` keeps each mode's training data for the trial's rows."""
+    from swm_ray.heal import local_settings, lora_data, lora_in_process
+    from swm_ray.plan import Plan
+
+    data = cfg.heal.data or cfg.data.source
+    dtype = next(model.parameters()).dtype
+    model.float()
+    if mode == "local":
+        if "local" not in prepared:
+            prepared["local"] = local_settings(cfg, tok, model_type, data)
+        plan = Plan(windows=[list(w) for w in windows], num_layers_before=stack.num_layers, merge=merge)
+        prepared["local"].run(model, stack, plan)
+    else:
+        if "lora" not in prepared:
+            prepared["lora"] = lora_data(cfg, tok, model_type, data)
+        examples, schedule = prepared["lora"]
+        model, _ = lora_in_process(model, examples, schedule, cfg.heal, device=next(model.parameters()).device,
+                                   pad_id=tok.pad_token_id)
+    return model.to(dtype).eval()
+
+
+def _auto_row(row: dict, res, t0: float, evaluations: int, n_layers: int, model: str, revision, params_before: int,
+              attention: str) -> None:
+    """Fill a grid row of `auto` from its result: the chosen plan (with its compensation) and every candidate's
+    held-out loss in the plan's `extra.auto`."""
+    from swm_ray.plan import Plan
+
+    o = res.chosen
+    p = o.planned
+    plan = Plan(windows=[list(w) for w in o.windows], num_layers_before=n_layers, merge=o.merge, source_model=model,
+                source_revision=revision, method="auto", attention=attention, criterion=p.criterion,
+                search=p.search, threshold=p.selection.threshold, similarities=p.selection.scores,
+                params_before=params_before, extra={"auto": res.record()})
+    row.update(merge=o.merge, criterion=p.criterion, search=p.search, compensate=o.compensate,
+               windows=json.dumps([list(w) for w in o.windows]), evaluations=evaluations,
+               selection_seconds=round(time.perf_counter() - t0, 2), note=f"auto chose {o.name}")
+    if o.compensation is not None:
+        o.compensation.attach(plan)
+        row["plan_tensors"] = base64.b64encode(plan.tensors_bytes()).decode("ascii")
+    row["plan"] = plan.to_json()
 
 
 def _misses(scoring) -> int:
@@ -212,7 +305,7 @@ def finalize_rows(rows: list[dict]) -> list[dict]:
     for r in out:
         base = orig.get(r["model"])
         r["ppl_ratio"] = r["ppl"] / base if base and r.get("ppl") is not None else None
-    rank = {"original": 0, **{b: 1 for b in BASELINES}}
+    rank = {"original": 0, **{b: 1 for b in BASELINES}, "auto": 3}
     out.sort(key=lambda r: (str(r["model"]), rank.get(r["method"], 2), method_label(r),
                             r["removed_layers"] if r["removed_layers"] is not None else -1,
                             float(r["target"]) if r["target"] is not None else 0.0))

@@ -55,7 +55,7 @@ def _ranges(indices: list[int]) -> list[tuple[int, int]]:
 
 def mergekit_kept_layers(plan: Plan) -> list[int]:
     """Original indices mergekit must copy: the kept layers, with each window's top for keep-last."""
-    if plan.merge not in DROP_ONLY_METHODS or plan.compensated:
+    if plan.merge not in DROP_ONLY_METHODS or plan.compensated or plan.width:
         raise ValueError(f"merge {plan.merge!r} changes weights: no mergekit passthrough recipe exists")
     removed = set(plan.removed_layers)
     if plan.merge == "keep-last":
@@ -70,7 +70,7 @@ def render_mergekit_config(plan: Plan, dtype: str = "bfloat16") -> str | None:
 
     `layer_range` is half-open, [start, end), as mergekit expects. A compensated plan changes weights: None.
     """
-    if plan.merge not in DROP_ONLY_METHODS or plan.compensated:
+    if plan.merge not in DROP_ONLY_METHODS or plan.compensated or plan.width:
         return None
     model = plan.source_model or "SOURCE_MODEL"
     lines = [
@@ -108,6 +108,19 @@ def _windows_table(plan: Plan) -> str:
     return "\n".join(rows)
 
 
+def _width_text(width: dict) -> str:
+    """The model card's paragraph on a width plan: what every layer keeps, and the bias compensation."""
+    w = width
+    bias = [k for k, v in (w.get("bias") or {}).items() if v]
+    groups, channels = len((w.get("kv_groups") or [[]])[0]), len((w.get("channels") or [[]])[0])
+    before = lambda key: f" of {w[key]}" if key in w else ""  # noqa: E731 - a hand-written plan may omit them
+    return (f"Width pruning: **`{w.get('method')}`**: every decoder layer keeps {groups}{before('kv_heads_before')} "
+            f"key/value head groups (each with all its query heads) and {channels}{before('intermediate_before')} "
+            f"MLP channels (the same in every layer, so the architecture's own config describes it); the indices "
+            f"kept per layer are in `plan.json` (`width`, positions after the merged windows). Bias compensation: "
+            f"{', '.join(bias) + ' (the mean contribution of the removed inputs, FLAP)' if bias else 'none'}.\n")
+
+
 def _size_table(plan: Plan) -> str:
     params = (plan.params_before, plan.params_after)
     rows = ["| | before | after |", "|---|---|---|"]
@@ -121,7 +134,7 @@ def render_model_card(
     plan: Plan, *, metrics: dict[str, Any] | None = None, resolved_yaml: str | None = None, name: str | None = None
 ) -> str:
     """README.md text: source, size before/after, plan windows, merge method, metrics, how to load, config."""
-    title = name or "Depth-compressed model"
+    title = name or ("Depth-compressed model" if not plan.width else "Width-pruned model")
     source = plan.source_model or "(unknown source)"
     criterion = ", ".join(f"{k}: `{v}`" for k, v in
                           (("criterion", plan.criterion), ("search", plan.search), ("threshold", plan.threshold))
@@ -130,7 +143,8 @@ def render_model_card(
         "---\nlibrary_name: transformers\ntags:\n- swm-ray\n- layer-merging\n- depth-pruning\n---\n",
         f"# {title}\n",
         f"Produced by **swm-ray** (Sliding-Window Merging) from `{source}` by merging runs of consecutive "
-        "decoder layers into one layer each.\n",
+        "decoder layers into one layer each.\n" if plan.windows or not plan.width else
+        f"Produced by **swm-ray** from `{source}` by pruning attention heads and MLP channels (width).\n",
         _size_table(plan) + "\n",
         "## Merge plan\n",
         f"Merge method: **`{plan.merge}`**: {METHOD_DESCRIPTIONS.get(plan.merge, plan.merge)}.\n",
@@ -142,6 +156,8 @@ def render_model_card(
         parts.append(f"Compensation: **`{c['method']}`**, a linear map fitted on calibration data (input: "
                      f"{c.get('input')}) and folded into each window's MLP output ({c.get('site')}); the fitted "
                      "matrices are in `plan.tensors` (safetensors format) beside `plan.json`.\n")
+    if plan.width:
+        parts.append(_width_text(plan.width))
     parts.append("Windows are 0-based indices of the original decoder layers, top window first.\n")
     parts.append(_windows_table(plan) + "\n")
     parts.append(f"Original layers removed: {plan.removed_layers or 'none'}.\n")
@@ -401,7 +417,8 @@ def write_model_folder(
     config = load_config(source_path, trust_remote_code)
     check_supported_config(config)
     ckpt = Checkpoint(source_path, allow_pickle)
-    view = PlanView(ckpt, config, plan.windows, plan.merge, attention, plan_fits(plan))
+    view = PlanView(ckpt, config, plan.windows, plan.merge, attention, plan_fits(plan), width=plan.width,
+                    width_tensors=plan.tensors)
     check_config_lists(view.config)
     tcfg = text_config_of(view.config)
     plan.params_after = view.param_count(bool(getattr(tcfg, "tie_word_embeddings", False)))

@@ -58,6 +58,18 @@ def _isolated_stats_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SWM_RAY_CACHE", str(cache))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny layers on a shared 2-core machine: one torch thread avoids OpenMP contention (training steps on tiny
+    models run up to 50x slower with two threads fighting another process for the cores)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A saved tiny Llama (6 layers) with a real tokenizer, loadable by path."""

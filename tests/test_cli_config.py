@@ -80,7 +80,7 @@ CONFIG = {
              "baseline": "cfg-base", "enabled": True},
     "grid": {"models": ["cfg-m1", "cfg-m2"], "criteria": ["kl"], "searches": ["top-down"], "merges": ["mean"],
              "ratios": [0.1], "baselines": ["sleb"],
-             "compensate": ["scale"], "concurrency": 2, "cpus_per_trial": 2.0, "gpus_per_trial": 0.5},
+             "compensate": ["scale"], "heal": ["lora"], "concurrency": 2, "cpus_per_trial": 2.0, "gpus_per_trial": 0.5},
     "out": "cfg-out",
     "overwrite": True,
     "resume": True,
@@ -174,6 +174,7 @@ FLAGS = {
         ("layers", ["--layers", "2,4"], "grid.layers", [2, 4]),
         ("baselines", ["--baselines", "shortgpt"], "grid.baselines", ["shortgpt"]),
         ("compensate", ["--compensate", "lstsq,none"], "grid.compensate", ["lstsq", "none"]),
+        ("heal", ["--heal", "none,local"], "grid.heal", ["none", "local"]),
         ("tasks", ["--tasks", "arc_easy"], "eval.tasks", ["arc_easy"]),
         ("limit", ["--limit", "6"], "eval.limit", 6),
         ("concurrency", ["--concurrency", "3"], "grid.concurrency", 3),
@@ -242,6 +243,7 @@ def test_the_tables_cover_every_option(command):
     covered = {name for name, *_ in FLAGS[command] + OTHER_TARGETS.get(command, [])}
     if command == "compress":
         covered.add("paper")  # test_paper_* below
+        covered.add("then_width")  # a fraction below 1: test_width.py::test_cli_depth_then_flap_on_the_merged_model
     assert covered == _option_names(command)
 
 

@@ -86,7 +86,7 @@ def test_two_nodes_spread_download_once_each_same_windows(s3_env, tmp_path, monk
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         common = {"model.source": model_url, "data.source": "builtin:lambada", "select.layers": 2,
-                  "ray.address": cluster.address}
+                  "ray.address": cluster.address, "select.method": "swm"}
         spread = run_compress(build_config(flags={**common, "ray.actors": 4, "out": str(tmp_path / "spread")}))
         single = run_compress(build_config(flags={**common, "ray.actors": 1, "out": str(tmp_path / "single")}))
     finally:

@@ -250,7 +250,7 @@ def test_compensated_folder_reloads_with_the_same_logits(tmp_path, tokens_parque
     src = tmp_path / "src"
     model = _saved("gemma2", src)
     cfg = build_config(flags={"model.source": str(src), "data.source": str(tokens_parquet), "data.samples": 8,
-                              "data.seq_len": 16, "data.batch_size": 4, "select.layers": 2,
+                              "data.seq_len": 16, "data.batch_size": 4, "select.layers": 2, "select.method": "swm",
                               "merge.compensate": "lstsq", "out": str(tmp_path / "out")})
     res = compress_here(cfg)
     out = Path(res["out"])

@@ -16,7 +16,7 @@ from swm_ray.merge import apply_windows
 
 def _cfg(model_dir, data, out, **sets):
     base = {"model.source": str(model_dir), "data.source": str(data), "data.samples": 16, "data.seq_len": 16,
-            "data.batch_size": 4, "out": str(out), "ray.actors": 1}
+            "data.batch_size": 4, "out": str(out), "ray.actors": 1, "select.method": "swm"}
     return build_config(flags=base, sets=sets)
 
 
@@ -89,7 +89,8 @@ runner = CliRunner()
 def test_bad_input(ray_session, tiny_llama_dir, tokens_parquet, tmp_path, extra, message):
     out = tmp_path / "out"
     res = runner.invoke(app, ["compress", str(tiny_llama_dir), "--data", str(tokens_parquet), "--samples", "16",
-                              "--seq-len", "16", "--set", "data.batch_size=4", "--out", str(out), *extra])
+                              "--seq-len", "16", "--set", "data.batch_size=4", "--method", "swm", "--out", str(out),
+                              *extra])
     assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output
     assert not out.exists()
 

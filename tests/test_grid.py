@@ -151,7 +151,8 @@ def test_grid_runs_as_tune_trials(ray_session, tiny_llama_dir, tokens_parquet, t
         assert r["ppl_ratio"] == pytest.approx(r["ppl"] / orig["ppl"])
     # the grid's choice is the tool's choice: compress with the same settings picks the same windows
     direct = run_compress(build_config(flags={**common, "out": str(tmp_path / "c")},
-                                       sets={"select.layers": 2, "select.criterion": "output"}))
+                                       sets={"select.layers": 2, "select.criterion": "output",
+                                             "select.method": "swm"}))
     assert json.loads(by[("swm", "output", 2)]["windows"]) == direct["plan"]["windows"]
     for f in ("results.csv", "results.md", "config.resolved.yaml", "summary.json", "plots/ppl_"):
         matches = list(out.glob(f + "*"))

@@ -23,13 +23,7 @@ runner = CliRunner()
 WINDOWS = [[3, 4], [1, 2]]  # of the 6-layer tiny Llama: positions 1 and 2 of the 4 left are merged
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny layers on a shared 2-core machine: one thread avoids OpenMP contention (50x slower otherwise)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -297,8 +291,8 @@ def test_compress_then_heal_in_one_run(ray_session, tiny_llama_dir, tokens_parqu
     cfg = build_config(flags={
         "model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet), "data.samples": 16,
         "data.seq_len": 16, "data.batch_size": 4, "out": str(out), "ray.actors": 1, "select.layers": 2,
-        "heal.after_compress": "local", "heal.steps": 20, "heal.lr": 3e-3, "heal.local_samples": 8,
-        "heal.local_seq_len": 16})
+        "select.method": "swm", "heal.after_compress": "local", "heal.steps": 20, "heal.lr": 3e-3,
+        "heal.local_samples": 8, "heal.local_seq_len": 16})
     res = run_compress_and_heal(cfg)
     plan = json.loads((out / "plan.json").read_text())
     assert res["out"] == str(out.resolve()) and plan["windows"] == res["plan"]["windows"]

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import tiny_gpt2, tiny_model, tiny_t5
+from tiny_models import ARCHS, tiny_gpt2, tiny_model, tiny_t5
 
 from swm_ray.architectures import check_supported, per_layer_config_keys, slice_per_layer_config
 from swm_ray.errors import UserError
@@ -105,6 +105,30 @@ def test_reference_extra_norms_from_bottom(arch):
         assert torch.equal(_param(merged, name), _param(layers[0], name)), name
         assert not torch.equal(_param(merged, name), _param(layers[-1], name)), name
     assert torch.equal(_param(merged, "self_attn.q_proj.weight"), _param(layers[-1], "self_attn.q_proj.weight"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_consistent_takes_the_norms_that_follow_a_weight_from_that_weights_layer(arch):
+    """`consistent`: post-attention/post-MLP norms of Gemma 2/3 and q/k norms come from the top layer, with the
+    weights whose outputs they scale; the norms before attention and MLP stay the bottom layer's."""
+    model, _ = tiny_model(arch)
+    layers = list(decoder_layers(model))[1:4]
+    merged = merge_layers(layers, "consistent")
+    follow = {
+        "llama": set(), "mistral": set(), "qwen2": set(),
+        "qwen3": {"self_attn.q_norm.weight", "self_attn.k_norm.weight"},
+        "gemma2": {"post_attention_layernorm.weight", "post_feedforward_layernorm.weight"},
+        "gemma3": {"self_attn.q_norm.weight", "self_attn.k_norm.weight", "post_attention_layernorm.weight",
+                   "post_feedforward_layernorm.weight"},
+    }[arch]
+    reference = merge_layers(layers, "reference")
+    for name, p in merged.named_parameters():
+        top = torch.equal(p, _param(layers[-1], name))
+        if "norm" in name and name not in follow:
+            assert torch.equal(p, _param(layers[0], name)) and not top, name
+        else:
+            assert top, name
+        assert torch.equal(p, _param(reference, name)) == (name not in follow), name
 
 
 def test_apply_windows_renumbers_and_runs_with_cache(llama):

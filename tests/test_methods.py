@@ -11,16 +11,15 @@ import pytest
 import yaml
 from tiny_models import tiny_model
 
-from swm_ray.config import build_config
+from swm_ray.config import BASELINES, build_config
 from swm_ray.errors import UserError
 from swm_ray.jobs.apply import run_apply
 from swm_ray.jobs.compress import run_compress
-from swm_ray.planners import METHODS
 
 
 def _cfg(model_dir, data, out, **flags):
     base = {"model.source": str(model_dir), "data.source": str(data), "data.samples": 16, "data.seq_len": 16,
-            "data.batch_size": 4, "out": str(out), "select.layers": 2, "ray.actors": 2}
+            "data.batch_size": 4, "out": str(out), "select.layers": 2, "ray.actors": 2, "select.method": "swm"}
     return build_config(flags={**base, **flags})
 
 
@@ -71,7 +70,7 @@ def deep_llama(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "swm"])
+@pytest.mark.parametrize("method", BASELINES)
 def test_compress_method_equals_the_grid_row(ray_session, deep_llama, tokens_parquet, tmp_path, method):
     """The baseline through `compress --method` (Ray actors) and through a grid trial (in process) is the same
     computation: same windows, same scores, and the grid row's plan applies to the same folder."""
@@ -114,7 +113,7 @@ def test_method_targets_are_checked_before_models_load(tiny_llama_dir, tokens_pa
 
 def _zoo(tmp_path: Path, models: list[dict], data, text) -> Path:
     zoo = {"defaults": {"data": {"source": str(data), "samples": 16, "seq_len": 16, "batch_size": 4},
-                        "select": {"layers": 1},
+                        "select": {"layers": 1, "method": "swm"},
                         "eval": {"tasks": [], "ppl_data": str(text), "ppl_chunk": 16, "ppl_bos": "none"}},
            "models": models}
     path = tmp_path / "zoo.yaml"

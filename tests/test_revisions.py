@@ -60,7 +60,7 @@ def test_compress_merges_the_pinned_revision_and_records_it(hub_cache, tokens_pa
     """Calibration, selection and the merged weights all come from the pinned commit, and the plan says so:
     the output equals compressing that commit's folder by path."""
     common = {"data.source": str(tokens_parquet), "data.samples": 16, "data.seq_len": 16,
-              "data.batch_size": 4, "select.layers": 2}
+              "data.batch_size": 4, "select.layers": 2, "select.method": "swm"}
     pinned = compress_here(build_config(flags={**common, "model.source": REPO, "model.revision": PINNED,
                                                "out": str(tmp_path / "pinned")}))
     by_path = compress_here(build_config(flags={**common, "model.source": str(hub_cache / "snapshots" / PINNED),
@@ -92,7 +92,8 @@ def test_tied_embeddings_survive_compress_save_and_reload(tokens_parquet, tmp_pa
     tiny_tokenizer(src)
     res = compress_here(build_config(flags={
         "model.source": str(src), "data.source": str(tokens_parquet), "data.samples": 16, "data.seq_len": 16,
-        "data.batch_size": 4, "select.layers": 2, "merge.method": "mean", "out": str(tmp_path / "out")}))
+        "data.batch_size": 4, "select.layers": 2, "merge.method": "mean", "select.method": "swm",
+        "out": str(tmp_path / "out")}))
     out = tmp_path / "out"
     saved = json.loads((out / "config.json").read_text())
     assert saved.get("tie_word_embeddings", True) is True

@@ -145,7 +145,8 @@ def test_budget_turns_streaming_on(tmp_path):
 # -- through Ray -----------------------------------------------------------------------------------------
 def _cfg(model_dir, data, out, **flags):
     base = {"model.source": str(model_dir), "data.source": str(data), "data.samples": 16, "data.seq_len": 16,
-            "data.batch_size": 4, "out": str(out), "select.layers": 2, "ray.cpus_per_actor": 0.25}
+            "data.batch_size": 4, "out": str(out), "select.layers": 2, "ray.cpus_per_actor": 0.25,
+            "select.method": "swm"}
     return build_config(flags={**base, **flags})
 
 

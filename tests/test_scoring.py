@@ -102,7 +102,7 @@ def test_kl_without_cached_log_probs_is_the_same():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["reference", "mean", "keep-last"])
+@pytest.mark.parametrize("method", ["reference", "consistent", "mean", "keep-last"])
 def test_streaming_scores_equal_in_memory(tmp_path, arch, method):
     """Layer streaming (layers read from the safetensors files one at a time, candidates layer-major, merged
     windows composed from the groups' states) gives the same per-row scores, bit for bit."""

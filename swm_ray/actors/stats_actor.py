@@ -63,6 +63,14 @@ class ModelActor:
 
         return angular_distance_sums(self.stack, input_ids, [tuple(b) for b in batches])
 
+    def width_stats(self, input_ids: np.ndarray, batches: list, request: dict) -> list[dict]:
+        """FLAP's per-minibatch sums of the o_proj/down_proj inputs (`width.width_stats_sums`), on the stack with
+        the request's depth windows merged."""
+        from swm_ray.width import width_stats_sums
+
+        return width_stats_sums(self.stack, input_ids, [tuple(b) for b in batches], request["windows"],
+                                request["merge"], request["attention"])
+
     def compensation_sums(self, input_ids: np.ndarray, batches: list, request: dict) -> list:
         """`compensation.CompSums` of each target window over the given minibatches (added in their order), with
         the plan's windows and the fits below applied; the request carries everything (a retried call on a
@@ -73,6 +81,15 @@ class ModelActor:
         return compensation_sums(self.stack, input_ids, [tuple(b) for b in batches], r["windows"], r["merge"],
                                  r["attention"], r["fits"], r["targets"], source=r["source"],
                                  skip_first=r["skip_first"])
+
+    def plan_nll(self, input_ids: np.ndarray, batches: list, request: dict) -> list:
+        """(per-row NLL sums, tokens) of each given minibatch under the plan of `request` (windows, merge,
+        attention, fits): `auto`'s validation loss."""
+        from swm_ray.auto import plan_nll
+
+        r = request
+        return plan_nll(self.stack, input_ids, [tuple(b) for b in batches], r["windows"], r["merge"], r["attention"],
+                        r["fits"])
 
     def prepare(self, job: dict) -> int:
         """Build the candidate scorer of `job` now (its reference pass), so the first step is not slower."""

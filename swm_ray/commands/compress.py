@@ -25,14 +25,20 @@ from swm_ray.errors import UserError
 
 HELP = "\n\n".join([
     "Merge runs of consecutive similar decoder layers into one layer each and write an HF model folder.",
-    "Defaults (criterion output, search best-first, merge reference) come from measurements on SmolLM2: the "
-    "paper's output-cosine criterion ranks models correctly, but its top-down search commits the most expensive "
-    "window first (6 layers: perplexity x653 the original's vs x1.96 for best-first; BENCHMARKS.md). --paper "
-    "selects the authors' exact procedure (criterion output, search top-down, their loop semantics) for "
-    "reproduction.",
+    "The default method, auto, does not trust settings tuned on one model family: it runs sliding-window "
+    "merging (best-first under the output criterion, with the reference, consistent and keep-first merges) and "
+    "the ShortGPT, SLEB and ReplaceMe pruners to the target (each plan also with the compensations of "
+    "select.auto_compensate, none by default), and keeps the plan of lowest loss on calibration rows that none "
+    "of them saw (plan.json lists them all). "
+    "--method swm runs sliding-window merging alone (criterion output, search best-first, merge reference); "
+    "--paper selects the authors' exact procedure (criterion output, search "
+    "top-down, their loop semantics) for reproduction; its top-down search commits the most expensive window "
+    "first (6 layers: perplexity x653 the original's vs x1.96 for best-first; BENCHMARKS.md).",
     "Merge methods: reference = what produced the paper's published numbers (attention/MLP weights of the "
     "window's top layer, norms of its bottom layer); paper = the formula as printed, θ_low + Σ(θ_k − θ_low); "
-    "mean = average of the window; keep-first / keep-last = keep one layer, drop the rest (pure pruning).",
+    "mean = average of the window; consistent = as reference, but the norms that scale a weight's output "
+    "(Gemma's post-norms, q/k norms) come with that weight from the top layer; keep-first / keep-last = keep "
+    "one layer, drop the rest (pure pruning).",
 ])
 
 
@@ -59,19 +65,26 @@ def paper_settings(flags: dict, sets: list[str] | None) -> dict:
 def compress_command(
     model: str = ModelArg,
     data: str = typer.Option(None, "--data", help="calibration text (default builtin:lambada)"),
-    method: str = typer.Option(None, "--method", help="swm (default: sliding-window merging with --criterion, "
-                               "--search, --merge) | shortgpt | sleb | laco | shortened-ppl | replaceme (baseline "
-                               "pruners, through the same writer and evaluation)"),
+    method: str = typer.Option(None, "--method", help="auto (default: run swm with three merges, shortgpt, "
+                               "sleb and replaceme to the target and keep the plan of lowest loss on held-out "
+                               "calibration rows) | swm (sliding-window merging alone, with --criterion, --search, "
+                               "--merge) | shortgpt | sleb | laco | shortened-ppl | replaceme (baseline "
+                               "pruners, through the same writer and evaluation) | flap | taylor (width: "
+                               "heads and MLP channels pruned to --ratio, the same count in every layer)"),
     criterion: str = typer.Option(None, "--criterion", help="output (default) | cka | kl | nll (the "
                                    "candidate's own calibration NLL, SLEB's signal)"),
     search: str = typer.Option(None, "--search", help="best-first (default) | top-down (the paper's loop)"),
     threshold: float = typer.Option(None, "--threshold", help="accept while cosine/CKA > T, or KL/NLL <= T"),
     ratio: float = typer.Option(None, "--ratio", help="fraction of all parameters to remove (the paper's ratio)"),
     layers: int = typer.Option(None, "--layers", help="number of decoder layers to remove"),
-    merge: str = typer.Option(None, "--merge", help="reference (default) | paper | mean | keep-first | keep-last"),
+    merge: str = typer.Option(None, "--merge", help="reference (default) | consistent | paper | mean | keep-first | "
+                              "keep-last"),
     compensate: str = typer.Option(None, "--compensate", help="none | lstsq (a least-squares map fitted per window "
                                    "on calibration, folded into its MLP output) | scale (one least-squares factor); "
                                    "default: the method's own (lstsq for replaceme, else none)"),
+    then_width: float = typer.Option(None, "--then-width", help="after the depth plan, prune width (FLAP by "
+                                     "default, --set select.width_method=taylor) of the merged model until this "
+                                     "further fraction of the original parameters is removed"),
     paper: bool = typer.Option(None, "--paper", help="the authors' exact procedure: output + top-down + their loop "
                                "(refused together with another --criterion or --search)"),
     actors: int = typer.Option(None, "--actors", help="Ray actors holding model replicas and data shards"),
@@ -98,7 +111,8 @@ def compress_command(
         "model.source": model, "data.source": data, "select.method": method, "select.criterion": criterion,
         "select.search": search,
         "select.threshold": threshold, "select.ratio": ratio, "select.layers": layers, "merge.method": merge,
-        "merge.compensate": compensate, "heal.after_compress": heal, "heal.data": heal_data,
+        "merge.compensate": compensate, "select.then_width": then_width, "heal.after_compress": heal,
+        "heal.data": heal_data,
         "ray.actors": actors, "data.samples": samples, "data.seq_len": seq_len, "eval.enabled": do_eval,
         "out": out, "overwrite": overwrite, "resume": resume, "model.allow_pickle": allow_pickle,
         "model.trust_remote_code": trust_remote_code, **scale_flags(stream_layers, max_memory, gpus_per_actor),
@@ -118,6 +132,12 @@ def compress_command(
     echo(f"windows (original layers, inclusive): {', '.join(f'{a}-{b}' for a, b in p['windows'])}")
     echo(f"layers: {p['num_layers_before']} -> {p['num_layers_after']}   parameters: {p['params_before']:,} -> "
          f"{p['params_after']:,} ({1 - p['params_after'] / p['params_before']:.1%} removed)")
+    if p.get("width"):
+        w = p["width"]
+        echo(f"width ({w['method']}): KV groups {w['kv_heads_before']} -> {w['kv_heads_after']} (heads "
+             f"{w['heads_before']} -> {w['heads_after']}), MLP channels {w['intermediate_before']} -> "
+             f"{w['intermediate_after']} per layer; bias compensation: "
+             f"{', '.join(k for k, v in w['bias'].items() if v) or 'none'}")
     if p.get("threshold") is not None:
         echo(f"threshold: {p['threshold']:.4f}   criterion: {p['criterion']}   search: {p['search']}   "
              f"merge: {p['merge']}")

@@ -56,14 +56,19 @@ def grid_command(
     criteria: str = typer.Option(None, "--criteria", help="comma list of output, kl, nll, cka (default "
                                 "output), or none"),
     searches: str = typer.Option(None, "--searches", help="comma list of best-first, top-down (default best-first)"),
-    merges: str = typer.Option(None, "--merges", help="comma list of reference, paper, mean, keep-first, keep-last"),
+    merges: str = typer.Option(None, "--merges", help="comma list of reference, consistent, paper, mean, keep-first, "
+                                "keep-last"),
     layers: str = typer.Option(None, "--layers", help="layer counts to remove, e.g. 2,4,6"),
     ratios: str = typer.Option(None, "--ratios", help="fractions of all parameters to remove, e.g. 0.1,0.2"),
     thresholds: str = typer.Option(None, "--thresholds", help="thresholds, e.g. 0.7,0.8 (valid for every criterion)"),
     baselines: str = typer.Option(None, "--baselines", help="baseline pruners: shortgpt (default), sleb, laco, "
-                                 "shortened-ppl, replaceme, a comma list, or none"),
+                                 "shortened-ppl, replaceme, and auto (the plan of lowest held-out loss among "
+                                 "select.auto_candidates), a comma list, or none"),
     compensate: str = typer.Option(None, "--compensate", help="compensations each plan is evaluated with, a comma "
                                    "list of none, lstsq, scale (default: each method's own)"),
+    heal: str = typer.Option(None, "--heal", help="healing each compressed model is also evaluated with, a comma "
+                             "list of none, local, lora (one row each, trained in the trial with the heal "
+                             "section's settings; default: none)"),
     tasks: str = typer.Option(None, "--tasks", help="zero-shot tasks per result (default: the paper's 7; none: "
                               "perplexity only)"),
     limit: int = typer.Option(None, "--limit", help="items per zero-shot task (quick runs)"),
@@ -88,6 +93,7 @@ def grid_command(
         "grid.layers": _split(layers, int, "layers"), "grid.ratios": _split(ratios, float, "ratios"),
         "grid.thresholds": _split(thresholds, float, "thresholds"), "grid.baselines": _split(baselines),
         "grid.compensate": None if compensate is None else [v.strip() for v in compensate.split(",") if v.strip()],
+        "grid.heal": None if heal is None else [v.strip() for v in heal.split(",") if v.strip()],
         "eval.tasks": _split(tasks), "eval.limit": limit, "grid.concurrency": concurrency,
         "grid.cpus_per_trial": cpus_per_trial, "grid.gpus_per_trial": gpus_per_trial, "out": out,
         "overwrite": overwrite, "model.allow_pickle": allow_pickle, "model.trust_remote_code": trust_remote_code,

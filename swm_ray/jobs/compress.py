@@ -7,9 +7,10 @@ actor pool, and the writer applies the plan to the checkpoint tensor by tensor.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from swm_ray import storage
-from swm_ray.config import RunConfig, dump_yaml
+from swm_ray.config import WIDTH_METHODS, RunConfig, dump_yaml
 from swm_ray.data import calibration_for
 from swm_ray.errors import UserError
 from swm_ray.jobs.analyze import similarity_matrix
@@ -56,8 +57,17 @@ class RayScoring:
         self.calib = calib
         self.state = state
         self.pool = None
-        self.saved = (state.load_json("memo.json") or {}).get("entries", [])
+        self.saved = (state.load_json("memo.json") or {}).get("evaluators", {})  # "criterion|merge" -> entries
         self._evaluators: dict = {}
+
+    @property
+    def resumed(self) -> int:
+        """Candidate scores loaded from an interrupted run."""
+        return sum(len(v) for v in self.saved.values())
+
+    def _save_memo(self) -> None:
+        self.state.save_json("memo.json", {"evaluators": {f"{c}|{m}": ev.entries()
+                                                          for (c, m), ev in self._evaluators.items()}})
 
     def _pool(self):
         from swm_ray.jobs.pool import ActorPool
@@ -73,9 +83,8 @@ class RayScoring:
         if key not in self._evaluators:
             pool = self._pool()
             jobs = pool.scoring_jobs(self.calib, criterion, merge, self.cfg.merge.attention)
-            ev = MemoEvaluator(RayEvaluator(pool, criterion, jobs),
-                               on_new=lambda entries: self.state.save_json("memo.json", {"entries": entries}))
-            ev.load(self.saved)  # a resumed run replays the steps it had taken from these scores
+            ev = MemoEvaluator(RayEvaluator(pool, criterion, jobs), on_new=lambda _entries: self._save_memo())
+            ev.load(self.saved.get(f"{criterion}|{merge}", []))  # a resumed run replays its steps from these
             self._evaluators[key] = ev
         return self._evaluators[key]
 
@@ -94,12 +103,36 @@ class RayScoring:
     def cka_matrix(self):
         return similarity_matrix(self.cfg, self.calib, pool=self.pool, state=self.state)[0]
 
+    def validation(self, calib) -> RayValidation:
+        """`auto.PlanLoss` on the held-out rows `calib`, computed by the same actors."""
+        return RayValidation(self._pool, calib, self.cfg.merge.attention)
+
     def modes(self) -> list[str]:
         return sorted({i["mode"] for i in self.pool.infos}) if self.pool is not None else []
 
     def shutdown(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
+
+
+class RayValidation:
+    """`auto.PlanLoss` over the actor pool: each actor runs the plan on its minibatches of the held-out rows,
+    the driver adds the per-row sums in row order (`auto.mean_nll`)."""
+
+    def __init__(self, pool_of: Callable, calib, attention: str):
+        self.pool_of, self.calib, self.attention = pool_of, calib, attention
+        self.rows = int(calib.input_ids.shape[0])
+        self.tokens = 0
+
+    def __call__(self, windows, merge: str, fits=None) -> float:
+        from swm_ray.auto import mean_nll
+
+        request = {"windows": [list(w) for w in windows], "merge": merge, "attention": self.attention,
+                   "fits": dict(fits or {})}
+        per = self.pool_of().per_minibatch(self.calib, "plan_nll", (request,), "validation loss")
+        parts = [per[b] for b in range(len(self.calib.batches))]
+        self.tokens = sum(c for _, c in parts)
+        return mean_nll(parts)
 
 
 def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
@@ -118,6 +151,14 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
 
     s = cfg.select
     out = cfg.out or "swm-ray-compressed"
+    if s.method in WIDTH_METHODS:  # width pruning: its own recipe, the same folder layout (jobs/width.py)
+        from swm_ray.jobs.width import run_width
+
+        return run_width(cfg, raw_yaml)
+    if s.then_width is not None:
+        from swm_ray.width import check_width_settings
+
+        check_width_settings(cfg, s.width_method)
     if s.threshold is None and s.ratio is None and s.layers is None:
         raise UserError("give a target: --threshold T, --ratio R or --layers N")
     criterion, _ = method_signals(cfg)
@@ -126,26 +167,50 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
     check_method_target(cfg)
     storage.check_run_paths(out, cfg.overwrite, [cfg.model.source, cfg.data.source])
     t0 = time.perf_counter()
-    path, calib, n_layers = calibration_for(cfg)
+    auto = s.method == "auto"
+    if auto:
+        from swm_ray.auto import auto_calibration
+
+        path, calib, val_calib, n_layers = auto_calibration(cfg)
+    else:
+        path, calib, n_layers = calibration_for(cfg)
     state = RunState.open(out, "compress", cfg, cfg.resume)
     params_before, per_layer, config = model_sizes(path, cfg)
     n_remove = target_layers(cfg, params_before, per_layer, n_layers)
     check_method_count(cfg, n_layers, n_remove)
     compensate = method_compensation(cfg)
-    site = checkpoint_site(path, config, cfg.model.allow_pickle) if compensate != "none" else None
+    site = checkpoint_site(path, config, cfg.model.allow_pickle) if compensate != "none" and not auto else None
     state.start(calib.input_ids)
     con = console()
     what = f"criterion {s.criterion}, search {s.search}" if s.method == "swm" else f"method {s.method}"
+    if auto:
+        what += f" ({', '.join(s.auto_candidates)} × compensation {', '.join(s.auto_compensate)}, judged on " \
+                f"{val_calib.input_ids.shape[0]} held-out rows)"
     con.print(f"[bold]selecting windows[/]: {what}, "
               f"target {f'{n_remove} layers' if n_remove is not None else f'T={s.threshold}'}")
     scoring = RayScoring(cfg, calib, state)
-    if scoring.saved:
-        con.print(f"resuming: {len(scoring.saved)} candidate scores from the interrupted run")
+    if scoring.resumed:
+        con.print(f"resuming: {scoring.resumed} candidate scores from the interrupted run")
     try:
         t_search = time.perf_counter()
-        planned = plan_windows(cfg, scoring, n_layers, n_remove, _reporter(criterion))
+        chosen = None
+        if auto:
+            from swm_ray.auto import run_auto
+            from swm_ray.checkpoint import Checkpoint
+
+            chosen = run_auto(cfg, scoring, n_layers, n_remove,
+                              lambda: checkpoint_site(path, config, cfg.model.allow_pickle),
+                              scoring.validation(val_calib), report=lambda msg: con.print(f"  auto: {msg}"),
+                              layer_names=Checkpoint(path, cfg.model.allow_pickle).layer_keys(0))
+            planned, comp = chosen.chosen.planned, chosen.chosen.compensation
+            con.print(f"[bold]auto chose[/] {chosen.chosen.name} (validation NLL {chosen.chosen.val_nll:.4f}, "
+                      f"original {chosen.original_nll:.4f}; {chosen.seconds:.0f} s for "
+                      f"{len(chosen.outcomes)} candidates)")
+        else:
+            planned = plan_windows(cfg, scoring, n_layers, n_remove, _reporter(criterion))
         t_select = time.perf_counter() - t_search  # the search alone (scorers ready, matrix loaded)
-        comp = compensate_plan(cfg, scoring, planned.selection.windows, planned.merge, site, compensate)
+        if not auto:
+            comp = compensate_plan(cfg, scoring, planned.selection.windows, planned.merge, site, compensate)
         if comp is not None:
             _report_fits(con, comp)
         modes = scoring.modes()
@@ -159,20 +224,26 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
     _warn_mixed_windows(con, config, sel.windows, cfg.merge.attention)
     m = cfg.model
     misses = planned.evaluator.misses if planned.evaluator is not None else 0
+    if auto:  # every candidate's checks
+        misses = sum(ev.misses for ev in scoring._evaluators.values())
     plan = Plan(
         windows=[list(w) for w in sel.windows], num_layers_before=n_layers, merge=planned.merge,
         source_model=m.source, source_revision=m.revision, method=s.method, attention=cfg.merge.attention,
         criterion=planned.criterion, search=planned.search, threshold=sel.threshold, similarities=sel.scores,
         params_before=params_before,
-        extra={"candidate_evaluations": misses, "resumed_scores": len(scoring.saved),
+        extra={"candidate_evaluations": misses, "resumed_scores": scoring.resumed,
                "selection_seconds": round(t_select, 2),
                "paper_loop": s.paper_loop if s.method == "swm" and s.search == "top-down" else None,
-               "note": sel.note, "actor_modes": modes,
+               "note": sel.note, "actor_modes": modes, **({"auto": chosen.record()} if chosen else {}),
                "calibration": {"source": cfg.data.source, "samples": int(calib.input_ids.shape[0]),
                                "seq_len": int(calib.input_ids.shape[1]), "bos_prepended": calib.bos_prepended}},
     )
     if comp is not None:
         comp.attach(plan)
+    if s.then_width is not None:  # width after depth, on the merged model (jobs/width.py)
+        from swm_ray.jobs.width import then_width
+
+        then_width(cfg, plan, path, calib)
     written = write_model_folder(path, plan, out, raw_yaml=raw_yaml, resolved_yaml=dump_yaml(cfg),
                                  overwrite=cfg.overwrite, attention=cfg.merge.attention,
                                  allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)

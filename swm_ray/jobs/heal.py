@@ -105,10 +105,7 @@ def _evaluate(cfg: RunConfig, out: str, plan, record) -> dict:
 
 # -- local ---------------------------------------------------------------------------------------------------------
 def _heal_local(cfg: RunConfig, path: str, plan, data: str):
-    import torch
-
-    from swm_ray.data import build_calibration
-    from swm_ray.heal import DEFAULT_LOCAL_STEPS, DEFAULT_LR, HealRecord, heal_local
+    from swm_ray.heal import HealRecord, local_settings
     from swm_ray.models import load_config, load_model, pick_device, resolve_model_path
     from swm_ray.stack import StackSpec, open_stack
 
@@ -129,13 +126,11 @@ def _heal_local(cfg: RunConfig, path: str, plan, data: str):
     model, tok = load_model(path, device=dev, dtype="float32", allow_pickle=m.allow_pickle,
                             trust_remote_code=m.trust_remote_code)
     model_type = getattr(load_config(path, m.trust_remote_code), "model_type", None)
-    d = cfg.data
-    calib = build_calibration(data, tok, samples=h.local_samples, seq_len=h.local_seq_len, batch_size=4,
-                              seed=h.seed, mode=d.mode, bos=d.bos, model_type=model_type, text_column=d.text_column)
+    ls = local_settings(cfg, tok, model_type, data)
+    calib, steps, lr = ls.calib, ls.steps, ls.lr
     stack = open_stack(StackSpec(src_path, device=dev, dtype="float32", stream=m.stream, max_memory=m.max_memory,
                                  allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code),
                        rows=h.micro_batch_size, seq_len=h.local_seq_len)
-    steps, lr = h.steps or DEFAULT_LOCAL_STEPS, h.lr or DEFAULT_LR["local"]
     con = console()
     con.print(f"[bold]healing locally[/]: {len(plan.windows)} merged layer(s), {steps} Adam steps each at lr {lr}, "
               f"{calib.input_ids.shape[0]} × {calib.input_ids.shape[1]} tokens of {data}, original model "
@@ -145,21 +140,15 @@ def _heal_local(cfg: RunConfig, path: str, plan, data: str):
         con.print(f"  layers {fit.window[0]:>3}–{fit.window[1]:<3} relative error {fit.error_before:.4f} -> "
                   f"{fit.error_after:.4f}   ({fit.seconds:.0f} s)")
 
-    fits = heal_local(model, stack, plan, torch.from_numpy(calib.input_ids), steps=steps, lr=lr,
-                      rows=h.micro_batch_size, skip=h.skip_first_tokens, target=h.local_target, seed=h.seed,
-                      on_fit=on_fit)
+    fits = ls.run(model, stack, plan, on_fit=on_fit)
     model.eval()
-    settings = {"lr": lr, "steps": steps, "local_target": h.local_target, "skip_first_tokens": h.skip_first_tokens,
-                "samples": int(calib.input_ids.shape[0]), "seq_len": int(calib.input_ids.shape[1]),
-                "rows_per_step": h.micro_batch_size, "source": source}
-    record = HealRecord("local", m.source, data, settings, steps=steps, fits=[asdict(f) for f in fits])
+    record = HealRecord("local", m.source, data, ls.record(source), steps=steps, fits=[asdict(f) for f in fits])
     return model, tok, record
 
 
 # -- lora ----------------------------------------------------------------------------------------------------------
 def _heal_lora(cfg: RunConfig, path: str, data: str, out: str, adapter_dir: Path | None):
-    from swm_ray.data import wants_bos
-    from swm_ray.heal import DEFAULT_LR, HealRecord, Schedule, load_examples, merge_adapter
+    from swm_ray.heal import DEFAULT_LR, HealRecord, lora_data, merge_adapter
     from swm_ray.jobs.runtime import init_ray
     from swm_ray.models import load_config, load_model, load_tokenizer
 
@@ -167,10 +156,7 @@ def _heal_lora(cfg: RunConfig, path: str, data: str, out: str, adapter_dir: Path
     tok = load_tokenizer(path, m.trust_remote_code)
     config = load_config(path, m.trust_remote_code)
     _check_targets(config, h, m.trust_remote_code)
-    bos = wants_bos(tok, getattr(config, "model_type", None), cfg.data.bos)
-    examples = load_examples(data, tok, cutoff=h.cutoff, text_column=cfg.data.text_column,
-                             max_examples=h.max_examples, bos=bos)
-    schedule = Schedule.of(len(examples), h.batch_size, h.epochs, h.steps, h.warmup_steps, h.seed)
+    examples, schedule = lora_data(cfg, tok, getattr(config, "model_type", None), data)
     root = _checkpoint_root(cfg, out)
     _claim_checkpoints(cfg, root, out)
     init_ray(cfg.ray, h.workers)

@@ -219,6 +219,13 @@ class ActorPool:
         per_batch = self.per_minibatch(calib, "angular_distances", (), "angular distances")
         return angular_from_sums([per_batch[b] for b in range(len(calib.batches))], int(calib.input_ids.shape[0]))
 
+    def width_stats(self, calib: Calibration, request: dict) -> dict:
+        """FLAP's sums over the calibration set (`width.width_stats_sums`), minibatches added in order."""
+        from swm_ray.width import add_width_sums
+
+        per_batch = self.per_minibatch(calib, "width_stats", (request,), "width statistics")
+        return add_width_sums([per_batch[b] for b in range(len(calib.batches))])
+
     def compensation_sums(self, calib: Calibration, request: dict) -> list:
         """Per target window of `request`, the compensation sums over every calibration row: each actor sums its
         own minibatches (one call, so a streaming actor reads each layer once), the driver adds the actors'
