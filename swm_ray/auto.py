@@ -21,6 +21,7 @@ computes it on its minibatches exactly as the driver would in one process.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -214,6 +215,7 @@ def run_auto(cfg, scoring, n_layers: int, n_remove: int, site_for: Callable[[], 
     from swm_ray.planners import compensate_plan, plan_windows
 
     say = report or (lambda _msg: None)
+    site_for = functools.cache(site_for)  # one fold site for every candidate's fit
     t_all = time.perf_counter()
     original = plan_loss([], "reference", None)
     say(f"original model: validation NLL {original:.4f} (ppl {math.exp(original):.2f})")

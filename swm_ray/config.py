@@ -151,6 +151,11 @@ class SelectConfig(_Section):
         "on the calibration text wins on held-out rows of that text but can lose on other text (BENCHMARKS.md)")
     auto_validation: int = Field(8, ge=1, description="auto: calibration rows drawn beyond data.samples and held "
                                  "out from every planner and fit; the plan with the lowest NLL on them wins")
+    compensate_aware: bool = Field(
+        False, description="swm: score every candidate after its compensation (merge.compensate lstsq or scale): "
+        "the candidate plan fitted bottom-up on the calibration rows, then the calibration NLL of that compensated "
+        "model (lower is better; it replaces the criterion, and a threshold is an NLL). One fit and one NLL pass "
+        "per candidate check")
     then_width: float | None = Field(
         None, gt=0, lt=1, description="after the depth plan, prune width (heads and MLP channels, uniform over the "
         "layers) of the merged model until this further fraction of the ORIGINAL model's parameters is removed "
@@ -266,9 +271,15 @@ class GridConfig(_Section):
     layers: tuple[int, ...] = Field((), description="layer counts to remove (give one kind of target)")
     ratios: tuple[float, ...] = Field((), description="fractions of all parameters to remove")
     thresholds: tuple[float, ...] = Field((), description="thresholds (valid for every criterion)")
-    baselines: tuple[Literal[(*BASELINES, "auto")], ...] = Field(
-        ("shortgpt",), description="baseline pruners: shortgpt, sleb, laco, shortened-ppl, replaceme, and auto (the "
-        "plan of lowest held-out loss among select.auto_candidates); [] for none")
+    baselines: tuple[Literal[(*BASELINES, "auto", *WIDTH_METHODS)], ...] = Field(
+        ("shortgpt",), description="baseline pruners: shortgpt, sleb, laco, shortened-ppl, replaceme, auto (the "
+        "plan of lowest held-out loss among select.auto_candidates), and the width pruners flap and taylor (whole "
+        "KV groups and MLP channels removed to each of grid.ratios, ratios only); [] for none")
+    then_width: tuple[float, ...] = Field(
+        (), description="width after depth: every depth row (merging trials, depth baselines, auto) is also "
+        "evaluated with the width of its merged model pruned by select.width_method until each of these further "
+        "fractions of the ORIGINAL model's parameters is removed, one row each (uncompensated plans only, never "
+        "healed); [] = depth only")
     compensate: tuple[Literal[COMPENSATIONS], ...] = Field(
         (), description="compensations every trial's plans are evaluated with (none, lstsq, scale), one row each; "
         "[] = each method's own (merge.compensate, else lstsq for replaceme and none for the others)")
@@ -292,6 +303,8 @@ class GridConfig(_Section):
             raise ValueError("layer counts must be at least 1")
         if any(not 0 < r < 1 for r in self.ratios):
             raise ValueError("ratios must lie in (0, 1)")
+        if any(not 0 < w < 1 for w in self.then_width):
+            raise ValueError("then_width fractions must lie in (0, 1)")
         return self
 
     def target_kind(self) -> str | None:

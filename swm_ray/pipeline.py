@@ -20,7 +20,6 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
     from swm_ray.compensation import stack_site
     from swm_ray.data import calibration_for
     from swm_ray.models import load_config, text_config_of
-    from swm_ray.plan import Plan
     from swm_ray.planners import (
         LocalScoring,
         check_method_count,
@@ -43,7 +42,7 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
         check_width_settings(cfg, s.width_method)
     if s.threshold is None and s.ratio is None and s.layers is None:
         raise UserError("give a target: layers, ratio or threshold")
-    if s.threshold is not None and s.method == "swm":
+    if s.threshold is not None and s.method == "swm" and not s.compensate_aware:
         check_threshold(s.criterion, s.threshold)
     check_method_target(cfg)
     t0 = time.perf_counter()
@@ -82,13 +81,10 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
     del scoring, stack
     if not sel.windows:
         raise UserError(f"no window passed (method {s.method}, threshold {sel.threshold}): nothing to merge")
-    plan = Plan(windows=[list(w) for w in sel.windows], num_layers_before=n_layers, merge=planned.merge,
-                source_model=m.source, source_revision=m.revision, method=s.method, attention=cfg.merge.attention,
-                criterion=planned.criterion, search=planned.search, threshold=sel.threshold,
-                similarities=sel.scores, params_before=params_before,
-                extra={"candidate_evaluations": planned.evaluator.misses if planned.evaluator else 0,
-                       "note": sel.note, "settings": fingerprint(cfg),
-                       **({"auto": chosen.record()} if chosen else {})})
+    plan = planned.plan(n_layers, m.source, m.revision, s.method, cfg.merge.attention, params_before,
+                        extra={"candidate_evaluations": planned.evaluator.misses if planned.evaluator else 0,
+                               "note": sel.note, "settings": fingerprint(cfg),
+                               **({"auto": chosen.record()} if chosen else {})})
     if comp is not None:
         comp.attach(plan)
     if s.then_width is not None:  # width after depth, on the merged model, in this process

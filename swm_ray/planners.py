@@ -20,6 +20,10 @@ Methods:
 
 Any plan can then be compensated (`compensate_plan`, `merge.compensate`): a linear map per window, fitted
 from sums over the calibration rows that the same `Scoring` provider computes (`compensation.py`).
+With `select.compensate_aware` the `swm` search scores every candidate after its compensation
+(`CompensatedEvaluator`): the candidate plan's windows fitted bottom-up on the calibration rows, then that
+compensated model's mean next-token NLL on the same rows (lower is better). Both are sums over rows on the
+same provider (actors or this process), so the windows do not depend on how rows were split.
 """
 
 from __future__ import annotations
@@ -64,6 +68,67 @@ class Scoring(Protocol):
                           skip_first: int) -> list:
         """`compensation.CompSums` of each target window over all calibration rows, added in row order."""
 
+    def compensated_evaluator(self, cfg, merge: str, method: str) -> MemoEvaluator:
+        """A memoised `CompensatedEvaluator` over the calibration rows (the same object for the same arguments)."""
+
+
+def windows_with(groups, candidate) -> list[tuple[int, int]]:
+    """The windows of the plan "current `groups`, with `candidate` (whole groups) merged into one layer"."""
+    low, high = int(candidate[0]), int(candidate[1])
+    kept = [(int(a), int(b)) for a, b in groups if b > a and not (low <= a and b <= high)]
+    return sorted([*kept, (low, high)])
+
+
+class CompensatedEvaluator:
+    """Compensation-aware candidate checks: a candidate's score is the calibration NLL of the model with the
+    candidate plan's windows merged and compensated (`method` lstsq or scale), each window fitted bottom-up on
+    the calibration rows with `cfg.merge`'s settings (as `compensate_plan` fits them), the fits folded in
+    (`loss`). A window's fit depends only on the windows below it (with `merge.compensate_input` original, on
+    none), so fits are kept by (windows below, window): a check fits the candidate window and the windows
+    above it (their input changed), then runs one NLL pass. Kept fits whose windows below are no longer all
+    in the current plan are dropped as the search moves on."""
+
+    higher_is_better = False
+
+    def __init__(self, cfg, scoring: Scoring, merge: str, method: str, site, loss: Callable):
+        if method not in ("lstsq", "scale"):
+            raise UserError(f"select.compensate_aware scores candidates after their compensation: set "
+                            f"--compensate lstsq or scale (got {method})")
+        self.cfg, self.scoring, self.merge, self.method, self.site, self.loss = cfg, scoring, merge, method, site, loss
+        self.fit_cache: dict = {}  # (windows below, window) -> compensation.Fit
+        self.fits_computed = 0
+
+    def plan_fits(self, windows) -> dict:
+        """The fits of a plan's windows, bottom-up, each from the sums with the fits below folded in."""
+        from swm_ray.compensation import make_fit
+
+        m = self.cfg.merge
+        compressed = m.compensate_input == "compressed"
+        order = sorted(tuple(w) for w in windows)
+        fits: dict = {}
+        for w in order:
+            key = (tuple(x for x in order if x[1] < w[0]) if compressed else (), w)
+            fit = self.fit_cache.get(key)
+            if fit is None:
+                (sums,) = self.scoring.compensation_sums(order, self.merge, dict(fits) if compressed else {}, [w],
+                                                         m.compensate_input, m.skip_first)
+                fit = self.fit_cache[key] = make_fit(w, sums, self.method, self.site, m.ridge)
+                self.fits_computed += 1
+            fits[w] = fit
+        return fits
+
+    def score(self, groups, candidates):
+        current = {tuple(g) for g in groups if g[1] > g[0]}
+        self.fit_cache = {k: f for k, f in self.fit_cache.items() if set(k[0]) <= current}
+        out = []
+        for c in candidates:
+            windows = windows_with(groups, c)
+            out.append(float(self.loss(windows, self.merge, self.plan_fits(windows))))
+        return out
+
+    def commit(self, groups, window) -> None:  # the candidates' groups say everything: no state to move
+        pass
+
 
 @dataclass
 class PlannedWindows:
@@ -74,6 +139,18 @@ class PlannedWindows:
     evaluator: MemoEvaluator | None
     criterion: str
     search: str
+
+    def plan(self, n_layers: int, source: str, revision, method: str, attention: str, params_before: int,
+             extra: dict | None = None, windows=None, merge: str | None = None):
+        """The `Plan` that records this answer (`windows`/`merge` where a caller chose others, as auto does)."""
+        from swm_ray.plan import Plan
+
+        sel = self.selection
+        return Plan(windows=[list(w) for w in (sel.windows if windows is None else windows)],
+                    num_layers_before=n_layers, merge=merge or self.merge, source_model=source,
+                    source_revision=revision, method=method, attention=attention, criterion=self.criterion,
+                    search=self.search, threshold=sel.threshold, similarities=sel.scores,
+                    params_before=params_before, extra=dict(extra or {}))
 
 
 def method_signals(cfg) -> tuple[str, str]:
@@ -94,6 +171,15 @@ def method_compensation(cfg) -> str:
 def check_method_target(cfg) -> None:
     """One-line errors for a target a method cannot take (checked before any model loads)."""
     s = cfg.select
+    if s.compensate_aware:
+        if s.method != "swm":
+            raise UserError(f"select.compensate_aware is a setting of --method swm's search, not of --method "
+                            f"{s.method}: use --method swm or drop it")
+        if method_compensation(cfg) not in ("lstsq", "scale"):
+            raise UserError("select.compensate_aware scores candidates after their compensation: give --compensate "
+                            "lstsq or scale")
+        if s.threshold is not None:
+            check_threshold("nll", s.threshold)
     if s.method == "auto" and s.threshold is not None:
         raise UserError("--method auto (the default) compares methods at one size: give --layers or --ratio, or "
                         "--method swm to merge to a threshold")
@@ -119,8 +205,13 @@ def plan_windows(cfg, scoring: Scoring, n_layers: int, n_remove: int | None,
     s = cfg.select
     criterion, merge = method_signals(cfg)
     if s.method == "swm":
-        ev = scoring.evaluator(criterion, merge) if criterion != "cka" else MemoEvaluator(
-            CkaEvaluator(scoring.cka_matrix()))
+        if s.compensate_aware:
+            comp = method_compensation(cfg)
+            ev = scoring.compensated_evaluator(cfg, merge, comp)
+            criterion = f"nll after {comp}"
+        else:
+            ev = scoring.evaluator(criterion, merge) if criterion != "cka" else MemoEvaluator(
+                CkaEvaluator(scoring.cka_matrix()))
         return PlannedWindows(select_windows(cfg, ev, n_layers, n_remove, on_event), merge, ev, criterion, s.search)
     if s.method == "shortgpt":
         from swm_ray.baselines import shortgpt_windows
@@ -230,6 +321,17 @@ class LocalScoring:
 
         return compensation_sums(self.stack, self.calib.input_ids, self.calib.batches, windows, merge,
                                  self.attention, fits, targets, source=source, skip_first=skip_first)
+
+    def compensated_evaluator(self, cfg, merge: str, method: str) -> MemoEvaluator:
+        from swm_ray.auto import LocalValidation
+        from swm_ray.compensation import stack_site
+
+        key = (f"nll+{method}", merge)
+        if key not in self._evaluators:
+            loss = LocalValidation(self.stack, self.calib, self.attention)
+            self._evaluators[key] = self.wrap(CompensatedEvaluator(cfg, self, merge, method, stack_site(self.stack),
+                                                                   loss))
+        return self._evaluators[key]
 
     def cka_matrix(self) -> np.ndarray:
         if self.matrix is None:

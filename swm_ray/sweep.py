@@ -2,11 +2,20 @@
 table and plots. `swm_ray/jobs/grid.py` runs the trials as Ray Tune trials; tests may call `run_trial`.
 
 A trial is one (model, method) pair, where a method is a combination criterion × search × merge, a baseline
-pruner, or the original model. It loads the model once, keeps one memo of candidate scores, and takes the
-model to every target of the grid in turn (best-first to 6 layers passes through the states for 2 and 4,
-so the later targets cost little), evaluating each result. It reports one row per target, or with `grid.heal`
-one per target and heal mode: the same compressed model healed in the trial's own process (`_heal_candidate`)
-and evaluated alike.
+pruner (depth: shortgpt, sleb, ...; width: flap, taylor), or the original model. It loads the model once, keeps
+one memo of candidate scores, and takes the model to every target of the grid in turn (best-first to 6 layers
+passes through the states for 2 and 4, so the later targets cost little), evaluating each result. It reports
+one row per target, or with `grid.heal` one per target and heal mode: the same compressed model healed in the
+trial's own process (`_heal_candidate`) and evaluated alike.
+
+Width (`width.py`): a flap/taylor trial prunes heads and MLP channels of the whole model to each of
+`grid.ratios` (a width-only plan); with `grid.then_width` every depth plan (swm, depth baselines, auto) also
+gets one row per fraction after its un-healed row: the same plan with the merged model's width pruned by
+`select.width_method` until that further fraction of the original's parameters is gone (columns `width`,
+`then_width`; never healed; a compensated plan gives a skipped row). Width rows carry their plan (FLAP's
+biases as `plan_tensors`), evaluate the model built in memory, and need the model in memory (a streaming one
+gives skipped rows). With `eval.latency` every row also gets `tokens_per_s`, `latency_s` and `ttft_s` (time to
+first token).
 """
 
 from __future__ import annotations
@@ -19,15 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from swm_ray.artifacts import fmt_cell
-from swm_ray.config import BASELINES, RunConfig
+from swm_ray.config import BASELINES, WIDTH_METHODS, RunConfig
 from swm_ray.errors import UserError
 
 ROW_KEYS = (
     "model", "method", "criterion", "search", "merge", "compensate", "target_kind", "target", "status", "threshold",
     "windows", "layers_before", "layers_after", "removed_layers", "params_before", "params_after",
     "params_removed", "ppl", "ppl_ratio", "zeroshot_mean", "task_source", "evaluations", "selection_seconds",
-    "eval_seconds", "compensate_seconds", "heal", "heal_seconds", "note", "plan", "plan_tensors",
+    "eval_seconds", "compensate_seconds", "heal", "heal_seconds", "width", "then_width", "tokens_per_s", "latency_s",
+    "ttft_s", "note", "plan", "plan_tensors",
 )
+LATENCY_KEYS = ("tokens_per_s", "latency_s", "ttft_s")  # from `measure_latency`, when eval.latency is true
 
 
 def trial_specs(cfg: RunConfig) -> list[dict]:
@@ -56,10 +67,14 @@ def model_label(source: str) -> str:
 
 
 def method_label(row: dict) -> str:
+    """How tables and plots name a row's method: "output / best-first / reference + lstsq + width flap 15% + heal
+    local", "shortgpt", "flap"."""
     label = f"{row['criterion']} / {row['search']} / {row['merge']}" if row.get("method") == "swm" else \
         str(row.get("method"))
     comp = row.get("compensate")
     label = f"{label} + {comp}" if comp not in (None, "none") else label
+    if row.get("then_width") is not None:
+        label = f"{label} + width {row.get('width')} {round(100 * row['then_width'], 2):g}%"
     heal = row.get("heal")
     return f"{label} + heal {heal}" if heal not in (None, "none") else label
 
@@ -67,6 +82,7 @@ def method_label(row: dict) -> str:
 def check_grid(cfg: RunConfig) -> None:
     """Mistakes a user can make in a grid, found before anything starts."""
     from swm_ray.selection import check_threshold
+    from swm_ray.width import check_width_settings
 
     g = cfg.grid
     if g.target_kind() is None:
@@ -78,6 +94,14 @@ def check_grid(cfg: RunConfig) -> None:
         raise UserError("the grid is empty: give --criteria and/or --baselines")
     if not g.criteria and g.thresholds:
         raise UserError("baselines need layer counts or ratios (--layers / --ratios), not --thresholds")
+    width = [b for b in g.baselines if b in WIDTH_METHODS]
+    if width and g.target_kind() != "ratios":
+        raise UserError("flap/taylor prune width to a parameter ratio: give --ratios")
+    if g.then_width:
+        width.append(cfg.select.width_method)
+    for method in dict.fromkeys(width):
+        check_width_settings(cfg.model_copy(update={"select": cfg.select.model_copy(update={
+            "method": "swm", "then_width": None})}), method)  # the grid's own select.method does not apply
 
 
 def _target_select(cfg: RunConfig, kind: str, target: float, **update: Any):
@@ -108,7 +132,8 @@ def _candidate_model(stack, ckpt, config, windows, merge: str, attention: str, f
 def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report: Callable[[dict], None],
               device: str = "cpu") -> None:
     """Take one (model, method) to every target of the grid with the method's planner (`planners.py`, as
-    `compress` does) and evaluate each plan; `report(row)` once per target. Rows carry their plan (JSON)."""
+    `compress` does; flap/taylor: `width.plan_width`) and evaluate each plan; `report(row)` once per target (and
+    per heal mode and then_width fraction). Rows carry their plan (JSON)."""
     from swm_ray.checkpoint import Checkpoint
     from swm_ray.compensation import stack_site
     from swm_ray.evaluation import evaluate_model
@@ -117,6 +142,7 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
     from swm_ray.planners import LocalScoring, compensate_plan, method_compensation, plan_windows
     from swm_ray.selection import target_layers
     from swm_ray.stack import StackSpec, open_stack
+    from swm_ray.width import local_stats, plan_width, width_only_plan
 
     g = cfg.grid
     kind = g.target_kind()
@@ -149,6 +175,7 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
         row["layers_after"] = n_layers - sum(h - lo for lo, h in windows)
         row["removed_layers"] = n_layers - row["layers_after"]
         row["params_removed"] = 1 - row["params_after"] / params_before
+        row.update({k: metrics["latency"].get(k) for k in LATENCY_KEYS} if metrics.get("latency") else {})
         row["ppl"] = metrics["ppl"]["ppl"] if metrics.get("ppl") else None
         row["zeroshot_mean"] = metrics.get("mean")
         row["task_source"] = metrics.get("task_source")
@@ -158,11 +185,48 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
         row.setdefault("status", "ok")
         report(row)
 
+    width_sums: dict[str, Any] = {}  # FLAP's sums per depth plan, computed once in the trial
+
+    def width_stats(request: dict):
+        key = json.dumps(request, sort_keys=True)
+        if key not in width_sums:
+            width_sums[key] = local_stats(stack, calib)(request)
+        return width_sums[key]
+
+    def finish_width(row: dict, plan, fraction: float, method: str, wcfg: RunConfig) -> None:
+        """`plan` (depth windows, or none) with the width of its merged model pruned by `method` by a further
+        `fraction` of the source's parameters (`width.plan_width`), built in memory and evaluated; a skipped row
+        (without a plan) when that cannot be done."""
+        from swm_ray.executor import PlanView, materialize
+
+        skipped = {**row, "status": "skipped", "plan": None, "plan_tensors": None}
+        if stack.streaming:
+            report({**skipped, "note": "width pruning in a grid needs the model in memory (this one streams one "
+                    "layer at a time): prune its width with `swm-ray compress`"})
+            return
+        t0 = time.perf_counter()
+        try:
+            plan_width(wcfg, plan, model_path, calib, fraction, method, width_stats, stack.device)
+        except UserError as e:
+            report({**skipped, "note": f"width {method}: {e}"})
+            return
+        row["selection_seconds"] = round((row.get("selection_seconds") or 0) + time.perf_counter() - t0, 2)
+        row["plan"] = plan.to_json()
+        row["plan_tensors"] = base64.b64encode(plan.tensors_bytes()).decode("ascii") if plan.tensors else None
+        view = PlanView(ckpt, config, plan.windows, plan.merge, plan.attention, width=plan.width,
+                        width_tensors=plan.tensors)
+        finish(row, plan.windows, plan.merge, candidate=materialize(view, view.config, stack.device, stack.dtype))
+
     def finish_and_heal(row: dict, windows, merge: str, fits=None) -> None:
-        """The un-healed row, then one row per heal mode of the grid (the same candidate, healed in memory)."""
+        """The un-healed row, one row per grid.then_width fraction (its plan with width pruned, never healed),
+        then one row per heal mode of the grid (the same candidate, healed in memory)."""
         unhealed = dict(row)
         if unhealed_rows:
             finish(row, windows, merge, fits)
+        for fraction in g.then_width:
+            depth = Plan.from_dict(json.loads(unhealed["plan"]))  # with its compensation: plan_width refuses it
+            finish_width({**unhealed, "width": cfg.select.width_method, "then_width": fraction}, depth, fraction,
+                         cfg.select.width_method, cfg)
         for mode in heal_modes:
             hrow = {**unhealed, "heal": mode}
             if stack.streaming:
@@ -182,6 +246,13 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
 
     if spec["method"] == "original":
         finish({**base, "target": 0, "windows": "[]"}, [], "reference")
+        return
+    if spec["method"] in WIDTH_METHODS:  # a width-only plan per ratio (check_grid: ratios only)
+        for t in g.targets():
+            wcfg = cfg.model_copy(update={"select": _target_select(cfg, kind, t, method=spec["method"]),
+                                          "model": m.model_copy(update={"source": spec["model"]})})
+            finish_width({**base, "target": t, "width": spec["method"], "windows": "[]"},
+                         width_only_plan(wcfg, model_path, n_layers, calib), t, spec["method"], wcfg)
         return
     validation = None
     if spec["method"] == "auto":  # auto's held-out rows: drawn beyond the grid's calibration rows
@@ -219,10 +290,7 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
             report({**row, "status": "skipped", "note": str(e)})
             continue
         sel = planned.selection
-        plan = Plan(windows=[list(w) for w in sel.windows], num_layers_before=n_layers, merge=planned.merge,
-                    source_model=spec["model"], source_revision=m.revision, method=tcfg.select.method,
-                    attention=attention, criterion=planned.criterion, search=planned.search,
-                    threshold=sel.threshold, similarities=sel.scores, params_before=params_before)
+        plan = planned.plan(n_layers, spec["model"], m.revision, tcfg.select.method, attention, params_before)
         row.update(merge=planned.merge, criterion=planned.criterion, search=planned.search, threshold=sel.threshold,
                    windows=json.dumps([list(w) for w in sel.windows]), evaluations=_misses(scoring) - misses0,
                    selection_seconds=round(time.perf_counter() - t0, 2), note=sel.note or None,
@@ -274,14 +342,10 @@ def _auto_row(row: dict, res, t0: float, evaluations: int, n_layers: int, model:
               attention: str) -> None:
     """Fill a grid row of `auto` from its result: the chosen plan (with its compensation) and every candidate's
     held-out loss in the plan's `extra.auto`."""
-    from swm_ray.plan import Plan
-
     o = res.chosen
     p = o.planned
-    plan = Plan(windows=[list(w) for w in o.windows], num_layers_before=n_layers, merge=o.merge, source_model=model,
-                source_revision=revision, method="auto", attention=attention, criterion=p.criterion,
-                search=p.search, threshold=p.selection.threshold, similarities=p.selection.scores,
-                params_before=params_before, extra={"auto": res.record()})
+    plan = p.plan(n_layers, model, revision, "auto", attention, params_before, extra={"auto": res.record()},
+                  windows=o.windows, merge=o.merge)
     row.update(merge=o.merge, criterion=p.criterion, search=p.search, compensate=o.compensate,
                windows=json.dumps([list(w) for w in o.windows]), evaluations=evaluations,
                selection_seconds=round(time.perf_counter() - t0, 2), note=f"auto chose {o.name}")
@@ -305,7 +369,7 @@ def finalize_rows(rows: list[dict]) -> list[dict]:
     for r in out:
         base = orig.get(r["model"])
         r["ppl_ratio"] = r["ppl"] / base if base and r.get("ppl") is not None else None
-    rank = {"original": 0, **{b: 1 for b in BASELINES}, "auto": 3}
+    rank = {"original": 0, **{b: 1 for b in (*BASELINES, *WIDTH_METHODS)}, "auto": 3}
     out.sort(key=lambda r: (str(r["model"]), rank.get(r["method"], 2), method_label(r),
                             r["removed_layers"] if r["removed_layers"] is not None else -1,
                             float(r["target"]) if r["target"] is not None else 0.0))
@@ -313,15 +377,21 @@ def finalize_rows(rows: list[dict]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = "| model | method | target | layers | windows | params removed | PPL | × original | zero-shot | status |"
+    """The results table; latency columns (tokens/s, latency, time to first token) only when a row has them."""
+    latency = any(r.get(k) is not None for r in rows for k in LATENCY_KEYS)
+    head = "| model | method | target | layers | windows | params removed | PPL | × original | zero-shot |" + \
+        (" tokens/s | latency (s) | TTFT (s) |" if latency else "") + " status |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         layers = f"{r['layers_before']} → {r['layers_after']}" if r.get("layers_after") is not None else ""
+        timing = f"{fmt_cell(r.get('tokens_per_s'), 1)} | {fmt_cell(r.get('latency_s'), 3)} | " \
+            f"{fmt_cell(r.get('ttft_s'), 4)} | " if latency else ""
         lines.append(
             f"| {model_label(str(r['model']))} | {method_label(r)} | {fmt_cell(r['target'], 4)} | {layers} | "
             f"{r['windows'] or ''} | "
             f"{fmt_cell(100 * r['params_removed'], 1) + '%' if r.get('params_removed') is not None else ''} | "
-            f"{fmt_cell(r['ppl'])} | {fmt_cell(r['ppl_ratio'])} | {fmt_cell(r['zeroshot_mean'], 3)} | {r['status']} |"
+            f"{fmt_cell(r['ppl'])} | {fmt_cell(r['ppl_ratio'])} | {fmt_cell(r['zeroshot_mean'], 3)} | {timing}"
+            f"{r['status']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -340,12 +410,19 @@ def write_results(folder: Path, rows: list[dict]) -> list[str]:
         tensors = r.pop("plan_tensors", None)
         if r.get("plan"):
             name = f"plans/{i:03d}-{_slug(model_label(str(r['model'])))}-{_slug(method_label(r))}-{r['target']}.json"
+            side = name.removesuffix(".json") + ".tensors"
+            text = r["plan"]
+            if tensors:  # the records name their side file (`Plan.load` reads a width plan's tensors by it)
+                data = json.loads(text)
+                for record in (data.get("compensation"), data.get("width")):
+                    if record:
+                        record["tensors_file"] = Path(side).name
+                text = json.dumps(data, indent=2)
             (folder / "plans").mkdir(exist_ok=True)
-            (folder / name).write_text(r["plan"] if r["plan"].endswith("\n") else r["plan"] + "\n")
+            (folder / name).write_text(text if text.endswith("\n") else text + "\n")
             r["plan"] = name
             names.append(name)
-            if tensors:  # a compensated plan's fitted matrices, beside it (`plan.tensors_path`)
-                side = name.removesuffix(".json") + ".tensors"
+            if tensors:  # a compensated plan's fitted matrices or FLAP's biases, beside it (`plan.tensors_path`)
                 (folder / side).write_bytes(base64.b64decode(tensors))
                 names.append(side)
     table = pa.Table.from_pylist(rows)
@@ -362,8 +439,9 @@ def _slug(s: str) -> str:
 
 
 def plot_results(folder: Path, rows: list[dict]) -> list[str]:
-    """Per model: perplexity (log scale) against layers removed, one line per method, the original dashed;
-    and the zero-shot mean the same way when it was measured."""
+    """Per model: perplexity (log scale) against layers removed (against parameters removed when the model has
+    width rows, which remove no layers), one line per method, the original dashed; and the zero-shot mean the
+    same way when it was measured."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -374,12 +452,14 @@ def plot_results(folder: Path, rows: list[dict]) -> list[str]:
     names = []
     for model in sorted({r["model"] for r in rows}):
         mine = [r for r in rows if r["model"] == model and r["status"] == "ok"]
+        by_params = any(r.get("width") for r in mine)
+        x = {id(r): 100 * r["params_removed"] if by_params else r["removed_layers"] for r in mine}
         for metric, label, log in (("ppl", "perplexity", True), ("zeroshot_mean", "zero-shot mean", False)):
             if not any(r.get(metric) is not None for r in mine if r["method"] != "original"):
                 continue
             fig, ax = plt.subplots(figsize=(7, 4.5))
             for meth in sorted({method_label(r) for r in mine if r["method"] != "original"}):
-                pts = sorted((r["removed_layers"], r[metric]) for r in mine
+                pts = sorted((x[id(r)], r[metric]) for r in mine
                              if method_label(r) == meth and r.get(metric) is not None)
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=meth)
@@ -388,8 +468,9 @@ def plot_results(folder: Path, rows: list[dict]) -> list[str]:
                 ax.axhline(base[0], color="gray", linestyle="--", label="original")
             if log:
                 ax.set_yscale("log")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlabel("decoder layers removed")
+            if not by_params:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("parameters removed (%)" if by_params else "decoder layers removed")
             ax.set_ylabel(label)
             ax.set_title(f"{model_label(model)}: {label}")
             ax.legend(fontsize=8)

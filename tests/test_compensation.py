@@ -331,3 +331,89 @@ def test_grid_rows_per_compensation(tmp_path, tiny_llama_dir, tokens_parquet, te
     assert len(sides) == 2 and "plan_tensors" not in (tmp_path / "results.csv").read_text()
     plan = Plan.load(tmp_path / sides[0].replace(".tensors", ".json"))
     assert plan.compensated and set(plan.tensors) == {f"compensation.{a}-{b}" for a, b in plan.windows}
+
+
+def _aware_cfg(**flags):
+    return build_config(flags={"select.method": "swm", "select.search": "best-first", "merge.compensate": "lstsq",
+                               "select.compensate_aware": True, **flags})
+
+
+def test_compensation_aware_step_picks_the_window_of_lowest_compensated_loss(tmp_path):
+    """One best-first step under `select.compensate_aware` commits the pair whose compensated model has the
+    lowest calibration NLL: every pair fitted and scored by hand here (fit_windows, then the compensated
+    model's own loss), and the chosen window's score is that loss."""
+    from swm_ray.auto import LocalValidation
+    from swm_ray.data import Calibration
+    from swm_ray.planners import LocalScoring, plan_windows
+
+    model = _saved("llama", tmp_path, n_layers=6)
+    stack = InMemoryStack(model)
+    calib = Calibration(IDS, BATCHES, bos_prepended=False, pretokenized=True, source="test")
+    loss = LocalValidation(stack, calib)
+    by_hand = {}
+    for low in range(0, 4):  # the pairs (low, low + 1) that keep the last layer (protect_last)
+        fits = _fits(stack, [(low, low + 1)])
+        by_hand[(low, low + 1)] = loss([(low, low + 1)], "reference", fits)
+    best = min(by_hand, key=lambda w: (by_hand[w], w))
+    planned = plan_windows(_aware_cfg(**{"select.layers": 1}), LocalScoring(stack, calib), 6, 1)
+    assert planned.selection.windows == [best]
+    assert planned.selection.scores[0] == pytest.approx(by_hand[best], rel=1e-9)
+    assert planned.criterion == "nll after lstsq" and planned.evaluator.misses == len(by_hand)
+    # the plain search scores the same pairs without a fit: a different number for the same window
+    plain = LocalScoring(stack, calib).evaluator("nll", "reference").score([(i, i) for i in range(6)], [best])[0]
+    assert plain != pytest.approx(by_hand[best], rel=1e-6)
+
+
+def test_compensation_aware_refits_every_window_of_the_candidate_plan(tmp_path):
+    """A second step scores plans of two windows: each candidate's loss equals the loss of its two windows
+    fitted bottom-up together (the window below changes the input of the one above)."""
+    from swm_ray.auto import LocalValidation
+    from swm_ray.data import Calibration
+    from swm_ray.planners import LocalScoring, plan_windows, windows_with
+
+    model = _saved("llama", tmp_path, n_layers=6)
+    stack = InMemoryStack(model)
+    calib = Calibration(IDS, BATCHES, bos_prepended=False, pretokenized=True, source="test")
+    planned = plan_windows(_aware_cfg(**{"select.layers": 2}), LocalScoring(stack, calib), 6, 2)
+    windows = planned.selection.windows
+    assert sum(h - lo for lo, h in windows) == 2
+    ws = sorted(tuple(w) for w in windows)
+    want = LocalValidation(stack, calib)(ws, "reference", _fits(stack, ws))
+    assert planned.selection.scores[-1] == pytest.approx(want, rel=1e-9)
+    # fits of windows below a candidate are reused: fewer fits than windows in all the plans checked
+    checked = sum(len(windows_with(groups, cand)) for groups, cand in planned.evaluator.cache)
+    assert 0 < planned.evaluator.inner.fits_computed < checked
+    assert windows_with([(0, 0), (1, 2), (3, 3), (4, 4)], (3, 4)) == [(1, 2), (3, 4)]
+    assert windows_with([(0, 0), (1, 2), (3, 3)], (0, 2)) == [(0, 2)]
+
+
+@pytest.mark.parametrize("flags, match", [
+    ({"merge.compensate": "none"}, "give --compensate lstsq or scale"),
+    ({"select.method": "shortgpt"}, "setting of --method swm"),
+])
+def test_compensation_aware_needs_swm_and_a_fit(flags, match):
+    from swm_ray.planners import check_method_target
+
+    with pytest.raises(UserError, match=match) as e:
+        check_method_target(_aware_cfg(**{"select.layers": 2, **flags}))
+    assert "\n" not in str(e.value)
+
+
+def test_compensation_aware_on_actors_equals_one_process(ray_session, tiny_llama_dir, tokens_parquet, tmp_path):
+    """`compress --compensate-aware` through two actors picks the windows the in-process search picks, with
+    the same scores (sums over rows added exactly), and records the criterion in plan.json."""
+    from swm_ray.data import calibration_for
+    from swm_ray.jobs.compress import run_compress
+    from swm_ray.planners import LocalScoring, plan_windows
+    from swm_ray.stack import StackSpec, open_stack
+
+    flags = {"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet), "data.samples": 8,
+             "data.seq_len": 16, "data.batch_size": 4, "select.layers": 2}
+    res = run_compress(_aware_cfg(**flags, **{"ray.actors": 2, "out": str(tmp_path / "c")}))
+    cfg = _aware_cfg(**flags)
+    path, calib, n_layers = calibration_for(cfg)
+    stack = open_stack(StackSpec(path), rows=8, seq_len=16)
+    here = plan_windows(cfg, LocalScoring(stack, calib), n_layers, 2)
+    assert res["plan"]["windows"] == [list(w) for w in here.selection.windows]
+    assert res["plan"]["similarities"] == pytest.approx(here.selection.scores, rel=1e-9)
+    assert res["plan"]["criterion"] == "nll after lstsq" and res["plan"]["compensation"]["method"] == "lstsq"

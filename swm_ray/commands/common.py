@@ -26,6 +26,11 @@ StreamOpt = typer.Option(None, "--stream-layers/--no-stream-layers",
                          "only when the model does not fit the memory budget)")
 MaxMemoryOpt = typer.Option(None, "--max-memory", help="memory budget of one actor, e.g. 2GB or 512MiB (default: "
                             "the free memory of its GPU(s), or its share of host RAM)")
+DataOpt = typer.Option(None, "--data", help="calibration text (default builtin:lambada)")
+SamplesOpt = typer.Option(None, "--samples", help="calibration sequences (default 10, as the paper)")
+SeqLenOpt = typer.Option(None, "--seq-len", help="tokens per sequence (default 128)")
+ResumeOpt = typer.Option(None, "--resume", help="continue an interrupted run of this command and output from the "
+                         "state it left beside --out")
 GpusPerActorOpt = typer.Option(None, "--gpus-per-actor", help="GPUs per actor where the cluster has GPUs; the "
                                "model is placed across them with accelerate's device map (default 1)")
 

@@ -7,10 +7,14 @@ import typer
 from swm_ray.commands.common import (
     AllowPickleOpt,
     ConfigOpt,
+    DataOpt,
     GpusPerActorOpt,
     MaxMemoryOpt,
     ModelArg,
     OverwriteOpt,
+    ResumeOpt,
+    SamplesOpt,
+    SeqLenOpt,
     SetOpt,
     StreamOpt,
     TrustRemoteCodeOpt,
@@ -64,7 +68,7 @@ def paper_settings(flags: dict, sets: list[str] | None) -> dict:
 @user_errors
 def compress_command(
     model: str = ModelArg,
-    data: str = typer.Option(None, "--data", help="calibration text (default builtin:lambada)"),
+    data: str = DataOpt,
     method: str = typer.Option(None, "--method", help="auto (default: run swm with three merges, shortgpt, "
                                "sleb and replaceme to the target and keep the plan of lowest loss on held-out "
                                "calibration rows) | swm (sliding-window merging alone, with --criterion, --search, "
@@ -82,14 +86,17 @@ def compress_command(
     compensate: str = typer.Option(None, "--compensate", help="none | lstsq (a least-squares map fitted per window "
                                    "on calibration, folded into its MLP output) | scale (one least-squares factor); "
                                    "default: the method's own (lstsq for replaceme, else none)"),
+    compensate_aware: bool = typer.Option(None, "--compensate-aware", help="swm: score every candidate after its "
+                                          "own --compensate fit (calibration NLL of the compensated model); one "
+                                          "fit and one NLL pass per candidate check"),
     then_width: float = typer.Option(None, "--then-width", help="after the depth plan, prune width (FLAP by "
                                      "default, --set select.width_method=taylor) of the merged model until this "
                                      "further fraction of the original parameters is removed"),
     paper: bool = typer.Option(None, "--paper", help="the authors' exact procedure: output + top-down + their loop "
                                "(refused together with another --criterion or --search)"),
     actors: int = typer.Option(None, "--actors", help="Ray actors holding model replicas and data shards"),
-    samples: int = typer.Option(None, "--samples", help="calibration sequences (default 10)"),
-    seq_len: int = typer.Option(None, "--seq-len", help="tokens per sequence (default 128)"),
+    samples: int = SamplesOpt,
+    seq_len: int = SeqLenOpt,
     do_eval: bool = typer.Option(None, "--eval", help="evaluate the result (perplexity + zero-shot) into the card"),
     heal: str = typer.Option(None, "--heal", help="lora | local: heal the compressed model (swm-ray heal) before "
                              "--eval; the healed model is written to --out"),
@@ -97,8 +104,7 @@ def compress_command(
     out: str = typer.Option(None, "--out", "-o",
                             help="output model folder, local or s3:// (default ./swm-ray-compressed)"),
     overwrite: bool = OverwriteOpt,
-    resume: bool = typer.Option(None, "--resume", help="continue an interrupted run of this command and output "
-                                "from the state it left beside --out"),
+    resume: bool = ResumeOpt,
     allow_pickle: bool = AllowPickleOpt,
     trust_remote_code: bool = TrustRemoteCodeOpt,
     stream_layers: bool = StreamOpt,
@@ -111,8 +117,8 @@ def compress_command(
         "model.source": model, "data.source": data, "select.method": method, "select.criterion": criterion,
         "select.search": search,
         "select.threshold": threshold, "select.ratio": ratio, "select.layers": layers, "merge.method": merge,
-        "merge.compensate": compensate, "select.then_width": then_width, "heal.after_compress": heal,
-        "heal.data": heal_data,
+        "merge.compensate": compensate, "select.compensate_aware": compensate_aware, "select.then_width": then_width,
+        "heal.after_compress": heal, "heal.data": heal_data,
         "ray.actors": actors, "data.samples": samples, "data.seq_len": seq_len, "eval.enabled": do_eval,
         "out": out, "overwrite": overwrite, "resume": resume, "model.allow_pickle": allow_pickle,
         "model.trust_remote_code": trust_remote_code, **scale_flags(stream_layers, max_memory, gpus_per_actor),

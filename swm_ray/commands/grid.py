@@ -8,6 +8,7 @@ import typer
 from swm_ray.commands.common import (
     AllowPickleOpt,
     ConfigOpt,
+    DataOpt,
     GpusPerActorOpt,
     MaxMemoryOpt,
     OverwriteOpt,
@@ -26,9 +27,12 @@ HELP = "\n\n".join([
     "Run a grid of compressions as Ray Tune trials and compare them (perplexity, zero-shot) in one table.",
     "A trial is one model with one method: a combination criterion / search / merge, a baseline pruner "
     "(shortgpt: drop the layers of lowest Block Influence; sleb: remove one block at a time, the one whose "
-    "removal keeps the calibration loss lowest), or the original model. Each trial takes its model to every "
-    "target in turn and evaluates each result. Lists are comma-separated, e.g. --criteria output,kl,cka "
-    "--searches best-first,top-down --layers 2,4,6.",
+    "removal keeps the calibration loss lowest; flap, taylor: prune attention heads and MLP channels, with "
+    "--ratios), or the original model. Each trial takes its model to every target in turn and evaluates each "
+    "result. Lists are comma-separated, e.g. --criteria output,kl,cka --searches best-first,top-down --layers 2,4,6.",
+    "--then-width 0.1,0.15 adds to every depth result one row per fraction: its merged model with width pruned "
+    "(select.width_method, flap by default) until that further fraction of the original's parameters is gone. "
+    "With --set eval.latency=true every row also gets tokens/s, latency and time to first token.",
     "Writes OUT/results.parquet, results.csv, results.md, plots/ppl_<model>.png (and zero-shot plots when "
     "tasks are evaluated) and the configs. Tune's experiment folder stays in the swm-ray cache (or at --set "
     "grid.tune_storage=s3://...), where every row is also appended as it arrives, so an interrupted grid keeps "
@@ -52,7 +56,7 @@ def _split(value: str | None, cast=str, what: str = "") -> list | None:
 def grid_command(
     models: list[str] = typer.Argument(None, help="models (default builtin:smollm2-135m): builtin:NAME, local "
                                        "HF folders, hub ids or s3://"),
-    data: str = typer.Option(None, "--data", help="calibration text (default builtin:lambada)"),
+    data: str = DataOpt,
     criteria: str = typer.Option(None, "--criteria", help="comma list of output, kl, nll, cka (default "
                                 "output), or none"),
     searches: str = typer.Option(None, "--searches", help="comma list of best-first, top-down (default best-first)"),
@@ -62,8 +66,13 @@ def grid_command(
     ratios: str = typer.Option(None, "--ratios", help="fractions of all parameters to remove, e.g. 0.1,0.2"),
     thresholds: str = typer.Option(None, "--thresholds", help="thresholds, e.g. 0.7,0.8 (valid for every criterion)"),
     baselines: str = typer.Option(None, "--baselines", help="baseline pruners: shortgpt (default), sleb, laco, "
-                                 "shortened-ppl, replaceme, and auto (the plan of lowest held-out loss among "
-                                 "select.auto_candidates), a comma list, or none"),
+                                 "shortened-ppl, replaceme, auto (the plan of lowest held-out loss among "
+                                 "select.auto_candidates), and the width pruners flap and taylor (heads and MLP "
+                                 "channels, to each of --ratios only), a comma list, or none"),
+    then_width: str = typer.Option(None, "--then-width", help="width after depth: fractions of the original's "
+                                   "parameters, e.g. 0.1,0.15; every depth row also gets one row per fraction, its "
+                                   "merged model's width pruned by select.width_method (flap by default) by that "
+                                   "much more (uncompensated plans only)"),
     compensate: str = typer.Option(None, "--compensate", help="compensations each plan is evaluated with, a comma "
                                    "list of none, lstsq, scale (default: each method's own)"),
     heal: str = typer.Option(None, "--heal", help="healing each compressed model is also evaluated with, a comma "
@@ -92,6 +101,7 @@ def grid_command(
         "grid.searches": _split(searches), "grid.merges": _split(merges),
         "grid.layers": _split(layers, int, "layers"), "grid.ratios": _split(ratios, float, "ratios"),
         "grid.thresholds": _split(thresholds, float, "thresholds"), "grid.baselines": _split(baselines),
+        "grid.then_width": _split(then_width, float, "then-width"),
         "grid.compensate": None if compensate is None else [v.strip() for v in compensate.split(",") if v.strip()],
         "grid.heal": None if heal is None else [v.strip() for v in heal.split(",") if v.strip()],
         "eval.tasks": _split(tasks), "eval.limit": limit, "grid.concurrency": concurrency,

@@ -1,9 +1,10 @@
 """Generation latency, throughput and memory, as the paper measures them.
 
 128 new tokens at batch 1, greedy, with `min_new_tokens == max_new_tokens` so every run generates the same
-number of tokens; 10 warm-up runs are discarded and 20 are timed. CUDA events time GPU runs,
-`time.perf_counter` CPU runs. Memory: parameter bytes, plus peak CUDA memory on GPU or the growth of the
-process RSS on CPU.
+number of tokens; 10 warm-up runs are discarded and 20 are timed. Time to first token: as many runs again
+that generate exactly one new token (the prompt's forward pass and the first sampled token), timed the same
+way. CUDA events time GPU runs, `time.perf_counter` CPU runs. Memory: parameter bytes, plus peak CUDA memory
+on GPU or the growth of the process RSS on CPU.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def measure_latency(
     batch_size: int = 1,
     prompt: str = DEFAULT_PROMPT,
 ) -> dict:
-    """Time greedy generation of `new_tokens` tokens; mean/median/std latency, tokens/s and memory."""
+    """Time greedy generation of `new_tokens` tokens; mean/median/std latency, tokens/s, time to first token
+    (`ttft_s`: the mean of `runs` generations of one token) and memory."""
     import torch
 
     if new_tokens < 1 or runs < 1 or warmup < 0 or batch_size < 1:
@@ -87,13 +89,16 @@ def measure_latency(
         for _ in range(warmup):
             _timed_generate(model, inputs, kwargs, cuda)
         timed = [_timed_generate(model, inputs, kwargs, cuda) for _ in range(runs)]
-    return _summarise(model, timed, batch_size, new_tokens, warmup, device, cuda, rss0)
+        first = [_timed_generate(model, inputs, _generate_kwargs(tok, 1), cuda) for _ in range(runs)]
+    return _summarise(model, timed, first, batch_size, new_tokens, warmup, device, cuda, rss0)
 
 
-def _summarise(model, timed, batch_size, new_tokens, warmup, device, cuda, rss0) -> dict:
+def _summarise(model, timed, first, batch_size, new_tokens, warmup, device, cuda, rss0) -> dict:
     import torch
 
     seconds = [s for s, _ in timed]
+    if any(n != 1 for _, n in first):
+        raise RuntimeError(f"generate produced {first[0][1]} tokens instead of 1 (time to first token)")
     generated = timed[0][1]
     if any(n != new_tokens for _, n in timed):
         raise RuntimeError(f"generate produced {generated} tokens instead of {new_tokens}")
@@ -109,6 +114,7 @@ def _summarise(model, timed, batch_size, new_tokens, warmup, device, cuda, rss0)
         "latency_s_median": statistics.median(seconds),
         "latency_s_std": statistics.stdev(seconds) if len(seconds) > 1 else 0.0,
         "tokens_per_s": batch_size * new_tokens / mean,
+        "ttft_s": statistics.fmean(s for s, _ in first),
         "param_bytes": parameter_bytes(model),
     }
     if cuda:
@@ -119,12 +125,15 @@ def _summarise(model, timed, batch_size, new_tokens, warmup, device, cuda, rss0)
 
 
 def compare_latency(model_res: dict, baseline_res: dict) -> dict:
-    """Ratios of a model to its baseline measured in the same run: speed-up > 1 means the model is faster."""
+    """Ratios of a model to its baseline measured in the same run: speed-up > 1 means the model is faster;
+    `ttft_ratio` (model / baseline time to first token, < 1: faster) when both have it."""
     ratios = {
         "speedup": baseline_res["latency_s"] / model_res["latency_s"],
         "throughput_ratio": model_res["tokens_per_s"] / baseline_res["tokens_per_s"],
         "param_bytes_ratio": model_res["param_bytes"] / baseline_res["param_bytes"],
     }
+    if model_res.get("ttft_s") and baseline_res.get("ttft_s"):
+        ratios["ttft_ratio"] = model_res["ttft_s"] / baseline_res["ttft_s"]
     key = "peak_cuda_bytes" if "peak_cuda_bytes" in model_res else None
     if key and baseline_res.get(key):
         ratios["peak_cuda_bytes_ratio"] = model_res[key] / baseline_res[key]

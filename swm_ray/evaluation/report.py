@@ -162,6 +162,9 @@ def _extra_rows(report: dict, base: dict | None) -> list[list[str]]:
                      f"speed-up x{comp['speedup']:.3f}" if "speedup" in comp else ""])
         rows.append(["throughput (tokens/s)", _num(blat.get("tokens_per_s"), "{:.1f}"),
                      _num(lat["tokens_per_s"], "{:.1f}"), ""])
+        if lat.get("ttft_s") is not None:
+            rows.append(["time to first token (s)", _num(blat.get("ttft_s"), "{:.4f}"), _num(lat["ttft_s"], "{:.4f}"),
+                         f"x{comp['ttft_ratio']:.3f}" if "ttft_ratio" in comp else ""])
     return rows
 
 

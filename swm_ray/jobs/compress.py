@@ -52,10 +52,11 @@ class RayScoring:
     fan out to the actors, Block Influence and the CKA matrix summed over their minibatches. Every score
     computed is saved into the run's state as it arrives, and a resumed run starts from the saved ones."""
 
-    def __init__(self, cfg: RunConfig, calib, state: RunState):
+    def __init__(self, cfg: RunConfig, calib, state: RunState, site_for: Callable | None = None):
         self.cfg = cfg
         self.calib = calib
         self.state = state
+        self.site_for = site_for  # the compensation fold site of the source (compensation-aware checks)
         self.pool = None
         self.saved = (state.load_json("memo.json") or {}).get("evaluators", {})  # "criterion|merge" -> entries
         self._evaluators: dict = {}
@@ -85,6 +86,19 @@ class RayScoring:
             jobs = pool.scoring_jobs(self.calib, criterion, merge, self.cfg.merge.attention)
             ev = MemoEvaluator(RayEvaluator(pool, criterion, jobs), on_new=lambda _entries: self._save_memo())
             ev.load(self.saved.get(f"{criterion}|{merge}", []))  # a resumed run replays its steps from these
+            self._evaluators[key] = ev
+        return self._evaluators[key]
+
+    def compensated_evaluator(self, cfg, merge: str, method: str) -> MemoEvaluator:
+        from swm_ray.planners import CompensatedEvaluator
+
+        key = (f"nll+{method}", merge)
+        if key not in self._evaluators:
+            if self.site_for is None:
+                raise RuntimeError("RayScoring needs site_for for compensation-aware checks")
+            inner = CompensatedEvaluator(cfg, self, merge, method, self.site_for(), self.validation(self.calib))
+            ev = MemoEvaluator(inner, on_new=lambda _entries: self._save_memo())
+            ev.load(self.saved.get(f"{key[0]}|{merge}", []))
             self._evaluators[key] = ev
         return self._evaluators[key]
 
@@ -138,7 +152,6 @@ class RayValidation:
 def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
     """Plan with the method of `cfg.select.method`, write the model folder; returns the summary."""
     from swm_ray.compensation import checkpoint_site
-    from swm_ray.plan import Plan
     from swm_ray.planners import (
         check_method_count,
         check_method_target,
@@ -162,7 +175,7 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
     if s.threshold is None and s.ratio is None and s.layers is None:
         raise UserError("give a target: --threshold T, --ratio R or --layers N")
     criterion, _ = method_signals(cfg)
-    if s.threshold is not None and s.method == "swm":
+    if s.threshold is not None and s.method == "swm" and not s.compensate_aware:
         check_threshold(s.criterion, s.threshold)
     check_method_target(cfg)
     storage.check_run_paths(out, cfg.overwrite, [cfg.model.source, cfg.data.source])
@@ -188,7 +201,7 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
                 f"{val_calib.input_ids.shape[0]} held-out rows)"
     con.print(f"[bold]selecting windows[/]: {what}, "
               f"target {f'{n_remove} layers' if n_remove is not None else f'T={s.threshold}'}")
-    scoring = RayScoring(cfg, calib, state)
+    scoring = RayScoring(cfg, calib, state, site_for=lambda: checkpoint_site(path, config, cfg.model.allow_pickle))
     if scoring.resumed:
         con.print(f"resuming: {scoring.resumed} candidate scores from the interrupted run")
     try:
@@ -198,10 +211,11 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
             from swm_ray.auto import run_auto
             from swm_ray.checkpoint import Checkpoint
 
+            layer_names = Checkpoint(path, cfg.model.allow_pickle).layer_keys(0)
             chosen = run_auto(cfg, scoring, n_layers, n_remove,
                               lambda: checkpoint_site(path, config, cfg.model.allow_pickle),
                               scoring.validation(val_calib), report=lambda msg: con.print(f"  auto: {msg}"),
-                              layer_names=Checkpoint(path, cfg.model.allow_pickle).layer_keys(0))
+                              layer_names=layer_names)
             planned, comp = chosen.chosen.planned, chosen.chosen.compensation
             con.print(f"[bold]auto chose[/] {chosen.chosen.name} (validation NLL {chosen.chosen.val_nll:.4f}, "
                       f"original {chosen.original_nll:.4f}; {chosen.seconds:.0f} s for "
@@ -226,11 +240,8 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
     misses = planned.evaluator.misses if planned.evaluator is not None else 0
     if auto:  # every candidate's checks
         misses = sum(ev.misses for ev in scoring._evaluators.values())
-    plan = Plan(
-        windows=[list(w) for w in sel.windows], num_layers_before=n_layers, merge=planned.merge,
-        source_model=m.source, source_revision=m.revision, method=s.method, attention=cfg.merge.attention,
-        criterion=planned.criterion, search=planned.search, threshold=sel.threshold, similarities=sel.scores,
-        params_before=params_before,
+    plan = planned.plan(
+        n_layers, m.source, m.revision, s.method, cfg.merge.attention, params_before,
         extra={"candidate_evaluations": misses, "resumed_scores": scoring.resumed,
                "selection_seconds": round(t_select, 2),
                "paper_loop": s.paper_loop if s.method == "swm" and s.search == "top-down" else None,

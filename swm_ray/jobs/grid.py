@@ -115,7 +115,7 @@ def _rows_from_file(path: Path) -> list[dict]:
         if line.strip():
             r = json.loads(line)
             keyed[tuple(str(r.get(k)) for k in ("model", "method", "criterion", "search", "merge", "compensate",
-                                                 "heal", "target"))] = r
+                                                 "heal", "then_width", "target"))] = r
     return list(keyed.values())
 
 
