@@ -28,6 +28,7 @@ same provider (actors or this process), so the windows do not depend on how rows
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -65,8 +66,9 @@ class Scoring(Protocol):
         """(L+1)² mean angular distance between hidden states at the last token (ReplaceMe's signal)."""
 
     def compensation_sums(self, windows, merge: str, fits: dict, targets: list, source: str,
-                          skip_first: int) -> list:
-        """`compensation.CompSums` of each target window over all calibration rows, added in row order."""
+                          skip_first: int, quiet: bool = False) -> list:
+        """`compensation.CompSums` of each target window over all calibration rows, added in row order
+        (`quiet`: one of many calls inside a larger step; no progress of its own)."""
 
     def compensated_evaluator(self, cfg, merge: str, method: str) -> MemoEvaluator:
         """A memoised `CompensatedEvaluator` over the calibration rows (the same object for the same arguments)."""
@@ -90,13 +92,16 @@ class CompensatedEvaluator:
 
     higher_is_better = False
 
-    def __init__(self, cfg, scoring: Scoring, merge: str, method: str, site, loss: Callable):
+    def __init__(self, cfg, scoring: Scoring, merge: str, method: str, site, loss: Callable,
+                 progress: Callable | None = None):
+        """`progress(n)`: a context manager yielding a function called once per candidate checked."""
         if method not in ("lstsq", "scale"):
             raise UserError(f"select.compensate_aware scores candidates after their compensation: set "
                             f"--compensate lstsq or scale (got {method})")
         self.cfg, self.scoring, self.merge, self.method, self.site, self.loss = cfg, scoring, merge, method, site, loss
         self.fit_cache: dict = {}  # (windows below, window) -> compensation.Fit
         self.fits_computed = 0
+        self.progress = progress or (lambda n: contextlib.nullcontext(lambda: None))
 
     def plan_fits(self, windows) -> dict:
         """The fits of a plan's windows, bottom-up, each from the sums with the fits below folded in."""
@@ -111,7 +116,7 @@ class CompensatedEvaluator:
             fit = self.fit_cache.get(key)
             if fit is None:
                 (sums,) = self.scoring.compensation_sums(order, self.merge, dict(fits) if compressed else {}, [w],
-                                                         m.compensate_input, m.skip_first)
+                                                         m.compensate_input, m.skip_first, quiet=True)
                 fit = self.fit_cache[key] = make_fit(w, sums, self.method, self.site, m.ridge)
                 self.fits_computed += 1
             fits[w] = fit
@@ -121,9 +126,11 @@ class CompensatedEvaluator:
         current = {tuple(g) for g in groups if g[1] > g[0]}
         self.fit_cache = {k: f for k, f in self.fit_cache.items() if set(k[0]) <= current}
         out = []
-        for c in candidates:
-            windows = windows_with(groups, c)
-            out.append(float(self.loss(windows, self.merge, self.plan_fits(windows))))
+        with self.progress(len(candidates)) as advance:
+            for c in candidates:
+                windows = windows_with(groups, c)
+                out.append(float(self.loss(windows, self.merge, self.plan_fits(windows))))
+                advance()
         return out
 
     def commit(self, groups, window) -> None:  # the candidates' groups say everything: no state to move
@@ -316,7 +323,7 @@ class LocalScoring:
         return self._angular
 
     def compensation_sums(self, windows, merge: str, fits: dict, targets: list, source: str,
-                          skip_first: int) -> list:
+                          skip_first: int, quiet: bool = False) -> list:
         from swm_ray.compensation import compensation_sums
 
         return compensation_sums(self.stack, self.calib.input_ids, self.calib.batches, windows, merge,

@@ -28,7 +28,7 @@ def _reporter(criterion: str):
              "drop": "[yellow]drop (paper loop)[/]", "stop": "[yellow]stop[/]"}
 
     def on_event(event: str, window: tuple[int, int], score: float | None) -> None:
-        val = "" if score is None else f"{CRITERION_LABEL[criterion]} {score:.4f}"
+        val = "" if score is None else f"{CRITERION_LABEL.get(criterion, criterion)} {score:.4f}"
         con.print(f"  layers {window[0]:>3}–{window[1]:<3} {marks.get(event, event):<28} {val}")
 
     return on_event
@@ -96,7 +96,12 @@ class RayScoring:
         if key not in self._evaluators:
             if self.site_for is None:
                 raise RuntimeError("RayScoring needs site_for for compensation-aware checks")
-            inner = CompensatedEvaluator(cfg, self, merge, method, self.site_for(), self.validation(self.calib))
+            from swm_ray.jobs.pool import progress_bar
+
+            loss = RayValidation(self._pool, self.calib, self.cfg.merge.attention, quiet=True)
+            inner = CompensatedEvaluator(cfg, self, merge, method, self.site_for(), loss,
+                                         progress=lambda n: progress_bar("compensation-aware checks (fit, then "
+                                                                         "calibration NLL)", n))
             ev = MemoEvaluator(inner, on_new=lambda _entries: self._save_memo())
             ev.load(self.saved.get(f"{key[0]}|{merge}", []))
             self._evaluators[key] = ev
@@ -108,11 +113,11 @@ class RayScoring:
     def angular_distances(self):
         return self._pool().angular_distances(self.calib)
 
-    def compensation_sums(self, windows, merge, fits, targets, source, skip_first):
+    def compensation_sums(self, windows, merge, fits, targets, source, skip_first, quiet: bool = False):
         request = {"windows": [list(w) for w in windows], "merge": merge, "attention": self.cfg.merge.attention,
                    "fits": dict(fits), "targets": [tuple(t) for t in targets], "source": source,
                    "skip_first": skip_first}
-        return self._pool().compensation_sums(self.calib, request)
+        return self._pool().compensation_sums(self.calib, request, transient=quiet)
 
     def cka_matrix(self):
         return similarity_matrix(self.cfg, self.calib, pool=self.pool, state=self.state)[0]
@@ -133,8 +138,8 @@ class RayValidation:
     """`auto.PlanLoss` over the actor pool: each actor runs the plan on its minibatches of the held-out rows,
     the driver adds the per-row sums in row order (`auto.mean_nll`)."""
 
-    def __init__(self, pool_of: Callable, calib, attention: str):
-        self.pool_of, self.calib, self.attention = pool_of, calib, attention
+    def __init__(self, pool_of: Callable, calib, attention: str, quiet: bool = False):
+        self.pool_of, self.calib, self.attention, self.quiet = pool_of, calib, attention, quiet
         self.rows = int(calib.input_ids.shape[0])
         self.tokens = 0
 
@@ -143,7 +148,8 @@ class RayValidation:
 
         request = {"windows": [list(w) for w in windows], "merge": merge, "attention": self.attention,
                    "fits": dict(fits or {})}
-        per = self.pool_of().per_minibatch(self.calib, "plan_nll", (request,), "validation loss")
+        per = self.pool_of().per_minibatch(self.calib, "plan_nll", (request,), "validation loss",
+                                           transient=self.quiet)
         parts = [per[b] for b in range(len(self.calib.batches))]
         self.tokens = sum(c for _, c in parts)
         return mean_nll(parts)
@@ -196,6 +202,8 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
     state.start(calib.input_ids)
     con = console()
     what = f"criterion {s.criterion}, search {s.search}" if s.method == "swm" else f"method {s.method}"
+    if s.method == "swm" and s.compensate_aware:
+        what = f"calibration NLL after each candidate's {compensate} fit (compensation-aware), search {s.search}"
     if auto:
         what += f" ({', '.join(s.auto_candidates)} × compensation {', '.join(s.auto_compensate)}, judged on " \
                 f"{val_calib.input_ids.shape[0]} held-out rows)"
@@ -221,7 +229,8 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
                       f"original {chosen.original_nll:.4f}; {chosen.seconds:.0f} s for "
                       f"{len(chosen.outcomes)} candidates)")
         else:
-            planned = plan_windows(cfg, scoring, n_layers, n_remove, _reporter(criterion))
+            label = f"nll after {compensate}" if s.method == "swm" and s.compensate_aware else criterion
+            planned = plan_windows(cfg, scoring, n_layers, n_remove, _reporter(label))
         t_select = time.perf_counter() - t_search  # the search alone (scorers ready, matrix loaded)
         if not auto:
             comp = compensate_plan(cfg, scoring, planned.selection.windows, planned.merge, site, compensate)

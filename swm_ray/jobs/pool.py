@@ -9,6 +9,7 @@ whose placement is awaited with a timeout.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -23,8 +24,9 @@ from swm_ray.jobs.runtime import actor_count, actor_options, init_ray, threads_p
 
 
 def gather(refs: Sequence, description: str, *, pool: ActorPool | None = None, owners: Sequence[int] = (),
-           on_result: Callable[[int, object], None] | None = None) -> list:
-    """Wait for all refs with a progress bar; results come back in the order of `refs`.
+           on_result: Callable[[int, object], None] | None = None, transient: bool = False) -> list:
+    """Wait for all refs with a progress bar (`transient`: gone when done, for the many small calls of one
+    larger step that has its own bar); results come back in the order of `refs`.
 
     `on_result(i, value)` sees each result as it arrives (run state is saved there). With a `pool` and the
     actor index owning each ref (`owners`), no progress for `ray.call_timeout_s` counts as stuck: the actors
@@ -37,7 +39,7 @@ def gather(refs: Sequence, description: str, *, pool: ActorPool | None = None, o
     timeout = pool.cfg.ray.call_timeout_s if pool is not None and owners else None
     last = time.monotonic()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=False, console=console()) as bar:
+    with Progress(*columns, transient=transient, console=console()) as bar:
         task = bar.add_task(description, total=len(refs))
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=min(timeout or 5.0, 5.0))
@@ -52,6 +54,17 @@ def gather(refs: Sequence, description: str, *, pool: ActorPool | None = None, o
                 pool.restart({owners[i] for i in pending.values()}, f"no progress for {timeout:.0f} s")
                 last = time.monotonic()
     return results
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int):
+    """A progress bar for work the driver steps through itself; yields the function that advances it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=False, console=console()) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task, 1)
 
 
 def _get(ref, pool: ActorPool | None, owner: int | None):
@@ -164,7 +177,8 @@ class ActorPool:
 
     def per_minibatch(self, calib: Calibration, method: str, args: tuple, what: str,
                       done: dict[int, object] | None = None,
-                      on_batch: Callable[[int, object], None] | None = None) -> dict[int, object]:
+                      on_batch: Callable[[int, object], None] | None = None,
+                      transient: bool = False) -> dict[int, object]:
         """Run actor `method(ids, batches, *args)` over every minibatch not in `done`, each by the actor that owns
         it; returns {minibatch: result}. In memory every minibatch is its own call (the bar advances per
         minibatch); a streaming actor gets all its minibatches in one call, so each layer is read once.
@@ -190,7 +204,7 @@ class ActorPool:
                     on_batch(b, v)
 
         gather(refs, f"{what} ({self.k} actor{'s' if self.k > 1 else ''})", pool=self,
-               owners=[j for j, _ in calls], on_result=arrived)
+               owners=[j for j, _ in calls], on_result=arrived, transient=transient)
         return results
 
     def hsic_sums(self, calib: Calibration, kernel: str, skip: int, done: dict[int, np.ndarray] | None = None,
@@ -226,7 +240,7 @@ class ActorPool:
         per_batch = self.per_minibatch(calib, "width_stats", (request,), "width statistics")
         return add_width_sums([per_batch[b] for b in range(len(calib.batches))])
 
-    def compensation_sums(self, calib: Calibration, request: dict) -> list:
+    def compensation_sums(self, calib: Calibration, request: dict, transient: bool = False) -> list:
         """Per target window of `request`, the compensation sums over every calibration row: each actor sums its
         own minibatches (one call, so a streaming actor reads each layer once), the driver adds the actors'
         sums in actor order, i.e. row order."""
@@ -241,7 +255,7 @@ class ActorPool:
         refs = [self.actors[j].compensation_sums.remote(ids_ref, bs, req_ref) for j, bs in calls]
         what = f"compensation sums of {len(request['targets'])} window(s)"
         parts = gather(refs, f"{what} ({self.k} actor{'s' if self.k > 1 else ''})", pool=self,
-                       owners=[j for j, _ in calls])
+                       owners=[j for j, _ in calls], transient=transient)
         return [add_sums([p[t] for p in parts]) for t in range(len(request["targets"]))]
 
     def scoring_jobs(self, calib: Calibration, criterion: str, method: str, attention: str = "global") -> list:
