@@ -6,6 +6,7 @@ actor pool, and the writer applies the plan to the checkpoint tensor by tensor.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -198,18 +199,20 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
     n_remove = target_layers(cfg, params_before, per_layer, n_layers)
     check_method_count(cfg, n_layers, n_remove)
     compensate = method_compensation(cfg)
-    site = checkpoint_site(path, config, cfg.model.allow_pickle) if compensate != "none" and not auto else None
+    site_for = functools.cache(lambda: checkpoint_site(path, config, cfg.model.allow_pickle))  # read once
+    site = site_for() if compensate != "none" and not auto else None
+    aware = s.method == "swm" and s.compensate_aware
     state.start(calib.input_ids)
     con = console()
     what = f"criterion {s.criterion}, search {s.search}" if s.method == "swm" else f"method {s.method}"
-    if s.method == "swm" and s.compensate_aware:
+    if aware:
         what = f"calibration NLL after each candidate's {compensate} fit (compensation-aware), search {s.search}"
     if auto:
         what += f" ({', '.join(s.auto_candidates)} × compensation {', '.join(s.auto_compensate)}, judged on " \
                 f"{val_calib.input_ids.shape[0]} held-out rows)"
     con.print(f"[bold]selecting windows[/]: {what}, "
               f"target {f'{n_remove} layers' if n_remove is not None else f'T={s.threshold}'}")
-    scoring = RayScoring(cfg, calib, state, site_for=lambda: checkpoint_site(path, config, cfg.model.allow_pickle))
+    scoring = RayScoring(cfg, calib, state, site_for=site_for)
     if scoring.resumed:
         con.print(f"resuming: {scoring.resumed} candidate scores from the interrupted run")
     try:
@@ -220,16 +223,15 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
             from swm_ray.checkpoint import Checkpoint
 
             layer_names = Checkpoint(path, cfg.model.allow_pickle).layer_keys(0)
-            chosen = run_auto(cfg, scoring, n_layers, n_remove,
-                              lambda: checkpoint_site(path, config, cfg.model.allow_pickle),
-                              scoring.validation(val_calib), report=lambda msg: con.print(f"  auto: {msg}"),
+            chosen = run_auto(cfg, scoring, n_layers, n_remove, site_for, scoring.validation(val_calib),
+                              report=lambda msg: con.print(f"  auto: {msg}"),
                               layer_names=layer_names)
             planned, comp = chosen.chosen.planned, chosen.chosen.compensation
             con.print(f"[bold]auto chose[/] {chosen.chosen.name} (validation NLL {chosen.chosen.val_nll:.4f}, "
                       f"original {chosen.original_nll:.4f}; {chosen.seconds:.0f} s for "
                       f"{len(chosen.outcomes)} candidates)")
         else:
-            label = f"nll after {compensate}" if s.method == "swm" and s.compensate_aware else criterion
+            label = f"nll after {compensate}" if aware else criterion
             planned = plan_windows(cfg, scoring, n_layers, n_remove, _reporter(label))
         t_select = time.perf_counter() - t_search  # the search alone (scorers ready, matrix loaded)
         if not auto:

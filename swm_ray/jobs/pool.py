@@ -32,14 +32,13 @@ def gather(refs: Sequence, description: str, *, pool: ActorPool | None = None, o
     actor index owning each ref (`owners`), no progress for `ray.call_timeout_s` counts as stuck: the actors
     still holding pending calls are killed and restarted by Ray, which retries their calls."""
     import ray
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress
 
     pending = {ref: i for i, ref in enumerate(refs)}
     results: list = [None] * len(refs)
     timeout = pool.cfg.ray.call_timeout_s if pool is not None and owners else None
     last = time.monotonic()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=transient, console=console()) as bar:
+    with Progress(*_columns(), transient=transient, console=console()) as bar:
         task = bar.add_task(description, total=len(refs))
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=min(timeout or 5.0, 5.0))
@@ -56,13 +55,19 @@ def gather(refs: Sequence, description: str, *, pool: ActorPool | None = None, o
     return results
 
 
+def _columns() -> tuple:
+    """The columns of every progress bar: description, bar, done/total, elapsed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    return TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+
+
 @contextlib.contextmanager
 def progress_bar(description: str, total: int):
     """A progress bar for work the driver steps through itself; yields the function that advances it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=False, console=console()) as bar:
+    with Progress(*_columns(), transient=False, console=console()) as bar:
         task = bar.add_task(description, total=total)
         yield lambda: bar.advance(task, 1)
 
