@@ -34,8 +34,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", default="none,lstsq/compressed,lstsq/original,scale/compressed",
-                    help="comma list of none | METHOD/INPUT[/RIDGE], e.g. lstsq/compressed/0.1")
+                    help="comma list of none | METHOD/INPUT[/RIDGE[/PRIOR]], e.g. lstsq/compressed/0.1 or "
+                    "lstsq/compressed/1/zero (the ridge's prior: identity, the default, or zero)")
     ap.add_argument("--ridge", type=float, default=0.0)
+    ap.add_argument("--skip-first", type=int, default=1, help="positions of every row left out of the fit "
+                    "(merge.skip_first; 0 fits the attention sink too)")
     ap.add_argument("--solve-dim", type=int, default=0)
     ap.add_argument("--original-ppl", type=float, default=None, help="skip evaluating the original: its PPL")
     ap.add_argument("--ppl-tokens", type=int, default=16384, help="held-out perplexity tokens (eval default 16384)")
@@ -65,8 +68,10 @@ def main() -> None:
     memo: dict = {}  # sums already computed (same windows below, same fits): variants that differ in the solve
     for variant in args.variants.split(","):
         method, _, rest = variant.partition("/")
-        source, _, ridge = rest.partition("/")
+        source, _, rest = rest.partition("/")
+        ridge, _, prior = rest.partition("/")
         ridge = float(ridge) if ridge else args.ridge
+        prior = prior or "identity"
         fits, timings = {}, []
         if method != "none":
             def sums_for(fits, targets, source=source, timings=timings):
@@ -75,12 +80,13 @@ def main() -> None:
                 if key not in memo:
                     t0 = time.perf_counter()
                     memo[key] = compensation_sums(stack, calib.input_ids, calib.batches, windows, args.merge,
-                                                  "global", fits, targets, source=source)
+                                                  "global", fits, targets, source=source,
+                                                  skip_first=args.skip_first)
                     timings.append(("sums", time.perf_counter() - t0, len(targets)))
                 return memo[key]
 
             t0 = time.perf_counter()
-            fits = fit_windows(windows, method, site, sums_for, ridge=ridge, source=source)
+            fits = fit_windows(windows, method, site, sums_for, ridge=ridge, source=source, prior=prior)
             fit_s = time.perf_counter() - t0
         edited = apply_windows(copy.deepcopy(model), windows, args.merge)
         compensate_model(edited, windows, fits)

@@ -20,35 +20,6 @@ import time
 from pathlib import Path
 
 
-def _model_of(plan_path: Path, cache: dict):
-    """The row's model in memory, built from its plan and the plan's source (float32 on CPU)."""
-    import torch
-
-    from swm_ray.checkpoint import Checkpoint
-    from swm_ray.executor import PlanView, materialize
-    from swm_ray.models import load_config, load_tokenizer, resolve_model_path
-    from swm_ray.plan import Plan
-    from swm_ray.writer import plan_fits
-
-    plan = Plan.load(plan_path)
-    if plan.source_model not in cache:
-        path = resolve_model_path(plan.source_model, plan.source_revision)
-        cache[plan.source_model] = (Checkpoint(path), load_config(path), load_tokenizer(path))
-    ckpt, config, tok = cache[plan.source_model]
-    view = PlanView(ckpt, config, plan.windows, plan.merge, plan.attention, plan_fits(plan), width=plan.width,
-                    width_tensors=plan.tensors)
-    return materialize(view, view.config, "cpu", torch.float32), tok, plan
-
-
-def _original(source: str, cache: dict):
-    import torch
-
-    from swm_ray.executor import materialize
-
-    ckpt, config, tok = cache[source]
-    return materialize(ckpt, config, "cpu", torch.float32), tok
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("grid", help="a grid's output folder (results.csv/parquet and plans/)")
@@ -66,6 +37,7 @@ def main() -> None:
     import torch
 
     from swm_ray.evaluation.latency import DEFAULT_PROMPT, _generate_kwargs, _timed_generate
+    from swm_ray.executor import plan_model, source_model
     from swm_ray.sweep import method_label
 
     torch.set_num_threads(args.threads)
@@ -80,10 +52,9 @@ def main() -> None:
             continue
         if r["method"] == "original":
             continue
-        model, tok, _plan = _model_of(folder / r["plan"], cache)
+        model, tok, _plan = plan_model(folder / r["plan"], cache)
         models.append((f"{method_label(r)} @ {r['target']}", r.get("params_removed"), model, tok))
-    source = next(iter(cache))
-    model, tok = _original(source, cache)
+    model, tok = source_model(next(iter(cache)), cache)
     models.insert(0, ("original", 0.0, model, tok))
     timed: dict[str, dict[str, list[float]]] = {m[0]: {"gen": [], "first": []} for m in models}
     with torch.inference_mode():

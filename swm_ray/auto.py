@@ -6,8 +6,9 @@ model with post-norms the best-first `reference` windows score 343 where `keep-f
 makes the default depend on a measurement on the user's own model and text instead of on the architecture
 the defaults were tuned on:
 
-1. The calibration set is drawn with `select.auto_validation` extra rows; the planners (and the
-   compensation fits) see only the first `data.samples` rows, the validation rows are held out.
+1. The calibration set is drawn with `select.auto_validation` extra rows (`data.calibration_sets`); the
+   planners see only the first `data.samples` rows, the compensation fits those and the further rows of
+   `merge.fit_samples`; the validation rows are held out from both.
 2. Every candidate (`select.auto_candidates`: a method, for `swm` optionally `/MERGE`) plans to the target;
    every plan is then fitted with every compensation of `select.auto_compensate` (on the planning rows).
 3. Each (plan, compensation) is run on the validation rows: its next-token NLL per token, summed per row in
@@ -33,39 +34,6 @@ import torch.nn.functional as F
 
 from swm_ray.errors import UserError
 from swm_ray.selection import Group
-
-
-# -- validation rows -----------------------------------------------------------------------------------------
-def split_validation(calib, samples: int, batch_size: int):
-    """(planning calibration, validation calibration) of a calibration set drawn with extra rows: the first
-    `samples` rows keep the usual minibatches (so planners see what a plain run of that size sees), the rest
-    are held out in minibatches of at most `batch_size` rows (a loss needs no minimum)."""
-    from swm_ray.data import Calibration, minibatches
-
-    n = int(calib.input_ids.shape[0])
-    if n <= samples:
-        raise UserError(f"--method auto holds out select.auto_validation rows beyond --samples {samples}, but the "
-                        f"data gave only {n} rows: use fewer --samples or a larger text")
-    plan_ids = calib.input_ids[:samples]
-    val_ids = calib.input_ids[samples:]
-    plan = Calibration(plan_ids, minibatches(samples, batch_size), calib.bos_prepended, calib.pretokenized,
-                       calib.source)
-    v = int(val_ids.shape[0])
-    val = Calibration(val_ids, [(a, min(a + batch_size, v)) for a in range(0, v, batch_size)],
-                      calib.bos_prepended, calib.pretokenized, calib.source)
-    return plan, val
-
-
-def auto_calibration(cfg):
-    """(model path, planning calibration, validation calibration, decoder layers): the calibration set drawn
-    with `select.auto_validation` rows beyond `data.samples`, split (`split_validation`)."""
-    from swm_ray.data import calibration_for
-
-    d = cfg.data
-    wider = cfg.model_copy(update={"data": d.model_copy(update={"samples": d.samples + cfg.select.auto_validation})})
-    path, calib, n_layers = calibration_for(wider)
-    plan, val = split_validation(calib, d.samples, d.batch_size)
-    return path, plan, val, n_layers
 
 
 # -- the validation loss of a plan ---------------------------------------------------------------------------

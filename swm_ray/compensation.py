@@ -16,12 +16,15 @@ The fit asks `(h − m) + m·T ≈ y`, i.e. `m·T ≈ b` with `b = y − h + m`.
 float64 sums MᵀM and MᵀB are additive over rows: every actor returns them over its rows, the driver adds them
 in a fixed order (`add_sums`) and solves (`solve`):
 
-- `lstsq`, full matrix: T = (MᵀM + λ·tr(MᵀM)/d·I)⁻¹ MᵀB, folded as `down_proj.weight ← Tᵀ·down_proj.weight`
+- `lstsq`, full matrix: T = (MᵀM + λ·tr(MᵀM)/d·I)⁻¹ (MᵀB + λ·tr(MᵀM)/d·I): least squares with a ridge that
+  pulls T towards I, the uncompensated layer (`merge.ridge_prior=zero`: towards 0, the textbook ridge), folded
+  as `down_proj.weight ← Tᵀ·down_proj.weight`
   (row vectors: m·T = x·Wᵀ·T = x·(TᵀW)ᵀ; a bias b becomes Tᵀb);
 - `lstsq` on Gemma 2/3, diagonal: m = norm(z)·(1 + w) passes through `post_feedforward_layernorm`, and
   norm(z)·T is not norm(z·T') for a full T; a diagonal T = diag(t) is exact there: (1 + w)·t = 1 + w', so
-  `w' = (1 + w)·t − 1` (Gemma's norms scale by 1 + w). t_j = (MᵀB)_jj / ((MᵀM)_jj + λ·tr(MᵀM)/d);
-- `scale`: one factor, T = s·I with the least-squares s = tr(MᵀB) / tr(MᵀM): Prune&Comp's idea of a single
+  `w' = (1 + w)·t − 1` (Gemma's norms scale by 1 + w). t_j = ((MᵀB)_jj + λ') / ((MᵀM)_jj + λ'), λ' = λ·tr(MᵀM)/d;
+- `scale`: one factor, T = s·I with the least-squares s = tr(MᵀB) / tr(MᵀM) (with a ridge pulled towards 1):
+  Prune&Comp's idea of a single
   magnitude factor, here on the MLP output of the layer at the cut, so it folds into the same tensor (Prune&Comp
   scales the whole residual stream by mean‖after‖/mean‖before‖; that ratio taken on m, Σ‖b‖/Σ‖m‖, raised the
   fit error and the perplexity on SmolLM2, BENCHMARKS.md).
@@ -46,6 +49,7 @@ from swm_ray.selection import Group
 
 UNIT_OFFSET_NORMS = ("gemma2", "gemma3", "gemma3_text")  # RMSNorm computes norm(x)·(1 + w)
 TENSOR_PREFIX = "compensation"
+RIDGE_PRIORS = ("identity", "zero")  # what the ridge pulls T towards (`solve`)
 FEW_TOKENS = 10  # a full d×d fit from fewer tokens per dimension overfits (SmolLM2, 1,270 tokens: BENCHMARKS.md)
 
 
@@ -132,23 +136,30 @@ def accumulate(sums: CompSums, x: torch.Tensor, m: torch.Tensor, h: torch.Tensor
 
 
 # -- the solve -----------------------------------------------------------------------------------------------
-def solve(sums: CompSums, kind: str, ridge: float = 0.0) -> np.ndarray:
-    """T as float64: (d, d) for `matrix`, (d,) for `diagonal`, (1,) for `scalar`."""
+def solve(sums: CompSums, kind: str, ridge: float = 0.0, prior: str = "identity") -> np.ndarray:
+    """T as float64: (d, d) for `matrix`, (d,) for `diagonal`, (1,) for `scalar`. The ridge pulls T towards
+    `prior`: `identity` (no correction: a large λ gives back the uncompensated layer) or `zero` (the textbook
+    ridge, which also shrinks the MLP output the map multiplies)."""
     if sums.tokens == 0:
         raise UserError("no calibration tokens left to fit the compensation (rows shorter than merge.skip_first)")
+    if prior not in RIDGE_PRIORS:
+        raise UserError(f"merge.ridge_prior {prior!r}: choose {' or '.join(RIDGE_PRIORS)}")
     d = sums.mtm.shape[0]
-    reg = ridge * float(np.trace(sums.mtm)) / d
+    tr = float(np.trace(sums.mtm))
+    reg = ridge * tr / d
+    p = 1.0 if prior == "identity" else 0.0
     if kind == "scalar":
-        den = float(np.trace(sums.mtm)) * (1 + ridge)
-        return np.array([float(np.trace(sums.mtb)) / den if den > 0 else 1.0])
+        den = tr * (1 + ridge)
+        return np.array([(float(np.trace(sums.mtb)) + p * ridge * tr) / den if den > 0 else 1.0])
     if kind == "diagonal":
         den = np.diag(sums.mtm) + reg
-        return np.where(den > 0, np.diag(sums.mtb) / np.where(den > 0, den, 1.0), 1.0)
+        return np.where(den > 0, (np.diag(sums.mtb) + p * reg) / np.where(den > 0, den, 1.0), 1.0)
     a = sums.mtm + reg * np.eye(d)
+    rhs = sums.mtb + p * reg * np.eye(d)
     try:
-        return np.linalg.solve(a, sums.mtb)
+        return np.linalg.solve(a, rhs)
     except np.linalg.LinAlgError:  # singular normal equations: the minimum-norm solution
-        return np.linalg.lstsq(a, sums.mtb, rcond=None)[0]
+        return np.linalg.lstsq(a, rhs, rcond=None)[0]
 
 
 def as_matrix(kind: str, value: np.ndarray, d: int) -> np.ndarray:
@@ -189,9 +200,10 @@ def tensor_name(window: Sequence[int]) -> str:
     return f"{TENSOR_PREFIX}.{int(window[0])}-{int(window[1])}"
 
 
-def make_fit(window: Group, sums: CompSums, method: str, site: Site, ridge: float = 0.0) -> Fit:
+def make_fit(window: Group, sums: CompSums, method: str, site: Site, ridge: float = 0.0,
+             prior: str = "identity") -> Fit:
     kind = fit_kind(method, site)
-    tensor = torch.from_numpy(solve(sums, kind, ridge)).to(torch.float32)
+    tensor = torch.from_numpy(solve(sums, kind, ridge, prior)).to(torch.float32)
     d = sums.mtm.shape[0]
     t = as_matrix(kind, tensor.double().numpy(), d)  # the error of what is stored and folded
     scale = sums.gap if sums.gap > 0 else 1.0
@@ -347,7 +359,7 @@ SumsFor = Callable[[dict[Group, Fit], list[Group]], list[CompSums]]
 
 
 def fit_windows(windows: Iterable[Sequence[int]], method: str, site: Site, sums_for: SumsFor, *,
-                ridge: float = 0.0, source: str = "compressed") -> dict[Group, Fit]:
+                ridge: float = 0.0, source: str = "compressed", prior: str = "identity") -> dict[Group, Fit]:
     """Fit every window, bottom-up. `sums_for(fits, targets)` returns the (reduced) sums of `targets` with
     `fits` folded into the windows below. `compressed`: one call per window, each seeing the fits below;
     `original`: one call for all (local fits, independent of each other)."""
@@ -355,11 +367,11 @@ def fit_windows(windows: Iterable[Sequence[int]], method: str, site: Site, sums_
     fits: dict[Group, Fit] = {}
     if source == "original":
         for w, s in zip(order, sums_for({}, order)):
-            fits[w] = make_fit(w, s, method, site, ridge)
+            fits[w] = make_fit(w, s, method, site, ridge, prior)
         return fits
     for w in order:
         (s,) = sums_for(dict(fits), [w])
-        fits[w] = make_fit(w, s, method, site, ridge)
+        fits[w] = make_fit(w, s, method, site, ridge, prior)
     return fits
 
 
@@ -374,6 +386,7 @@ class Compensation:
     skip_first: int = 1
     site: str = "mlp"
     seconds: float = 0.0
+    prior: str = "identity"
 
     @property
     def note(self) -> str:
@@ -383,11 +396,13 @@ class Compensation:
             return ""
         f = small[0]
         return (f"lstsq fitted {f.tensor.shape[0] ** 2:,} numbers per window from {f.tokens:,} calibration tokens "
-                f"(fewer than {FEW_TOKENS} per dimension): it overfits them; give more --samples or set merge.ridge")
+                f"(fewer than {FEW_TOKENS} per dimension): it overfits them; raise merge.fit_samples or set "
+                "merge.ridge")
 
     def record(self, tensors_file: str | None = None) -> dict:
         """The plan's `compensation` entry (JSON)."""
-        return {"method": self.method, "ridge": self.ridge, "input": self.source, "skip_first": self.skip_first,
+        return {"method": self.method, "ridge": self.ridge, "ridge_prior": self.prior, "input": self.source,
+                "skip_first": self.skip_first,
                 "site": self.site, "seconds": round(self.seconds, 2), "tensors_file": tensors_file,
                 "note": self.note or None, "windows": [f.record() for _, f in sorted(self.fits.items())]}
 
@@ -420,6 +435,7 @@ def fit_plan(cfg, method: str, windows: Sequence[Sequence[int]], merge: str, sit
     """Fit `method` for a plan's windows with the settings of `cfg.merge` (ridge, input, skip_first)."""
     m = cfg.merge
     t0 = time.perf_counter()
-    fits = fit_windows(windows, method, site, sums_for, ridge=m.ridge, source=m.compensate_input)
+    fits = fit_windows(windows, method, site, sums_for, ridge=m.ridge, source=m.compensate_input,
+                       prior=m.ridge_prior)
     return Compensation(method, fits, m.ridge, m.compensate_input, m.skip_first, site.module,
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, m.ridge_prior)

@@ -22,6 +22,7 @@ METHODS = ("swm", "shortgpt", "sleb", "laco", "shortened-ppl", "replaceme", "aut
 WIDTH_METHODS = ("flap", "taylor")  # width pruners (heads and MLP channels, `width.py`), not depth planners
 BASELINES = ("shortgpt", "sleb", "laco", "shortened-ppl", "replaceme")
 AUTO_METHODS = ("swm", *BASELINES)  # what `auto` may run
+FIT_SAMPLES = 128  # rows of a compensation fit (BENCHMARKS.md: 10 rows overfit a 576×576 map, 128 do not)
 AUTO_CANDIDATES = ("swm", "swm/consistent", "swm/keep-first", "shortgpt", "sleb", "replaceme")
 COMPENSATIONS = ("none", "lstsq", "scale")
 COMPENSATION_INPUTS = ("compressed", "original")
@@ -218,12 +219,22 @@ class MergeConfig(_Section):
         "layer's) MLP output: none, lstsq (ReplaceMe's least-squares map T, folded into down_proj; diagonal on "
         "Gemma 2/3, folded into post_feedforward_layernorm), scale (one least-squares factor); null = the method's "
         "own (lstsq for replaceme, none otherwise)")
-    ridge: float = Field(0.0, ge=0, description="ridge λ of the fit: T = (MᵀM + λ·tr(MᵀM)/d·I)⁻¹ MᵀB")
+    ridge: float = Field(0.0, ge=0, description="ridge λ of the fit: T = (MᵀM + λ'·I)⁻¹ (MᵀB + λ'·P), "
+                         "λ' = λ·tr(MᵀM)/d, P the ridge_prior")
+    ridge_prior: Literal["identity", "zero"] = Field(
+        "identity", description="what the ridge pulls the map towards: identity (P = I: the uncompensated layer; "
+        "a large λ gives back the model without compensation) or zero (P = 0, the textbook ridge: it also "
+        "shrinks the MLP output)")
     compensate_input: Literal[COMPENSATION_INPUTS] = Field(
         "compressed", description="the input a window's fit sees: compressed (the compressed model's own, windows "
         "below merged and compensated: fitted bottom-up) or original (the original's: local fits)")
     skip_first: int = Field(1, ge=0, description="positions at the start of every row left out of the fit "
                             "(the attention sink)")
+    fit_samples: int | None = Field(
+        FIT_SAMPLES, ge=1, description="calibration rows the compensation fit sums over: the planners' "
+        "data.samples rows plus further rows drawn after them (never auto's held-out rows). A d×d map from the "
+        "planners' few rows overfits them; the sums are one forward pass per window, so more rows are cheap. "
+        "Null or at most data.samples = the planners' rows only")
 
 
 class EvalConfig(_Section):

@@ -258,6 +258,77 @@ def _pretokenized(rows: list[list[int]], samples: int, batch_size: int, source: 
     return Calibration(np.asarray(use, dtype=np.int64), _checked_batches(samples, batch_size), False, True, source)
 
 
+@dataclass
+class CalibrationSets:
+    """One draw of calibration rows, split by use: `plan` (the first `data.samples` rows, the usual minibatches:
+    what every planner sees, as in a run without the other sets), `validation` (auto's held-out rows, the next
+    `select.auto_validation`; None without auto) and `fit` (the compensation fit's rows: the planning rows, then
+    rows drawn after the validation rows up to `merge.fit_samples`; `plan` itself when there are none)."""
+
+    path: str
+    plan: Calibration
+    validation: Calibration | None
+    fit: Calibration
+    n_layers: int
+    note: str | None = None  # why the fit has fewer rows than merge.fit_samples asked for
+
+    def record(self, fitted: bool) -> dict:
+        """The plan's `extra.calibration` entry (`fitted`: a compensation was fitted on `fit`)."""
+        c = self.plan
+        return {"source": c.source, "samples": int(c.input_ids.shape[0]), "seq_len": int(c.input_ids.shape[1]),
+                "bos_prepended": c.bos_prepended, "validation_samples": None if self.validation is None else
+                int(self.validation.input_ids.shape[0]),
+                "fit_samples": int(self.fit.input_ids.shape[0]) if fitted else None,
+                "fit_note": self.note if fitted else None}
+
+
+def split_calibration(calib: Calibration, samples: int, validation: int, batch_size: int
+                      ) -> tuple[Calibration, Calibration | None, Calibration]:
+    """(plan, validation or None, fit) of rows drawn as [planning | validation | further fit rows]
+    (`CalibrationSets`). Validation rows never enter the fit."""
+    n = int(calib.input_ids.shape[0])
+    if n < samples + validation:
+        raise UserError(f"--method auto holds out select.auto_validation rows beyond --samples {samples}, but the "
+                        f"data gave only {n} rows: use fewer --samples or a larger text")
+
+    def part(ids: np.ndarray, batches) -> Calibration:
+        return Calibration(ids, batches, calib.bos_prepended, calib.pretokenized, calib.source)
+
+    plan = part(calib.input_ids[:samples], minibatches(samples, batch_size))
+    val = None
+    if validation:
+        v = calib.input_ids[samples:samples + validation]
+        val = part(v, [(a, min(a + batch_size, validation)) for a in range(0, validation, batch_size)])
+    if n == samples + validation:
+        return plan, val, plan
+    fit_ids = np.concatenate([calib.input_ids[:samples], calib.input_ids[samples + validation:]])
+    return plan, val, part(fit_ids, minibatches(int(fit_ids.shape[0]), batch_size))
+
+
+def calibration_sets(cfg, validation: int = 0, fit: bool = False) -> CalibrationSets:
+    """`calibration_for` with `validation` held-out rows (auto) and, when `fit` (a compensation may be fitted),
+    the rows of `merge.fit_samples` beyond `data.samples`: one draw, split by `split_calibration`."""
+    d = cfg.data
+    extra = max(0, (cfg.merge.fit_samples or 0) - d.samples) if fit else 0
+    wider = cfg.model_copy(update={"data": d.model_copy(update={"samples": d.samples + validation + extra})})
+    note = None
+    try:
+        path, calib, n_layers = calibration_for(wider)
+    except UserError as e:
+        if not extra:
+            if validation:
+                raise UserError(f"{e} (auto holds out {validation} rows beyond the {d.samples} planning rows: lower "
+                                f"select.auto_validation or --samples)") from None
+            raise
+        # too few rows for the fit's extra rows: fit on the planning rows, and say so
+        narrow = cfg.model_copy(update={"data": d.model_copy(update={"samples": d.samples + validation})})
+        path, calib, n_layers = calibration_for(narrow)
+        note = (f"merge.fit_samples {cfg.merge.fit_samples}: {d.source} has too few rows for {extra} more, so the "
+                f"compensation fit uses the {d.samples} planning rows")
+    plan, val, fit_calib = split_calibration(calib, d.samples, validation, d.batch_size)
+    return CalibrationSets(path, plan, val, fit_calib, n_layers, note)
+
+
 def calibration_for(cfg) -> tuple[str, Calibration, int]:
     """Resolve the model of a RunConfig once, check its structure, sample its calibration set.
 

@@ -171,3 +171,36 @@ def materialize(view, config, device: str | torch.device = "cpu", dtype: torch.d
         if name in view.infos:
             p.copy_(view.read(name, p.dtype))
     return model.eval()
+
+
+def plan_model(plan_path, cache: dict | None = None, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = torch.float32):
+    """(model, tokenizer, Plan): a saved plan (its side tensors: fits, width biases) built in memory from its
+    source checkpoint, without writing a folder. `cache` (source -> (Checkpoint, config, tokenizer)) lets
+    several plans of one source share the reads of its config and tokenizer; `source_model` builds the
+    source itself from the same cache."""
+    from swm_ray.plan import Plan
+    from swm_ray.writer import plan_fits
+
+    plan = Plan.load(plan_path)
+    ckpt, config, tok = _cached_source(plan.source_model, plan.source_revision, cache)
+    view = PlanView(ckpt, config, plan.windows, plan.merge, plan.attention, plan_fits(plan), width=plan.width,
+                    width_tensors=plan.tensors)
+    return materialize(view, view.config, device, dtype), tok, plan
+
+
+def source_model(source: str, cache: dict | None = None, revision: str | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32):
+    """(model, tokenizer): the unedited source, read through the same cache as `plan_model`."""
+    ckpt, config, tok = _cached_source(source, revision, cache)
+    return materialize(ckpt, config, device, dtype), tok
+
+
+def _cached_source(source: str, revision: str | None, cache: dict | None):
+    from swm_ray.models import load_config, load_tokenizer, resolve_model_path
+
+    cache = {} if cache is None else cache
+    if source not in cache:
+        path = resolve_model_path(source, revision)
+        cache[source] = (Checkpoint(path), load_config(path), load_tokenizer(path))
+    return cache[source]

@@ -18,13 +18,14 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
     `cfg.overwrite`), evaluate it into its card when `cfg.eval.enabled`. Returns a summary with the plan."""
     from swm_ray.checkpoint import Checkpoint
     from swm_ray.compensation import stack_site
-    from swm_ray.data import calibration_for
+    from swm_ray.data import calibration_sets
     from swm_ray.models import load_config, text_config_of
     from swm_ray.planners import (
         LocalScoring,
         check_method_count,
         check_method_target,
         compensate_plan,
+        may_compensate,
         method_compensation,
         plan_windows,
     )
@@ -47,12 +48,8 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
     check_method_target(cfg)
     t0 = time.perf_counter()
     auto = s.method == "auto"
-    if auto:
-        from swm_ray.auto import auto_calibration
-
-        path, calib, val_calib, n_layers = auto_calibration(cfg)
-    else:
-        path, calib, n_layers = calibration_for(cfg)
+    sets = calibration_sets(cfg, s.auto_validation if auto else 0, fit=may_compensate(cfg))
+    path, calib, val_calib, n_layers = sets.path, sets.plan, sets.validation, sets.n_layers
     config = load_config(path, m.trust_remote_code)
     ckpt = Checkpoint(path, m.allow_pickle)
     params_before = ckpt.param_count(bool(getattr(text_config_of(config), "tie_word_embeddings", False)))
@@ -61,9 +58,10 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
     stack = open_stack(StackSpec(path, device=device or m.device, dtype=m.dtype, stream=m.stream,
                                  max_memory=m.max_memory, allow_pickle=m.allow_pickle,
                                  trust_remote_code=m.trust_remote_code),
-                       rows=int(calib.input_ids.shape[0]), seq_len=int(calib.input_ids.shape[1]))
+                       rows=max(int(calib.input_ids.shape[0]), int(sets.fit.input_ids.shape[0])),
+                       seq_len=int(calib.input_ids.shape[1]))
     scoring = LocalScoring(stack, calib, cfg.merge.attention, kernel=cfg.stats.kernel,
-                           skip_first_tokens=cfg.stats.skip_first_tokens)
+                           skip_first_tokens=cfg.stats.skip_first_tokens, fit_calib=sets.fit)
     chosen = None
     if auto:
         from swm_ray.auto import LocalValidation, run_auto
@@ -84,7 +82,8 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
     plan = planned.plan(n_layers, m.source, m.revision, s.method, cfg.merge.attention, params_before,
                         extra={"candidate_evaluations": planned.evaluator.misses if planned.evaluator else 0,
                                "note": sel.note, "settings": fingerprint(cfg),
-                               **({"auto": chosen.record()} if chosen else {})})
+                               **({"auto": chosen.record()} if chosen else {}),
+                               "calibration": sets.record(fitted=comp is not None)})
     if comp is not None:
         comp.attach(plan)
     if s.then_width is not None:  # width after depth, on the merged model, in this process

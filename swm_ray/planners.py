@@ -67,8 +67,8 @@ class Scoring(Protocol):
 
     def compensation_sums(self, windows, merge: str, fits: dict, targets: list, source: str,
                           skip_first: int, quiet: bool = False) -> list:
-        """`compensation.CompSums` of each target window over all calibration rows, added in row order
-        (`quiet`: one of many calls inside a larger step; no progress of its own)."""
+        """`compensation.CompSums` of each target window over all the fit's calibration rows (`merge.fit_samples`),
+        added in row order (`quiet`: one of many calls inside a larger step; no progress of its own)."""
 
     def compensated_evaluator(self, cfg, merge: str, method: str) -> MemoEvaluator:
         """A memoised `CompensatedEvaluator` over the calibration rows (the same object for the same arguments)."""
@@ -117,7 +117,7 @@ class CompensatedEvaluator:
             if fit is None:
                 (sums,) = self.scoring.compensation_sums(order, self.merge, dict(fits) if compressed else {}, [w],
                                                          m.compensate_input, m.skip_first, quiet=True)
-                fit = self.fit_cache[key] = make_fit(w, sums, self.method, self.site, m.ridge)
+                fit = self.fit_cache[key] = make_fit(w, sums, self.method, self.site, m.ridge, m.ridge_prior)
                 self.fits_computed += 1
             fits[w] = fit
         return fits
@@ -173,6 +173,14 @@ def method_compensation(cfg) -> str:
     if cfg.merge.compensate is not None:
         return cfg.merge.compensate
     return "lstsq" if cfg.select.method == "replaceme" else "none"
+
+
+def may_compensate(cfg) -> bool:
+    """Whether a run may fit a compensation (its own method's, or one of auto's): it then draws the further
+    calibration rows of `merge.fit_samples` (`data.calibration_sets`)."""
+    if cfg.select.method == "auto":
+        return any(spec.partition(":")[0] != "none" for spec in cfg.select.auto_compensate)
+    return method_compensation(cfg) != "none"
 
 
 def check_method_target(cfg) -> None:
@@ -284,13 +292,15 @@ def compensate_plan(cfg, scoring: Scoring, windows, merge: str, site, method: st
 
 
 class LocalScoring:
-    """`Scoring` in this process, on a layer stack (`stack.py`) and one calibration set."""
+    """`Scoring` in this process, on a layer stack (`stack.py`), the planners' calibration rows and the
+    compensation fit's (`fit_calib`, default the same rows: `data.CalibrationSets`)."""
 
     def __init__(self, stack, calib, attention: str = "global", matrix: np.ndarray | None = None,
                  wrap: Callable[[Evaluator], MemoEvaluator] = MemoEvaluator, kernel: str = "linear",
-                 skip_first_tokens: int = 1):
+                 skip_first_tokens: int = 1, fit_calib=None):
         self.stack = stack
         self.calib = calib
+        self.fit_calib = calib if fit_calib is None else fit_calib
         self.attention = attention
         self.matrix = matrix
         self.stats = {"kernel": kernel, "skip_first_tokens": skip_first_tokens}
@@ -326,7 +336,7 @@ class LocalScoring:
                           skip_first: int, quiet: bool = False) -> list:
         from swm_ray.compensation import compensation_sums
 
-        return compensation_sums(self.stack, self.calib.input_ids, self.calib.batches, windows, merge,
+        return compensation_sums(self.stack, self.fit_calib.input_ids, self.fit_calib.batches, windows, merge,
                                  self.attention, fits, targets, source=source, skip_first=skip_first)
 
     def compensated_evaluator(self, cfg, merge: str, method: str) -> MemoEvaluator:

@@ -139,7 +139,7 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
     from swm_ray.evaluation import evaluate_model
     from swm_ray.models import load_config, load_tokenizer, text_config_of
     from swm_ray.plan import Plan
-    from swm_ray.planners import LocalScoring, compensate_plan, method_compensation, plan_windows
+    from swm_ray.planners import LocalScoring, compensate_plan, may_compensate, method_compensation, plan_windows
     from swm_ray.selection import target_layers
     from swm_ray.stack import StackSpec, open_stack
     from swm_ray.width import local_stats, plan_width, width_only_plan
@@ -147,9 +147,20 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
     g = cfg.grid
     kind = g.target_kind()
     m = cfg.model
+    fit_calib = val_calib = None
+    auto = spec["method"] == "auto"
+    own = cfg.model_copy(update={"select": cfg.select.model_copy(update={"method": spec["method"]})})
+    fits = any(c != "none" for c in g.compensate) if g.compensate and not auto else may_compensate(own)
+    if auto or (fits and spec["method"] not in WIDTH_METHODS + ("original",)):
+        # auto's held-out rows and the fit's further rows: drawn beyond the grid's calibration rows
+        from swm_ray.data import calibration_sets
+
+        sets = calibration_sets(own, cfg.select.auto_validation if auto else 0, fit=fits)
+        calib, val_calib, fit_calib = sets.plan, sets.validation, sets.fit
+    rows = max(int(calib.input_ids.shape[0]), int(fit_calib.input_ids.shape[0]) if fit_calib is not None else 0)
     stack = open_stack(StackSpec(model_path, device=device, dtype=m.dtype, stream=m.stream, max_memory=m.max_memory,
                                  allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code),
-                       rows=int(calib.input_ids.shape[0]), seq_len=int(calib.input_ids.shape[1]))
+                       rows=rows, seq_len=int(calib.input_ids.shape[1]))
     tok = load_tokenizer(model_path, m.trust_remote_code)
     config = load_config(model_path, m.trust_remote_code)
     ckpt = Checkpoint(model_path, m.allow_pickle)
@@ -255,13 +266,12 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
                          width_only_plan(wcfg, model_path, n_layers, calib), t, spec["method"], wcfg)
         return
     validation = None
-    if spec["method"] == "auto":  # auto's held-out rows: drawn beyond the grid's calibration rows
-        from swm_ray.auto import LocalValidation, auto_calibration
+    if auto:
+        from swm_ray.auto import LocalValidation
 
-        _, calib, val_calib, _ = auto_calibration(cfg)
         validation = LocalValidation(stack, val_calib, attention)
     scoring = LocalScoring(stack, calib, attention, matrix, kernel=cfg.stats.kernel,
-                           skip_first_tokens=cfg.stats.skip_first_tokens)
+                           skip_first_tokens=cfg.stats.skip_first_tokens, fit_calib=fit_calib)
     select = {"method": "swm" if spec["method"] == "swm" else spec["method"]}
     if spec["method"] == "swm":
         select.update(criterion=spec["criterion"], search=spec["search"])

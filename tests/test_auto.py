@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from tiny_models import ARCHS, tiny_model
 
-from swm_ray.auto import LocalValidation, compensation_config, mean_nll, plan_nll, run_auto, split_validation
+from swm_ray.auto import LocalValidation, compensation_config, mean_nll, plan_nll, run_auto
 from swm_ray.compensation import compensate_model, stack_site
 from swm_ray.config import build_config
-from swm_ray.data import Calibration
+from swm_ray.data import Calibration, split_calibration
 from swm_ray.errors import UserError
 from swm_ray.merge import apply_windows
 from swm_ray.planners import LocalScoring, compensate_plan, plan_windows
@@ -29,7 +29,9 @@ IDS = RNG.integers(4, 256, size=(20, 12))
 
 def _calibs():
     calib = Calibration(IDS, [(0, 4), (4, 8), (8, 12)], False, True, "test")
-    return split_validation(calib, 12, 4)
+    plan, val, fit = split_calibration(calib, 12, 8, 4)
+    assert fit is plan  # no rows beyond the validation rows: the fit uses the planning rows
+    return plan, val
 
 
 def _nll_by_hand(model, ids: np.ndarray) -> float:
@@ -45,7 +47,19 @@ def test_split_keeps_the_planning_rows_and_holds_out_the_rest():
     assert np.array_equal(plan.input_ids, IDS[:12]) and plan.batches == [(0, 4), (4, 8), (8, 12)]
     assert np.array_equal(val.input_ids, IDS[12:]) and val.batches == [(0, 4), (4, 8)]
     with pytest.raises(UserError, match="holds out"):
-        split_validation(Calibration(IDS[:12], [(0, 4)], False, True, "t"), 12, 4)
+        split_calibration(Calibration(IDS[:12], [(0, 4)], False, True, "t"), 12, 4, 4)
+
+
+def test_split_gives_the_fit_the_planning_rows_and_the_rows_after_the_validation_rows():
+    """[planning | validation | more fit rows]: the fit sees the planning rows and the further rows, never a
+    validation row; without validation the fit is the first rows of the draw."""
+    calib = Calibration(IDS, [(0, 4)], False, True, "test")
+    plan, val, fit = split_calibration(calib, 8, 4, 4)
+    assert np.array_equal(plan.input_ids, IDS[:8]) and np.array_equal(val.input_ids, IDS[8:12])
+    assert np.array_equal(fit.input_ids, np.concatenate([IDS[:8], IDS[12:]]))
+    assert fit.batches == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    plan, val, fit = split_calibration(calib, 8, 0, 4)
+    assert val is None and np.array_equal(fit.input_ids, IDS) and plan.batches == [(0, 4), (4, 8)]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

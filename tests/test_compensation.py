@@ -269,6 +269,18 @@ def test_compensated_folder_reloads_with_the_same_logits(tmp_path, tokens_parque
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
     assert "Compensation: **`lstsq`**" in (out / "README.md").read_text()
+    # the saved plan built in memory (no folder) is the same model, and its source is the unedited one
+    from swm_ray.executor import plan_model, source_model
+
+    cache: dict = {}
+    built, _tok, again = plan_model(out / "plan.json", cache)
+    assert again.windows == plan.windows and len(built.model.layers) == 6 - 2
+    original, _ = source_model(str(src), cache)
+    assert len(cache) == 1 and len(original.model.layers) == 6
+    with torch.no_grad():
+        torch.testing.assert_close(built(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(original(ids).logits,
+                                   AutoModelForCausalLM.from_pretrained(str(src)).eval()(ids).logits)
 
 
 def test_apply_reproduces_a_compensated_compress_byte_for_byte(ray_session, tiny_llama_dir, tokens_parquet,
@@ -417,3 +429,66 @@ def test_compensation_aware_on_actors_equals_one_process(ray_session, tiny_llama
     assert res["plan"]["windows"] == [list(w) for w in here.selection.windows]
     assert res["plan"]["similarities"] == pytest.approx(here.selection.scores, rel=1e-9)
     assert res["plan"]["criterion"] == "nll after lstsq" and res["plan"]["compensation"]["method"] == "lstsq"
+
+
+@pytest.mark.parametrize("kind", ["matrix", "diagonal", "scalar"])
+def test_the_ridge_pulls_the_map_towards_its_prior(tmp_path, kind):
+    """λ = 0: both priors give the least-squares map. A huge λ gives back I (no correction) with the identity
+    prior and 0 (the MLP output switched off) with the zero prior; between, the identity prior's map lies
+    between the two and its calibration error is never below the plain fit's."""
+    from swm_ray.compensation import as_matrix, residual, solve
+
+    stack = InMemoryStack(_saved("llama", tmp_path))
+    (s,) = compensation_sums(stack, IDS, BATCHES, [[2, 4]], "reference", "global", {}, [(2, 4)])
+    d = s.mtm.shape[0]
+    plain = solve(s, kind, 0.0, "identity")
+    np.testing.assert_allclose(plain, solve(s, kind, 0.0, "zero"), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(as_matrix(kind, solve(s, kind, 1e9, "identity"), d), np.eye(d), atol=1e-6)
+    np.testing.assert_allclose(solve(s, kind, 1e9, "zero"), 0 * plain, atol=1e-6)
+    mid = as_matrix(kind, solve(s, kind, 1.0, "identity"), d)
+    assert residual(s, as_matrix(kind, plain, d)) <= residual(s, mid) + 1e-9 <= residual(s, np.eye(d)) + 1e-9
+    with pytest.raises(UserError, match="ridge_prior"):
+        solve(s, kind, 1.0, "one")
+
+
+def test_the_fit_sums_over_its_own_rows(tmp_path):
+    """`fit_calib`: the planners score on the first rows, the fit sums over all of them; the fits equal those of
+    a run whose only rows are the fit's, and a compress run records the fit's token count."""
+    from swm_ray.data import Calibration
+    from swm_ray.pipeline import compress_here
+    from swm_ray.planners import LocalScoring, compensate_plan
+
+    stack = InMemoryStack(_saved("qwen2", tmp_path / "m"))
+    few = Calibration(IDS[:4], [(0, 4)], False, True, "t")
+    every = Calibration(IDS, BATCHES, False, True, "t")
+    cfg = build_config(flags={"merge.ridge": 0.5})
+    windows = [(1, 2), (3, 5)]
+    both = compensate_plan(cfg, LocalScoring(stack, few, fit_calib=every), windows, "reference",
+                           stack_site(stack), "lstsq")
+    alone = compensate_plan(cfg, LocalScoring(stack, every), windows, "reference", stack_site(stack), "lstsq")
+    small = compensate_plan(cfg, LocalScoring(stack, few), windows, "reference", stack_site(stack), "lstsq")
+    for w in windows:
+        torch.testing.assert_close(both.fits[w].tensor, alone.fits[w].tensor, rtol=0, atol=0)
+        assert both.fits[w].tokens == 8 * 11 and small.fits[w].tokens == 4 * 11
+        assert not torch.allclose(both.fits[w].tensor, small.fits[w].tensor)
+
+    def run(fit_samples, out):
+        flags = {"model.source": str(tmp_path / "m"), "data.source": str(tmp_path / "t.parquet"),
+                 "data.samples": 8, "data.seq_len": 16, "data.batch_size": 4, "select.layers": 2,
+                 "select.method": "replaceme", "merge.fit_samples": fit_samples, "out": str(tmp_path / out)}
+        return compress_here(build_config(flags=flags))["plan"]
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"input_ids": [list(map(int, r)) for r in np.random.default_rng(9).integers(
+        4, 256, size=(40, 16))]}), tmp_path / "t.parquet")
+    wide, narrow, short = run(24, "wide"), run(8, "narrow"), run(128, "short")  # the text has 40 rows
+    assert wide["windows"] == narrow["windows"] == short["windows"]  # the same planning rows choose the block
+    assert wide["extra"]["calibration"]["samples"] == narrow["extra"]["calibration"]["samples"] == 8
+    assert [w["tokens"] for w in wide["compensation"]["windows"]] == [24 * 15]
+    assert wide["extra"]["calibration"]["fit_samples"] == 24 and wide["extra"]["calibration"]["fit_note"] is None
+    assert [w["tokens"] for w in narrow["compensation"]["windows"]] == [8 * 15]
+    assert [w["tokens"] for w in short["compensation"]["windows"]] == [8 * 15]  # too few rows: the planning rows
+    assert "too few rows" in short["extra"]["calibration"]["fit_note"]
+    assert wide["compensation"]["ridge_prior"] == "identity"

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from swm_ray import storage
 from swm_ray.config import WIDTH_METHODS, RunConfig, dump_yaml
-from swm_ray.data import calibration_for
+from swm_ray.data import calibration_sets
 from swm_ray.errors import UserError
 from swm_ray.jobs.analyze import similarity_matrix
 from swm_ray.jobs.console import console
@@ -53,9 +53,10 @@ class RayScoring:
     fan out to the actors, Block Influence and the CKA matrix summed over their minibatches. Every score
     computed is saved into the run's state as it arrives, and a resumed run starts from the saved ones."""
 
-    def __init__(self, cfg: RunConfig, calib, state: RunState, site_for: Callable | None = None):
+    def __init__(self, cfg: RunConfig, calib, state: RunState, site_for: Callable | None = None, fit_calib=None):
         self.cfg = cfg
         self.calib = calib
+        self.fit_calib = calib if fit_calib is None else fit_calib  # the compensation fit's rows
         self.state = state
         self.site_for = site_for  # the compensation fold site of the source (compensation-aware checks)
         self.pool = None
@@ -75,7 +76,8 @@ class RayScoring:
         from swm_ray.jobs.pool import ActorPool
 
         if self.pool is None:
-            self.pool = ActorPool(self.cfg, *self.calib.input_ids.shape)
+            rows = max(int(self.calib.input_ids.shape[0]), int(self.fit_calib.input_ids.shape[0]))
+            self.pool = ActorPool(self.cfg, rows, int(self.calib.input_ids.shape[1]))
         return self.pool
 
     def evaluator(self, criterion: str, merge: str) -> MemoEvaluator:
@@ -118,7 +120,7 @@ class RayScoring:
         request = {"windows": [list(w) for w in windows], "merge": merge, "attention": self.cfg.merge.attention,
                    "fits": dict(fits), "targets": [tuple(t) for t in targets], "source": source,
                    "skip_first": skip_first}
-        return self._pool().compensation_sums(self.calib, request, transient=quiet)
+        return self._pool().compensation_sums(self.fit_calib, request, transient=quiet)
 
     def cka_matrix(self):
         return similarity_matrix(self.cfg, self.calib, pool=self.pool, state=self.state)[0]
@@ -163,6 +165,7 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
         check_method_count,
         check_method_target,
         compensate_plan,
+        may_compensate,
         method_compensation,
         method_signals,
         plan_windows,
@@ -188,22 +191,20 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
     storage.check_run_paths(out, cfg.overwrite, [cfg.model.source, cfg.data.source])
     t0 = time.perf_counter()
     auto = s.method == "auto"
-    if auto:
-        from swm_ray.auto import auto_calibration
-
-        path, calib, val_calib, n_layers = auto_calibration(cfg)
-    else:
-        path, calib, n_layers = calibration_for(cfg)
+    compensate = method_compensation(cfg)
+    sets = calibration_sets(cfg, s.auto_validation if auto else 0, fit=may_compensate(cfg))
+    path, calib, val_calib, n_layers = sets.path, sets.plan, sets.validation, sets.n_layers
     state = RunState.open(out, "compress", cfg, cfg.resume)
     params_before, per_layer, config = model_sizes(path, cfg)
     n_remove = target_layers(cfg, params_before, per_layer, n_layers)
     check_method_count(cfg, n_layers, n_remove)
-    compensate = method_compensation(cfg)
     site_for = functools.cache(lambda: checkpoint_site(path, config, cfg.model.allow_pickle))  # read once
     site = site_for() if compensate != "none" and not auto else None
     aware = s.method == "swm" and s.compensate_aware
     state.start(calib.input_ids)
     con = console()
+    if sets.note:
+        con.print(f"[yellow]warning[/]: {sets.note}")
     what = f"criterion {s.criterion}, search {s.search}" if s.method == "swm" else f"method {s.method}"
     if aware:
         what = f"calibration NLL after each candidate's {compensate} fit (compensation-aware), search {s.search}"
@@ -212,7 +213,7 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
                 f"{val_calib.input_ids.shape[0]} held-out rows)"
     con.print(f"[bold]selecting windows[/]: {what}, "
               f"target {f'{n_remove} layers' if n_remove is not None else f'T={s.threshold}'}")
-    scoring = RayScoring(cfg, calib, state, site_for=site_for)
+    scoring = RayScoring(cfg, calib, state, site_for=site_for, fit_calib=sets.fit)
     if scoring.resumed:
         con.print(f"resuming: {scoring.resumed} candidate scores from the interrupted run")
     try:
@@ -257,8 +258,7 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
                "selection_seconds": round(t_select, 2),
                "paper_loop": s.paper_loop if s.method == "swm" and s.search == "top-down" else None,
                "note": sel.note, "actor_modes": modes, **({"auto": chosen.record()} if chosen else {}),
-               "calibration": {"source": cfg.data.source, "samples": int(calib.input_ids.shape[0]),
-                               "seq_len": int(calib.input_ids.shape[1]), "bos_prepended": calib.bos_prepended}},
+               "calibration": sets.record(fitted=comp is not None)},
     )
     if comp is not None:
         comp.attach(plan)
