@@ -492,3 +492,23 @@ def test_the_fit_sums_over_its_own_rows(tmp_path):
     assert [w["tokens"] for w in short["compensation"]["windows"]] == [8 * 15]  # too few rows: the planning rows
     assert "too few rows" in short["extra"]["calibration"]["fit_note"]
     assert wide["compensation"]["ridge_prior"] == "identity"
+
+
+def test_fit_rows_beyond_the_planning_rows_on_actors_equal_one_process(ray_session, tiny_llama_dir,
+                                                                       tokens_parquet, tmp_path):
+    """compress on 2 actors: the planners see 16 rows, the fit 24 (split over the actors like the rest); the
+    plan and its fitted maps equal the in-process run's."""
+    from swm_ray.jobs.compress import run_compress
+    from swm_ray.pipeline import compress_here
+
+    flags = {"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet), "data.samples": 16,
+             "data.seq_len": 16, "data.batch_size": 4, "select.layers": 2, "select.method": "shortgpt",
+             "merge.compensate": "lstsq", "merge.fit_samples": 24}
+    on_actors = run_compress(build_config(flags={**flags, "ray.actors": 2, "out": str(tmp_path / "r")}))["plan"]
+    here = compress_here(build_config(flags={**flags, "out": str(tmp_path / "h")}))["plan"]
+    assert on_actors["windows"] == here["windows"]
+    assert on_actors["extra"]["calibration"]["fit_samples"] == 24
+    assert [w["tokens"] for w in on_actors["compensation"]["windows"]] == [24 * 15] * len(here["windows"])
+    a, b = Plan.load(tmp_path / "r" / "plan.json"), Plan.load(tmp_path / "h" / "plan.json")
+    for name, t in a.tensors.items():
+        torch.testing.assert_close(t, b.tensors[name], rtol=1e-5, atol=1e-6)

@@ -76,8 +76,8 @@ class RayScoring:
         from swm_ray.jobs.pool import ActorPool
 
         if self.pool is None:
-            rows = max(int(self.calib.input_ids.shape[0]), int(self.fit_calib.input_ids.shape[0]))
-            self.pool = ActorPool(self.cfg, rows, int(self.calib.input_ids.shape[1]))
+            self.pool = ActorPool(self.cfg, *self.calib.input_ids.shape,
+                                  fit_rows=int(self.fit_calib.input_ids.shape[0]))
         return self.pool
 
     def evaluator(self, criterion: str, merge: str) -> MemoEvaluator:

@@ -103,7 +103,7 @@ def check_actor_count(k: int, rows: int) -> None:
 class ActorPool:
     """K actors, each with the model (in memory or streamed) and a share of the calibration rows."""
 
-    def __init__(self, cfg: RunConfig, rows: int, seq_len: int):
+    def __init__(self, cfg: RunConfig, rows: int, seq_len: int, fit_rows: int = 0):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from swm_ray.actors.stats_actor import ModelActor
@@ -117,7 +117,7 @@ class ActorPool:
         nodes = self._bundle_nodes()
         threads = threads_per_actor(cfg.ray, self.k)
         model_cfg = cfg.model.model_dump()
-        shard_rows = -(-rows // self.k)
+        shard_rows = -(-max(rows, fit_rows) // self.k)  # a compensation fit's rows are split the same way
         self.actors = []
         self.restarts = 0
         try:  # an actor that cannot load (a budget below one layer, unreadable weights) frees the group
