@@ -54,7 +54,7 @@ def main() -> None:
     cache: dict = {}
     jobs = []
     for arg in args.plans:
-        label, eq, path = arg.partition("=")
+        label, eq, path = arg.rpartition("=")
         jobs.append((label if eq else None, path if eq else arg))
     queue: list = [] if args.no_original else [("original", None)]
     queue += jobs
