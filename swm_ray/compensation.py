@@ -24,10 +24,9 @@ in a fixed order (`add_sums`) and solves (`solve`):
   norm(z)·T is not norm(z·T') for a full T; a diagonal T = diag(t) is exact there: (1 + w)·t = 1 + w', so
   `w' = (1 + w)·t − 1` (Gemma's norms scale by 1 + w). t_j = ((MᵀB)_jj + λ') / ((MᵀM)_jj + λ'), λ' = λ·tr(MᵀM)/d;
 - `scale`: one factor, T = s·I with the least-squares s = tr(MᵀB) / tr(MᵀM) (with a ridge pulled towards 1):
-  Prune&Comp's idea of a single
-  magnitude factor, here on the MLP output of the layer at the cut, so it folds into the same tensor (Prune&Comp
-  scales the whole residual stream by mean‖after‖/mean‖before‖; that ratio taken on m, Σ‖b‖/Σ‖m‖, raised the
-  fit error and the perplexity on SmolLM2, BENCHMARKS.md).
+  Prune&Comp's idea of a single magnitude factor, here on the MLP output of the layer at the cut, so it folds into
+  the same tensor (Prune&Comp scales the whole residual stream by mean‖after‖/mean‖before‖; that ratio taken on m,
+  Σ‖b‖/Σ‖m‖, raised the fit error and the perplexity on SmolLM2, BENCHMARKS.md).
 
 Windows are fitted bottom-up (`fit_windows`): with `input="compressed"` each fit sees the corrections below
 it, so it also absorbs their remaining error. What a fit changes is exactly `m·(T − I)` at that layer.

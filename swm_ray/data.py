@@ -272,6 +272,11 @@ class CalibrationSets:
     n_layers: int
     note: str | None = None  # why the fit has fewer rows than merge.fit_samples asked for
 
+    @property
+    def rows(self) -> int:
+        """The most rows one pass holds (the planners' or the fit's): what a layer stack is sized for."""
+        return max(int(self.plan.input_ids.shape[0]), int(self.fit.input_ids.shape[0]))
+
     def record(self, fitted: bool) -> dict:
         """The plan's `extra.calibration` entry (`fitted`: a compensation was fitted on `fit`)."""
         c = self.plan

@@ -58,8 +58,7 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
     stack = open_stack(StackSpec(path, device=device or m.device, dtype=m.dtype, stream=m.stream,
                                  max_memory=m.max_memory, allow_pickle=m.allow_pickle,
                                  trust_remote_code=m.trust_remote_code),
-                       rows=max(int(calib.input_ids.shape[0]), int(sets.fit.input_ids.shape[0])),
-                       seq_len=int(calib.input_ids.shape[1]))
+                       rows=sets.rows, seq_len=int(calib.input_ids.shape[1]))
     scoring = LocalScoring(stack, calib, cfg.merge.attention, kernel=cfg.stats.kernel,
                            skip_first_tokens=cfg.stats.skip_first_tokens, fit_calib=sets.fit)
     chosen = None
