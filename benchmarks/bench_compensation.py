@@ -47,7 +47,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from swm_ray.compensation import CompSums, compensate_model, compensation_sums, fit_windows, solve, stack_site
+    from swm_ray.compensation import CompSums, FitPass, compensate_model, fit_windows, solve, stack_site
     from swm_ray.config import build_config
     from swm_ray.data import calibration_for
     from swm_ray.merge import apply_windows
@@ -65,7 +65,6 @@ def main() -> None:
     print(f"model {args.model}, windows {windows}, merge {args.merge}, calibration {calib.input_ids.shape[0]}×"
           f"{calib.input_ids.shape[1]} tokens, original PPL {base:.2f} ({args.ppl_tokens} held-out tokens)")
     rows = []
-    memo: dict = {}  # sums already computed (same windows below, same fits): variants that differ in the solve
     for variant in args.variants.split(","):
         method, _, rest = variant.partition("/")
         source, _, rest = rest.partition("/")
@@ -74,20 +73,12 @@ def main() -> None:
         prior = prior or "identity"
         fits, timings = {}, []
         if method != "none":
-            def sums_for(fits, targets, source=source, timings=timings):
-                key = (source, tuple(targets), tuple((w, hash(f.tensor.numpy().tobytes())) for w, f in
-                                                     sorted(fits.items())))
-                if key not in memo:
-                    t0 = time.perf_counter()
-                    memo[key] = compensation_sums(stack, calib.input_ids, calib.batches, windows, args.merge,
-                                                  "global", fits, targets, source=source,
-                                                  skip_first=args.skip_first)
-                    timings.append(("sums", time.perf_counter() - t0, len(targets)))
-                return memo[key]
-
             t0 = time.perf_counter()
-            fits = fit_windows(windows, method, site, sums_for, ridge=ridge, source=source, prior=prior)
+            fp = FitPass(stack, calib.input_ids, calib.batches, windows, args.merge, "global", source=source,
+                         skip_first=args.skip_first)
+            fits = fit_windows(fp.advance, method, site, ridge=ridge, prior=prior)  # one bottom-up pass
             fit_s = time.perf_counter() - t0
+            timings.append(("sums", fit_s, len(windows)))
         edited = apply_windows(copy.deepcopy(model), windows, args.merge)
         compensate_model(edited, windows, fits)
         ppl = _ppl(edited, tok, args.ppl_tokens)

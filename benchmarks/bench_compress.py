@@ -140,7 +140,9 @@ def run_side(side: str, threshold: float, threads: int) -> dict:
     if side == "naive":
         ev = NaiveEvaluator(model, calib)
     else:
-        ev = LocalEvaluator([ShardScorer(model, calib.input_ids, calib.batches, "output", "reference")], "output")
+        from swm_ray.stack import InMemoryStack
+
+        ev = LocalEvaluator([ShardScorer.over(InMemoryStack(model), calib.input_ids, "reference")], "output")
     sel = top_down(n, threshold, ev, paper_loop=True)
     secs = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -111,7 +111,7 @@ def _child(args) -> dict:
     if args.task == "analyze":
         compute_hsic_sums(stack, ids, minibatches(ROWS, BATCH), skip_first_tokens=1)
     else:
-        ev = MemoEvaluator(LocalEvaluator([ShardScorer(stack, ids, "output", "reference")], "output"))
+        ev = MemoEvaluator(LocalEvaluator([ShardScorer.over(stack, ids, "reference")], "output"))
         sel = best_first(args.layers, ev, layers_to_remove=2, protected=[args.layers - 1])
         out["windows"] = [list(w) for w in sel.windows]
         del ev, stack
@@ -222,9 +222,11 @@ def bench_actors(repeat: int = 3) -> dict:
     thread each, alternating; actors started beforehand (start-up not timed)."""
     import ray
 
+    from swm_ray.checks import CheckRequest
     from swm_ray.config import build_config
     from swm_ray.data import Calibration, minibatches
-    from swm_ray.jobs.pool import ActorPool, RayEvaluator
+    from swm_ray.jobs.pool import RayBackend
+    from swm_ray.refpass import Needs
     from swm_ray.selection import initial_groups, mergeable_pairs
 
     path = str(model_dir(8))
@@ -232,20 +234,22 @@ def bench_actors(repeat: int = 3) -> dict:
     calib = Calibration(ids, minibatches(ROWS, BATCH), False, True, "random")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     times: dict[int, dict[str, list[float]]] = {1: {"stats": [], "step": []}, 2: {"stats": [], "step": []}}
-    pools, jobs = {}, {}
+    backends = {}
     for k in (1, 2):
         cfg = build_config(flags={"model.source": path, "ray.actors": k, "ray.threads_per_actor": 1,
                                   "ray.cpus_per_actor": 0.5, "model.stream": "never"})  # both pools fit 2 CPUs
-        pools[k] = ActorPool(cfg, ROWS, SEQ)
-        jobs[k] = pools[k].scoring_jobs(calib, "output", "reference")
+        backends[k] = RayBackend(cfg, calib)
+        backends[k].reference(Needs(checks=True, final=True))
+    pools = {k: b.pool for k, b in backends.items()}
     cands = mergeable_pairs(initial_groups(8), {7})
+    step = CheckRequest("reference", tuple(initial_groups(8)), tuple(cands), ("output",))
     for _ in range(repeat):
         for k in (1, 2):
             t0 = time.perf_counter()
             pools[k].hsic_sums(calib, "linear", 1)
             times[k]["stats"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            RayEvaluator(pools[k], "output", jobs[k]).score(initial_groups(8), cands)
+            backends[k].check([step])
             times[k]["step"].append(time.perf_counter() - t0)
     for p in pools.values():
         p.shutdown()

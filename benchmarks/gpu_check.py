@@ -96,7 +96,8 @@ def main() -> dict:
     from swm_ray.capture import compute_hsic_sums
     from swm_ray.data import minibatches
     from swm_ray.models import inner_model
-    from swm_ray.scoring import ShardScorer, reduce_scores
+    from swm_ray.refpass import Needs, Reference
+    from swm_ray.scoring import ShardScorer, groups_from, reduce_signals
     from swm_ray.stack import InMemoryStack
 
     shape = "tiny" if args.tiny else "llama2-7b"
@@ -139,14 +140,23 @@ def main() -> dict:
         res.update(_streaming(model, ids, batches, dev, dtype, args.repeats, tp))
 
     rows = [i for a, b in batches for i in range(a, b)]  # the rows the scorer sees
+    # the one reference pass of a default run: every signal the planners use, the inputs the checks start from
+    everything = Needs(checks=True, final=True, influence=True, angular=True, hsic=True, skip_first_tokens=1)
     scorer: list = []
-    cap_s, cap_peak = _peak(dev, lambda: scorer.append(ShardScorer(stack, ids[rows], "output", "reference")))
+
+    def reference():
+        ref = Reference(stack, ids[rows], everything, hsic_batches=dict(enumerate(batches)))
+        scorer.append(ShardScorer(ref, "reference"))
+
+    cap_s, cap_peak = _peak(dev, reference)
     windows = [(n_layers - 3, n_layers - 2), (n_layers // 2, n_layers // 2 + 1), (0, 1)]
     parts: list = []
-    cand_s, cand_peak = _peak(dev, lambda: parts.append(scorer[0].score(windows)))
-    res.update(scorer_capture_s=cap_s, scorer_peak_gib=cap_peak, swm_seconds_per_candidate=cand_s / len(windows),
-               swm_candidate_peak_gib=cand_peak, windows=[list(w) for w in windows],
-               swm_scores=reduce_scores(parts))
+    groups = groups_from(n_layers, [])
+    cand_s, cand_peak = _peak(dev, lambda: parts.append(scorer[0].score(groups, windows, ("output", "nll"))))
+    res.update(scorer_capture_s=cap_s, scorer_peak_gib=cap_peak, reference_over_plain=cap_s / tp,
+               swm_seconds_per_candidate=cand_s / len(windows), swm_candidate_peak_gib=cand_peak,
+               windows=[list(w) for w in windows],
+               swm_scores=[d["output"] for d in reduce_signals(parts)])
     scorer.clear()  # free the cached hidden states before the naive side is measured
 
     @torch.inference_mode()

@@ -36,6 +36,7 @@ The first `skip_first` positions of every row (the attention sink) can be left o
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from swm_ray.config import COMPENSATION_INPUTS
 from swm_ray.errors import UserError
 from swm_ray.selection import Group
 
@@ -267,21 +269,6 @@ def capture_output(layer: torch.nn.Module, site: Site):
         handle.remove()
 
 
-@contextlib.contextmanager
-def _fitted_layer(stack, low: int, high: int, merge: str, attention: str, fit: Fit | None, site: Site):
-    """The merged layer of [low, high] with `fit` folded in (the plain merged layer without one)."""
-    if fit is None:
-        with stack.group(low, high, merge, attention) as layer:
-            yield layer
-        return
-    state = fold_state(stack.state(low, high, merge), fit, site)
-    layer = stack.build(stack.anchor(low, high, attention), state, low)
-    try:
-        yield layer
-    finally:
-        del layer
-
-
 def stack_site(stack) -> Site:
     return fold_site(stack.config.model_type, stack.templates[0].state_dict())
 
@@ -294,83 +281,144 @@ def checkpoint_site(path: str, config, allow_pickle: bool = False) -> Site:
     return fold_site(text_config_of(config).model_type, Checkpoint(path, allow_pickle).layer_keys(0))
 
 
-@torch.inference_mode()
+class FitPass:
+    """The fit of a plan's windows in ONE bottom-up pass over the fit rows (O(L) layer runs for any number of
+    windows).
+
+    The original model (`h_o`) and the compressed one (`h_c`: windows merged with `merge`, fits folded) run side
+    by side, layer-major. At each target window the pass stops and returns the window's sums (`advance`); the
+    caller solves the fit and hands it to the next `advance`, which folds it into that window's layer and goes on
+    up, so every window's input is the output of the fitted model below it (`source` compressed). With `source`
+    original a window's input is the original's (local fits, independent of each other). `fits` are known fits
+    folded where their windows are passed; `targets` default to every window of the plan."""
+
+    def __init__(self, stack, input_ids: np.ndarray, batches: Sequence[tuple[int, int]],
+                 windows: Sequence[Sequence[int]], merge: str, attention: str, *, source: str = "compressed",
+                 skip_first: int = 1, fits: Mapping[Group, Fit] | None = None,
+                 targets: Sequence[Sequence[int]] | None = None):
+        from swm_ray.planrun import PlanRunner
+
+        if source not in COMPENSATION_INPUTS:
+            raise UserError(f"merge.compensate_input {source!r}: choose compressed or original")
+        if input_ids.shape[1] <= skip_first:
+            raise UserError(f"merge.skip_first {skip_first} leaves no position of the {input_ids.shape[1]}-token "
+                            f"rows to fit the compensation on")
+        self.stack, self.source, self.skip_first = stack, source, skip_first
+        self.runner = PlanRunner(stack, windows, merge, attention)
+        self.site = stack_site(stack)
+        self.fits = {tuple(int(v) for v in w): f for w, f in (fits or {}).items()}
+        wanted = self.runner.windows if targets is None else targets
+        self.targets = {tuple(int(v) for v in t) for t in wanted}
+        self.top = max((h for _, h in self.targets), default=-1)
+        self.pros = [stack.prologue(torch.tensor(np.asarray(input_ids[a:b])).to(stack.device)) for a, b in batches]
+        self.h_o = [p.hidden for p in self.pros]  # the original model
+        self.h_c = list(self.h_o) if source == "compressed" else None  # the compressed one
+        self.next = 0  # index of the next source of the edited stack
+        self.pending: tuple | None = None  # (window, its input, its plain output) awaiting its fit
+        self.done: list[Group] = []  # target windows whose sums were returned, in order
+
+    def fork(self, windows: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> FitPass:
+        """A pass of another plan that agrees with this one below where this one stands (its edited stack has the
+        same layers there): it starts from this pass's hidden states instead of the embeddings. Known fits below
+        are kept; `targets` are the other plan's windows to fit."""
+        from swm_ray.planrun import PlanRunner
+
+        if self.pending is not None:
+            raise RuntimeError("a pass awaiting a fit cannot be forked")
+        runner = PlanRunner(self.stack, windows, self.runner.merge, self.runner.attention)
+        if runner.sources[: self.next] != self.runner.sources[: self.next]:
+            raise ValueError("the forked plan differs from this pass below where it stands")
+        new = copy.copy(self)
+        new.runner = runner
+        new.fits = {w: f for w, f in self.fits.items() if w in set(runner.windows)}
+        new.targets = {tuple(int(v) for v in t) for t in targets}
+        new.top = max((h for _, h in new.targets), default=-1)
+        new.h_o, new.h_c = list(self.h_o), None if self.h_c is None else list(self.h_c)
+        new.done = []
+        return new
+
+    @torch.inference_mode()
+    def advance(self, fit: Fit | None = None, stop: int | None = None) -> tuple[Group, CompSums] | None:
+        """Fold `fit` into the window returned last (None: that window stays plain, or takes its known fit), then
+        run up to and through the next target window and return (window, its sums); None when none is left, or
+        when the next layer of the edited stack starts at or above original layer `stop` (the pass then stands
+        just below it, see `fork`)."""
+        s = self.stack
+        if self.pending is not None:
+            window, x_in, plain = self.pending
+            self.pending = None
+            fit = fit if fit is not None else self.fits.get(window)
+            if fit is not None:
+                self.fits[window] = fit
+            if self.h_c is not None:
+                if fit is None:
+                    self.h_c = plain
+                else:
+                    anchor = self.runner.anchor(*window)
+                    with self.runner.layer(*window, fit=fit) as layer:
+                        self.h_c = [s.run(layer, x, p.kwargs[anchor]) for x, p in zip(x_in, self.pros)]
+        while self.next < len(self.runner.sources):
+            low, high, anchor = self.runner.sources[self.next]
+            if (stop is None and low > self.top) or (stop is not None and low >= stop):
+                break
+            self.next += 1
+            x_o = self.h_o
+            for i in range(low, high + 1):
+                with s.layer(i) as layer:
+                    self.h_o = [s.run(layer, x, p.kwargs[i]) for x, p in zip(self.h_o, self.pros)]
+                    if low == high and self.h_c is not None:  # a kept layer: the same in both models
+                        self.h_c = [s.run(layer, x, p.kwargs[i]) for x, p in zip(self.h_c, self.pros)]
+            if low == high:
+                continue
+            window = (low, high)
+            if window not in self.targets:
+                if self.h_c is not None:
+                    with self.runner.layer(low, high, fit=self.fits.get(window)) as layer:
+                        self.h_c = [s.run(layer, x, p.kwargs[anchor]) for x, p in zip(self.h_c, self.pros)]
+                continue
+            x_in = self.h_c if self.h_c is not None else x_o
+            sums = CompSums.zeros(int(s.config.hidden_size))
+            plain = []
+            with s.group(low, high, self.runner.merge, self.runner.attention) as layer, \
+                    capture_output(layer, self.site) as got:
+                for x, y, p in zip(x_in, self.h_o, self.pros):
+                    got.clear()
+                    h = s.run(layer, x, p.kwargs[anchor])
+                    accumulate(sums, x, got[-1], h, y, self.skip_first)
+                    plain.append(h)
+            self.pending = (window, x_in, plain)
+            self.done.append(window)
+            return window, sums
+        return None
+
+
 def compensation_sums(stack, input_ids: np.ndarray, batches: Sequence[tuple[int, int]],
                       windows: Sequence[Sequence[int]], merge: str, attention: str, fits: Mapping[Group, Fit],
                       targets: Sequence[Sequence[int]], *, source: str = "compressed",
                       skip_first: int = 1) -> list[CompSums]:
-    """Per target window: its sums over the given minibatches (row ranges of `input_ids`), added in order.
-
-    The plan's `windows` are applied (`merge`, `attention`) with `fits` folded into the windows below; the
-    original and the compressed model run side by side, layer-major (a streaming stack reads each layer
-    once per call), up to the highest target. `source`: the window input is the compressed model's own
-    (`compressed`) or the original's (`original`)."""
-    from swm_ray.merge import new_layer_sources
-
-    if source not in ("compressed", "original"):
-        raise UserError(f"merge.compensate_input {source!r}: choose compressed or original")
-    if input_ids.shape[1] <= skip_first:
-        raise UserError(f"merge.skip_first {skip_first} leaves no position of the {input_ids.shape[1]}-token rows "
-                        f"to fit the compensation on")
-    site = stack_site(stack)
-    want = [tuple(int(v) for v in t) for t in targets]
-    fits = {tuple(int(v) for v in w): f for w, f in fits.items()}
-    d = int(stack.config.hidden_size)
-    sums = {t: CompSums.zeros(d) for t in want}
-    top = max(h for _, h in want)
-    pros = [stack.prologue(torch.tensor(np.asarray(input_ids[a:b]))) for a, b in batches]
-    h_o = [p.hidden for p in pros]  # the original model
-    h_c = list(h_o) if source == "compressed" else None  # the compressed one
-    for low, high, _ in new_layer_sources(stack.num_layers, windows, stack.layer_types, attention):
-        if low > top:
-            break
-        x_o = h_o
-        for i in range(low, high + 1):
-            with stack.layer(i) as layer:
-                h_o = [stack.run(layer, x, p.kwargs[i]) for x, p in zip(h_o, pros)]
-                if low == high and h_c is not None:  # a kept layer: the same in both models
-                    h_c = [stack.run(layer, x, p.kwargs[i]) for x, p in zip(h_c, pros)]
-        if low == high:
-            continue
-        window = (low, high)
-        kwargs = [p.kwargs[stack.anchor(low, high, attention)] for p in pros]
-        out = None
-        if window in sums:
-            x_in = h_c if h_c is not None else x_o
-            out = []
-            with stack.group(low, high, merge, attention) as layer, capture_output(layer, site) as got:
-                for x, y, kw in zip(x_in, h_o, kwargs):
-                    got.clear()
-                    h = stack.run(layer, x, kw)
-                    accumulate(sums[window], x, got[-1], h, y, skip_first)
-                    out.append(h)
-        if h_c is not None:
-            if out is not None and window not in fits:
-                h_c = out
-            else:
-                with _fitted_layer(stack, low, high, merge, attention, fits.get(window), site) as layer:
-                    h_c = [stack.run(layer, x, kw) for x, kw in zip(h_c, kwargs)]
-    return [sums[t] for t in want]
+    """Per target window: its sums over the given minibatches (row ranges of `input_ids`), with the plan's
+    `windows` applied and the known `fits` folded where the pass meets them (one `FitPass`, no fit solved)."""
+    fp = FitPass(stack, input_ids, batches, windows, merge, attention, source=source, skip_first=skip_first,
+                 fits=fits, targets=targets)
+    out: dict[Group, CompSums] = {}
+    while (got := fp.advance()) is not None:
+        out[got[0]] = got[1]
+    return [out[tuple(int(v) for v in t)] for t in targets]
 
 
 # -- fitting a plan ------------------------------------------------------------------------------------------
-SumsFor = Callable[[dict[Group, Fit], list[Group]], list[CompSums]]
+Stepper = Callable[[Fit | None], "tuple[Group, CompSums] | None"]
 
 
-def fit_windows(windows: Iterable[Sequence[int]], method: str, site: Site, sums_for: SumsFor, *,
-                ridge: float = 0.0, source: str = "compressed", prior: str = "identity") -> dict[Group, Fit]:
-    """Fit every window, bottom-up. `sums_for(fits, targets)` returns the (reduced) sums of `targets` with
-    `fits` folded into the windows below. `compressed`: one call per window, each seeing the fits below;
-    `original`: one call for all (local fits, independent of each other)."""
-    order = sorted(tuple(int(v) for v in w) for w in windows)
+def fit_windows(stepper: Stepper, method: str, site: Site, *, ridge: float = 0.0,
+                prior: str = "identity") -> dict[Group, Fit]:
+    """Fit every window of a `FitPass` (or of a pass spread over actors: `stepper(fit)` folds `fit` into the
+    window it returned last and returns the next window's reduced sums, None at the end), bottom-up."""
     fits: dict[Group, Fit] = {}
-    if source == "original":
-        for w, s in zip(order, sums_for({}, order)):
-            fits[w] = make_fit(w, s, method, site, ridge, prior)
-        return fits
-    for w in order:
-        (s,) = sums_for(dict(fits), [w])
-        fits[w] = make_fit(w, s, method, site, ridge, prior)
+    fit = None
+    while (got := stepper(fit)) is not None:
+        window, sums = got
+        fit = fits[window] = make_fit(window, sums, method, site, ridge, prior)
     return fits
 
 
@@ -429,12 +477,11 @@ def fits_from_record(record: Mapping | None, tensors: Mapping[str, torch.Tensor]
     return fits
 
 
-def fit_plan(cfg, method: str, windows: Sequence[Sequence[int]], merge: str, site: Site,
-             sums_for: SumsFor) -> Compensation:
-    """Fit `method` for a plan's windows with the settings of `cfg.merge` (ridge, input, skip_first)."""
+def fit_plan(cfg, method: str, site: Site, stepper: Stepper) -> Compensation:
+    """Fit `method` for a plan's windows with the settings of `cfg.merge` (ridge, prior; the pass behind `stepper`
+    has the input and skip_first)."""
     m = cfg.merge
     t0 = time.perf_counter()
-    fits = fit_windows(windows, method, site, sums_for, ridge=m.ridge, source=m.compensate_input,
-                       prior=m.ridge_prior)
+    fits = fit_windows(stepper, method, site, ridge=m.ridge, prior=m.ridge_prior)
     return Compensation(method, fits, m.ridge, m.compensate_input, m.skip_first, site.module,
                         time.perf_counter() - t0, m.ridge_prior)

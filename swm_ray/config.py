@@ -150,8 +150,18 @@ class SelectConfig(_Section):
         ("none",), description="auto: every candidate plan is tried with each of these compensations: none, scale, "
         "lstsq, or lstsq:RIDGE (the ridge λ of that fit; plain lstsq uses merge.ridge). Default none only: a fit "
         "on the calibration text wins on held-out rows of that text but can lose on other text (BENCHMARKS.md)")
-    auto_validation: int = Field(8, ge=1, description="auto: calibration rows drawn beyond data.samples and held "
+    auto_validation: int = Field(8, ge=2, description="auto: calibration rows drawn beyond data.samples and held "
                                  "out from every planner and fit; the plan with the lowest NLL on them wins")
+    auto_validation_max: int = Field(32, ge=2, description="auto: held-out rows at most: a close call (candidates "
+                                     "within auto_margin standard errors) is decided on further held-out rows up "
+                                     "to this many")
+    auto_task_items: int = Field(
+        192, ge=0, description="auto: multiple-choice items (PIQA, HellaSwag, WinoGrande; from the held-out slice "
+        "of their validation splits that no reported accuracy reads) that decide between candidates the held-out "
+        "loss cannot tell apart; 0 = the loss alone")
+    auto_margin: float = Field(2.0, gt=0, description="auto: standard errors of the paired per-row difference in "
+                               "held-out loss that count as resolved: a racing candidate whose partial plan is "
+                               "behind the best by more stops; finalists within it are a close call")
     compensate_aware: bool = Field(
         False, description="swm: score every candidate after its compensation (merge.compensate lstsq or scale): "
         "the candidate plan fitted bottom-up on the calibration rows, then the calibration NLL of that compensated "
@@ -197,6 +207,9 @@ class SelectConfig(_Section):
 
     @model_validator(mode="after")
     def _one_target(self) -> SelectConfig:
+        if self.auto_validation_max < self.auto_validation:
+            raise ValueError(f"auto_validation_max ({self.auto_validation_max}) must be at least auto_validation "
+                             f"({self.auto_validation})")
         given = [n for n in ("threshold", "ratio", "layers") if getattr(self, n) is not None]
         if len(given) > 1:
             raise ValueError(f"give only one of threshold, ratio, layers (got {', '.join(given)})")

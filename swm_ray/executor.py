@@ -34,7 +34,7 @@ class PlanView:
         self.source = ckpt
         self.method = method
         tcfg = text_config_of(source_config)
-        self.sources = new_layer_sources(ckpt.num_layers, windows, layer_types_of(tcfg), attention)
+        self.sources = new_layer_sources(ckpt.num_layers, windows, layer_types_of(tcfg), attention, method)
         self.config = copy.deepcopy(source_config)
         edit_config(text_config_of(self.config), self.sources)
         self.layer_prefix = ckpt.layer_prefix

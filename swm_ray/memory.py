@@ -101,6 +101,24 @@ def choose_mode(stream: str, footprint: Footprint, budget: int, what: str) -> st
     return "stream"
 
 
+def check_budget(model_cfg, path: str, dtype: str, rows: int, seq_len: int) -> None:
+    """With a budget given (`model.max_memory`), the check each actor makes when it opens the model
+    (`stack.open_stack`), made first from the checkpoint's headers at `path`: a budget below one layer is a
+    one-line UserError before any actor is placed. `dtype`: what the actors compute in; `rows`: an actor's share.
+    Without a budget there is nothing to check here: each actor's default depends on its own device."""
+    if model_cfg.max_memory is None:
+        return
+    import torch
+
+    from swm_ray.checkpoint import Checkpoint
+    from swm_ray.models import load_config
+    from swm_ray.stack import footprint
+
+    fp = footprint(Checkpoint(path, model_cfg.allow_pickle), load_config(path, model_cfg.trust_remote_code),
+                   getattr(torch, dtype), rows, seq_len)
+    choose_mode(model_cfg.stream, fp, parse_size(model_cfg.max_memory), f"model {path}")
+
+
 def return_freed_memory() -> bool:
     """Make this process hand freed blocks of 1 MiB or more straight back to the OS (glibc only).
 

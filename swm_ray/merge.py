@@ -144,9 +144,13 @@ def layer_types_of(config) -> list[str] | None:
     return list(types) if isinstance(types, (list, tuple)) and len(types) == config.num_hidden_layers else None
 
 
-def anchor_layer(layer_types: Sequence[str] | None, window: Sequence[int], rule: str = "global") -> int:
-    """The original layer whose attention type (and with it sliding window and RoPE) a merged window takes.
+def anchor_layer(layer_types: Sequence[str] | None, window: Sequence[int], rule: str = "global",
+                 method: str | None = None) -> int:
+    """The original layer whose attention type (and with it sliding window and RoPE) the window's new layer takes.
 
+    A plan that only drops layers (`method` keep-first or keep-last) keeps the kept layer as it is, attention
+    type included: the bottom layer for keep-first, the top one for keep-last, whatever the rule (ShortGPT,
+    SLEB and ReplaceMe delete layers and leave the others untouched). For merged windows the rule decides:
     `global` (default): the lowest full-attention layer of the window when it has one (a window that contains
     a global layer stays global), else its bottom layer. `bottom`: always the bottom layer, as the authors'
     code does (a window from a local layer up to a global one then becomes local).
@@ -154,7 +158,9 @@ def anchor_layer(layer_types: Sequence[str] | None, window: Sequence[int], rule:
     low, high = int(window[0]), int(window[1])
     if rule not in ATTENTION_RULES:
         raise UserError(f"unknown attention rule {rule!r}: choose one of {', '.join(ATTENTION_RULES)}")
-    if rule == "bottom" or not layer_types:
+    if method == "keep-last":
+        return high
+    if rule == "bottom" or not layer_types or method == "keep-first":
         return low
     for i in range(low, high + 1):
         if layer_types[i] == "full_attention":
@@ -217,11 +223,12 @@ def kept_layers(num_layers: int, windows: Iterable[Sequence[int]]) -> list[int]:
 
 
 def new_layer_sources(num_layers: int, windows: Iterable[Sequence[int]], layer_types: Sequence[str] | None,
-                      rule: str = "global") -> list[tuple[int, int, int]]:
-    """(low, high, anchor) of every layer of the edited stack, bottom first: a kept layer is (i, i, i)."""
+                      rule: str = "global", method: str | None = None) -> list[tuple[int, int, int]]:
+    """(low, high, anchor) of every layer of the edited stack, bottom first: a kept layer is (i, i, i); a window's
+    anchor follows `anchor_layer` (its merge `method` decides for drop-only plans)."""
     wins = validate_windows(windows, num_layers)
     by_low = {low: high for low, high in wins}
-    return [(i, by_low.get(i, i), anchor_layer(layer_types, (i, by_low.get(i, i)), rule))
+    return [(i, by_low.get(i, i), anchor_layer(layer_types, (i, by_low.get(i, i)), rule, method))
             for i in kept_layers(num_layers, wins)]
 
 
@@ -242,7 +249,7 @@ def apply_windows(model, windows: Iterable[Sequence[int]], method: str, attentio
     check_method(method)
     layers = decoder_layers(model)
     cfg = text_config(model)
-    sources = new_layer_sources(len(layers), windows, layer_types_of(cfg), attention)
+    sources = new_layer_sources(len(layers), windows, layer_types_of(cfg), attention, method)
     new_layers = []
     for low, high, anchor in sources:
         window = list(layers[low : high + 1])

@@ -21,19 +21,22 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
     from swm_ray.data import calibration_sets
     from swm_ray.models import load_config, text_config_of
     from swm_ray.planners import (
-        LocalScoring,
         check_method_count,
         check_method_target,
         compensate_plan,
         may_compensate,
         method_compensation,
+        method_needs,
         plan_windows,
     )
+    from swm_ray.preflight import check_targets
     from swm_ray.runstate import fingerprint
     from swm_ray.selection import check_threshold, target_layers
+    from swm_ray.session import LocalScoring, split_validation
     from swm_ray.stack import StackSpec, open_stack
     from swm_ray.writer import write_model_folder
 
+    check_targets(cfg)  # every target against the headers before anything loads (the width pruners' too)
     s, m = cfg.select, cfg.model
     if s.method in WIDTH_METHODS:  # width pruning: the same stages, no depth planner (`width.py`)
         return width_here(cfg, raw_yaml, device)
@@ -48,8 +51,9 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
     check_method_target(cfg)
     t0 = time.perf_counter()
     auto = s.method == "auto"
-    sets = calibration_sets(cfg, s.auto_validation if auto else 0, fit=may_compensate(cfg))
-    path, calib, val_calib, n_layers = sets.path, sets.plan, sets.validation, sets.n_layers
+    sets = calibration_sets(cfg, s.auto_validation_max if auto else 0, fit=may_compensate(cfg))
+    path, calib, n_layers = sets.path, sets.plan, sets.n_layers
+    val_calib, extra_calib = split_validation(sets.validation, s.auto_validation, cfg.data.batch_size)
     config = load_config(path, m.trust_remote_code)
     ckpt = Checkpoint(path, m.allow_pickle)
     params_before = ckpt.param_count(bool(getattr(text_config_of(config), "tie_word_embeddings", False)))
@@ -60,36 +64,42 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
                                  trust_remote_code=m.trust_remote_code),
                        rows=sets.rows, seq_len=int(calib.input_ids.shape[1]))
     scoring = LocalScoring(stack, calib, cfg.merge.attention, kernel=cfg.stats.kernel,
-                           skip_first_tokens=cfg.stats.skip_first_tokens, fit_calib=sets.fit)
+                           skip_first_tokens=cfg.stats.skip_first_tokens, fit_calib=sets.fit, validation=val_calib,
+                           extra=extra_calib)
+    scoring.prepare(method_needs(cfg))  # the one reference pass
     chosen = None
     if auto:
-        from swm_ray.auto import LocalValidation, run_auto
+        from swm_ray.auto import run_auto
+        from swm_ray.tasksignal import auto_task_rows
 
-        chosen = run_auto(cfg, scoring, n_layers, n_remove, lambda st=stack: stack_site(st),
-                          LocalValidation(stack, val_calib, cfg.merge.attention),
-                          layer_names=ckpt.layer_keys(0))
+        tasks, why = auto_task_rows(cfg, path)
+        chosen = run_auto(cfg, scoring, n_layers, n_remove, layer_names=ckpt.layer_keys(0), tasks=tasks,
+                          tasks_note=why)
         planned, comp = chosen.chosen.planned, chosen.chosen.compensation
     else:
         planned = plan_windows(cfg, scoring, n_layers, n_remove)
         compensate = method_compensation(cfg)
         site = stack_site(stack) if compensate != "none" else None
         comp = compensate_plan(cfg, scoring, planned.selection.windows, planned.merge, site, compensate)
+    counters = scoring.counters()
+    planned.evaluator = None  # the plan keeps its windows, not the checks (their cached states hold memory)
     sel = planned.selection
-    del scoring, stack
+    del scoring  # the checks' cached states go; the stack stays for width statistics
     if not sel.windows:
         raise UserError(f"no window passed (method {s.method}, threshold {sel.threshold}): nothing to merge")
     plan = planned.plan(n_layers, m.source, m.revision, s.method, cfg.merge.attention, params_before,
-                        extra={"candidate_evaluations": planned.evaluator.misses if planned.evaluator else 0,
+                        extra={"candidate_evaluations": counters["checks"], "passes": counters,
                                "note": sel.note, "settings": fingerprint(cfg),
                                **({"auto": chosen.record()} if chosen else {}),
                                "calibration": sets.record(fitted=comp is not None)})
     if comp is not None:
         comp.attach(plan)
-    if s.then_width is not None:  # width after depth, on the merged model, in this process
-        from swm_ray.width import plan_width, stack_stats
+    if s.then_width is not None:  # width after depth, on the merged model, in this process, on the same stack
+        from swm_ray.width import local_stats, plan_width
 
-        plan_width(cfg, plan, path, calib, s.then_width, s.width_method, stack_stats(cfg, path, calib, device),
+        plan_width(cfg, plan, path, calib, s.then_width, s.width_method, local_stats(stack, calib),
                    device=device or _width_device(m.device))
+    del stack  # the writer streams from the checkpoint; the evaluation loads the written folder
     written = write_model_folder(path, plan, cfg.out, raw_yaml=raw_yaml, resolved_yaml=dump_yaml(cfg),
                                  overwrite=cfg.overwrite, attention=cfg.merge.attention,
                                  allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)

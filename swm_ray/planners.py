@@ -1,10 +1,12 @@
 """Every compression method is a planner: calibration signals in, the windows of a plan out.
 
-A planner sees the model only through a `Scoring` provider, which gives it candidate evaluators (criterion ×
-merge method, memoised) and Block Influence. `LocalScoring` computes them in this process on a layer stack
-(grid trials, zoo tasks, tests); the Ray recipe's provider fans them out to the actor pool (`compress`). The
-same planner, settings and calibration give the same windows either way: every score is a sum over rows
-added exactly (`scoring.reduce_scores`).
+A planner sees the model only through a `session.Scoring` provider, which gives it candidate evaluators
+(criterion × merge method, over one memo of shared checks) and the signals of the run's one reference pass
+(Block Influence, angular distances, the CKA matrix). `session.LocalScoring` computes them in this process on a
+layer stack (grid trials, zoo tasks, tests); the Ray recipe's backend fans them out to the actor pool
+(`compress`). The same planner, settings and calibration give the same windows either way: every score is a
+sum over rows added exactly (`scoring.reduce_scores`). `method_needs` says what a method uses, so a run
+declares it before its one reference pass.
 
 Methods:
 - `swm`: the selected criterion (output, kl, nll, cka) with the selected search and merge (the default);
@@ -28,18 +30,12 @@ same provider (actors or this process), so the windows do not depend on how rows
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
-
-import numpy as np
 
 from swm_ray.config import METHODS  # noqa: F401 - the method names, re-exported for callers
 from swm_ray.errors import UserError
 from swm_ray.selection import (
-    CkaEvaluator,
-    Evaluator,
     MemoEvaluator,
     Selection,
     best_first,
@@ -48,30 +44,6 @@ from swm_ray.selection import (
     search_threshold,
     select_windows,
 )
-
-
-class Scoring(Protocol):
-    """What planners need from a model and its calibration rows."""
-
-    def evaluator(self, criterion: str, merge: str) -> MemoEvaluator:
-        """A memoised candidate evaluator (the same object for the same arguments)."""
-
-    def block_influence(self) -> np.ndarray:
-        """(L,) mean per-token 1 − cos(layer input, layer output) over the calibration rows."""
-
-    def cka_matrix(self) -> np.ndarray:
-        """The (L+1)² CKA matrix of the calibration set."""
-
-    def angular_distances(self) -> np.ndarray:
-        """(L+1)² mean angular distance between hidden states at the last token (ReplaceMe's signal)."""
-
-    def compensation_sums(self, windows, merge: str, fits: dict, targets: list, source: str,
-                          skip_first: int, quiet: bool = False) -> list:
-        """`compensation.CompSums` of each target window over all the fit's calibration rows (`merge.fit_samples`),
-        added in row order (`quiet`: one of many calls inside a larger step; no progress of its own)."""
-
-    def compensated_evaluator(self, cfg, merge: str, method: str) -> MemoEvaluator:
-        """A memoised `CompensatedEvaluator` over the calibration rows (the same object for the same arguments)."""
 
 
 def windows_with(groups, candidate) -> list[tuple[int, int]]:
@@ -84,54 +56,78 @@ def windows_with(groups, candidate) -> list[tuple[int, int]]:
 class CompensatedEvaluator:
     """Compensation-aware candidate checks: a candidate's score is the calibration NLL of the model with the
     candidate plan's windows merged and compensated (`method` lstsq or scale), each window fitted bottom-up on
-    the calibration rows with `cfg.merge`'s settings (as `compensate_plan` fits them), the fits folded in
-    (`loss`). A window's fit depends only on the windows below it (with `merge.compensate_input` original, on
-    none), so fits are kept by (windows below, window): a check fits the candidate window and the windows
-    above it (their input changed), then runs one NLL pass. Kept fits whose windows below are no longer all
-    in the current plan are dropped as the search moves on."""
+    the fit rows with `cfg.merge`'s settings (as `compensate_plan` fits them), the fits folded in.
+
+    A window's fit depends only on the windows below it (with `merge.compensate_input` original, on none), so
+    fits are kept by (windows below, window). One step walks the current plan's fitted model up once
+    (`FitPass`); at each candidate's bottom it forks that pass, so the candidate's fit and the refits of the
+    windows above it start from the fitted model below the candidate, not from the embeddings; then one NLL
+    pass on the planning rows (from the reference pass's cached inputs) scores it."""
 
     higher_is_better = False
 
-    def __init__(self, cfg, scoring: Scoring, merge: str, method: str, site, loss: Callable,
-                 progress: Callable | None = None):
-        """`progress(n)`: a context manager yielding a function called once per candidate checked."""
+    def __init__(self, cfg, scoring, merge: str, method: str, site):
         if method not in ("lstsq", "scale"):
             raise UserError(f"select.compensate_aware scores candidates after their compensation: set "
                             f"--compensate lstsq or scale (got {method})")
-        self.cfg, self.scoring, self.merge, self.method, self.site, self.loss = cfg, scoring, merge, method, site, loss
+        self.cfg, self.scoring, self.merge, self.method, self.site = cfg, scoring, merge, method, site
         self.fit_cache: dict = {}  # (windows below, window) -> compensation.Fit
         self.fits_computed = 0
-        self.progress = progress or (lambda n: contextlib.nullcontext(lambda: None))
+        self.misses = 0
 
-    def plan_fits(self, windows) -> dict:
-        """The fits of a plan's windows, bottom-up, each from the sums with the fits below folded in."""
+    def _key(self, windows, w):
+        compressed = self.cfg.merge.compensate_input == "compressed"
+        return (tuple(x for x in sorted(windows) if x[1] < w[0]) if compressed else (), w)
+
+    def _fit(self, fp, windows, fits: dict, stop: int | None = None) -> None:
+        """Advance `fp` (to its end, or to just below original layer `stop`), solving every window it stops at."""
         from swm_ray.compensation import make_fit
 
         m = self.cfg.merge
-        compressed = m.compensate_input == "compressed"
-        order = sorted(tuple(w) for w in windows)
-        fits: dict = {}
-        for w in order:
-            key = (tuple(x for x in order if x[1] < w[0]) if compressed else (), w)
-            fit = self.fit_cache.get(key)
-            if fit is None:
-                (sums,) = self.scoring.compensation_sums(order, self.merge, dict(fits) if compressed else {}, [w],
-                                                         m.compensate_input, m.skip_first, quiet=True)
-                fit = self.fit_cache[key] = make_fit(w, sums, self.method, self.site, m.ridge, m.ridge_prior)
-                self.fits_computed += 1
-            fits[w] = fit
+        fit = None
+        while (got := fp.advance(fit, stop)) is not None:
+            w, sums = got
+            fit = fits[w] = self.fit_cache[self._key(windows, w)] = make_fit(w, sums, self.method, self.site,
+                                                                             m.ridge, m.ridge_prior)
+            self.fits_computed += 1
+
+    def plan_fits(self, windows) -> dict:
+        """The fits of a plan's windows, bottom-up, each from the sums with the fits below folded in."""
+        windows = sorted(tuple(w) for w in windows)
+        fits = {w: self.fit_cache[self._key(windows, w)] for w in windows if self._key(windows, w) in self.fit_cache}
+        todo = [w for w in windows if w not in fits]
+        if todo:
+            m = self.cfg.merge
+            fp = self.scoring.fit_pass(windows, self.merge, source=m.compensate_input, skip_first=m.skip_first,
+                                       fits=fits, targets=todo)
+            self._fit(fp, windows, fits)
         return fits
 
     def score(self, groups, candidates):
-        current = {tuple(g) for g in groups if g[1] > g[0]}
-        self.fit_cache = {k: f for k, f in self.fit_cache.items() if set(k[0]) <= current}
-        out = []
-        with self.progress(len(candidates)) as advance:
-            for c in candidates:
-                windows = windows_with(groups, c)
-                out.append(float(self.loss(windows, self.merge, self.plan_fits(windows))))
-                advance()
-        return out
+        from swm_ray.planrun import windows_of
+
+        m = self.cfg.merge
+        current = windows_of(groups)
+        live = {self._key(current, w) for w in current}
+        self.fit_cache = {k: f for k, f in self.fit_cache.items() if set(k[0]) <= set(current) or k in live}
+        fits = {w: self.fit_cache[self._key(current, w)] for w in current if self._key(current, w) in self.fit_cache}
+        main = self.scoring.fit_pass(current, self.merge, source=m.compensate_input, skip_first=m.skip_first,
+                                     fits=fits, targets=[w for w in current if w not in fits])
+        out: dict = {}
+        for c in sorted((tuple(c) for c in candidates), key=lambda c: c[0]):
+            self._fit(main, current, fits, stop=c[0])  # the current fitted model up to the candidate's bottom
+            windows = windows_with(groups, c)
+            below = {w: f for w, f in fits.items() if w[1] < c[0]}
+            mine = dict(below)
+            todo = [w for w in windows if w[0] >= c[0]]
+            cached = {w: self.fit_cache[self._key(windows, w)] for w in todo if self._key(windows, w) in self.fit_cache}
+            if len(cached) == len(todo):
+                mine.update(cached)
+            else:
+                self._fit(main.fork(windows, todo), windows, mine)
+            out[c] = float(self.scoring.plan_loss(windows, self.merge, mine))
+            self.misses += 1
+        return [out[tuple(c)] for c in candidates]
 
     def commit(self, groups, window) -> None:  # the candidates' groups say everything: no state to move
         pass
@@ -214,7 +210,7 @@ def check_method_count(cfg, n_layers: int, n_remove: int | None) -> None:
                             f"{n_layers} may go, {n_remove} asked; ask for fewer layers")
 
 
-def plan_windows(cfg, scoring: Scoring, n_layers: int, n_remove: int | None,
+def plan_windows(cfg, scoring, n_layers: int, n_remove: int | None,
                  on_event: Callable | None = None) -> PlannedWindows:
     """Run the planner of `cfg.select.method` to its target (`n_remove` layers, else the threshold)."""
     s = cfg.select
@@ -225,8 +221,7 @@ def plan_windows(cfg, scoring: Scoring, n_layers: int, n_remove: int | None,
             ev = scoring.compensated_evaluator(cfg, merge, comp)
             criterion = f"nll after {comp}"
         else:
-            ev = scoring.evaluator(criterion, merge) if criterion != "cka" else MemoEvaluator(
-                CkaEvaluator(scoring.cka_matrix()))
+            ev = scoring.evaluator(criterion, merge)
         return PlannedWindows(select_windows(cfg, ev, n_layers, n_remove, on_event), merge, ev, criterion, s.search)
     if s.method == "shortgpt":
         from swm_ray.baselines import shortgpt_windows
@@ -275,86 +270,41 @@ def _laco(cfg, ev, n_layers: int, n_remove: int | None, on_event) -> Selection:
     return sel
 
 
-def compensate_plan(cfg, scoring: Scoring, windows, merge: str, site, method: str | None = None):
+def compensate_plan(cfg, scoring, windows, merge: str, site, method: str | None = None):
     """The `compensation.Compensation` of a plan's windows (None when the method is none or nothing was cut),
-    fitted bottom-up from sums the `scoring` provider computes, with the settings of `cfg.merge`."""
+    fitted bottom-up in one pass over the fit rows (`scoring.fit_pass`), with the settings of `cfg.merge`."""
     from swm_ray.compensation import fit_plan
 
     method = method or method_compensation(cfg)
     if method == "none" or not windows:
         return None
     m = cfg.merge
-
-    def sums_for(fits, targets):
-        return scoring.compensation_sums(windows, merge, fits, targets, m.compensate_input, m.skip_first)
-
-    return fit_plan(cfg, method, windows, merge, site, sums_for)
+    fp = scoring.fit_pass(windows, merge, source=m.compensate_input, skip_first=m.skip_first)
+    return fit_plan(cfg, method, site, fp.advance)
 
 
-class LocalScoring:
-    """`Scoring` in this process, on a layer stack (`stack.py`), the planners' calibration rows and the
-    compensation fit's (`fit_calib`, default the same rows: `data.CalibrationSets`)."""
+def method_needs(cfg, method: str | None = None):
+    """What the planner of `method` (default `cfg.select.method`; auto: every candidate) takes from the reference
+    pass (`refpass.Needs`), so a run declares it before the one pass."""
+    from swm_ray.refpass import Needs
 
-    def __init__(self, stack, calib, attention: str = "global", matrix: np.ndarray | None = None,
-                 wrap: Callable[[Evaluator], MemoEvaluator] = MemoEvaluator, kernel: str = "linear",
-                 skip_first_tokens: int = 1, fit_calib=None):
-        self.stack = stack
-        self.calib = calib
-        self.fit_calib = calib if fit_calib is None else fit_calib
-        self.attention = attention
-        self.matrix = matrix
-        self.stats = {"kernel": kernel, "skip_first_tokens": skip_first_tokens}
-        self.wrap = wrap
-        self._evaluators: dict[tuple[str, str], MemoEvaluator] = {}
-        self._influence: np.ndarray | None = None
-        self._angular: np.ndarray | None = None
+    s = cfg.select
+    method = method or s.method
+    stats = {"kernel": cfg.stats.kernel, "skip_first_tokens": cfg.stats.skip_first_tokens}
+    if method == "auto":
+        from swm_ray.auto import parse_candidate
 
-    def evaluator(self, criterion: str, merge: str) -> MemoEvaluator:
-        from swm_ray.scoring import LocalEvaluator, ShardScorer
-
-        key = (criterion, merge)
-        if key not in self._evaluators:
-            scorer = ShardScorer(self.stack, self.calib.input_ids, criterion, merge, attention=self.attention)
-            self._evaluators[key] = self.wrap(LocalEvaluator([scorer], criterion))
-        return self._evaluators[key]
-
-    def block_influence(self) -> np.ndarray:
-        from swm_ray.baselines import block_influence
-
-        if self._influence is None:
-            self._influence = block_influence(self.stack, self.calib.input_ids, self.calib.batches)
-        return self._influence
-
-    def angular_distances(self) -> np.ndarray:
-        from swm_ray.baselines import angular_distances
-
-        if self._angular is None:
-            self._angular = angular_distances(self.stack, self.calib.input_ids, self.calib.batches)
-        return self._angular
-
-    def compensation_sums(self, windows, merge: str, fits: dict, targets: list, source: str,
-                          skip_first: int, quiet: bool = False) -> list:
-        from swm_ray.compensation import compensation_sums
-
-        return compensation_sums(self.stack, self.fit_calib.input_ids, self.fit_calib.batches, windows, merge,
-                                 self.attention, fits, targets, source=source, skip_first=skip_first)
-
-    def compensated_evaluator(self, cfg, merge: str, method: str) -> MemoEvaluator:
-        from swm_ray.auto import LocalValidation
-        from swm_ray.compensation import stack_site
-
-        key = (f"nll+{method}", merge)
-        if key not in self._evaluators:
-            loss = LocalValidation(self.stack, self.calib, self.attention)
-            self._evaluators[key] = self.wrap(CompensatedEvaluator(cfg, self, merge, method, stack_site(self.stack),
-                                                                   loss))
-        return self._evaluators[key]
-
-    def cka_matrix(self) -> np.ndarray:
-        if self.matrix is None:
-            from swm_ray.capture import compute_hsic_sums
-            from swm_ray.similarity import cka_from_sums
-
-            sums, _, _ = compute_hsic_sums(self.stack, self.calib.input_ids, self.calib.batches, **self.stats)
-            self.matrix = cka_from_sums(sums)
-        return self.matrix
+        needs = Needs(**stats)
+        for spec in s.auto_candidates:
+            needs = needs | method_needs(cfg, parse_candidate(spec)[0])
+        return needs
+    if method == "shortgpt":
+        return Needs(influence=True, **stats)
+    if method == "replaceme":
+        return Needs(angular=True, **stats)
+    if method == "swm" and s.compensate_aware:
+        return Needs(checks=True, **stats)
+    criterion = s.criterion if method == "swm" else ("output" if method == "laco" else "nll")
+    if criterion == "cka":
+        return Needs(hsic=True, **stats)
+    return Needs(checks=True, final=criterion in ("output", "kl"), logp=criterion == "kl", **stats)

@@ -100,6 +100,7 @@ class LayerStack:
         self.device = device
         self.dtype = dtype
         self.layer_loads = 0  # layers built or read (streaming: from disk), for benchmarks and tests
+        self.token_runs = 0  # tokens run through a decoder layer (a pass over N tokens of an L-layer model adds N·L)
 
     # -- the part below the first layer and above the last -------------------------------------------------
     @torch.inference_mode()
@@ -128,12 +129,13 @@ class LayerStack:
         return torch.tanh(logits / cap) * cap if cap else logits
 
     # -- layers --------------------------------------------------------------------------------------------
-    def anchor(self, low: int, high: int, attention: str) -> int:
-        return anchor_layer(self.layer_types, (low, high), attention)
+    def anchor(self, low: int, high: int, attention: str, method: str | None = None) -> int:
+        return anchor_layer(self.layer_types, (low, high), attention, method)
 
     @torch.inference_mode()
     def run(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         dev = module_device(layer)
+        self.token_runs += int(hidden.shape[0]) * int(hidden.shape[1])
         if hidden.device != dev:
             hidden, kwargs = hidden.to(dev), _move(kwargs, dev)
         return first_tensor(layer(hidden, **kwargs))
@@ -148,7 +150,7 @@ class LayerStack:
 
     @contextlib.contextmanager
     def group(self, low: int, high: int, method: str = "reference", attention: str = "global") -> Iterator[nn.Module]:
-        layer = self.build(self.anchor(low, high, attention), self.state(low, high, method), low)
+        layer = self.build(self.anchor(low, high, attention, method), self.state(low, high, method), low)
         try:
             yield layer
         finally:

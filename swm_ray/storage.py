@@ -723,3 +723,24 @@ def package_dir(package: str, pip_name: str) -> Path:
         raise UserError(f"this needs the package {pip_name}: run `make setup` "
                         f"(or pip install --no-deps -r requirements-assets.txt)")
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def list_folder(path: str) -> dict[str, bool]:
+    """{name: is_folder} of what lies directly inside a folder (local) or under a prefix (S3), read fresh (no
+    cached listing); {} when nothing is there. A local path that is a file is a one-line error."""
+    with storage_errors(path, "listing"):
+        if is_remote(path):
+            fs = s3fs_filesystem()
+            prefix = fs._strip_protocol(path).rstrip("/")
+            fs.invalidate_cache(prefix)
+            if not fs.exists(prefix):
+                return {}
+            entries = fs.ls(prefix, detail=True, refresh=True)
+            return {e["name"].rstrip("/").rpartition("/")[2]: e["type"] == "directory" for e in entries
+                    if e["name"].rstrip("/") != prefix}
+        p = Path(path)
+        if not p.exists():
+            return {}
+        if not p.is_dir():
+            raise UserError(f"{path} is a file, not a folder: give a folder")
+        return {c.name: c.is_dir() for c in p.iterdir()}

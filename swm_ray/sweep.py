@@ -139,8 +139,9 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
     from swm_ray.evaluation import evaluate_model
     from swm_ray.models import load_config, load_tokenizer, text_config_of
     from swm_ray.plan import Plan
-    from swm_ray.planners import LocalScoring, compensate_plan, may_compensate, method_compensation, plan_windows
+    from swm_ray.planners import compensate_plan, may_compensate, method_compensation, method_needs, plan_windows
     from swm_ray.selection import target_layers
+    from swm_ray.session import LocalScoring
     from swm_ray.stack import StackSpec, open_stack
     from swm_ray.width import local_stats, plan_width, width_only_plan
 
@@ -155,7 +156,7 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
         # auto's held-out rows and the fit's further rows: drawn beyond the grid's calibration rows
         from swm_ray.data import calibration_sets
 
-        sets = calibration_sets(own, cfg.select.auto_validation if auto else 0, fit=fits)
+        sets = calibration_sets(own, cfg.select.auto_validation_max if auto else 0, fit=fits)
         calib, val_calib, fit_calib = sets.plan, sets.validation, sets.fit
     rows = max(int(calib.input_ids.shape[0]), int(fit_calib.input_ids.shape[0]) if fit_calib is not None else 0)
     stack = open_stack(StackSpec(model_path, device=device, dtype=m.dtype, stream=m.stream, max_memory=m.max_memory,
@@ -265,16 +266,16 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
             finish_width({**base, "target": t, "width": spec["method"], "windows": "[]"},
                          width_only_plan(wcfg, model_path, n_layers, calib), t, spec["method"], wcfg)
         return
-    validation = None
-    if auto:
-        from swm_ray.auto import LocalValidation
+    from swm_ray.session import split_validation
 
-        validation = LocalValidation(stack, val_calib, attention)
+    validation, extra = split_validation(val_calib, cfg.select.auto_validation, cfg.data.batch_size)
     scoring = LocalScoring(stack, calib, attention, matrix, kernel=cfg.stats.kernel,
-                           skip_first_tokens=cfg.stats.skip_first_tokens, fit_calib=fit_calib)
+                           skip_first_tokens=cfg.stats.skip_first_tokens, fit_calib=fit_calib,
+                           validation=validation, extra=extra)
     select = {"method": "swm" if spec["method"] == "swm" else spec["method"]}
     if spec["method"] == "swm":
         select.update(criterion=spec["criterion"], search=spec["search"])
+    scoring.prepare(method_needs(cfg.model_copy(update={"select": cfg.select.model_copy(update=select)})))
     for t in g.targets():
         row = {**base, "target": t}
         t0 = time.perf_counter()
@@ -283,13 +284,15 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
                                           "merge": cfg.merge.model_copy(update={"method": spec.get("merge")
                                                                                 or cfg.merge.method})})
             n_remove = target_layers(tcfg, params_before, per_layer, n_layers)
-            misses0 = _misses(scoring)
-            if validation is not None:
+            misses0 = scoring.memo.computed
+            if auto:
                 from swm_ray.auto import run_auto
+                from swm_ray.tasksignal import auto_task_rows
 
-                chosen = run_auto(tcfg, scoring, n_layers, n_remove, lambda: stack_site(stack), validation,
-                                  layer_names=ckpt.layer_keys(0))
-                _auto_row(row, chosen, t0, _misses(scoring) - misses0, n_layers, spec["model"], m.revision,
+                tasks, why = auto_task_rows(tcfg, model_path)
+                chosen = run_auto(tcfg, scoring, n_layers, n_remove, layer_names=ckpt.layer_keys(0), tasks=tasks,
+                                  tasks_note=why)
+                _auto_row(row, chosen, t0, scoring.memo.computed - misses0, n_layers, spec["model"], m.revision,
                           params_before, attention)
                 comp = chosen.chosen.compensation
                 finish_and_heal(row, chosen.chosen.windows, chosen.chosen.merge,
@@ -302,7 +305,7 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
         sel = planned.selection
         plan = planned.plan(n_layers, spec["model"], m.revision, tcfg.select.method, attention, params_before)
         row.update(merge=planned.merge, criterion=planned.criterion, search=planned.search, threshold=sel.threshold,
-                   windows=json.dumps([list(w) for w in sel.windows]), evaluations=_misses(scoring) - misses0,
+                   windows=json.dumps([list(w) for w in sel.windows]), evaluations=scoring.memo.computed - misses0,
                    selection_seconds=round(time.perf_counter() - t0, 2), note=sel.note or None,
                    plan=plan.to_json())
         if not sel.windows:
@@ -363,10 +366,6 @@ def _auto_row(row: dict, res, t0: float, evaluations: int, n_layers: int, model:
         o.compensation.attach(plan)
         row["plan_tensors"] = base64.b64encode(plan.tensors_bytes()).decode("ascii")
     row["plan"] = plan.to_json()
-
-
-def _misses(scoring) -> int:
-    return sum(ev.misses for ev in scoring._evaluators.values())
 
 
 # -- results ------------------------------------------------------------------------------------------------

@@ -262,6 +262,14 @@ def width_counts(geo: Geometry, num_layers: int, remove_params: float, qkv_bias:
     return geo.kv_heads - g_rm, geo.intermediate - c_rm
 
 
+def width_reach(geo: Geometry, num_layers: int, qkv_bias: bool = False, mlp_bias: bool = False) -> int:
+    """The most parameters width pruning can remove from `num_layers` layers: all but one KV group and one MLP
+    channel of every layer (`width_counts` refuses a target beyond this, and may refuse one just below it
+    where whole KV groups round away from the target)."""
+    return num_layers * ((geo.kv_heads - 1) * group_params(geo, qkv_bias)
+                         + (geo.intermediate - 1) * channel_params(geo, mlp_bias))
+
+
 def keep_top(scores: np.ndarray, k: int) -> list[list[int]]:
     """Per row of (L, N) scores the k highest entries' indices, sorted (ties: the lower index stays)."""
     out = []
@@ -289,7 +297,7 @@ def width_stats_sums(stack, input_ids: np.ndarray, batches: Sequence[tuple[int, 
     `baselines.block_influence_sums`: every layer is built once. Additive: `add_width_sums` adds minibatches."""
     from swm_ray.merge import new_layer_sources
 
-    sources = new_layer_sources(stack.num_layers, windows, stack.layer_types, attention)
+    sources = new_layer_sources(stack.num_layers, windows, stack.layer_types, attention, merge)
     pros = [stack.prologue(torch.tensor(np.asarray(input_ids[a:b]))) for a, b in batches]
     hidden = [p.hidden for p in pros]
     out: list[dict[str, Any]] = [{"tokens": int(p.hidden.shape[0] * p.hidden.shape[1])} for p in pros]
@@ -470,6 +478,28 @@ def check_width_settings(cfg, method: str) -> None:
             s.method == "auto" and any(c != "none" for c in s.auto_compensate))):
         raise UserError("select.then_width after a compensated depth plan is not supported: set merge.compensate "
                         "(and select.auto_compensate) to none, or drop then_width")
+
+
+def check_width_target(cfg, config, layer_names: Sequence[str], method: str, fraction: float, num_layers: int,
+                       params_before: int, what: str, depth: str = "") -> tuple[int, int]:
+    """Before any model loads, from the source's config and one decoder layer's tensor names: the (KV groups,
+    channels) per layer that `plan_width` will keep to remove `fraction` of `params_before` from `num_layers`
+    layers (`depth`: how those remain after the depth plan, for the message), or a one-line error naming the
+    largest fraction width can remove there."""
+    from swm_ray.models import text_config_of
+
+    tcfg = text_config_of(config)
+    geo = Geometry.of(tcfg)
+    bias = decide_bias(cfg.select.width_bias, method, tcfg.model_type, layer_names)
+    qkv = f"{ATTN}.q_proj.bias" in layer_names or bias["attention"]
+    mlp = f"{MLP}.gate_proj.bias" in layer_names or bias["mlp"]
+    try:
+        return width_counts(geo, num_layers, fraction * params_before, qkv_bias=qkv, mlp_bias=mlp, what=what)
+    except UserError:
+        most = width_reach(geo, num_layers, qkv, mlp) / params_before
+        raise UserError(f"{what} {fraction}: width pruning of the {num_layers} decoder layers{depth} can remove at "
+                        f"most {most:.3f} of the parameters (each keeps one KV group and one MLP channel); ask for "
+                        f"less") from None
 
 
 def decide_bias(setting: bool | None, method: str, model_type: str, names: Sequence[str]) -> dict[str, bool]:

@@ -109,3 +109,34 @@ def text_jsonl(tmp_path_factory) -> Path:
             words = " ".join(rng.choice(SENTENCES, size=3))
             f.write(json.dumps({"text": words}) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """One moto S3 server per test module (each module starts from empty buckets)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint, monkeypatch):
+    """A moto S3 endpoint with one bucket, seen by swm-ray through SWM_RAY_S3_ENDPOINT."""
+    import s3fs
+
+    from swm_ray import storage
+
+    monkeypatch.setenv("SWM_RAY_S3_ENDPOINT", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = storage.s3fs_filesystem()
+    if not fs.exists("bucket"):
+        fs.mkdir("bucket")
+    return fs
+

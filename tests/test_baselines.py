@@ -157,8 +157,8 @@ def test_shortened_ppl_on_a_tiny_model_equals_removing_blocks_by_hand():
     model, _ = tiny_model("llama", n_layers=12)
     ids = np.random.default_rng(0).integers(4, 256, size=(6, 12))
     stack = InMemoryStack(model)
-    ev = LocalEvaluator([ShardScorer(stack, ids[:4], "nll", "keep-first"),  # two shards, split by rows
-                         ShardScorer(stack, ids[4:], "nll", "keep-first")], "nll")
+    ev = LocalEvaluator([ShardScorer.over(stack, ids[:4], "keep-first"),  # two shards, split by rows
+                         ShardScorer.over(stack, ids[4:], "keep-first")], "nll")
     n = 3
     sel = shortened_ppl(12, ev, n)
     brute = {}
@@ -216,7 +216,7 @@ def _brute_laco(model, ids, c, interval, threshold, protected=()):
 def test_laco_on_a_tiny_model_equals_brute_force(interval, threshold, nested):
     model, _ = tiny_model("llama", n_layers=12)
     ids = np.random.default_rng(0).integers(4, 256, size=(6, 12))
-    ev = LocalEvaluator([ShardScorer(InMemoryStack(model), ids, "output", "paper")], "output")
+    ev = LocalEvaluator([ShardScorer.over(InMemoryStack(model), ids, "paper")], "output")
     sel = laco(12, ev, merge_layers=3, interval=interval, threshold=threshold, protected=[2])
     windows, events = _brute_laco(model, ids, 3, interval, threshold, protected=[2])
     kinds = [e[0] for e in events]

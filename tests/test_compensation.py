@@ -17,6 +17,7 @@ from swm_ray.checkpoint import Checkpoint
 from swm_ray.compensation import (
     CompSums,
     Fit,
+    FitPass,
     accumulate,
     add_sums,
     capture_output,
@@ -47,10 +48,18 @@ def _saved(arch: str, folder: Path, n_layers: int = 6):
 
 
 def _fits(stack, windows, method="lstsq", source="compressed", merge="reference"):
-    def sums_for(fits, targets):
-        return compensation_sums(stack, IDS, BATCHES, windows, merge, "global", fits, targets, source=source)
+    fp = FitPass(stack, IDS, BATCHES, windows, merge, "global", source=source)
+    return fit_windows(fp.advance, method, stack_site(stack))
 
-    return fit_windows(windows, method, stack_site(stack), sums_for, source=source)
+
+def _fits_from_the_embeddings(stack, windows, method="lstsq", merge="reference"):
+    """The fits as a pass per window computes them: every window's sums from a fresh pass from the embeddings,
+    with the fits below folded in (O(W·L) layer runs)."""
+    fits = {}
+    for w in sorted(tuple(w) for w in windows):
+        (s,) = compensation_sums(stack, IDS, BATCHES, windows, merge, "global", dict(fits), [w])
+        fits[w] = make_fit(w, s, method, stack_site(stack))
+    return fits
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -128,29 +137,53 @@ def test_streaming_sums_equal_in_memory(tmp_path, arch):
 
 
 def test_sums_over_one_and_two_actors_agree(ray_session, tiny_llama_dir, tokens_parquet):
-    """Two actors, each summing its own minibatches, and one process summing all of them (what one actor
-    computes: the same library call) agree to 1e-9."""
+    """Two actors, each running the fit pass on its own minibatches, and one process running it on all of them
+    agree to 1e-9, window after window."""
     from swm_ray.data import calibration_for
-    from swm_ray.jobs.pool import ActorPool
+    from swm_ray.jobs.pool import RayBackend
+    from swm_ray.refpass import Needs
 
     cfg = build_config(flags={"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet),
                               "data.samples": 16, "data.seq_len": 16, "data.batch_size": 4, "ray.actors": 2})
     _, calib, _ = calibration_for(cfg)
-    windows, targets = [[1, 2], [3, 4]], [(1, 2), (3, 4)]
-    request = {"windows": windows, "merge": "reference", "attention": "global", "fits": {}, "targets": targets,
-               "source": "compressed", "skip_first": 1}
-    pool = ActorPool(cfg, 16, 16)
+    windows = [[1, 2], [3, 4]]
+    backend = RayBackend(cfg, calib)
     try:
-        two = pool.compensation_sums(calib, request)
+        backend.reference(Needs())
+        fp = backend.fit_pass(windows, "reference", source="compressed", skip_first=1)
+        two = [fp.advance(), fp.advance(), fp.advance()]
     finally:
-        pool.shutdown()
+        backend.shutdown()
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).eval()
-    one = compensation_sums(InMemoryStack(model), calib.input_ids, calib.batches, windows, "reference", "global",
-                            {}, targets)
-    for a, b in zip(one, two):
-        assert a.tokens == b.tokens == 16 * 15
+    here = FitPass(InMemoryStack(model), calib.input_ids, calib.batches, windows, "reference", "global")
+    one = [here.advance(), here.advance(), here.advance()]
+    assert two[2] is None and one[2] is None
+    for (wa, a), (wb, b) in zip(one[:2], two[:2]):
+        assert wa == wb and a.tokens == b.tokens == 16 * 15
         for x, y in ((a.mtm, b.mtm), (a.mtb, b.mtb)):
             assert np.abs(x - y).max() <= 1e-9 * np.abs(x).max()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_one_bottom_up_pass_fits_like_a_pass_per_window(tmp_path, arch):
+    """All windows fitted in one pass from the embeddings to the top equal the fits of a pass per window
+    (within 1e-6), and three windows cost at most 1.3 times the layer runs of one window's fit."""
+    model = _saved(arch, tmp_path, n_layers=10)
+    stack = InMemoryStack(model)
+    windows = [(1, 2), (4, 5), (7, 8)]
+    runs0 = stack.token_runs
+    one_pass = _fits(stack, windows)
+    runs_three = stack.token_runs - runs0
+    want = _fits_from_the_embeddings(stack, windows)
+    for w in windows:
+        torch.testing.assert_close(one_pass[w].tensor, want[w].tensor, rtol=0, atol=1e-6)
+    runs0 = stack.token_runs
+    _fits(stack, [(7, 8)])
+    runs_one = stack.token_runs - runs0
+    assert runs_three <= 1.3 * runs_one
+    runs0 = stack.token_runs
+    _fits_from_the_embeddings(stack, windows)
+    assert stack.token_runs - runs0 >= 1.5 * runs_three  # what a pass per window costs here
 
 
 def test_sequential_fit_sees_the_compensated_layers_below(tmp_path):
@@ -199,15 +232,12 @@ def test_sequential_fit_sees_the_compensated_layers_below(tmp_path):
     (loc_b,) = compensation_sums(stack, IDS, BATCHES, windows, "reference", "global", {}, [(3, 5)],
                                  source="original")
     np.testing.assert_array_equal(loc_a.mtb, loc_b.mtb)
-    # fit_windows asks bottom-up, with the fits below
-    calls = []
-
-    def sums_for(fits, targets):
-        calls.append((sorted(fits), list(targets)))
-        return compensation_sums(stack, IDS, BATCHES, windows, "reference", "global", fits, targets)
-
-    fit_windows(windows, "lstsq", site, sums_for)
-    assert calls == [([], [(1, 2)]), ([(1, 2)], [(3, 5)])]
+    # the pass stops at each window bottom-up, and the fit handed back is folded before it goes on
+    fp = FitPass(stack, IDS, BATCHES, windows, "reference", "global")
+    w1, _ = fp.advance()
+    w2, s2 = fp.advance(lower)
+    assert (w1, w2) == ((1, 2), (3, 5)) and fp.advance() is None
+    np.testing.assert_allclose(s2.mtb, seq.mtb, rtol=1e-12, atol=1e-12)
 
 
 def test_lstsq_fit_reduces_the_window_error(tmp_path):
@@ -221,7 +251,8 @@ def test_lstsq_fit_reduces_the_window_error(tmp_path):
 
 def test_replaceme_picks_the_hand_computed_block(tmp_path):
     from swm_ray.data import Calibration
-    from swm_ray.planners import LocalScoring, plan_windows
+    from swm_ray.planners import plan_windows
+    from swm_ray.session import LocalScoring
 
     model = _saved("llama", tmp_path, n_layers=8)
     with torch.no_grad():
@@ -354,14 +385,18 @@ def test_compensation_aware_step_picks_the_window_of_lowest_compensated_loss(tmp
     """One best-first step under `select.compensate_aware` commits the pair whose compensated model has the
     lowest calibration NLL: every pair fitted and scored by hand here (fit_windows, then the compensated
     model's own loss), and the chosen window's score is that loss."""
-    from swm_ray.auto import LocalValidation
     from swm_ray.data import Calibration
-    from swm_ray.planners import LocalScoring, plan_windows
+    from swm_ray.planners import plan_windows
+    from swm_ray.session import LocalScoring
+    from swm_ray.validation import mean_nll, plan_nll
 
     model = _saved("llama", tmp_path, n_layers=6)
     stack = InMemoryStack(model)
     calib = Calibration(IDS, BATCHES, bos_prepended=False, pretokenized=True, source="test")
-    loss = LocalValidation(stack, calib)
+
+    def loss(windows, merge, fits):
+        return mean_nll(plan_nll(stack, IDS, BATCHES, windows, merge, "global", fits))
+
     by_hand = {}
     for low in range(0, 4):  # the pairs (low, low + 1) that keep the last layer (protect_last)
         fits = _fits(stack, [(low, low + 1)])
@@ -379,9 +414,10 @@ def test_compensation_aware_step_picks_the_window_of_lowest_compensated_loss(tmp
 def test_compensation_aware_refits_every_window_of_the_candidate_plan(tmp_path):
     """A second step scores plans of two windows: each candidate's loss equals the loss of its two windows
     fitted bottom-up together (the window below changes the input of the one above)."""
-    from swm_ray.auto import LocalValidation
     from swm_ray.data import Calibration
-    from swm_ray.planners import LocalScoring, plan_windows, windows_with
+    from swm_ray.planners import plan_windows, windows_with
+    from swm_ray.session import LocalScoring
+    from swm_ray.validation import mean_nll, plan_nll
 
     model = _saved("llama", tmp_path, n_layers=6)
     stack = InMemoryStack(model)
@@ -390,7 +426,7 @@ def test_compensation_aware_refits_every_window_of_the_candidate_plan(tmp_path):
     windows = planned.selection.windows
     assert sum(h - lo for lo, h in windows) == 2
     ws = sorted(tuple(w) for w in windows)
-    want = LocalValidation(stack, calib)(ws, "reference", _fits(stack, ws))
+    want = mean_nll(plan_nll(stack, IDS, BATCHES, ws, "reference", "global", _fits(stack, ws)))
     assert planned.selection.scores[-1] == pytest.approx(want, rel=1e-9)
     # fits of windows below a candidate are reused: fewer fits than windows in all the plans checked
     checked = sum(len(windows_with(groups, cand)) for groups, cand in planned.evaluator.cache)
@@ -416,7 +452,8 @@ def test_compensation_aware_on_actors_equals_one_process(ray_session, tiny_llama
     the same scores (sums over rows added exactly), and records the criterion in plan.json."""
     from swm_ray.data import calibration_for
     from swm_ray.jobs.compress import run_compress
-    from swm_ray.planners import LocalScoring, plan_windows
+    from swm_ray.planners import plan_windows
+    from swm_ray.session import LocalScoring
     from swm_ray.stack import StackSpec, open_stack
 
     flags = {"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet), "data.samples": 8,
@@ -456,7 +493,8 @@ def test_the_fit_sums_over_its_own_rows(tmp_path):
     a run whose only rows are the fit's, and a compress run records the fit's token count."""
     from swm_ray.data import Calibration
     from swm_ray.pipeline import compress_here
-    from swm_ray.planners import LocalScoring, compensate_plan
+    from swm_ray.planners import compensate_plan
+    from swm_ray.session import LocalScoring
 
     stack = InMemoryStack(_saved("qwen2", tmp_path / "m"))
     few = Calibration(IDS[:4], [(0, 4)], False, True, "t")

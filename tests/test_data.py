@@ -92,3 +92,72 @@ def test_missing_and_unknown_sources(tok):
         load_rows("/nonexistent/data.parquet")
     with pytest.raises(UserError, match="unknown builtin data"):
         load_rows("builtin:nope")
+
+
+def _old_packed(rows, tok, samples, body_len, seed):
+    """The packed sampler before prefix-stable draws (a plain run must still get exactly these rows)."""
+    import random
+
+    stream = []
+    for start in range(0, len(rows), 512):
+        for ids in tok(rows[start:start + 512], add_special_tokens=False)["input_ids"]:
+            stream.extend(ids + [tok.eos_token_id])
+        if len(stream) >= body_len * samples * 4:
+            break
+    picks = sorted(random.Random(seed).sample(range(len(stream) // body_len), samples))
+    return [stream[p * body_len:(p + 1) * body_len] for p in picks]
+
+
+@pytest.fixture(scope="module")
+def many_rows(tmp_path_factory):
+    """300 text rows and 200 pre-tokenized rows, no two alike (random word sequences): enough for 8 planning,
+    8 validation and 120 further fit rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tiny_models import SENTENCES
+
+    words = sorted({w for s in SENTENCES for w in s.split()})
+    rng = np.random.default_rng(11)
+    d = tmp_path_factory.mktemp("many")
+    with open(d / "text.jsonl", "w") as f:
+        for _ in range(300):
+            f.write(json.dumps({"text": " ".join(rng.choice(words, size=14))}) + "\n")
+    pq.write_table(pa.table({"input_ids": rng.integers(4, 256, size=(200, 16)).tolist()}), d / "tokens.parquet")
+    return d
+
+
+@pytest.mark.parametrize("mode, source", [("crops", "text.jsonl"), ("packed", "text.jsonl"),
+                                          ("packed-small-chunks", "text.jsonl"), ("pretokenized", "tokens.parquet")])
+def test_calibration_sets_keep_the_planning_rows(tiny_llama_dir, many_rows, monkeypatch, mode, source):
+    """Auto's validation rows and the fit's further rows never change the planning rows (the rows of a run with
+    data.samples alone), in every data mode, and never repeat one of them."""
+    from swm_ray import data
+    from swm_ray.config import build_config
+
+    if mode == "packed-small-chunks":  # the two budgets (first rows, all rows) end after different chunks
+        monkeypatch.setattr(data, "_CHUNK", 8)
+    cfg = build_config(flags={"model.source": str(tiny_llama_dir), "data.source": str(many_rows / source),
+                              "data.samples": 8, "data.seq_len": 16, "data.batch_size": 4,
+                              "data.mode": "crops" if mode in ("crops", "pretokenized") else "packed",
+                              "merge.fit_samples": 128})
+    _, alone, _ = data.calibration_for(cfg)
+    sets = data.calibration_sets(cfg, validation=8, fit=True)
+    assert sets.note is None and sets.fit.input_ids.shape[0] == 128 and sets.validation.input_ids.shape[0] == 8
+    np.testing.assert_array_equal(sets.plan.input_ids, alone.input_ids)
+    np.testing.assert_array_equal(sets.fit.input_ids[:8], alone.input_ids)
+    plan = {tuple(r) for r in alone.input_ids.tolist()}
+    val = {tuple(r) for r in sets.validation.input_ids.tolist()}
+    further = {tuple(r) for r in sets.fit.input_ids[8:].tolist()}
+    assert len(plan) == 8 and len(val) == 8 and len(further) == 120
+    assert not plan & val and not plan & further and not val & further
+    # the validation rows do not depend on whether fit rows are drawn (crops, pre-tokenized: the next rows)
+    if mode in ("crops", "pretokenized"):
+        np.testing.assert_array_equal(data.calibration_sets(cfg, validation=8).validation.input_ids,
+                                      sets.validation.input_ids)
+
+
+def test_packed_plain_run_unchanged(tok, many_rows):
+    rows = load_texts(str(many_rows / "text.jsonl"))
+    cal = build_calibration(str(many_rows / "text.jsonl"), tok, samples=8, seq_len=16, batch_size=4, mode="packed",
+                            seed=5)
+    assert cal.input_ids.tolist() == _old_packed(rows, tok, 8, 16, 5)

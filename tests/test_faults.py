@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from tiny_models import tiny_model
 
 from swm_ray.config import build_config
@@ -121,54 +120,81 @@ def test_actor_killed_mid_statistics_gives_the_identical_matrix(ray_session, dee
     assert not partial.exists()  # a completed run removes its partial state
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
+def _compensation(folder: Path) -> dict[str, torch.Tensor]:
+    """The fitted maps a plan carries (what a restarted actor could get wrong; the weights themselves are copied
+    from the same checkpoint whatever happened)."""
+    from swm_ray.plan import Plan
+
+    return Plan.load(folder / "plan.json").tensors
 
 
-def test_actor_killed_mid_search_gives_the_identical_windows_and_folder(ray_session, deep_model, many_rows,
-                                                                        tmp_path):
-    flags = {"select.layers": 5}
-    want = run_compress(_cfg(deep_model, many_rows, tmp_path / "clean", **flags))
+def _clean_and_killed(model, rows, tmp_path: Path, flags: dict, checks: int) -> tuple[dict, dict]:
+    """One clean run, then the same run with an actor killed once `checks` candidate checks are memoised."""
+    want = run_compress(_cfg(model, rows, tmp_path / "clean", **flags))
     memo = tmp_path / f".killed{SUFFIX}" / "memo.json"
-    seen = _kill_when(lambda: memo.exists() and _scores(memo) >= 11)
-    got = run_compress(_cfg(deep_model, many_rows, tmp_path / "killed", **flags))
+    seen = _kill_when(lambda: memo.exists() and _scores(memo) >= checks)
+    got = run_compress(_cfg(model, rows, tmp_path / "killed", **flags))
     seen["stop"] = True
     seen["thread"].join()
     assert seen["error"] is None and seen["killed"] and seen["after"]
+    return want, got
+
+
+def test_actor_killed_mid_search_gives_the_identical_windows_and_fits(ray_session, deep_model, many_rows, tmp_path):
+    flags = {"select.layers": 5, "merge.compensate": "lstsq", "merge.fit_samples": 192}
+    want, got = _clean_and_killed(deep_model, many_rows, tmp_path, flags, checks=11)
     assert got["plan"]["windows"] == want["plan"]["windows"]
     assert got["plan"]["similarities"] == want["plan"]["similarities"]
-    a, b = _tensors(tmp_path / "clean"), _tensors(tmp_path / "killed")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = _compensation(tmp_path / "clean"), _compensation(tmp_path / "killed")
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    errors = [(w["error_before"], w["error_after"]) for w in got["plan"]["compensation"]["windows"]]
+    assert errors == [(w["error_before"], w["error_after"]) for w in want["plan"]["compensation"]["windows"]]
+
+
+def _race(plan: dict) -> dict:
+    """What auto decided and measured, without its timings and counters."""
+    rec = dict(plan["extra"]["auto"])
+    for k in ("seconds", "passes"):
+        rec.pop(k)
+    rec["candidates"] = [{k: v for k, v in c.items() if k != "checks"} for c in rec["candidates"]]
+    return rec
+
+
+AUTO = {"select.method": "auto", "select.layers": 4, "data.samples": 64,
+        "select.auto_candidates": ["swm", "swm/keep-first", "sleb", "shortgpt", "replaceme"]}
+
+
+def test_actor_killed_inside_a_racing_candidate_gives_the_identical_choice(ray_session, deep_model, many_rows,
+                                                                            tmp_path):
+    """The default method: an actor killed while the race is inside its best-first searches; the restarted actor
+    rebuilds its reference pass and the race ends with the same held-out losses, stops and choice."""
+    want, got = _clean_and_killed(deep_model, many_rows, tmp_path, AUTO, checks=25)
+    assert got["plan"]["windows"] == want["plan"]["windows"] and _race(got["plan"]) == _race(want["plan"])
 
 
 def _scores(memo) -> int:
-    """Candidate scores saved so far in a run's memo.json (all evaluators)."""
-    return sum(len(v) for v in json.loads(memo.read_text())["evaluators"].values())
+    """Candidate checks saved so far in a run's memo.json."""
+    return len(json.loads(memo.read_text())["checks"])
 
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-c", "from swm_ray.cli import main; main()", *args]
 
 
-def test_driver_killed_then_resume(deep_model, many_rows, tmp_path):
-    """The driver (and its embedded Ray) dies after a committed step; the same command with --resume gives the
-    same plan and folder with fewer candidate checks than a fresh run."""
-    args = ["compress", str(deep_model), "--data", str(many_rows), "--samples", "192", "--seq-len", "24",
-            "--layers", "5", "--actors", "1", "--no-stream-layers", "--method", "swm"]
+def _kill_driver_then_resume(args: list[str], out: Path, tmp_path: Path, checks: int) -> tuple[dict, dict]:
+    """Run `swm-ray compress ARGS` fresh, then again at `out` killed (driver and its embedded Ray) once `checks`
+    candidate checks are saved, then rerun without and with --resume; returns (fresh plan, resumed plan)."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     fresh = subprocess.run(_cli(*args, "--out", str(tmp_path / "fresh")), env=env, capture_output=True, text=True,
-                           timeout=600)
+                           timeout=900)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
-    memo = tmp_path / f".run{SUFFIX}" / "memo.json"
-    proc = subprocess.Popen(_cli(*args, "--out", str(tmp_path / "run")), env=env, stdout=subprocess.DEVNULL,
+    memo = out.parent / f".{out.name}{SUFFIX}" / "memo.json"
+    proc = subprocess.Popen(_cli(*args, "--out", str(out)), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if memo.exists() and _scores(memo) >= 21:  # two steps committed
+            if memo.exists() and _scores(memo) >= checks:
                 break
             time.sleep(0.01)
     finally:
@@ -176,21 +202,41 @@ def test_driver_killed_then_resume(deep_model, many_rows, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, as a lost machine would
         proc.wait()
     assert alive, "the run finished before it could be interrupted"
-    assert not (tmp_path / "run").exists()
-    again = subprocess.run(_cli(*args, "--out", str(tmp_path / "run")), env=env, capture_output=True, text=True,
-                           timeout=600)
+    assert not out.exists()
+    again = subprocess.run(_cli(*args, "--out", str(out)), env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode != 0 and again.stderr.count("\n") == 1 and "--resume" in again.stderr
-    resumed = subprocess.run(_cli(*args, "--out", str(tmp_path / "run"), "--resume"), env=env, capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(_cli(*args, "--out", str(out), "--resume"), env=env, capture_output=True,
+                             text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    plan_fresh = json.loads((tmp_path / "fresh" / "plan.json").read_text())
-    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert not (out.parent / f".{out.name}{SUFFIX}").exists()
+    return (json.loads((tmp_path / "fresh" / "plan.json").read_text()),
+            json.loads((out / "plan.json").read_text()))
+
+
+def test_driver_killed_then_resume(deep_model, many_rows, tmp_path):
+    """The driver (and its embedded Ray) dies after two committed steps; the same command with --resume gives the
+    same plan, scores and fitted maps with fewer candidate checks than a fresh run."""
+    args = ["compress", str(deep_model), "--data", str(many_rows), "--samples", "192", "--seq-len", "24",
+            "--layers", "5", "--actors", "1", "--no-stream-layers", "--method", "swm", "--compensate", "lstsq",
+            "--set", "merge.fit_samples=192"]
+    plan_fresh, plan = _kill_driver_then_resume(args, tmp_path / "run", tmp_path, 21)
     assert plan["windows"] == plan_fresh["windows"] and plan["similarities"] == plan_fresh["similarities"]
     assert 0 < plan["extra"]["candidate_evaluations"] < plan_fresh["extra"]["candidate_evaluations"]
     assert plan["extra"]["resumed_scores"] >= 21
-    a, b = _tensors(tmp_path / "fresh"), _tensors(tmp_path / "run")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not (tmp_path / f".run{SUFFIX}").exists()
+    a, b = _compensation(tmp_path / "fresh"), _compensation(tmp_path / "run")
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_driver_killed_in_the_race_then_resume(deep_model, many_rows, tmp_path):
+    """The default method, interrupted once its one-shot candidates have finished and its searches have made
+    checks: --resume replays the race from the saved checks to the same losses, stops and choice."""
+    args = ["compress", str(deep_model), "--data", str(many_rows), "--samples", "64", "--seq-len", "24",
+            "--layers", "4", "--actors", "1", "--no-stream-layers",
+            "--set", "select.auto_candidates=[swm,swm/keep-first,sleb,shortgpt,replaceme]"]
+    plan_fresh, plan = _kill_driver_then_resume(args, tmp_path / "run", tmp_path, 20)
+    assert plan["windows"] == plan_fresh["windows"] and _race(plan) == _race(plan_fresh)
+    assert plan["extra"]["resumed_scores"] >= 20
+    assert plan["extra"]["candidate_evaluations"] < plan_fresh["extra"]["candidate_evaluations"]
 
 
 def test_resume_without_partial_state_is_a_one_line_error(tiny_llama_dir, tokens_parquet, tmp_path):

@@ -81,8 +81,8 @@ def test_lora_with_two_ray_train_workers(ray_session, compressed_dir, text_jsonl
     examples = load_examples(str(text_jsonl), tok, cutoff=16)
     schedule = Schedule.of(len(examples), 8, 2, 6, 0, cfg.heal.seed)
     root = _checkpoint_root(cfg, str(out))
-    _claim_checkpoints(cfg, root, str(out))  # what run_heal does first; then the run stops after step 3
-    stopped = fit_lora(cfg, str(compressed_dir), examples, schedule, root, 2, tok.pad_token_id, stop_at=3)
+    run = _claim_checkpoints(cfg, str(out))  # what run_heal does first; then the run stops after step 3
+    stopped = fit_lora(cfg, str(compressed_dir), examples, schedule, run, 2, tok.pad_token_id, stop_at=3)
     assert stopped["state"]["step"] == 3
 
     res = run_heal(cfg.model_copy(update={"resume": True}))
@@ -270,16 +270,16 @@ def test_an_unclaimed_checkpoint_folder_needs_resume(compressed_dir, text_jsonl,
 
     out = str(tmp_path / "o")
     cfg = build_config(flags=_lora_flags(compressed_dir, text_jsonl, tmp_path / "o"))
-    root = str(tmp_path / ".o.heal")
-    _claim_checkpoints(cfg, root, out)  # a fresh run marks the folder
-    assert (Path(root) / MARKER).exists()
+    run = _claim_checkpoints(cfg, out)  # a fresh run marks its own folder beside the output
+    assert Path(run).parent == tmp_path / ".o.heal" and (Path(run) / MARKER).exists()
     with pytest.raises(UserError, match="add --resume"):
-        _claim_checkpoints(cfg, root, out)
-    _claim_checkpoints(cfg.model_copy(update={"resume": True}), root, out)
-    other = build_config(flags=_lora_flags(compressed_dir, text_jsonl, tmp_path / "o", **{"heal.lr": 1e-3,
-                                                                                        "resume": True}))
-    with pytest.raises(UserError, match="other settings"):
-        _claim_checkpoints(other, root, out)
+        _claim_checkpoints(cfg, out)
+    assert _claim_checkpoints(cfg.model_copy(update={"resume": True}), out) == run
+    other = build_config(flags=_lora_flags(compressed_dir, text_jsonl, tmp_path / "o", **{"heal.lr": 1e-3}))
+    with pytest.raises(UserError, match="with other settings left its checkpoints"):
+        _claim_checkpoints(other, out)
+    with pytest.raises(UserError, match="other settings; run the identical command"):
+        _claim_checkpoints(other.model_copy(update={"resume": True}), out)
 
 
 def test_compress_then_heal_in_one_run(ray_session, tiny_llama_dir, tokens_parquet, tmp_path):
@@ -299,3 +299,111 @@ def test_compress_then_heal_in_one_run(ray_session, tiny_llama_dir, tokens_parqu
     assert plan["extra"]["heal"]["mode"] == "local" and len(res["heal"].fits) == len(plan["windows"])
     assert all(f["error_after"] < f["error_before"] for f in res["heal"].fits)
     assert not (tmp_path / ".c2.unhealed").exists()
+
+
+def _compress_heal_flags(tiny_llama_dir, tokens_parquet, out: Path, **extra) -> dict:
+    return {"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet), "data.samples": 16,
+            "data.seq_len": 16, "data.batch_size": 4, "out": str(out), "ray.actors": 1, "select.layers": 2,
+            "select.method": "swm", **extra}
+
+
+def test_compress_then_heal_resumes_an_interrupted_lora_heal(ray_session, tiny_llama_dir, tokens_parquet, text_jsonl,
+                                                             tmp_path, monkeypatch):
+    """`compress --heal lora` stopped during the heal: without --resume a one-line error says to add it; with
+    --resume the compression is not redone and the heal continues in the checkpoint folder the stopped run
+    claimed (that a heal continues from the checkpoints there: test_lora_with_two_ray_train_workers)."""
+    import swm_ray.jobs.compress
+    import swm_ray.jobs.heal as job
+
+    out = tmp_path / "ch"
+    cfg = build_config(flags=_compress_heal_flags(tiny_llama_dir, tokens_parquet, out, **{
+        "heal.after_compress": "lora", "heal.data": str(text_jsonl), "heal.steps": 2, "heal.workers": 1,
+        "heal.lr": 1e-2, "heal.batch_size": 8, "heal.micro_batch_size": 4, "heal.warmup_steps": 0,
+        "heal.cutoff": 16}))
+    fit_lora, roots = job.fit_lora, []
+
+    def stopped(cfg, path, examples, schedule, root, *args, **kwargs):  # the driver is lost as training starts
+        roots.append(root)
+        raise RuntimeError("driver lost")
+
+    monkeypatch.setattr(job, "fit_lora", stopped)
+    with pytest.raises(RuntimeError, match="driver lost"):
+        job.run_compress_and_heal(cfg)
+    staging = tmp_path / ".ch.unhealed"
+    assert (staging / "plan.json").exists() and not out.exists() and (Path(roots[0]) / job.MARKER).exists()
+    plan = json.loads((staging / "plan.json").read_text())
+
+    def resumed(cfg, path, examples, schedule, root, *args, **kwargs):
+        assert cfg.resume and path == str(staging)
+        roots.append(root)
+        return fit_lora(cfg, path, examples, schedule, root, *args, **kwargs)
+
+    def compress_again(*args, **kwargs):
+        raise AssertionError("the finished compression ran again")
+
+    monkeypatch.setattr(job, "fit_lora", resumed)
+    monkeypatch.setattr(swm_ray.jobs.compress, "run_compress", compress_again)
+    with pytest.raises(UserError, match=r"left its compressed model at .*\.ch\.unhealed: add --resume"):
+        job.run_compress_and_heal(cfg)
+    res = job.run_compress_and_heal(cfg.model_copy(update={"resume": True}))
+    assert roots[1] == roots[0] and res["heal"].steps == 2 and len(res["heal"].history) == 2
+    assert res["out"] == str(out.resolve()) and res["plan"]["windows"] == plan["windows"]
+    saved = json.loads((out / "plan.json").read_text())
+    assert saved["windows"] == plan["windows"] and saved["extra"]["heal"]["mode"] == "lora"
+    assert not staging.exists() and not (tmp_path / ".ch.heal").exists()
+
+
+def test_compress_then_heal_resumes_an_interrupted_compression(ray_session, tiny_llama_dir, tokens_parquet,
+                                                               tmp_path, monkeypatch):
+    """Stopped during the window search: --resume continues the compression from its partial state, then heals."""
+    from swm_ray.jobs.heal import run_compress_and_heal
+    from swm_ray.runstate import RunState
+
+    out = tmp_path / "cc"
+    cfg = build_config(flags=_compress_heal_flags(tiny_llama_dir, tokens_parquet, out, **{
+        "heal.after_compress": "local", "heal.steps": 5, "heal.lr": 3e-3, "heal.local_samples": 4,
+        "heal.local_seq_len": 16}))
+    save_json = RunState.save_json
+
+    def stopped(self, name, obj):  # the driver is lost right after the first candidate scores are saved
+        save_json(self, name, obj)
+        raise RuntimeError("driver lost")
+
+    monkeypatch.setattr(RunState, "save_json", stopped)
+    with pytest.raises(RuntimeError, match="driver lost"):
+        run_compress_and_heal(cfg)
+    assert (tmp_path / "..cc.unhealed.partial" / "state.json").exists() and not out.exists()
+    monkeypatch.setattr(RunState, "save_json", save_json)
+    with pytest.raises(UserError, match="add --resume"):
+        run_compress_and_heal(cfg)
+    res = run_compress_and_heal(cfg.model_copy(update={"resume": True}))
+    assert json.loads((out / "plan.json").read_text())["extra"]["heal"]["mode"] == "local"
+    assert len(res["heal"].fits) == len(res["plan"]["windows"])
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".cc", "..cc"))]
+
+
+def test_compress_then_heal_resume_mistakes_are_one_line_errors(tiny_llama_dir, tokens_parquet, tmp_path):
+    args = ["compress", str(tiny_llama_dir), "--data", str(tokens_parquet), "--layers", "2", "--heal", "lora",
+            "--out", str(tmp_path / "x"), "--resume"]
+    res = runner.invoke(app, args)
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert lines[0].startswith("error: --resume: no interrupted compress --heal of") and "without --resume" in lines[0]
+
+
+def test_compress_then_heal_refuses_checkpoints_of_another_compressed_model(tiny_llama_dir, tokens_parquet, tmp_path):
+    """Heal checkpoints left for the staging folder while that folder is gone (or about to be compressed again
+    with other settings) were trained on another model: refused before anything runs, never continued."""
+    from swm_ray import storage
+    from swm_ray.jobs.heal import _claim_checkpoints, run_compress_and_heal
+
+    out = tmp_path / "cs"
+    cfg = build_config(flags=_compress_heal_flags(tiny_llama_dir, tokens_parquet, out, **{
+        "heal.after_compress": "lora"}))
+    staging = storage.sibling(str(out), ".unhealed")
+    heal_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"source": staging}),
+                                      "heal": cfg.heal.model_copy(update={"mode": "lora"})})
+    _claim_checkpoints(heal_cfg, str(out))  # an interrupted heal of the compressed folder, which is gone
+    for resume in (False, True):
+        with pytest.raises(UserError, match="belong to an interrupted compress --heal .* gone or had other settings"):
+            run_compress_and_heal(cfg.model_copy(update={"resume": resume}))

@@ -228,6 +228,10 @@ def test_anchor_rule():
     assert anchor_layer(types, (1, 3)) == 2  # contains a global layer: that layer's type
     assert anchor_layer(types, (1, 3), "bottom") == 1  # the authors' code: the bottom's type
     assert anchor_layer(None, (1, 3)) == 1  # no per-layer types (Llama): the bottom
+    # plans that only drop layers keep the kept layer's own type, whatever the rule
+    assert anchor_layer(types, (1, 3), "global", "keep-first") == 1
+    assert anchor_layer(types, (0, 2), "global", "keep-last") == 2 and anchor_layer(types, (2, 3), "bottom",
+                                                                                       "keep-last") == 3
     with pytest.raises(UserError, match="attention rule"):
         anchor_layer(types, (0, 1), "top")
 
@@ -263,6 +267,35 @@ def test_window_reaching_a_global_layer_stays_global(arch):
     apply_windows(local, [(low, high)], "reference", attention="bottom")
     assert glob.config.layer_types[low] == "full_attention" and local.config.layer_types[low] == "sliding_attention"
     assert _reach(glob, low) and not _reach(local, low)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gemma2"])
+@pytest.mark.parametrize("rule", ["global", "bottom"])
+def test_dropping_layers_keeps_every_kept_layer_as_it_was(arch, rule):
+    """ShortGPT, SLEB and ReplaceMe delete layers: a keep-first window that drops a global layer leaves the kept
+    local layer local (its own sliding window and RoPE), so the edited model equals the original with those
+    layers deleted by hand, under either attention rule."""
+    from transformers import AutoModelForCausalLM
+
+    model, _ = tiny_model(arch)
+    types = list(model.config.layer_types)
+    low = next(i for i in range(5) if types[i] == "sliding_attention" and types[i + 1] == "full_attention")
+    edited = apply_windows(copy.deepcopy(model), [(low, low + 1)], "keep-first", attention=rule)
+    assert edited.config.layer_types[low] == "sliding_attention"
+    by_hand = copy.deepcopy(model)
+    kept = [i for i in range(len(types)) if i != low + 1]
+    cfg = copy.deepcopy(model.config)
+    cfg.num_hidden_layers, cfg.layer_types = len(kept), [types[i] for i in kept]
+    fresh = AutoModelForCausalLM.from_config(cfg).eval()
+    state = {k: v for k, v in by_hand.state_dict().items() if ".layers." not in k}
+    for new, old in enumerate(kept):
+        prefix = f"model.layers.{old}."
+        state.update({f"model.layers.{new}.{k[len(prefix):]}": v for k, v in by_hand.state_dict().items()
+                      if k.startswith(prefix)})
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(edited(IDS).logits, fresh(IDS).logits, rtol=0, atol=1e-5)
+    assert not _reach(edited, low)  # still local: it cannot see token 0 from the last position
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "qwen2"])

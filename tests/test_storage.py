@@ -17,32 +17,6 @@ from swm_ray import storage
 from swm_ray.errors import UserError
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3(s3_endpoint, monkeypatch):
-    import s3fs
-
-    monkeypatch.setenv("SWM_RAY_S3_ENDPOINT", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = storage.s3fs_filesystem()
-    if not fs.exists("bucket"):
-        fs.mkdir("bucket")
-    return fs
-
-
 def test_parquet_calibration_from_s3(s3):
     import pyarrow as pa
     import pyarrow.parquet as pq

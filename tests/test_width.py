@@ -254,6 +254,31 @@ def test_width_counts_prune_both_parts_and_refuse_too_much():
         width_counts(geo, 30, 0.95 * params)
 
 
+@pytest.mark.parametrize("geo", [Geometry(heads=9, kv_heads=3, head_dim=64, intermediate=1536, hidden=576),
+                                 Geometry(heads=4, kv_heads=2, head_dim=8, intermediate=64, hidden=32)])
+def test_width_reach_is_the_most_width_counts_takes(geo):
+    """`width_reach` (what the up-front target check names): exactly reachable, one channel more is refused."""
+    from swm_ray.width import channel_params, width_reach
+
+    most = width_reach(geo, 30)
+    assert width_counts(geo, 30, most) == (1, 1)
+    with pytest.raises(UserError, match="leaves no MLP channel"):
+        width_counts(geo, 30, most + 30 * channel_params(geo))
+
+
+def test_check_width_target_names_the_largest_fraction(tiny_llama_dir):
+    from swm_ray.preflight import model_facts
+    from swm_ray.width import check_width_target
+
+    cfg = build_config(flags={"model.source": str(tiny_llama_dir)})
+    f = model_facts(cfg)
+    assert check_width_target(cfg, f.config, f.layer_names, "taylor", 0.2, 6, f.params, "--ratio") == (1, 49)
+    with pytest.raises(UserError, match=r"^--ratio 0.52: width pruning of the 6 decoder layers can remove at most "
+                                        r"0.514 of the parameters") as e:
+        check_width_target(cfg, f.config, f.layer_names, "taylor", 0.52, 6, f.params, "--ratio")
+    assert "\n" not in str(e.value)
+
+
 runner = CliRunner()
 
 

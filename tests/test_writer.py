@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -72,18 +73,148 @@ def test_saved_folder_reloads_with_same_logits(tmp_path, arch):
     assert Plan.load(out / "plan.json") == plan
 
 
+def _eval_result(model, tok, out: Path, text_file: Path, tasks: dict | None = None) -> dict:
+    """What `compress --eval` puts into the card: `jobs.eval.merge_parts` over `evaluate_model`'s real result
+    (perplexity measured on `text_file`, a local file) for the folder `out`; `tasks` rows as `zeroshot` makes them."""
+    from swm_ray.evaluation import evaluate_model
+    from swm_ray.jobs.eval import merge_parts
+
+    part = {"model": str(out), **evaluate_model(model, tok, tasks=[], ppl_data=str(text_file), ppl_chunk=8,
+                                                ppl_max_tokens=64, ppl_batch_size=2)}
+    names = list(tasks or {})
+    if tasks:
+        part.update(tasks=tasks, mode="offline", task_source="offline", splits={t: r["split"] for t, r in
+                                                                                  tasks.items()},
+                    raw={"results": {t: {"acc,none": r["value"]} for t, r in tasks.items()}})
+    return merge_parts([part], names)
+
+
+TASK_ROWS = {"arc_easy": {"metric": "acc", "value": 0.61, "stderr": 0.0204, "n": 570, "split": "validation",
+                          "source": "offline"},
+             "hellaswag": {"metric": "acc_norm", "value": 0.42, "stderr": None, "n": 200, "split": "validation",
+                           "source": "offline"}}
+ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])(?:~|/[\w.-]+)(?:/[^\s`'\"|<>()]*)+")  # /a/b or ~/a, not s3://b/k
+
+
+def _metrics_section(card: str) -> str:
+    return card[card.index("## Metrics"):card.index("## How to load")]
+
+
 def test_model_card_contents(tmp_path):
     model, tok, plan = _compressed("llama")
     out = tmp_path / "card"
-    _save(model, tok, plan, out, metrics={"arc_easy": {"acc": 0.61, "acc_norm": 0.58}, "boolq": {"acc": 0.7}})
+    text = tmp_path / "held-out.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    metrics = _eval_result(model, tok, out, text, TASK_ROWS)
+    _save(model, tok, plan, out, metrics=metrics)
     card = (out / "README.md").read_text()
     assert "tiny-llama" in card and "`reference`" in card and "top layer" in card
     assert "[4, 5]" in card and "[1, 2]" in card
     assert "| decoder layers | 6 | 4 |" in card
     assert f"{plan.params_before:,}" in card and f"{plan.params_after:,}" in card
-    assert "| arc_easy | 0.6100 | 0.5800 |" in card and "| boolq | 0.7000 |  |" in card
     assert "AutoModelForCausalLM.from_pretrained" in card
-    assert RESOLVED.strip() in card
+    assert RESOLVED.strip() in card  # no local path in it: shown as written
+    table = _metrics_section(card)
+    ppl = metrics["ppl"]
+    assert f"| perplexity | {ppl['ppl']:,.2f} |  | a local folder or file (`held-out.txt`), {ppl['tokens']} tokens, " \
+           f"{ppl['chunks']} chunks of 8, BOS: stream |" in table
+    assert "| ARC-e (acc, %) | 61.00 | ± 2.04 | validation split, offline tasks, 570 items |" in table
+    assert "| HellaSwag (acc_norm, %) | 42.00 |  | validation split, offline tasks, 200 items |" in table
+    assert "| mean accuracy (%) | 51.50 |  | plain mean over 2 tasks |" in table
+    assert f"| parameters | {metrics['params']:,} |  |  |" in table
+
+
+def test_metrics_table_has_no_dict_reprs_and_no_paths(tmp_path):
+    """`make demo`'s metrics (`eval.tasks=[]`: no tasks, an empty raw block, the output folder's absolute path)
+    and a result with tasks render as rows of numbers and words only."""
+    model, tok, _ = _compressed("llama")
+    out = tmp_path / "runs" / "demo"
+    text = tmp_path / "texts" / "wiki.txt"
+    text.parent.mkdir()
+    text.write_text("a b c d e f g h i j k l m n o p. " * 30)
+    for metrics in (_eval_result(model, tok, out, text), _eval_result(model, tok, out, text, TASK_ROWS),
+                    {"ppl": 12.5, "note": str(out), "extra": {"nested": {"x": 1.5}, "where": [str(text)]}}):
+        table = writer.render_metrics_table(metrics)
+        assert table.startswith("| metric | value | ± stderr | measured on |")
+        assert not any(c in table for c in "{}'[]"), table  # no dict, list or string reprs
+        assert str(tmp_path) not in table and not ABSOLUTE_PATH.search(table), table
+        assert "raw" not in table and "| model |" not in table
+        assert "| perplexity |" in table
+    assert "| extra / nested / x | 1.5000 |  |  |" in table and "note" not in table  # the path is left out
+    assert writer.render_metrics_table({}) == ""
+
+
+def _auto_record() -> dict:
+    cand = {"compensate": "none", "seconds": 1.0}
+    return {"chosen": "replaceme", "original_validation_ppl": 20.5, "validation_rows": 8, "validation_tokens": 1016,
+            "candidates": [
+                {**cand, "candidate": "swm", "method": "swm", "merge": "reference", "windows": [[3, 4]],
+                 "validation_ppl": 40.25, "error": None},
+                {**cand, "candidate": "sleb", "method": "sleb", "merge": "keep-first", "windows": [],
+                 "validation_ppl": None, "error": "no window to merge at this target"},
+                {**cand, "candidate": "replaceme", "method": "replaceme", "merge": "keep-first",
+                 "windows": [[3, 4]], "validation_ppl": 30.75, "error": None}]}
+
+
+@pytest.mark.parametrize("kind", ["merge", "drop", "keep-last", "auto"])
+def test_card_says_what_the_plan_did_and_which_method_chose_it(kind):
+    method, merge, extra = {"merge": ("swm", "reference", {}), "drop": ("shortgpt", "keep-first", {}),
+                            "keep-last": ("swm", "keep-last", {}),
+                            "auto": ("auto", "keep-first", {"auto": _auto_record()})}[kind]
+    plan = Plan(windows=[[3, 4], [0, 1]] if kind != "auto" else [[3, 4]], num_layers_before=6, merge=merge,
+                source_model="org/base", method=method, similarities=[0.9, 0.8])
+    plan.extra = extra
+    card = writer.render_model_card(plan)
+    produced = next(line for line in card.splitlines() if line.startswith("Produced by"))
+    if kind == "merge":
+        assert "by merging 2 windows of consecutive decoder layers into one layer each" in produced
+        assert "dropping" not in produced and "Method: **`swm`**: sliding-window merging" in card
+        assert "| [3, 4] | 2 | one merged layer (reference) | 0.9000 |" in card
+    else:
+        removed = 1 if kind == "auto" else 2
+        kept = "top" if kind == "keep-last" else "bottom"
+        assert f"by dropping {removed} of its 6 decoder layers" in produced and "no layers were merged" in produced
+        assert f"only the {kept} layer of each was kept" in produced and "merging" not in produced
+        assert "layer-dropping" in card and "layer-merging" not in card
+    if kind == "drop":
+        assert "Method: **`shortgpt`**: ShortGPT" in card
+        assert "| [3, 4] | 2 | layer 3 kept, 1 dropped | 0.9000 |" in card
+    if kind == "keep-last":
+        assert "| [3, 4] | 2 | layer 4 kept at position 3, 1 dropped |" in card
+    if kind == "auto":
+        assert "Method: **`auto`**" in card and "Chosen: **`replaceme`** (ReplaceMe:" in card
+        assert "validation perplexity on 8 held-out rows, 1016 tokens; the original model: 20.50" in card
+        assert "| **replaceme** (chosen) | keep-first | none | [3, 4] | 30.75 |" in card
+        assert "| swm | reference | none | [3, 4] | 40.25 |" in card
+        assert "| sleb | keep-first | none | - | not scored: no window to merge at this target |" in card
+    else:
+        assert "Chosen:" not in card
+
+
+def test_card_carries_no_local_path(tmp_path, monkeypatch):
+    """Source, output folder, data paths (absolute or relative), metrics: the card names none of them by path."""
+    monkeypatch.chdir(tmp_path)
+    model, tok, plan = _compressed("llama", method="keep-first")
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    (tmp_path / "texts.parquet").write_text("")
+    plan.source_model = str(tmp_path / "models" / "base")
+    out = tmp_path / "runs" / "demo"
+    resolved = (f"model:\n  source: {tmp_path / 'models' / 'base'}\ndata:\n  source: texts.parquet\n"
+                f"  mode: crops\ngrid:\n  models:\n  - ./models/base\n  - org/hub-model\n  - s3://bucket/m\n"
+                f"out: runs/demo\nheal:\n  data: ~/texts.jsonl\n")
+    metrics = {"model": str(out), "ppl": {"data": str(tmp_path / "texts.parquet"), "ppl": 9.5, "tokens": 64}}
+    writer.save_model_folder(model, tok, str(out), plan=plan, raw_yaml=RAW, resolved_yaml=resolved, metrics=metrics,
+                             verify=False)
+    card = (out / "README.md").read_text()
+    config = card[card.index("```yaml\n") + 8:card.rindex("\n```")]
+    assert str(tmp_path) not in card and not ABSOLUTE_PATH.search(card)
+    assert "from a local folder or file (`base`)" in card
+    assert "texts.parquet" not in config and "runs/demo" not in config and "./models" not in config
+    assert "- org/hub-model\n  - s3://bucket/m" in config and "  mode: crops" in config  # not paths: kept
+    assert config.count("<local path>") == 5  # model, data, a grid model, out, heal data
+    assert yaml.safe_load(config)["out"] == "<local path>"  # still YAML
+    assert "a local folder or file (`texts.parquet`), 64 tokens" in card
+    assert (out / "config.resolved.yaml").read_text() == resolved  # the run's own record keeps everything
 
 
 def test_existing_foreign_output_refused(work):
@@ -145,6 +276,32 @@ def test_mergekit_recipe_keep_last_keeps_tops():
     recipe = yaml.safe_load(writer.render_mergekit_config(plan))
     assert [s["sources"][0]["layer_range"] for s in recipe["slices"]] == [[0, 1], [2, 4], [5, 6]]
     assert writer.render_mergekit_config(Plan(windows=[[1, 2]], num_layers_before=6, merge="mean")) is None
+
+
+def _recipe(source: str, revision: str | None = None) -> tuple[set[str], str]:
+    text = writer.render_mergekit_config(Plan(windows=[[1, 2]], num_layers_before=4, merge="keep-first",
+                                              source_model=source, source_revision=revision))
+    return {s["sources"][0]["model"] for s in yaml.safe_load(text)["slices"]}, text
+
+
+def test_mergekit_recipe_names_a_source_mergekit_can_open(tmp_path, monkeypatch):
+    """mergekit opens hub ids (`id@revision`) and local folders, not `builtin:` or s3://."""
+    models, text = _recipe("builtin:smollm2-135m")
+    assert models == {"HuggingFaceTB/SmolLM2-135M-Instruct"} and "builtin:" not in yaml.safe_dump(yaml.safe_load(text))
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in text and "resolve_model_path" in text and "converted" in text
+    monkeypatch.setitem(writer.BUILTIN_HUB_IDS, "smollm2-135m", None)  # a builtin without a known original
+    models, text = _recipe("builtin:smollm2-135m")
+    assert models == {writer.SOURCE_PLACEHOLDER} and "put the local path of that converted folder" in text
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-model").mkdir()
+    models, text = _recipe("my-model")  # relative, as the user typed it: the recipe gets the resolved folder
+    assert models == {str(tmp_path / "my-model")} and "# model: the local folder swm-ray read" in text
+    models, text = _recipe("org/name", "v1.0")
+    assert models == {"org/name@v1.0"} and "hub id" in text
+    models, text = _recipe("s3://bucket/model")
+    assert models == {writer.SOURCE_PLACEHOLDER} and "s3://bucket/model" in text and "copy that folder" in text
+    models, _ = _recipe("")
+    assert models == {writer.SOURCE_PLACEHOLDER}
 
 
 def test_plan_round_trip(tmp_path):

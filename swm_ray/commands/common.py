@@ -115,9 +115,10 @@ def user_errors(fn: Callable) -> Callable:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         try:
             return fn(*args, **kwargs)
-        except UserError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(e.exit_code) from None
+        except UserError as e:  # Ray's RayTaskError of a UserError is one too, but prints the remote traceback
+            cause = find_user_error(e) or e
+            typer.echo(f"error: {cause}", err=True)
+            raise typer.Exit(cause.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: outputs appear only when complete, so nothing half-written was left (analyze "
                        "and compress continue with --resume; finished zoo models and grid rows are kept)", err=True)

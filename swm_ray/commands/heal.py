@@ -23,8 +23,9 @@ HELP = "\n\n".join([
     "layout and card as compress, plus heal.json).",
     "--mode lora (default): LoRA adapters on q, k, v, o, gate, up, down with the paper's recipe (r 8, alpha 16, "
     "dropout 0.05, lr 1e-4, effective batch 64, 2 epochs, cutoff 256, 100 warm-up steps), trained by --workers "
-    "Ray Train workers (one GPU each where the cluster has GPUs), checkpointed beside --out (or to "
-    "--checkpoints, local or s3://), then merged into the weights. --data: instruction records "
+    "Ray Train workers (one GPU each where the cluster has GPUs), checkpointed beside --out (or under "
+    "--checkpoints, local or s3://, in a folder of its own that it removes when done), then merged into the "
+    "weights. --data: instruction records "
     "(instruction/input/output; the prompt is masked from the loss) or plain text, .parquet/.jsonl/.json/.txt, "
     "local or s3://, or builtin: text. A stopped run continues with --resume.",
     "--mode local: each merged layer of the folder's plan.json is refit alone, bottom-up, to the original "
@@ -49,8 +50,9 @@ def heal_command(
     lr: float = typer.Option(None, "--lr", help="learning rate (default: lora 1e-4, local 3e-4)"),
     batch_size: int = typer.Option(None, "--batch-size", help="lora: effective batch over all workers (default 64)"),
     keep_adapter: bool = typer.Option(None, "--keep-adapter", help="lora: also save the adapter alone (OUT/adapter)"),
-    checkpoints: str = typer.Option(None, "--checkpoints", help="lora: checkpoint folder, local or s3:// (default: "
-                                    "beside --out)"),
+    checkpoints: str = typer.Option(None, "--checkpoints", help="lora: folder for checkpoints, local or s3://, "
+                                    "empty or used only by heal runs (each keeps its own heal-<hash>/ there and "
+                                    "removes only that; default: beside --out)"),
     source: str = typer.Option(None, "--source", help="local: the original model (default: plan.json's source)"),
     do_eval: bool = typer.Option(None, "--eval", help="evaluate the healed model (perplexity + zero-shot) into its "
                                  "card"),

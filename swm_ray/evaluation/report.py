@@ -5,6 +5,9 @@
 split, source}` (values are fractions in [0, 1]), `mean` (plain mean over tasks), `ppl` and `latency` when
 measured, a `baseline` block with the same fields when a baseline was evaluated, and `comparison` (deltas and
 ratios). lm-eval's raw results go to a sibling file (`eval.raw.json`), named in `raw_file`.
+
+`accuracy_table` prints accuracies with standard errors and paired differences (`evaluation.accuracy`) as
+markdown, for `benchmarks/bench_accuracy.py`.
 """
 
 from __future__ import annotations
@@ -199,3 +202,33 @@ def _splits_note(report: dict) -> str:
 def _line(cells: list[str], widths: list[int]) -> str:
     first = str(cells[0]).ljust(widths[0])
     return "  ".join([first, *(str(c).rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))])
+
+
+# --- accuracy with standard errors (benchmarks/bench_accuracy.py) -------------------------------------------
+
+
+def _pm(v: float | None, se: float | None, signed: bool = False) -> str:
+    if v is None:
+        return "-"
+    text = f"{v:+.3f}" if signed else f"{v:.3f}"
+    return text if se is None else f"{text} ± {se:.3f}"
+
+
+def accuracy_table(rows: list[tuple[str, dict]], tasks: list[str], reference: str | None = None,
+                   per_task: str = "acc") -> str:
+    """Markdown table of `accuracy.summarize` results, one row per (label, summary): the mean over `tasks` ± SE,
+    its paired difference to `reference` ± SE, and per task its accuracy ± SE (`per_task="acc"`) or its paired
+    difference ± SE (`"diff"`); fractions. Missing values (a task not scored yet, the reference's own
+    difference) show '-'."""
+    mean_name = "6-task mean" if len(tasks) == 6 else f"{len(tasks)}-task mean"
+    diff_name = f"Δ vs {reference} (paired)" if reference else "Δ (paired)"
+    labels = [f"{TASK_LABELS.get(t, t)}" for t in tasks]
+    lines = ["| model | " + " | ".join([mean_name, diff_name, *labels]) + " |",
+             "|---|" + "---|" * (len(tasks) + 2)]
+    for label, s in rows:
+        cells = [_pm(s.get("mean"), s.get("mean_se")), _pm(s.get("diff"), s.get("diff_se"), signed=True)]
+        for t in tasks:
+            r = s.get("tasks", {}).get(t) or {}
+            cells.append(_pm(r.get(per_task), r.get("se" if per_task == "acc" else "diff_se"), per_task == "diff"))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

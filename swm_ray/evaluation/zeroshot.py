@@ -8,6 +8,13 @@ Offline tasks carry the standard names (the built-in task index is not loaded th
 standard prompts, choices and metrics; ARC and OpenBookQA use the validation split (the hub runs report test).
 The choice never depends on whether the hub is reachable, so splits do not change from host to host; every
 result records its task source and each task's split.
+
+Which items: a task is scored on the first N documents of its split, in file order (lm-eval's `limit` takes a
+prefix of the split; `reported_items` names them). Documents from index 1000 on of PIQA, HellaSwag and
+WinoGrande (`held_out_items`) are a held-out slice reserved for choosing plans, so no reported score reads them:
+whatever `limit` asks, those three tasks stop at 1000 items. `zeroshot(..., per_item=True)` also returns, per
+task, each document's 0/1 correctness under the paper's metric (keyed by doc id), so that two models can be
+compared item by item (`swm_ray.evaluation.accuracy`).
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -77,6 +86,51 @@ def validate_limit(limit: int | None) -> int | None:
 def paper_metric(task: str) -> str:
     """The metric the paper reports for `task` (acc or acc_norm)."""
     return TASKS[task].metric
+
+
+# --- which items --------------------------------------------------------------------------------------------
+
+MEAN_TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+"""The '6-task mean': the paper's tasks without BoolQ, whose passages are the held-out perplexity text."""
+REPORTED_LIMIT = 500  # items per task behind a reported mean (all items where a task has fewer)
+HELD_OUT_FROM = {"piqa": 1000, "hellaswag": 1000, "winogrande": 1000}
+"""Doc index where each task's held-out slice (for choosing plans, never reported) begins."""
+
+
+def task_rows(task: str) -> int:
+    """Number of documents in `task`'s offline validation split."""
+    return _arrow_rows(str(data_file(task)))
+
+
+@cache
+def _arrow_rows(path: str) -> int:
+    import pyarrow as pa
+
+    with pa.memory_map(path) as source:  # record batches of a memory-mapped stream: nothing is copied
+        return sum(batch.num_rows for batch in pa.ipc.open_stream(source))
+
+
+def effective_limit(task: str, limit: int | None) -> int | None:
+    """The prefix length lm-eval is asked for: `limit`, cut at the held-out slice (None: the whole split)."""
+    cap = HELD_OUT_FROM.get(task)
+    if cap is None:
+        return limit
+    return cap if limit is None else min(limit, cap)
+
+
+def reported_items(task: str, limit: int | None = REPORTED_LIMIT) -> range:
+    """The doc indices (positions in the offline validation split) that a score of `task` at `limit` reads:
+    the first `limit` documents, never the held-out slice. `limit=None`: every document before that slice."""
+    rows = task_rows(task)
+    n = effective_limit(task, limit)
+    return range(rows if n is None else min(n, rows))
+
+
+def held_out_items(task: str) -> range:
+    """The doc indices of `task`'s held-out slice (empty for tasks without one); disjoint from every
+    `reported_items(task, limit)`."""
+    start = HELD_OUT_FROM.get(task)
+    return range(0) if start is None else range(start, max(start, task_rows(task)))
 
 
 # --- online / offline -------------------------------------------------------------------------------------
@@ -209,8 +263,14 @@ def task_manager(tasks: list[str], offline: bool):
 # --- scoring ----------------------------------------------------------------------------------------------
 
 
-def run_lm_eval(model, tok, tasks: list[str], limit: int | None, batch_size: int, offline: bool) -> dict:
-    """Call `lm_eval.simple_evaluate` on an in-memory model; returns lm-eval's results dict."""
+def run_lm_eval(model, tok, tasks: list[str], limit: int | None, batch_size: int, offline: bool, *,
+                log_samples: bool = False, samples: dict[str, list[int]] | None = None) -> dict:
+    """Call `lm_eval.simple_evaluate` on an in-memory model; returns lm-eval's results dict.
+
+    `limit` scores the first `limit` documents of every task; `samples` ({task: doc indices}, instead of
+    `limit`) exactly those documents. `log_samples` adds `results["samples"][task]`: one record per document
+    with its `doc_id` and per-document metric values (`acc`, `acc_norm`: 0.0 or 1.0).
+    """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -225,7 +285,8 @@ def run_lm_eval(model, tok, tasks: list[str], limit: int | None, batch_size: int
             tasks=list(tasks),
             task_manager=task_manager(tasks, offline),
             limit=limit,
-            log_samples=False,
+            samples=samples,
+            log_samples=log_samples,
             bootstrap_iters=100_000,
         )
     finally:
@@ -282,6 +343,62 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
+def per_item_correct(raw: dict, tasks: list[str]) -> dict[str, dict[int, int]]:
+    """{task: {doc_id: 1 if correct else 0}} under the paper's metric, from lm-eval's logged samples
+    (`run_lm_eval(..., log_samples=True)`); RuntimeError when they disagree with lm-eval's aggregate."""
+    out: dict[str, dict[int, int]] = {}
+    for task in tasks:
+        metric = paper_metric(task)
+        records = [r for r in (raw.get("samples") or {}).get(task, []) if r.get("filter", "none") == "none"]
+        if not records:
+            raise RuntimeError(f"lm-eval logged no samples for task {task}")
+        items = {int(r["doc_id"]): int(round(float(r[metric]))) for r in records}
+        if len(items) != len(records):
+            raise RuntimeError(f"lm-eval logged a document of task {task} twice")
+        value = _number(raw["results"][task].get(f"{metric},none"))
+        if value is not None and not math.isclose(sum(items.values()) / len(items), value, abs_tol=1e-9):
+            raise RuntimeError(f"task {task}: per-item {metric} does not average to lm-eval's {value}")
+        out[task] = dict(sorted(items.items()))
+    return out
+
+
+def _doc_id_lists(doc_ids: dict[str, Iterable[int]], names: list[str], off: bool) -> dict[str, list[int]]:
+    """Sorted, de-duplicated doc indices per task (lm-eval maps its results back to them in file order)."""
+    missing = [t for t in names if t not in doc_ids]
+    if missing:
+        raise UserError(f"doc_ids given without the task(s) {', '.join(missing)}: name the items of every task")
+    out = {}
+    for task in names:
+        ids = sorted({int(i) for i in doc_ids[task]})
+        if not ids or ids[0] < 0 or (off and ids[-1] >= task_rows(task)):
+            raise UserError(f"doc_ids of task {task}: give indices in 0..{task_rows(task) - 1 if off else 'n-1'}")
+        out[task] = ids
+    return out
+
+
+_RAW_KEYS = ("results", "n-samples", "configs", "versions", "higher_is_better", "samples")
+
+
+def _score(model, tok, names: list[str], limit: int | None, batch_size: int, off: bool, log_samples: bool,
+           doc_ids: dict[str, list[int]] | None) -> dict:
+    """lm-eval's results for all `names`: one call per distinct prefix length (the held-out cut makes PIQA,
+    HellaSwag and WinoGrande stop earlier than the others when `limit` is None or above 1000), or one call on
+    the documents in `doc_ids`. The per-task parts of the results are merged."""
+    logged = {"log_samples": True} if log_samples else {}  # the plain call stays the plain call
+    if doc_ids is not None:
+        return run_lm_eval(model, tok, names, None, batch_size, off, samples=doc_ids, **logged)
+    groups: dict[int | None, list[str]] = {}
+    for task in names:
+        groups.setdefault(effective_limit(task, limit), []).append(task)
+    merged: dict = {}
+    for n, group in groups.items():
+        raw = run_lm_eval(model, tok, group, n, batch_size, off, **logged)
+        for key in _RAW_KEYS:
+            if isinstance(raw.get(key), dict):
+                merged.setdefault(key, {}).update(raw[key])
+    return merged
+
+
 def zeroshot(
     model,
     tok,
@@ -290,25 +407,36 @@ def zeroshot(
     limit: int | None = None,
     batch_size: int = 16,
     offline: bool | None = None,
+    per_item: bool = False,
+    doc_ids: dict[str, Iterable[int]] | None = None,
 ) -> dict:
-    """Score an in-memory model on the paper's tasks.
+    """Score an in-memory model on the paper's tasks: the first `limit` documents of each (see
+    `reported_items`; None: all before the held-out slice), or exactly the documents in `doc_ids`
+    ({task: doc indices}, for scoring chosen items such as the held-out slice; not with `limit`).
 
     Returns `{"tasks": {task: {metric, value, stderr, n, split, source}}, "mean": float, "mode" and
-    "task_source": "offline"|"hub", "splits": {task: split}, "raw": lm-eval results (json-safe)}`.
+    "task_source": "offline"|"hub", "splits": {task: split}, "raw": lm-eval results (json-safe)}`, and with
+    `per_item=True` also `"items": {task: {doc_id: 0|1}}` (correct under the task's metric).
     """
     names = validate_tasks(tasks)
     limit = validate_limit(limit)
     off = resolve_offline(offline)
+    if doc_ids is not None and limit is not None:
+        raise UserError("give either limit or doc_ids, not both")
     if off:
         set_offline_env()  # before lm-eval imports datasets, which reads these at import time
         for t in names:
             data_file(t)  # clear error before lm-eval starts
-    raw = run_lm_eval(model, tok, names, limit, batch_size, off)
+    ids = None if doc_ids is None else _doc_id_lists(doc_ids, names, off)
+    raw = _score(model, tok, names, limit, batch_size, off, per_item, ids)
     rows = select_metrics(raw, names)
     source = task_source(off)
     splits = task_splits(names, off, raw.get("configs"))
     for task, row in rows.items():
         row.update(split=splits[task], source=source)
-    keep = {k: raw.get(k) for k in ("results", "n-samples", "configs", "versions", "higher_is_better")}
-    return {"tasks": rows, "mean": mean_accuracy(rows), "mode": source, "task_source": source, "splits": splits,
-            "raw": jsonable(keep)}
+    keep = {k: raw.get(k) for k in _RAW_KEYS[:-1]}
+    out = {"tasks": rows, "mean": mean_accuracy(rows), "mode": source, "task_source": source, "splits": splits,
+           "raw": jsonable(keep)}
+    if per_item:
+        out["items"] = per_item_correct(raw, names)
+    return out

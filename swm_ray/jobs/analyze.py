@@ -12,6 +12,7 @@ from swm_ray import storage
 from swm_ray.artifacts import write_configs, write_json, write_similarity
 from swm_ray.config import RunConfig, dump_yaml
 from swm_ray.data import Calibration, calibration_for
+from swm_ray.jobs.runtime import actor_dtype
 from swm_ray.runstate import RunState
 from swm_ray.similarity import cka_from_sums
 
@@ -76,7 +77,7 @@ def run_analyze(cfg: RunConfig, raw_yaml: str = "") -> dict:
     out = cfg.out or "swm-ray-analyze"
     storage.check_run_paths(out, cfg.overwrite, [cfg.model.source, cfg.data.source])
     path, calib, n_layers = calibration_for(cfg)
-    state = RunState.open(out, "analyze", cfg, cfg.resume)
+    state = RunState.open(out, "analyze", cfg, cfg.resume, dtype=actor_dtype(cfg))
     state.start(calib.input_ids)
     cka, info = similarity_matrix(cfg, calib, reuse=False, state=state)
     if cka.shape != (n_layers + 1, n_layers + 1):

@@ -14,11 +14,12 @@ from swm_ray import storage
 from swm_ray.config import WIDTH_METHODS, RunConfig, dump_yaml
 from swm_ray.data import calibration_sets
 from swm_ray.errors import UserError
-from swm_ray.jobs.analyze import similarity_matrix
 from swm_ray.jobs.console import console
 from swm_ray.runstate import RunState
-from swm_ray.selection import MemoEvaluator, check_threshold, target_layers
+from swm_ray.selection import check_threshold, target_layers
+from swm_ray.session import Scoring
 
+MEMO_VERSION = 2  # memo.json: checks keyed by (merge, groups, candidate), every signal of a check
 CRITERION_LABEL = {"output": "output cosine", "cka": "CKA", "kl": "KL", "nll": "NLL", "block-influence": "BI"}
 
 
@@ -48,114 +49,31 @@ def model_sizes(path: str, cfg: RunConfig) -> tuple[int, int, object]:
     return ckpt.param_count(tied), ckpt.layer_params(0), config
 
 
-class RayScoring:
-    """The planners' `Scoring` over the actor pool (started on first need): candidate evaluators whose checks
-    fan out to the actors, Block Influence and the CKA matrix summed over their minibatches. Every score
-    computed is saved into the run's state as it arrives, and a resumed run starts from the saved ones."""
+class RayScoring(Scoring):
+    """The planners' `session.Scoring` over the actor pool (`jobs.pool.RayBackend`, started on first need). Every
+    check computed is saved into the run's state as it arrives, and a resumed run starts from the saved ones."""
 
-    def __init__(self, cfg: RunConfig, calib, state: RunState, site_for: Callable | None = None, fit_calib=None):
-        self.cfg = cfg
-        self.calib = calib
-        self.fit_calib = calib if fit_calib is None else fit_calib  # the compensation fit's rows
-        self.state = state
-        self.site_for = site_for  # the compensation fold site of the source (compensation-aware checks)
-        self.pool = None
-        self.saved = (state.load_json("memo.json") or {}).get("evaluators", {})  # "criterion|merge" -> entries
-        self._evaluators: dict = {}
+    def __init__(self, cfg: RunConfig, calib, state: RunState, site_for: Callable, *, fit_calib=None,
+                 validation=None, extra=None):
+        from swm_ray.jobs.pool import RayBackend
 
-    @property
-    def resumed(self) -> int:
-        """Candidate scores loaded from an interrupted run."""
-        return sum(len(v) for v in self.saved.values())
+        saved = state.load_json("memo.json") or {}
+        backend = RayBackend(cfg, calib, validation=validation, extra=extra, fit_calib=fit_calib)
+        super().__init__(backend, attention=cfg.merge.attention, kernel=cfg.stats.kernel,
+                         skip_first_tokens=cfg.stats.skip_first_tokens,
+                         on_memo=lambda entries: state.save_json("memo.json", {"version": MEMO_VERSION,
+                                                                               "checks": entries}),
+                         memo=saved.get("checks") if saved.get("version") == MEMO_VERSION else None)
+        self._site_for = site_for
 
-    def _save_memo(self) -> None:
-        self.state.save_json("memo.json", {"evaluators": {f"{c}|{m}": ev.entries()
-                                                          for (c, m), ev in self._evaluators.items()}})
-
-    def _pool(self):
-        from swm_ray.jobs.pool import ActorPool
-
-        if self.pool is None:
-            self.pool = ActorPool(self.cfg, *self.calib.input_ids.shape,
-                                  fit_rows=int(self.fit_calib.input_ids.shape[0]))
-        return self.pool
-
-    def evaluator(self, criterion: str, merge: str) -> MemoEvaluator:
-        from swm_ray.jobs.pool import RayEvaluator
-
-        key = (criterion, merge)
-        if key not in self._evaluators:
-            pool = self._pool()
-            jobs = pool.scoring_jobs(self.calib, criterion, merge, self.cfg.merge.attention)
-            ev = MemoEvaluator(RayEvaluator(pool, criterion, jobs), on_new=lambda _entries: self._save_memo())
-            ev.load(self.saved.get(f"{criterion}|{merge}", []))  # a resumed run replays its steps from these
-            self._evaluators[key] = ev
-        return self._evaluators[key]
-
-    def compensated_evaluator(self, cfg, merge: str, method: str) -> MemoEvaluator:
-        from swm_ray.planners import CompensatedEvaluator
-
-        key = (f"nll+{method}", merge)
-        if key not in self._evaluators:
-            if self.site_for is None:
-                raise RuntimeError("RayScoring needs site_for for compensation-aware checks")
-            from swm_ray.jobs.pool import progress_bar
-
-            loss = RayValidation(self._pool, self.calib, self.cfg.merge.attention, quiet=True)
-            inner = CompensatedEvaluator(cfg, self, merge, method, self.site_for(), loss,
-                                         progress=lambda n: progress_bar("compensation-aware checks (fit, then "
-                                                                         "calibration NLL)", n))
-            ev = MemoEvaluator(inner, on_new=lambda _entries: self._save_memo())
-            ev.load(self.saved.get(f"{key[0]}|{merge}", []))
-            self._evaluators[key] = ev
-        return self._evaluators[key]
-
-    def block_influence(self):
-        return self._pool().block_influence(self.calib)
-
-    def angular_distances(self):
-        return self._pool().angular_distances(self.calib)
-
-    def compensation_sums(self, windows, merge, fits, targets, source, skip_first, quiet: bool = False):
-        request = {"windows": [list(w) for w in windows], "merge": merge, "attention": self.cfg.merge.attention,
-                   "fits": dict(fits), "targets": [tuple(t) for t in targets], "source": source,
-                   "skip_first": skip_first}
-        return self._pool().compensation_sums(self.fit_calib, request, transient=quiet)
-
-    def cka_matrix(self):
-        return similarity_matrix(self.cfg, self.calib, pool=self.pool, state=self.state)[0]
-
-    def validation(self, calib) -> RayValidation:
-        """`auto.PlanLoss` on the held-out rows `calib`, computed by the same actors."""
-        return RayValidation(self._pool, calib, self.cfg.merge.attention)
+    def site_for(self):
+        return self._site_for()
 
     def modes(self) -> list[str]:
-        return sorted({i["mode"] for i in self.pool.infos}) if self.pool is not None else []
+        return self.backend.modes()
 
     def shutdown(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
-
-
-class RayValidation:
-    """`auto.PlanLoss` over the actor pool: each actor runs the plan on its minibatches of the held-out rows,
-    the driver adds the per-row sums in row order (`auto.mean_nll`)."""
-
-    def __init__(self, pool_of: Callable, calib, attention: str, quiet: bool = False):
-        self.pool_of, self.calib, self.attention, self.quiet = pool_of, calib, attention, quiet
-        self.rows = int(calib.input_ids.shape[0])
-        self.tokens = 0
-
-    def __call__(self, windows, merge: str, fits=None) -> float:
-        from swm_ray.auto import mean_nll
-
-        request = {"windows": [list(w) for w in windows], "merge": merge, "attention": self.attention,
-                   "fits": dict(fits or {})}
-        per = self.pool_of().per_minibatch(self.calib, "plan_nll", (request,), "validation loss",
-                                           transient=self.quiet)
-        parts = [per[b] for b in range(len(self.calib.batches))]
-        self.tokens = sum(c for _, c in parts)
-        return mean_nll(parts)
+        self.backend.shutdown()
 
 
 def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
@@ -167,9 +85,11 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
         compensate_plan,
         may_compensate,
         method_compensation,
+        method_needs,
         method_signals,
         plan_windows,
     )
+    from swm_ray.session import split_validation
     from swm_ray.writer import write_model_folder
 
     s = cfg.select
@@ -189,12 +109,18 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
         check_threshold(s.criterion, s.threshold)
     check_method_target(cfg)
     storage.check_run_paths(out, cfg.overwrite, [cfg.model.source, cfg.data.source])
+    from swm_ray.preflight import check_targets  # every target against the headers, before anything loads
+
+    check_targets(cfg)
     t0 = time.perf_counter()
     auto = s.method == "auto"
     compensate = method_compensation(cfg)
-    sets = calibration_sets(cfg, s.auto_validation if auto else 0, fit=may_compensate(cfg))
-    path, calib, val_calib, n_layers = sets.path, sets.plan, sets.validation, sets.n_layers
-    state = RunState.open(out, "compress", cfg, cfg.resume)
+    sets = calibration_sets(cfg, s.auto_validation_max if auto else 0, fit=may_compensate(cfg))
+    path, calib, n_layers = sets.path, sets.plan, sets.n_layers
+    val_calib, extra_calib = split_validation(sets.validation, s.auto_validation, cfg.data.batch_size)
+    from swm_ray.jobs.runtime import actor_dtype
+
+    state = RunState.open(out, "compress", cfg, cfg.resume, dtype=actor_dtype(cfg))
     params_before, per_layer, config = model_sizes(path, cfg)
     n_remove = target_layers(cfg, params_before, per_layer, n_layers)
     check_method_count(cfg, n_layers, n_remove)
@@ -209,14 +135,15 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
     if aware:
         what = f"calibration NLL after each candidate's {compensate} fit (compensation-aware), search {s.search}"
     if auto:
-        what += f" ({', '.join(s.auto_candidates)} × compensation {', '.join(s.auto_compensate)}, judged on " \
+        what += f" ({', '.join(s.auto_candidates)} × compensation {', '.join(s.auto_compensate)}, racing on " \
                 f"{val_calib.input_ids.shape[0]} held-out rows)"
     con.print(f"[bold]selecting windows[/]: {what}, "
               f"target {f'{n_remove} layers' if n_remove is not None else f'T={s.threshold}'}")
-    scoring = RayScoring(cfg, calib, state, site_for=site_for, fit_calib=sets.fit)
+    scoring = RayScoring(cfg, calib, state, site_for, fit_calib=sets.fit, validation=val_calib, extra=extra_calib)
     if scoring.resumed:
-        con.print(f"resuming: {scoring.resumed} candidate scores from the interrupted run")
+        con.print(f"resuming: {scoring.resumed} candidate checks from the interrupted run")
     try:
+        scoring.prepare(method_needs(cfg))  # the one reference pass, before any search
         t_search = time.perf_counter()
         chosen = None
         if auto:
@@ -224,48 +151,50 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
             from swm_ray.checkpoint import Checkpoint
 
             layer_names = Checkpoint(path, cfg.model.allow_pickle).layer_keys(0)
-            chosen = run_auto(cfg, scoring, n_layers, n_remove, site_for, scoring.validation(val_calib),
-                              report=lambda msg: con.print(f"  auto: {msg}"),
-                              layer_names=layer_names)
+            from swm_ray.tasksignal import auto_task_rows
+
+            tasks, why = auto_task_rows(cfg, path)
+            chosen = run_auto(cfg, scoring, n_layers, n_remove, report=lambda msg: con.print(f"  auto: {msg}"),
+                              layer_names=layer_names, tasks=tasks, tasks_note=why)
             planned, comp = chosen.chosen.planned, chosen.chosen.compensation
             con.print(f"[bold]auto chose[/] {chosen.chosen.name} (validation NLL {chosen.chosen.val_nll:.4f}, "
-                      f"original {chosen.original_nll:.4f}; {chosen.seconds:.0f} s for "
-                      f"{len(chosen.outcomes)} candidates)")
+                      f"original {chosen.original_nll:.4f}; {chosen.seconds:.0f} s, {chosen.rounds} rounds; "
+                      f"{chosen.decided})")
         else:
             label = f"nll after {compensate}" if aware else criterion
             planned = plan_windows(cfg, scoring, n_layers, n_remove, _reporter(label))
-        t_select = time.perf_counter() - t_search  # the search alone (scorers ready, matrix loaded)
+        t_select = time.perf_counter() - t_search  # the search alone (the reference pass done)
         if not auto:
             comp = compensate_plan(cfg, scoring, planned.selection.windows, planned.merge, site, compensate)
         if comp is not None:
             _report_fits(con, comp)
         modes = scoring.modes()
+        counters = scoring.counters()
+        planned.evaluator = None  # the plan keeps its windows; the checks' states go with the scoring
+        sel = planned.selection
+        if not sel.windows:
+            state.clear()  # the search finished: nothing to resume
+            raise UserError(f"no window passed ({what}, threshold {sel.threshold}): nothing to merge; loosen "
+                            f"--threshold or give --layers")
+        _warn_mixed_windows(con, config, sel.windows, cfg.merge.attention)
+        m = cfg.model
+        plan = planned.plan(
+            n_layers, m.source, m.revision, s.method, cfg.merge.attention, params_before,
+            extra={"candidate_evaluations": counters["checks"], "resumed_scores": scoring.resumed,
+                   "passes": counters, "selection_seconds": round(t_select, 2),
+                   "paper_loop": s.paper_loop if s.method == "swm" and s.search == "top-down" else None,
+                   "note": sel.note, "actor_modes": modes, **({"auto": chosen.record()} if chosen else {}),
+                   "calibration": sets.record(fitted=comp is not None)},
+        )
+        if comp is not None:
+            comp.attach(plan)
+        if s.then_width is not None:  # width after depth, on the merged model, by the same actors
+            from swm_ray.jobs.width import then_width
+
+            scoring.backend.release()  # the actors keep the model, not the search's cached states
+            then_width(cfg, plan, path, calib, pool=scoring.backend.pool)
     finally:
         scoring.shutdown()
-    sel = planned.selection
-    if not sel.windows:
-        state.clear()  # the search finished: nothing to resume
-        raise UserError(f"no window passed ({what}, threshold {sel.threshold}): nothing to merge; loosen "
-                        f"--threshold or give --layers")
-    _warn_mixed_windows(con, config, sel.windows, cfg.merge.attention)
-    m = cfg.model
-    misses = planned.evaluator.misses if planned.evaluator is not None else 0
-    if auto:  # every candidate's checks
-        misses = sum(ev.misses for ev in scoring._evaluators.values())
-    plan = planned.plan(
-        n_layers, m.source, m.revision, s.method, cfg.merge.attention, params_before,
-        extra={"candidate_evaluations": misses, "resumed_scores": scoring.resumed,
-               "selection_seconds": round(t_select, 2),
-               "paper_loop": s.paper_loop if s.method == "swm" and s.search == "top-down" else None,
-               "note": sel.note, "actor_modes": modes, **({"auto": chosen.record()} if chosen else {}),
-               "calibration": sets.record(fitted=comp is not None)},
-    )
-    if comp is not None:
-        comp.attach(plan)
-    if s.then_width is not None:  # width after depth, on the merged model (jobs/width.py)
-        from swm_ray.jobs.width import then_width
-
-        then_width(cfg, plan, path, calib)
     written = write_model_folder(path, plan, out, raw_yaml=raw_yaml, resolved_yaml=dump_yaml(cfg),
                                  overwrite=cfg.overwrite, attention=cfg.merge.attention,
                                  allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)

@@ -141,6 +141,9 @@ def run_grid(cfg: RunConfig, raw_yaml: str = "", resume: str | None = None) -> d
     g = cfg.grid
     out = cfg.out or "swm-ray-grid"
     storage.check_run_paths(out, cfg.overwrite, [*(cfg.grid.models or [cfg.model.source]), cfg.data.source])
+    from swm_ray.preflight import check_grid_targets  # every model × target, before Tune starts
+
+    check_grid_targets(cfg)
     t0 = time.perf_counter()
     con = console()
     models = list(g.models)

@@ -4,20 +4,25 @@
   `TorchTrainer` runs `heal.workers` data-parallel workers (one GPU each where the cluster has GPUs, CPU
   workers otherwise), each loading the model and training the same LoRA adapter on its share of every global
   batch (gradients summed over the workers). Rank 0 checkpoints the adapter, the optimizer and the step
-  to `heal.checkpoints` (local or s3://; default beside the output) every `heal.checkpoint_every` steps; a
-  stopped run re-run with `--resume` continues from the last checkpoint. The driver then merges the adapter
-  into the weights and writes the folder.
+  every `heal.checkpoint_every` steps into the run's own folder `heal-<hash>/` (named by the run's
+  fingerprint and output) under `heal.checkpoints` (local or s3://, a folder that may be shared by heal runs
+  and holds nothing else; default `.<out-name>.heal/` beside the output); a stopped run re-run with
+  `--resume` finds its folder there and continues from the last checkpoint. The driver then merges the
+  adapter into the weights, writes the folder and removes the run's checkpoint folder (only that).
 - `local`: runs in this process: the compressed model in memory, the original one as a `LayerStack`
   (streamed one layer at a time when it does not fit); see `heal.heal_local`.
 
-`run_compress_and_heal` chains compress -> heal -> eval (`compress --heal MODE`).
+`run_compress_and_heal` chains compress -> heal -> eval (`compress --heal MODE`); `--resume` continues the
+stage that was interrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -29,8 +34,9 @@ from swm_ray.config import RunConfig, dump_yaml
 from swm_ray.errors import UserError, find_user_error
 from swm_ray.jobs.console import console
 
-MARKER = "heal-run.json"  # in the checkpoint folder: which run the checkpoints belong to
-RUN_NAME = "lora"  # Ray Train's run folder inside the checkpoint folder
+MARKER = "heal-run.json"  # in a run's checkpoint folder: which run (fingerprint, output) the checkpoints belong to
+RUN_PREFIX = "heal-"  # a run's checkpoint folder is <root>/heal-<hash>
+RUN_NAME = "lora"  # Ray Train's run folder inside the run's checkpoint folder
 
 
 def run_heal(cfg: RunConfig, raw_yaml: str = "") -> dict:
@@ -54,8 +60,9 @@ def run_heal(cfg: RunConfig, raw_yaml: str = "") -> dict:
         record.seconds = round(time.perf_counter() - t0, 2)
         _cast_to_saved_dtype(model, path)
         written = _write(model, tok, out, plan, record, raw_yaml, cfg, adapter_dir)
+        del model  # written: the evaluation loads the folder, not this copy
     if h.mode == "lora":
-        storage.remove_tree(_checkpoint_root(cfg, out))  # the run is complete: nothing to resume
+        _release_checkpoints(cfg, out)  # the run is complete: nothing to resume
     metrics = None
     if cfg.eval.enabled:
         metrics = _evaluate(cfg, written, plan, record)
@@ -157,8 +164,7 @@ def _heal_lora(cfg: RunConfig, path: str, data: str, out: str, adapter_dir: Path
     config = load_config(path, m.trust_remote_code)
     _check_targets(config, h, m.trust_remote_code)
     examples, schedule = lora_data(cfg, tok, getattr(config, "model_type", None), data)
-    root = _checkpoint_root(cfg, out)
-    _claim_checkpoints(cfg, root, out)
+    root = _claim_checkpoints(cfg, out)
     init_ray(cfg.ray, h.workers)
     workers = worker_count(cfg)
     con = console()
@@ -212,7 +218,9 @@ def worker_count(cfg: RunConfig) -> int:
 
 
 def _checkpoint_root(cfg: RunConfig, out: str) -> str:
-    return cfg.heal.checkpoints or storage.sibling(out, ".heal")
+    """The folder of heal runs' checkpoint folders: `heal.checkpoints` (may be shared by many runs and hold
+    nothing else) or the hidden sibling `.<out-name>.heal/`."""
+    return (cfg.heal.checkpoints or storage.sibling(out, ".heal")).rstrip("/")
 
 
 def fingerprint(cfg: RunConfig) -> str:
@@ -225,25 +233,83 @@ def fingerprint(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _claim_checkpoints(cfg: RunConfig, root: str, out: str) -> None:
-    """Start a fresh run at `root`, or with --resume continue the interrupted one there (one-line errors for a
-    missing, foreign or unclaimed run, as for compress)."""
-    marker = f"{root.rstrip('/')}/{MARKER}"
-    saved = json.loads(storage.read_bytes(marker)) if storage.exists(marker) else None
-    fp = fingerprint(cfg)
-    if saved is None:
-        if cfg.resume:
-            raise UserError(f"--resume: no interrupted heal of {out} to continue (nothing at {root}); run without "
-                            f"--resume")
-        storage.remove_tree(root)  # leftovers without a marker belong to no run
-        storage.replace_file(marker, (json.dumps({"fingerprint": fp, "out": out}) + "\n").encode())
-        return
-    if not cfg.resume:
-        raise UserError(f"an interrupted heal of {out} left its checkpoints at {root}: add --resume to continue it, "
-                        f"or remove that folder to start again")
-    if saved.get("fingerprint") != fp:
-        raise UserError(f"--resume: the interrupted heal at {root} had other settings; run the identical command, "
-                        f"or remove that folder to start again")
+def _output_id(out: str) -> str:
+    return out if storage.is_remote(out) else str(Path(out).resolve())
+
+
+def run_folder(cfg: RunConfig, out: str) -> str:
+    """This run's own checkpoint folder, `<root>/heal-<hash of its fingerprint and output>`: the only place it
+    writes checkpoints to and the only one it removes, so runs sharing a root never touch each other's."""
+    key = hashlib.sha256(f"{fingerprint(cfg)}\n{_output_id(out)}".encode()).hexdigest()[:20]
+    return f"{_checkpoint_root(cfg, out)}/{RUN_PREFIX}{key}"
+
+
+def _runs_in(cfg: RunConfig, root: str, own: str) -> dict[str, dict]:
+    """{folder: its marker} of the heal runs kept at `root`. A run writes only into a folder that holds nothing
+    but heal runs' folders: anything else there is a one-line error (never deleted, never written beside)."""
+    runs = {}
+    for name, is_folder in sorted(storage.list_folder(root).items()):
+        folder = f"{root}/{name}"
+        run_like = is_folder and re.fullmatch(RUN_PREFIX + "[0-9a-f]{20}", name) is not None
+        if run_like and storage.exists(f"{folder}/{MARKER}"):
+            runs[folder] = _read_marker(f"{folder}/{MARKER}")
+        elif folder == own:
+            raise UserError(f"the checkpoint folder {own} has no {MARKER}, so it is not this run's to continue or "
+                            f"remove: remove it yourself to start again")
+        elif not run_like and cfg.heal.checkpoints:  # a run's folder without its marker yet: a run starting
+            raise UserError(f"--checkpoints {root} holds {name}, which is not a heal run's folder: give an empty "
+                            f"folder or one that only swm-ray heal runs use")
+        elif not run_like:
+            raise UserError(f"the checkpoint folder {root} holds {name}, which is not a heal run's folder: "
+                            f"remove {folder}, or give --checkpoints another folder")
+    return runs
+
+
+def _read_marker(path: str) -> dict:
+    try:
+        saved = json.loads(storage.read_bytes(path))
+    except ValueError:  # unreadable: another run's all the same, left alone
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def _claim_checkpoints(cfg: RunConfig, out: str) -> str:
+    """Start a fresh run in its own folder under the checkpoint root, or with --resume continue the interrupted
+    one found there by its fingerprint (one-line errors for a missing, foreign or unclaimed run, as for
+    compress). Returns the run's folder."""
+    root, own, fp, out_id = _checkpoint_root(cfg, out), run_folder(cfg, out), fingerprint(cfg), _output_id(out)
+    runs = _runs_in(cfg, root, own)
+    others = [f for f, m in runs.items() if f != own and m.get("out") == out_id]
+    if own in runs:
+        if not cfg.resume:
+            raise UserError(f"an interrupted heal of {out} left its checkpoints at {own}: add --resume to continue "
+                            f"it, or remove that folder to start again")
+        return own
+    if others and cfg.resume:
+        raise UserError(f"--resume: the interrupted heal of {out} at {others[0]} had other settings; run the "
+                        f"identical command, or remove that folder to start again")
+    if others:
+        raise UserError(f"an interrupted heal of {out} with other settings left its checkpoints at {others[0]}: "
+                        f"rerun its command with --resume to continue it, or remove that folder to start again")
+    if cfg.resume:
+        raise UserError(f"--resume: no interrupted heal of {out} to continue (nothing at {own}); run without "
+                        f"--resume")
+    storage.replace_file(f"{own}/{MARKER}", (json.dumps({"fingerprint": fp, "out": out_id}) + "\n").encode())
+    return own
+
+
+def _interrupted(cfg: RunConfig, out: str) -> bool:
+    """Whether an interrupted LoRA heal of `out` with these settings left checkpoints to continue."""
+    return storage.exists(f"{run_folder(cfg, out)}/{MARKER}")
+
+
+def _release_checkpoints(cfg: RunConfig, out: str) -> None:
+    """The run is complete: remove its own folder (nothing else), and the default root once it is empty."""
+    storage.remove_tree(run_folder(cfg, out))
+    root = _checkpoint_root(cfg, out)
+    if not cfg.heal.checkpoints and not storage.is_remote(root):
+        with contextlib.suppress(OSError):
+            os.rmdir(root)  # only when empty: it holds no other run's folder
 
 
 def _storage_for(root: str):
@@ -373,9 +439,13 @@ def _train_loop(config: dict) -> None:
 
 # -- compress -> heal -> eval ---------------------------------------------------------------------------------------
 def run_compress_and_heal(cfg: RunConfig, raw_yaml: str = "") -> dict:
-    """`compress --heal MODE`: compress into a hidden sibling of `out`, heal it into `out` (and evaluate the
-    healed folder when eval.enabled), then remove the sibling. Returns compress's summary with the heal's."""
+    """`compress --heal MODE`: compress into a hidden sibling of `out` (`.<name>.unhealed`), heal it into `out`
+    (and evaluate the healed folder when eval.enabled), then remove the sibling. Returns compress's summary with
+    the heal's. With --resume it continues the stage that was interrupted: an unfinished compression from its
+    partial state, then the heal; a finished one (the sibling complete, with these settings) is not redone and
+    the heal continues from its checkpoints (or starts, when it left none)."""
     from swm_ray.jobs.compress import run_compress
+    from swm_ray.runstate import RunState
 
     out = cfg.out or "swm-ray-compressed"
     storage.check_run_paths(out, cfg.overwrite, [cfg.heal.data])
@@ -383,13 +453,49 @@ def run_compress_and_heal(cfg: RunConfig, raw_yaml: str = "") -> dict:
     mode = cfg.heal.after_compress
     compress_cfg = cfg.model_copy(update={"out": staging, "overwrite": True,
                                           "eval": cfg.eval.model_copy(update={"enabled": False})})
-    res = run_compress(compress_cfg, raw_yaml)
     heal_cfg = cfg.model_copy(update={
-        "out": out, "resume": False,
-        "model": cfg.model.model_copy(update={"source": res["out"], "revision": None}),
+        "out": out,
+        "model": cfg.model.model_copy(update={"source": staging, "revision": None}),
         "heal": cfg.heal.model_copy(update={"mode": mode}),
     })
-    healed = run_heal(heal_cfg, raw_yaml)
+    compressed = _compressed(staging, compress_cfg)
+    healing = mode == "lora" and _interrupted(heal_cfg, out)  # a heal of the folder at `staging` was stopped
+    if compressed is not None and not cfg.resume:
+        raise UserError(f"an interrupted compress --heal of {out} left its compressed model at {staging}: add "
+                        f"--resume to heal it, or remove that folder to start again")
+    if compressed is None and healing:
+        raise UserError(f"the heal checkpoints at {run_folder(heal_cfg, out)} belong to an interrupted compress "
+                        f"--heal of {out} whose compressed model is gone or had other settings: rerun that "
+                        f"command with --resume, or remove that folder to start again")
+    if compressed is None and cfg.resume and RunState(staging, "compress", "").load_json("state.json") is None:
+        raise UserError(f"--resume: no interrupted compress --heal of {out} with these settings to continue; run "
+                        f"without --resume")
+    if compressed is None:
+        res = run_compress(compress_cfg, raw_yaml)  # with --resume: continues from its partial state
+    else:
+        console().print(f"resuming: the compressed model at {staging} is complete; healing it")
+        res = {"out": staging, "plan": compressed, "note": (compressed.get("extra") or {}).get("note"),
+               "metrics": None, "seconds": 0.0}
+    healed = run_heal(heal_cfg.model_copy(update={"resume": healing}), raw_yaml)
     storage.remove_tree(staging)
     return {**res, "out": healed["out"], "metrics": healed["metrics"], "heal": healed["record"],
             "seconds": res["seconds"] + healed["seconds"]}
+
+
+def _compressed(staging: str, compress_cfg: RunConfig):
+    """plan.json (as a dict) of the compressed folder at `staging` when it is complete (swm-ray's owner mark is
+    written last) and was compressed with the settings of `compress_cfg`; None otherwise."""
+    import yaml
+
+    from swm_ray.runstate import fingerprint as compress_fingerprint
+
+    folder = staging.rstrip("/")
+    if not storage.exists(f"{folder}/{storage.OWNER_MARK}"):
+        return None
+    try:
+        saved = RunConfig.model_validate(yaml.safe_load(storage.read_bytes(f"{folder}/config.resolved.yaml")))
+        plan = json.loads(storage.read_bytes(f"{folder}/plan.json"))
+    except (UserError, ValueError, TypeError, yaml.YAMLError):  # unreadable or of another version: compress again
+        return None
+    same = isinstance(plan, dict) and compress_fingerprint(saved) == compress_fingerprint(compress_cfg)
+    return plan if same else None

@@ -18,7 +18,7 @@ import numpy as np
 
 from swm_ray.config import RunConfig
 from swm_ray.data import Calibration
-from swm_ray.errors import RunError, UserError
+from swm_ray.errors import RunError, UserError, find_user_error
 from swm_ray.jobs.console import console
 from swm_ray.jobs.runtime import actor_count, actor_options, init_ray, threads_per_actor
 
@@ -73,20 +73,44 @@ def progress_bar(description: str, total: int):
 
 
 def _get(ref, pool: ActorPool | None, owner: int | None):
-    """ray.get of one result; an actor that died beyond its restarts becomes a one-line RunError."""
+    """ray.get of one result. A user mistake found in an actor (Ray wraps it in RayTaskError, or keeps its text
+    when the actor's `__init__` raised it) is raised as the plain UserError, so the CLI prints one line; an
+    actor that could not start, or died beyond its restarts, becomes a one-line RunError."""
     import ray
-    from ray.exceptions import RayActorError
+    from ray.exceptions import RayActorError, RayTaskError
 
     try:
         return ray.get(ref)
-    except RayActorError as e:
+    except (RayTaskError, RayActorError) as e:
+        user = find_user_error(e)
+        if user is not None:
+            raise user.with_traceback(None) from None
+        if not isinstance(e, RayActorError):
+            raise
         where = f"actor {owner}" if owner is not None else "an actor"
+        if e.actor_init_failed:  # the last line of the remote traceback names the exception
+            lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+            raise RunError(f"{where} could not start: {lines[-1][:300] if lines else type(e).__name__}") from None
         limit = pool.cfg.ray.max_restarts if pool is not None else 0
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise RunError(f"{where} died and could not be restarted (ray.max_restarts {limit}; a node lost for good "
                        f"with no room elsewhere ends the run): {first}. Run the same command with --resume to "
                        f"continue from what was finished") from None
 
+
+def _check_budget(cfg: RunConfig, rows: int, seq_len: int, fit_rows: int = 0) -> None:
+    """A --max-memory below one layer of the model is one line before any actor is placed, before an embedded
+    Ray even starts (`memory.check_budget`, for an actor's share of the rows)."""
+    if cfg.model.max_memory is None:
+        return
+    from swm_ray.jobs.runtime import actor_dtype
+    from swm_ray.memory import check_budget
+    from swm_ray.models import resolve_model_path
+
+    m = cfg.model
+    path = resolve_model_path(m.source, m.revision, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)
+    dtype = actor_dtype(cfg)  # joins a cluster to join, so the count below is the cluster's
+    check_budget(m, path, dtype, -(-max(rows, fit_rows) // actor_count(cfg.ray, rows)), seq_len)
 
 
 def row_shards(rows: int, k: int) -> list[tuple[int, int]]:
@@ -108,6 +132,7 @@ class ActorPool:
 
         from swm_ray.actors.stats_actor import ModelActor
 
+        _check_budget(cfg, rows, seq_len, fit_rows)  # before Ray starts
         init_ray(cfg.ray)
         self.cfg = cfg
         self.k = actor_count(cfg.ray, rows)
@@ -223,21 +248,6 @@ class ActorPool:
         tokens = sum((b - a) * calib.input_ids.shape[1] for a, b in calib.batches)
         return total, len(calib.batches), tokens
 
-    def block_influence(self, calib: Calibration) -> np.ndarray:
-        """(L,) Block Influence over the calibration set, minibatches added in order (as in one process)."""
-        from swm_ray.baselines import influence_from_sums
-
-        per_batch = self.per_minibatch(calib, "block_influence", (), "Block Influence")
-        tokens = sum((b - a) * calib.input_ids.shape[1] for a, b in calib.batches)
-        return influence_from_sums([per_batch[b] for b in range(len(calib.batches))], tokens)
-
-    def angular_distances(self, calib: Calibration) -> np.ndarray:
-        """(L+1, L+1) mean last-token angular distances, minibatches added in order (as in one process)."""
-        from swm_ray.baselines import angular_from_sums
-
-        per_batch = self.per_minibatch(calib, "angular_distances", (), "angular distances")
-        return angular_from_sums([per_batch[b] for b in range(len(calib.batches))], int(calib.input_ids.shape[0]))
-
     def width_stats(self, calib: Calibration, request: dict) -> dict:
         """FLAP's sums over the calibration set (`width.width_stats_sums`), minibatches added in order."""
         from swm_ray.width import add_width_sums
@@ -245,37 +255,10 @@ class ActorPool:
         per_batch = self.per_minibatch(calib, "width_stats", (request,), "width statistics")
         return add_width_sums([per_batch[b] for b in range(len(calib.batches))])
 
-    def compensation_sums(self, calib: Calibration, request: dict, transient: bool = False) -> list:
-        """Per target window of `request`, the compensation sums over every calibration row: each actor sums its
-        own minibatches (one call, so a streaming actor reads each layer once), the driver adds the actors'
-        sums in actor order, i.e. row order."""
-        import ray
-
-        from swm_ray.compensation import add_sums
-
-        ids_ref = ray.put(calib.input_ids)
-        req_ref = ray.put(request)
-        calls = [(j, [calib.batches[b] for b in calib.shard(j, self.k)]) for j in range(self.k)]
-        calls = [(j, bs) for j, bs in calls if bs]
-        refs = [self.actors[j].compensation_sums.remote(ids_ref, bs, req_ref) for j, bs in calls]
-        what = f"compensation sums of {len(request['targets'])} window(s)"
-        parts = gather(refs, f"{what} ({self.k} actor{'s' if self.k > 1 else ''})", pool=self,
-                       owners=[j for j, _ in calls], transient=transient)
-        return [add_sums([p[t] for p in parts]) for t in range(len(request["targets"]))]
-
-    def scoring_jobs(self, calib: Calibration, criterion: str, method: str, attention: str = "global") -> list:
-        """What each actor's candidate checks need (its rows, the criterion...), sent with every call so that a
-        restarted actor can rebuild its scorer; the actors build them now."""
-        import ray
-
-        ids_ref = ray.put(calib.input_ids)
-        key = hashlib.sha256(calib.input_ids.tobytes()).hexdigest()[:16] + f"|{criterion}|{method}|{attention}"
-        shards = row_shards(int(calib.input_ids.shape[0]), self.k)
-        jobs = [{"ids": ids_ref, "rows": shards[j], "criterion": criterion, "method": method,
-                 "attention": attention, "key": f"{key}|{shards[j]}"} for j in range(self.k)]
-        gather([a.prepare.remote(jobs[j]) for j, a in enumerate(self.actors)], "reference outputs",
-               pool=self, owners=range(self.k))
-        return jobs
+    def counters(self) -> list[dict]:
+        """Each actor's layer reads (streaming) and tokens run through decoder layers so far."""
+        return gather([a.counters.remote() for a in self.actors], "counters", owners=range(self.k), pool=self,
+                      transient=True)
 
     def shutdown(self) -> None:
         import ray
@@ -291,35 +274,240 @@ def _resources_text(res: dict) -> str:
                            for k, v in sorted(res.items())) + "}"
 
 
-class RayEvaluator:
-    """A selection `Evaluator` whose candidate checks fan out to the pool; shards are added in row order.
+def plan_shards(calib: Calibration, k: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges of the k actors: aligned to the calibration minibatches when there are at least k
+    of them (so the reference pass sums every minibatch's HSIC where its rows are), else `row_shards`; the last
+    shard takes the rows after the last minibatch."""
+    rows = int(calib.input_ids.shape[0])
+    nb = len(calib.batches)
+    if nb < k or nb == 0:
+        return row_shards(rows, k)
+    out = []
+    for j in range(k):
+        mine = calib.shard(j, k)
+        a = calib.batches[mine[0]][0] if mine else 0
+        b = calib.batches[mine[-1]][1] if mine else 0
+        out.append((a, rows if j == k - 1 else b))
+    return out
 
-    The evaluator keeps the committed windows itself and sends them with every call (with each actor's job),
-    so a call retried on a restarted actor rebuilds the same state: nothing is lost when an actor dies."""
 
-    def __init__(self, pool: ActorPool, criterion: str, jobs: list[dict]):
-        self.pool = pool
-        self.jobs = jobs
-        self.higher_is_better = criterion == "output"
-        self.commits: list[tuple[int, int]] = []
+def _batch_shards(calib: Calibration | None, k: int) -> list[tuple[np.ndarray | None, list]]:
+    """Per actor: (its rows of `calib` by whole minibatches, those minibatches relative to them)."""
+    out = []
+    for j in range(k):
+        mine = [] if calib is None else calib.shard(j, k)
+        if not mine:
+            out.append((None, []))
+            continue
+        a, b = calib.batches[mine[0]][0], calib.batches[mine[-1]][1]
+        out.append((calib.input_ids[a:b], [(calib.batches[i][0] - a, calib.batches[i][1] - a) for i in mine]))
+    return out
 
-    def score(self, groups, candidates):
-        """In memory one call per (candidate, actor), all submitted at once, so the bar advances as checks
-        finish; streaming one call per actor with every candidate (each layer is built once per step)."""
-        from swm_ray.scoring import reduce_scores
 
-        actors, k = self.pool.actors, self.pool.k
-        what = f"checking {len(candidates)} candidate merge{'s' if len(candidates) > 1 else ''}"
-        if self.pool.streaming:
-            refs = [a.score.remote(self.jobs[j], self.commits, list(candidates)) for j, a in enumerate(actors)]
-            return reduce_scores(gather(refs, what, pool=self.pool, owners=range(k)))
-        refs = [actors[j].score.remote(self.jobs[j], self.commits, [c]) for c in candidates for j in range(k)]
-        flat = gather(refs, what, pool=self.pool, owners=[j for _ in candidates for j in range(k)])
-        parts = [[flat[i * k + j][0] for i in range(len(candidates))] for j in range(k)]  # per actor, in order
-        return reduce_scores(parts)
+class RayBackend:
+    """`session.Scoring`'s backend over the actor pool (started on first need): each actor holds a
+    `ShardSession` of its rows (planning rows by `plan_shards`, held-out and fit rows by whole minibatches) and
+    returns per-row sums, which are added here in row order, so every answer equals the in-process backend's."""
 
-    def commit(self, groups, window):
-        self.commits.append(tuple(window))
+    def __init__(self, cfg: RunConfig, calib: Calibration, *, validation: Calibration | None = None,
+                 extra: Calibration | None = None, fit_calib: Calibration | None = None):
+        self.cfg, self.calib, self.val, self.extra = cfg, calib, validation, extra
+        self.fit_calib = calib if fit_calib is None else fit_calib
+        self.attention = cfg.merge.attention
+        self.pool: ActorPool | None = None
+        self.jobs: list[dict] = []
+        self.passes = 0
 
-    def reset(self):
-        self.commits = []
+    @property
+    def extra_rows(self) -> int:
+        return 0 if self.extra is None else int(self.extra.input_ids.shape[0])
+
+    def _pool(self) -> ActorPool:
+        if self.pool is None:
+            self.pool = ActorPool(self.cfg, *self.calib.input_ids.shape,
+                                  fit_rows=int(self.fit_calib.input_ids.shape[0]))
+        return self.pool
+
+    def modes(self) -> list[str]:
+        return sorted({i["mode"] for i in self.pool.infos}) if self.pool is not None else []
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+
+    def release(self) -> None:
+        """The actors drop their sessions (the search's cached hidden states) and keep their model."""
+        if self.pool is not None:
+            gather([a.release.remote() for a in self.pool.actors], "releasing the search's states",
+                   pool=self.pool, owners=range(self.pool.k), transient=True)
+
+    def _many(self) -> str:
+        k = self.pool.k
+        return f"{k} actor{'s' if k > 1 else ''}"
+
+    def reference(self, needs) -> dict:
+        """The reference pass on every actor's rows (one call each); HSIC of a minibatch split between two
+        actors' rows (more actors than minibatches) is summed by a pass of its own."""
+        import dataclasses
+
+        import ray
+
+        from swm_ray.refpass import add_row_stats
+
+        pool = self._pool()
+        k, calib = pool.k, self.calib
+        shards = plan_shards(calib, k)
+        ids_ref = ray.put(calib.input_ids)
+        vals, fits = _batch_shards(self.val, k), _batch_shards(self.fit_calib, k)
+        inside = {j: {b: (ba - a, bb - a) for b, (ba, bb) in enumerate(calib.batches) if a <= ba and bb <= b_}
+                  for j, (a, b_) in enumerate(shards)} if needs.hsic else {j: {} for j in range(k)}
+        key = hashlib.sha256(calib.input_ids.tobytes() + repr(needs).encode()).hexdigest()[:16] + f"|{self.passes}"
+        self.jobs = [{"key": f"{key}|{j}", "ids": ids_ref, "rows": shards[j], "needs": dataclasses.asdict(needs),
+                      "attention": self.attention, "hsic": inside[j], "val_ids": vals[j][0],
+                      "val_batches": vals[j][1], "fit_ids": fits[j][0], "fit_batches": fits[j][1]}
+                     for j in range(k)]
+        parts = gather([a.prepare.remote(self.jobs[j]) for j, a in enumerate(pool.actors)],
+                       f"reference pass ({self._many()})", pool=pool, owners=range(k))
+        self.passes += 1
+        out = add_row_stats(parts, pool.num_layers)
+        if needs.hsic:
+            covered = {b for j in range(k) for b in inside[j]}
+            if len(covered) < len(calib.batches):
+                missing = {b: s for b, s in pool.per_minibatch(
+                    calib, "hsic_sums", (needs.kernel, needs.skip_first_tokens), "statistics",
+                    done={b: None for b in covered}).items() if b not in covered}
+                total = np.zeros((pool.num_layers + 1, pool.num_layers + 1))
+                found = {b: m for p in parts for b, m in (p.hsic or {}).items()} | missing
+                for b in sorted(found):
+                    total += found[b]
+                out["hsic"] = total
+        return out
+
+    def check(self, requests) -> list[list[dict[str, float]]]:
+        """In memory one call per (candidate, actor), all submitted at once, so the bar advances as checks finish;
+        streaming one call per actor with every request (each layer is read once per current model)."""
+        from swm_ray.checks import CheckRequest
+        from swm_ray.scoring import reduce_signals
+
+        pool = self.pool
+        k = pool.k
+        n = sum(len(r.candidates) for r in requests)
+        what = f"checking {n} candidate model{'s' if n > 1 else ''}"
+        if pool.streaming:
+            refs = [a.check.remote(self.jobs[j], list(requests)) for j, a in enumerate(pool.actors)]
+            per_actor = gather(refs, what, pool=pool, owners=range(k))
+            return [reduce_signals([per_actor[j][i] for j in range(k)]) for i in range(len(requests))]
+        singles = [CheckRequest(r.merge, r.groups, (c,), r.signals) for r in requests for c in r.candidates]
+        refs = [pool.actors[j].check.remote(self.jobs[j], [q]) for q in singles for j in range(k)]
+        flat = gather(refs, what, pool=pool, owners=[j for _ in singles for j in range(k)])
+        values = [reduce_signals([flat[i * k + j][0] for j in range(k)])[0] for i in range(len(singles))]
+        out, at = [], 0
+        for r in requests:
+            out.append(values[at : at + len(r.candidates)])
+            at += len(r.candidates)
+        return out
+
+    def validate(self, plans, extra: bool = False) -> list:
+        from swm_ray.validation import RowLosses
+
+        pool = self.pool
+        plans = [(list(w), m, dict(f or {})) for w, m, f in plans]
+        if extra:
+            reqs = [{"windows": w, "merge": m, "attention": self.attention, "fits": f} for w, m, f in plans]
+            per = pool.per_minibatch(self.extra, "plan_nll", (reqs,), "further held-out rows", transient=True)
+            return [RowLosses.from_parts([per[b][i] for b in range(len(self.extra.batches))])
+                    for i in range(len(plans))]
+        owners = [j for j in range(pool.k) if self.jobs[j]["val_batches"]]
+        refs = [pool.actors[j].validate.remote(self.jobs[j], plans) for j in owners]
+        per_actor = gather(refs, f"validation loss of {len(plans)} plan(s)", pool=pool, owners=owners,
+                           transient=True)
+        return [RowLosses.from_parts([part for got in per_actor for part in got[i]]) for i in range(len(plans))]
+
+    def task_logliks(self, rows, plans) -> list:
+        """Per plan, every task row's log-likelihood: rows split over the actors in contiguous ranges."""
+        pool = self.pool
+        plans = [(list(w), m, dict(f or {})) for w, m, f in plans]
+        shards = [(a, b) for a, b in row_shards(len(rows.rows), pool.k) if b > a]
+        refs = [pool.actors[j].task_logliks.remote(rows.rows[a:b], rows.spans[a:b], plans, self.attention)
+                for j, (a, b) in enumerate(shards)]
+        got = gather(refs, f"task-style items of {len(plans)} plan(s)", pool=pool, owners=range(len(shards)),
+                     transient=True)
+        return [np.concatenate([g[i] for g in got]) for i in range(len(plans))]
+
+    def plan_loss(self, windows, merge: str, fits=None) -> float:
+        from swm_ray.validation import mean_nll
+
+        pool = self.pool
+        owners = [j for j in range(pool.k) if self.jobs[j]["rows"][1] > self.jobs[j]["rows"][0]]
+        plan = ([list(w) for w in windows], merge, dict(fits or {}))
+        got = gather([pool.actors[j].plan_loss.remote(self.jobs[j], plan) for j in owners], "calibration loss",
+                     pool=pool, owners=owners, transient=True)
+        return mean_nll([part for parts in got for part in parts])
+
+    def fit_pass(self, windows, merge: str, *, source: str, skip_first: int, fits=None, targets=None):
+        spec = {"windows": [tuple(w) for w in windows], "merge": merge, "source": source, "skip_first": skip_first,
+                "fits": dict(fits or {}), "targets": None if targets is None else [tuple(t) for t in targets]}
+        return RemoteFitPass(self, spec)
+
+    def counters(self) -> dict:
+        streams = self.pool is not None and self.pool.streaming
+        per = self.pool.counters() if self.pool is not None else []
+        from swm_ray.session import run_counters
+
+        return run_counters(self.passes, sum(c["layer_reads"] for c in per) if streams else None,
+                         sum(c["layer_tokens"] for c in per), self.pool.num_layers if self.pool else 0,
+                         int(self.calib.input_ids.size))
+
+
+class RemoteFitPass:
+    """A `compensation.FitPass` spread over the actors' fit rows: each actor runs the pass on its rows, the driver
+    adds the window's sums in actor (row) order, solves, and sends the fit back with the next step. An actor that
+    lost the pass (restarted, or evicted it) is sent the pass's recipe and replays it."""
+
+    def __init__(self, backend: RayBackend, spec: dict, parent: RemoteFitPass | None = None):
+        import uuid
+
+        self.backend = backend
+        self.id = uuid.uuid4().hex[:12]
+        self.owners = [j for j in range(backend.pool.k) if backend.jobs[j]["fit_batches"]]
+        self.chain = [] if parent is None else parent.recipe()  # the parent's recipe as it was at the fork
+        self.ops: list[tuple] = []
+        first = ("open", spec) if parent is None else ("fork", parent.id, len(parent.ops), spec)
+        self._send(first)
+
+    def recipe(self) -> list[tuple[str, list]]:
+        return [*self.chain, (self.id, list(self.ops))]
+
+    def _send(self, op: tuple) -> list:
+        pool = self.backend.pool
+        step = len(self.ops)
+        self.ops.append(op)
+        refs = [pool.actors[j].fit_step.remote(self.backend.jobs[j], self.id, step, op) for j in self.owners]
+        got = gather(refs, "compensation fit", pool=pool, owners=self.owners, transient=True)
+        lost = [j for j, g in zip(self.owners, got) if isinstance(g, str) and g == "missing"]
+        if lost:  # replay the recipe on those actors, then the step again
+            recipe = self.recipe()
+            gather([pool.actors[j].fit_replay.remote(self.backend.jobs[j], recipe) for j in lost],
+                   "replaying a compensation fit", pool=pool, owners=lost, transient=True)
+            again = gather([pool.actors[j].fit_step.remote(self.backend.jobs[j], self.id, step, op) for j in lost],
+                           "compensation fit", pool=pool, owners=lost, transient=True)
+            got = [again[lost.index(j)] if j in lost else g for j, g in zip(self.owners, got)]
+        return got
+
+    def advance(self, fit=None, stop: int | None = None):
+        import ray
+
+        from swm_ray.compensation import add_sums
+
+        got = self._send(("advance", None if fit is None else ray.put(fit), stop))
+        if all(g is None for g in got):
+            return None
+        windows = {tuple(g[0]) for g in got}
+        if len(windows) != 1 or any(g is None for g in got):
+            raise RuntimeError(f"the actors' fit passes disagree ({sorted(windows)})")
+        return got[0][0], add_sums([g[1] for g in got])
+
+    def fork(self, windows, targets) -> RemoteFitPass:
+        spec = {"windows": [tuple(w) for w in windows], "targets": [tuple(t) for t in targets]}
+        return RemoteFitPass(self.backend, spec, parent=self)

@@ -69,6 +69,28 @@ def actor_options(cfg: RayConfig, actors: int = 1) -> dict:
     return opts
 
 
+def actors_get_gpus(cfg: RayConfig) -> bool:
+    """Whether the model-holding actors get GPUs (`actor_options`): the Ray cluster has some (a cluster to join is
+    joined to ask it), or, before an embedded Ray starts, this machine has CUDA."""
+    import ray
+
+    if not ray.is_initialized() and joined_cluster(cfg):
+        init_ray(cfg)
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def actor_dtype(cfg) -> str:
+    """The dtype the model-holding actors compute in (a RunConfig's `model.dtype`, `auto` resolved on the device
+    they get), e.g. 'bfloat16': recorded by a resumable run, used for budget checks made before they start."""
+    from swm_ray.runstate import compute_dtype
+
+    return compute_dtype(cfg.model, actors_get_gpus(cfg.ray))
+
+
 def threads_per_actor(cfg: RayConfig, actors: int) -> int:
     """Torch threads inside one actor: `threads_per_actor` if set, else the CPUs it reserves (`actor_cpus`),
     at least 1."""

@@ -78,12 +78,12 @@ def runtime_env(working_dir: str | None, pip: list[str] | None, env: dict[str, s
 
 def run_submit(address: str, args: list[str], *, commands: Collection[str], working_dir: str | None = None,
                pip: list[str] | None = None, env: dict[str, str] | None = None, wait: bool = True,
-               timeout_s: float | None = None) -> dict:
+               timeout_s: float | None = None, ready_s: float = 60.0) -> dict:
     """Submit `swm-ray ARGS` (ARGS[0] one of `commands`); with `wait`, stream the job's logs to stdout and
-    return its final status."""
+    return its final status. A cluster that has just started gets `ready_s` seconds to accept the job."""
     cmd = entrypoint(args, commands)
     client = _client(address)
-    job_id = _submit_when_ready(client, cmd, runtime_env(working_dir, pip, env or {}))
+    job_id = _submit_when_ready(client, cmd, runtime_env(working_dir, pip, env or {}), ready_s)
     print(f"submitted {job_id}: {cmd}", file=sys.stderr, flush=True)
     if not wait:
         return {"job_id": job_id, "status": str(client.get_job_status(job_id).value)}

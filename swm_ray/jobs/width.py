@@ -14,30 +14,34 @@ from swm_ray.config import RunConfig, dump_yaml
 from swm_ray.jobs.console import console
 
 
-def pool_stats(cfg: RunConfig, calib):
-    """FLAP's sums from a pool of model actors started for this one pass (`ActorPool.width_stats`)."""
+def pool_stats(cfg: RunConfig, calib, pool=None):
+    """FLAP's sums from the actor pool (`ActorPool.width_stats`): `pool` when the run has one (its actors already
+    hold the model), else a pool started for this one pass."""
 
     def stats(request: dict):
         from swm_ray.jobs.pool import ActorPool
 
-        pool = ActorPool(cfg, *calib.input_ids.shape)
-        try:
+        if pool is not None:
             return pool.width_stats(calib, request)
+        own = ActorPool(cfg, *calib.input_ids.shape)
+        try:
+            return own.width_stats(calib, request)
         finally:
-            pool.shutdown()
+            own.shutdown()
 
     return stats
 
 
-def then_width(cfg: RunConfig, plan, path: str, calib) -> dict:
+def then_width(cfg: RunConfig, plan, path: str, calib, pool=None) -> dict:
     """`select.then_width`: prune the width of the plan's merged model by `select.width_method` (FLAP's
-    statistics over the actor pool); the plan gets its width entry. Returns it."""
+    statistics over the actor pool: `pool`, the depth search's, when given); the plan gets its width entry.
+    Returns it."""
     from swm_ray.width import check_width_settings, plan_width
 
     s = cfg.select
     check_width_settings(cfg, s.width_method)
     console().print(f"[bold]pruning width[/]: {s.width_method}, a further {s.then_width:.0%} of the parameters")
-    return plan_width(cfg, plan, path, calib, s.then_width, s.width_method, pool_stats(cfg, calib),
+    return plan_width(cfg, plan, path, calib, s.then_width, s.width_method, pool_stats(cfg, calib, pool),
                       device=_device(cfg))
 
 
@@ -58,6 +62,9 @@ def run_width(cfg: RunConfig, raw_yaml: str = "") -> dict:
     check_width_settings(cfg, s.method)
     out = cfg.out or "swm-ray-compressed"
     storage.check_run_paths(out, cfg.overwrite, [m.source, cfg.data.source])
+    from swm_ray.preflight import check_targets  # the ratio against the headers, before anything loads
+
+    check_targets(cfg)
     t0 = time.perf_counter()
     path, calib, n_layers = calibration_for(cfg)
     plan = width_only_plan(cfg, path, n_layers, calib)

@@ -1,0 +1,74 @@
+"""The task-style signal of `auto`: its items come from the held-out slice no reported accuracy reads, rows of
+different lengths are scored as transformers scores each alone, accuracy is counted per item, and it decides
+only between candidates the held-out loss cannot tell apart."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import tiny_model, tiny_tokenizer
+
+from swm_ray.auto import Outcome, _by_task_signal
+from swm_ray.stack import InMemoryStack
+from swm_ray.tasksignal import TASKS, ChoiceItem, accuracy, build_items, item_scores, task_rows
+from swm_ray.validation import RowLosses, plan_logliks
+
+
+def test_items_come_from_the_held_out_slice_only(tmp_path):
+    from swm_ray.evaluation.zeroshot import REPORTED_LIMIT, held_out_items, reported_items
+
+    tok = tiny_tokenizer(tmp_path)
+    items = build_items(tok, 30, seed=3)
+    assert len(items) == 30 and {it.task for it in items} == set(TASKS)
+    for it in items:
+        assert it.doc in held_out_items(it.task) and it.doc not in reported_items(it.task, None)
+        assert it.doc >= REPORTED_LIMIT
+        assert len(it.contexts) == len(it.continuations) >= 2 and 0 <= it.label < len(it.contexts)
+    assert [it.doc for it in build_items(tok, 30, seed=3)] == [it.doc for it in items]  # fixed for every model
+
+
+def test_plan_logliks_of_padded_rows_equal_each_row_alone():
+    model, _ = tiny_model("qwen2", n_layers=4)
+    rng = np.random.default_rng(0)
+    rows = [tuple(rng.integers(4, 256, size=n).tolist()) for n in (5, 9, 7, 12, 6)]
+    spans = [(2, len(r)) for r in rows]
+    got = plan_logliks(InMemoryStack(model), rows, spans, [], "reference", "global", batch_rows=3)
+    for r, (a, b), g in zip(rows, spans, got):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([r])).logits.float(), -1)[0]
+        want = float(sum(logp[i - 1, r[i]] for i in range(a, b)))
+        assert g == pytest.approx(want, abs=1e-4)
+
+
+def test_accuracy_counts_the_argmax_of_normalized_logliks():
+    items = [ChoiceItem("piqa", 0, ((1,), (1,)), ((2, 3), (4,)), 0, (2.0, 1.0)),
+             ChoiceItem("winogrande", 1, ((1,), (2,)), ((3,), (3,)), 1, (1.0, 1.0))]
+    rows = task_rows(items)
+    assert rows.owner == (0, 0, 1, 1) and rows.spans[0] == (1, 3)
+    # item 0: -2/2 = -1 beats -1.5/1; item 1: choice 0 wins but the label is 1
+    np.testing.assert_array_equal(item_scores(rows, [-2.0, -1.5, -0.1, -0.9]), [1.0, 0.0])
+    assert accuracy(rows, [-2.0, -1.5, -0.1, -0.9]) == 0.5
+
+
+class _Scoring:
+    def __init__(self, hits):
+        self.hits = hits
+
+    def task_scores(self, rows, plans):
+        return [np.asarray(self.hits[tuple(map(tuple, w))], dtype=float) for w, _, _ in plans]
+
+
+def _outcome(name, windows, loss):
+    return Outcome(name, "x", "none", windows, "keep-first", losses=RowLosses(np.full(4, loss)))
+
+
+def test_ties_on_loss_go_to_the_most_accurate_and_ties_on_accuracy_to_the_lower_loss():
+    a, b, c = _outcome("a", [(1, 2)], 4.0), _outcome("b", [(3, 4)], 4.01), _outcome("c", [(5, 6)], 4.02)
+    rows = task_rows([])
+    scoring = _Scoring({((1, 2),): [1, 0, 0, 0], ((3, 4),): [1, 1, 1, 0], ((5, 6),): [1, 1, 0, 0]})
+    chosen, why = _by_task_signal(a, [b, c], scoring, rows, 2.0, "close", lambda m: None)
+    assert chosen is b and "chose b" in why and a.task["accuracy"] == 0.25
+    scoring = _Scoring({((1, 2),): [1, 1, 0, 0], ((3, 4),): [1, 1, 0, 0], ((5, 6),): [0, 0, 0, 0]})
+    chosen, why = _by_task_signal(a, [b, c], scoring, rows, 2.0, "close", lambda m: None)
+    assert chosen is a and "agree with the lowest loss" in why
