@@ -41,7 +41,7 @@ def _label(plan) -> str:
 
 def _queue(args) -> tuple[list[dict], str, str | None]:
     """[{label, plan, windows, params_removed}], the source model and its revision (one source for all plans)."""
-    from swm_ray.plan import Plan
+    from swm_ray.plan.plan import Plan
 
     jobs, sources = [], set()
     for arg in args.plans:
@@ -77,7 +77,7 @@ def _score(args, jobs: list[dict], source: str, revision: str | None, done: dict
     from swm_ray.evaluation.accuracy import encode_items
     from swm_ray.evaluation.report import write_text_atomic
     from swm_ray.evaluation.zeroshot import zeroshot
-    from swm_ray.executor import plan_model, source_model
+    from swm_ray.plan.executor import plan_model, source_model
 
     torch.set_num_threads(args.threads)
     cache: dict = {}

@@ -29,8 +29,8 @@ def _setup(threads: int):
 
     torch.set_num_threads(threads)
     from swm_ray.config import build_config
-    from swm_ray.data import calibration_for
-    from swm_ray.models import load_model
+    from swm_ray.io.data import calibration_for
+    from swm_ray.io.models import load_model
 
     _, calib, n = calibration_for(build_config())
     model, _ = load_model("builtin:smollm2-135m")
@@ -52,7 +52,7 @@ class NaiveEvaluator:
             self.ref = [model(c, labels=c, output_hidden_states=True).hidden_states[-1].flatten() for c in self.crops]
 
     def _collapsed(self, model, groups, window):
-        from swm_ray.merge import apply_windows
+        from swm_ray.edits.merge import apply_windows
 
         cand = copy.deepcopy(model)
         lo = next(i for i, g in enumerate(groups) if g[0] == window[0])
@@ -129,8 +129,8 @@ def gemm_peak(threads: int) -> float:
 
 
 def run_side(side: str, threshold: float, threads: int) -> dict:
-    from swm_ray.scoring import LocalEvaluator, ShardScorer
-    from swm_ray.selection import top_down
+    from swm_ray.compute.scoring import LocalEvaluator, ShardScorer
+    from swm_ray.methods.selection import top_down
 
     model, calib, n = _setup(threads)
     peak_rate = gemm_peak(threads)
@@ -140,7 +140,7 @@ def run_side(side: str, threshold: float, threads: int) -> dict:
     if side == "naive":
         ev = NaiveEvaluator(model, calib)
     else:
-        from swm_ray.stack import InMemoryStack
+        from swm_ray.compute.stack import InMemoryStack
 
         ev = LocalEvaluator([ShardScorer.over(InMemoryStack(model), calib.input_ids, "reference")], "output")
     sel = top_down(n, threshold, ev, paper_loop=True)

@@ -67,8 +67,8 @@ def bench_suite(model, tok, limit: int, batch_size: int = 16) -> dict:
 
 def bench_ppl(model, tok, tokens: int) -> dict:
     """Tokens/s of chunked perplexity on the builtin held-out text."""
-    from swm_ray.data import load_texts
     from swm_ray.evaluation.perplexity import perplexity
+    from swm_ray.io.data import load_texts
 
     texts = load_texts("builtin:boolq-passages")
     res, secs = _timed(lambda: perplexity(model, tok, texts, chunk=128, max_tokens=tokens, bos="stream"))
@@ -77,7 +77,7 @@ def bench_ppl(model, tok, tokens: int) -> dict:
 
 def main() -> None:
     args = _args()
-    from swm_ray.models import load_model, set_threads
+    from swm_ray.io.models import load_model, set_threads
 
     set_threads(args.threads)
     import torch

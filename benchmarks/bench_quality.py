@@ -17,17 +17,17 @@ from swm_ray.config import build_config
 
 
 def ppl_of(model, tok) -> float:
-    from swm_ray.data import load_texts
     from swm_ray.evaluation.perplexity import perplexity
+    from swm_ray.io.data import load_texts
 
     return perplexity(model, tok, load_texts("builtin:boolq-passages"), chunk=128, max_tokens=16384, bos="none")["ppl"]
 
 
 def shortgpt(layers: int) -> dict:
-    from swm_ray.baselines import block_influence, shortgpt_windows
-    from swm_ray.data import calibration_for
-    from swm_ray.merge import apply_windows
-    from swm_ray.models import load_model
+    from swm_ray.edits.merge import apply_windows
+    from swm_ray.io.data import calibration_for
+    from swm_ray.io.models import load_model
+    from swm_ray.methods.baselines import block_influence, shortgpt_windows
 
     cfg = build_config()
     _, calib, n = calibration_for(cfg)
@@ -44,8 +44,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/quality.json")
     ap.add_argument("--only", default=None, help="comma list of criterion:search to run")
     args = ap.parse_args()
+    from swm_ray.io.models import load_model
     from swm_ray.jobs.compress import run_compress
-    from swm_ray.models import load_model
 
     rows = {}
     model, tok = load_model("builtin:smollm2-135m")

@@ -90,13 +90,13 @@ def _warm_up() -> None:
 def _child(args) -> dict:
     import torch
 
-    from swm_ray.capture import compute_hsic_sums
-    from swm_ray.data import minibatches
-    from swm_ray.plan import Plan
-    from swm_ray.scoring import LocalEvaluator, ShardScorer
-    from swm_ray.selection import MemoEvaluator, best_first
-    from swm_ray.stack import StackSpec, open_stack
-    from swm_ray.writer import write_model_folder
+    from swm_ray.compute.capture import compute_hsic_sums
+    from swm_ray.compute.scoring import LocalEvaluator, ShardScorer
+    from swm_ray.compute.stack import StackSpec, open_stack
+    from swm_ray.io.data import minibatches
+    from swm_ray.methods.selection import MemoEvaluator, best_first
+    from swm_ray.plan.plan import Plan
+    from swm_ray.plan.writer import write_model_folder
 
     torch.set_num_threads(args.threads)
     path = str(model_dir(args.layers))
@@ -141,8 +141,8 @@ def bench_rss() -> dict:
     (host RAM: every candidate's stream alive at once), streaming under --max-memory 470MB (the scorer runs
     as many candidates per pass as the budget allows), and in memory. The 32-layer model under 470MB is the
     budget target: fp32 weights 4x the budget, compressed under it, windows compared with the in-memory run."""
-    from swm_ray.checkpoint import Checkpoint
-    from swm_ray.memory import parse_size
+    from swm_ray.compute.memory import parse_size
+    from swm_ray.io.checkpoint import Checkpoint
 
     model_dir(8), model_dir(32)
     variants = {"stream": ("--stream", "always"), "budget": ("--stream", "auto", "--max-memory", BUDGET),
@@ -169,8 +169,8 @@ def bench_rss() -> dict:
 
 
 def _writer_child(args) -> dict:
-    from swm_ray.plan import Plan
-    from swm_ray.writer import write_model_folder
+    from swm_ray.plan.plan import Plan
+    from swm_ray.plan.writer import write_model_folder
 
     src = model_dir(args.layers)
     dest = ROOT / f"writer-{os.getpid()}"
@@ -196,7 +196,7 @@ def _writer_child(args) -> dict:
 def bench_writer(repeat: int = 3) -> dict:
     """Streaming writer (reference and mean merges, with the source checksum) vs copying the checkpoint's
     safetensors files, alternating, on the same disk, page cache warm for both."""
-    from swm_ray.checkpoint import Checkpoint
+    from swm_ray.io.checkpoint import Checkpoint
 
     src = model_dir(32)
     for f in src.glob("*.safetensors"):  # warm the page cache: both sides read the same bytes
@@ -222,12 +222,12 @@ def bench_actors(repeat: int = 3) -> dict:
     thread each, alternating; actors started beforehand (start-up not timed)."""
     import ray
 
-    from swm_ray.checks import CheckRequest
+    from swm_ray.compute.refpass import Needs
     from swm_ray.config import build_config
-    from swm_ray.data import Calibration, minibatches
+    from swm_ray.io.data import Calibration, minibatches
     from swm_ray.jobs.pool import RayBackend
-    from swm_ray.refpass import Needs
-    from swm_ray.selection import initial_groups, mergeable_pairs
+    from swm_ray.methods.checks import CheckRequest
+    from swm_ray.methods.selection import initial_groups, mergeable_pairs
 
     path = str(model_dir(8))
     ids = _ids()

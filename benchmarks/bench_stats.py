@@ -26,10 +26,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from swm_ray.capture import compute_hsic_sums
-    from swm_ray.data import build_calibration
-    from swm_ray.models import decoder_layers, inner_model, load_model
-    from swm_ray.similarity import features, gram, hsic_matrix
+    from swm_ray.compute.capture import compute_hsic_sums
+    from swm_ray.compute.similarity import features, gram, hsic_matrix
+    from swm_ray.io.data import build_calibration
+    from swm_ray.io.models import decoder_layers, inner_model, load_model
 
     model, tok = load_model("builtin:smollm2-135m")
     cal = build_calibration("builtin:lambada", tok, samples=args.samples, seq_len=args.seq_len,

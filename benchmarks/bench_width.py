@@ -51,8 +51,8 @@ def main() -> None:
 
     from swm_ray.config import build_config
     from swm_ray.evaluation import evaluate_source
-    from swm_ray.models import resolve_model_path
-    from swm_ray.pipeline import compress_here
+    from swm_ray.io.models import resolve_model_path
+    from swm_ray.recipes.pipeline import compress_here
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

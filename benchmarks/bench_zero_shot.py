@@ -45,7 +45,7 @@ def main() -> None:
 
     from swm_ray.evaluation import evaluate_model
     from swm_ray.evaluation.report import write_text_atomic
-    from swm_ray.executor import plan_model, source_model
+    from swm_ray.plan.executor import plan_model, source_model
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -64,7 +64,7 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         if path is None:
-            from swm_ray.plan import Plan
+            from swm_ray.plan.plan import Plan
 
             first = Plan.load(jobs[0][1]) if jobs else None
             model, tok = source_model(first.source_model if first else "builtin:smollm2-135m", cache,

@@ -61,8 +61,8 @@ def _streaming(model, ids, batches, dev: str, dtype, repeats: int, plain_s: floa
     folder; the page cache holds it after the first pass), against the in-memory plain forward."""
     import tempfile
 
-    from swm_ray.capture import compute_hsic_sums
-    from swm_ray.stack import StreamingStack
+    from swm_ray.compute.capture import compute_hsic_sums
+    from swm_ray.compute.stack import StreamingStack
 
     with tempfile.TemporaryDirectory(prefix="swm-gpu-check-") as tmp:
         t0 = time.perf_counter()
@@ -93,12 +93,12 @@ def main() -> dict:
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from swm_ray.capture import compute_hsic_sums
-    from swm_ray.data import minibatches
-    from swm_ray.models import inner_model
-    from swm_ray.refpass import Needs, Reference
-    from swm_ray.scoring import ShardScorer, groups_from, reduce_signals
-    from swm_ray.stack import InMemoryStack
+    from swm_ray.compute.capture import compute_hsic_sums
+    from swm_ray.compute.refpass import Needs, Reference
+    from swm_ray.compute.scoring import ShardScorer, groups_from, reduce_signals
+    from swm_ray.compute.stack import InMemoryStack
+    from swm_ray.io.data import minibatches
+    from swm_ray.io.models import inner_model
 
     shape = "tiny" if args.tiny else "llama2-7b"
     dev = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
@@ -169,7 +169,7 @@ def main() -> dict:
 
     @torch.inference_mode()
     def naive_one():
-        from swm_ray.merge import apply_windows
+        from swm_ray.edits.merge import apply_windows
 
         cand = apply_windows(copy.deepcopy(model), [windows[1]], "reference")
         naive_cos.extend(float(torch.nn.functional.cosine_similarity(r, c, dim=0))

@@ -431,7 +431,7 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
 
 def load_yaml_text(path: str) -> tuple[str, dict]:
     """Read a YAML config file (local or s3://); returns (raw text, mapping)."""
-    from swm_ray import storage
+    from swm_ray.io import fs as storage
 
     raw = storage.read_bytes(path).decode("utf-8")
     try:

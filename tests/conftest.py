@@ -128,7 +128,7 @@ def s3(s3_endpoint, monkeypatch):
     """A moto S3 endpoint with one bucket, seen by swm-ray through SWM_RAY_S3_ENDPOINT."""
     import s3fs
 
-    from swm_ray import storage
+    from swm_ray.io import fs as storage
 
     monkeypatch.setenv("SWM_RAY_S3_ENDPOINT", s3_endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")

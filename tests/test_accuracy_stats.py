@@ -244,7 +244,7 @@ def _bench():
 
 
 def test_bench_accuracy_resumes_and_pairs(tiny_llama_dir, tmp_path, monkeypatch, capsys):
-    from swm_ray.plan import Plan
+    from swm_ray.plan.plan import Plan
 
     plan = Plan(windows=[[1, 2]], num_layers_before=6, merge="mean", source_model=str(tiny_llama_dir)).save(
         tmp_path / "plan.json")

@@ -19,16 +19,16 @@ import torch
 import torch.nn.functional as F
 from tiny_models import ARCHS, tiny_model
 
-from swm_ray.auto import compensation_config, deduplicated, effective_spec, run_auto
-from swm_ray.compensation import compensate_model, stack_site
+from swm_ray.compute.stack import InMemoryStack
+from swm_ray.compute.validation import mean_nll, plan_nll
 from swm_ray.config import build_config
-from swm_ray.data import Calibration, split_calibration
+from swm_ray.edits.merge import apply_windows
 from swm_ray.errors import UserError
-from swm_ray.merge import apply_windows
-from swm_ray.planners import compensate_plan, method_needs, plan_windows
-from swm_ray.session import LocalScoring, split_validation
-from swm_ray.stack import InMemoryStack
-from swm_ray.validation import mean_nll, plan_nll
+from swm_ray.io.data import Calibration, split_calibration
+from swm_ray.methods.auto import compensation_config, deduplicated, effective_spec, run_auto
+from swm_ray.methods.compensation import compensate_model, stack_site
+from swm_ray.methods.planners import compensate_plan, method_needs, plan_windows
+from swm_ray.methods.session import LocalScoring, split_validation
 
 RNG = np.random.default_rng(11)
 IDS = RNG.integers(4, 256, size=(44, 12))
@@ -261,7 +261,7 @@ def test_auto_on_actors_equals_one_process(ray_session, tiny_llama_dir, tokens_p
     from transformers import AutoModelForCausalLM
 
     from swm_ray.jobs.compress import run_compress
-    from swm_ray.pipeline import compress_here
+    from swm_ray.recipes.pipeline import compress_here
 
     flags = {"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet), "data.samples": 12,
              "data.seq_len": 16, "data.batch_size": 4, "select.method": "auto", "select.layers": 2,
@@ -292,10 +292,10 @@ def test_auto_is_a_grid_row_with_its_plan(tiny_llama_dir, tokens_parquet, tmp_pa
     applicable with `apply` to the same folder that `compress --method auto` writes."""
     import base64
 
-    from swm_ray.data import calibration_for
+    from swm_ray.io.data import calibration_for
     from swm_ray.jobs.apply import run_apply
-    from swm_ray.pipeline import compress_here
-    from swm_ray.sweep import run_trial
+    from swm_ray.recipes.pipeline import compress_here
+    from swm_ray.recipes.trial import run_trial
 
     flags = {"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet), "data.samples": 12,
              "data.seq_len": 16, "data.batch_size": 4, "eval.tasks": [], "eval.ppl_data": None,
@@ -323,7 +323,7 @@ def test_auto_is_a_grid_row_with_its_plan(tiny_llama_dir, tokens_parquet, tmp_pa
 def test_a_streamed_model_races_like_one_in_memory(tiny_llama_dir, tokens_parquet, tmp_path):
     """Layer streaming (no cached inputs: every check, partial plan and close call walks the layers from the
     checkpoint) gives the race of the model in memory, and counts its layer reads."""
-    from swm_ray.pipeline import compress_here
+    from swm_ray.recipes.pipeline import compress_here
 
     flags = {"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet), "data.samples": 12,
              "data.seq_len": 16, "data.batch_size": 4, "select.method": "auto", "select.layers": 2,

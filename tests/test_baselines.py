@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from tiny_models import tiny_model
 
-from swm_ray.baselines import laco, shortened_ppl
+from swm_ray.compute.scoring import LocalEvaluator, ShardScorer
+from swm_ray.compute.stack import InMemoryStack
+from swm_ray.edits.merge import apply_windows
 from swm_ray.errors import UserError
-from swm_ray.merge import apply_windows
-from swm_ray.scoring import LocalEvaluator, ShardScorer
-from swm_ray.stack import InMemoryStack
+from swm_ray.methods.baselines import laco, shortened_ppl
 
 
 class Scripted:

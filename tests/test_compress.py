@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from swm_ray.cli import app
 from swm_ray.config import build_config
+from swm_ray.edits.merge import apply_windows
 from swm_ray.jobs.compress import run_compress
-from swm_ray.merge import apply_windows
 
 
 def _cfg(model_dir, data, out, **sets):

@@ -43,7 +43,7 @@ def test_frozen_and_round_trip():
 def test_fingerprint_counts_only_settings_that_differ_from_their_defaults():
     """A zoo entry or a partial state stays valid when a setting is spelled out at its default value (or a
     new setting is added at a default that keeps the old behaviour); any real change is a new fingerprint."""
-    from swm_ray.runstate import fingerprint
+    from swm_ray.io.runstate import fingerprint
 
     plain = build_config(flags={"select.layers": 4})
     spelled = build_config(flags={"select.layers": 4, "merge.method": "reference", "select.search": "best-first"})

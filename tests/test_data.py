@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from tiny_models import tiny_tokenizer
 
-from swm_ray.data import build_calibration, load_rows, load_texts, minibatches, wants_bos
 from swm_ray.errors import UserError
+from swm_ray.io.data import build_calibration, load_rows, load_texts, minibatches, wants_bos
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +131,8 @@ def many_rows(tmp_path_factory):
 def test_calibration_sets_keep_the_planning_rows(tiny_llama_dir, many_rows, monkeypatch, mode, source):
     """Auto's validation rows and the fit's further rows never change the planning rows (the rows of a run with
     data.samples alone), in every data mode, and never repeat one of them."""
-    from swm_ray import data
     from swm_ray.config import build_config
+    from swm_ray.io import data
 
     if mode == "packed-small-chunks":  # the two budgets (first rows, all rows) end after different chunks
         monkeypatch.setattr(data, "_CHUNK", 8)

@@ -441,7 +441,7 @@ def test_smollm2_tokenizer_with_tiny_model(tiny):
 
 @pytest.mark.slow
 def test_smollm2_real_accuracy():
-    from swm_ray.models import load_model
+    from swm_ray.io.models import load_model
 
     model, tok = load_model("builtin:smollm2-135m", device="cpu")
     res = evaluate_model(model, tok, EvalOptions(tasks=("piqa", "arc_easy"), limit=50, ppl_max_tokens=2048),

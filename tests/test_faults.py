@@ -20,9 +20,9 @@ from tiny_models import tiny_model
 
 from swm_ray.config import build_config
 from swm_ray.errors import UserError
+from swm_ray.io.runstate import SUFFIX
 from swm_ray.jobs.analyze import run_analyze
 from swm_ray.jobs.compress import run_compress
-from swm_ray.runstate import SUFFIX
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -123,7 +123,7 @@ def test_actor_killed_mid_statistics_gives_the_identical_matrix(ray_session, dee
 def _compensation(folder: Path) -> dict[str, torch.Tensor]:
     """The fitted maps a plan carries (what a restarted actor could get wrong; the weights themselves are copied
     from the same checkpoint whatever happened)."""
-    from swm_ray.plan import Plan
+    from swm_ray.plan.plan import Plan
 
     return Plan.load(folder / "plan.json").tensors
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from swm_ray.cli import app
 from swm_ray.config import build_config
 from swm_ray.errors import UserError
-from swm_ray.sweep import check_grid, finalize_rows, markdown_table, trial_specs
+from swm_ray.recipes.trial import check_grid, finalize_rows, markdown_table, trial_specs
 
 
 def test_trial_specs_cover_the_grid():
@@ -89,9 +89,9 @@ def test_sleb_baseline_is_greedy_block_removal_by_calibration_nll(tiny_llama_dir
 
     import torch
 
-    from swm_ray.data import calibration_for
-    from swm_ray.models import load_model
-    from swm_ray.sweep import run_trial
+    from swm_ray.io.data import calibration_for
+    from swm_ray.io.models import load_model
+    from swm_ray.recipes.trial import run_trial
 
     cfg = build_config(flags={"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet),
                               "data.samples": 8, "data.seq_len": 16, "data.batch_size": 4, "eval.tasks": [],
@@ -117,7 +117,7 @@ def test_sleb_baseline_is_greedy_block_removal_by_calibration_nll(tiny_llama_dir
         removed.append(drop)
     assert [r["removed_layers"] for r in rows] == [1, 2]
     assert all(r["status"] == "ok" and r["criterion"] == "nll" and r["merge"] == "keep-first" for r in rows)
-    from swm_ray.baselines import drop_windows
+    from swm_ray.methods.baselines import drop_windows
 
     assert json.loads(rows[0]["windows"]) == [list(w) for w in drop_windows(removed[:1])]
     assert json.loads(rows[1]["windows"]) == [list(w) for w in drop_windows(removed)]

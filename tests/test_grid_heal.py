@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from swm_ray.cli import app
 from swm_ray.config import build_config
-from swm_ray.sweep import finalize_rows, markdown_table, method_label, run_trial
+from swm_ray.recipes.trial import finalize_rows, markdown_table, method_label, run_trial
 
 TEMPERATURE = 0.7
 SWM = {"method": "swm", "criterion": "output", "search": "best-first", "merge": "reference"}
@@ -73,7 +73,7 @@ def _cfg(model, calib_data, ppl_data, heal: list[str], **flags):
 
 
 def _run(cfg, model, spec=None) -> list[dict]:
-    from swm_ray.data import calibration_for
+    from swm_ray.io.data import calibration_for
 
     _, calib, _ = calibration_for(cfg)
     rows: list[dict] = []

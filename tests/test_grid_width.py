@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from swm_ray.config import build_config
 from swm_ray.errors import UserError
-from swm_ray.sweep import check_grid, finalize_rows, markdown_table, method_label, run_trial, write_results
+from swm_ray.recipes.trial import check_grid, finalize_rows, markdown_table, method_label, run_trial, write_results
 
 SWM = {"method": "swm", "criterion": "output", "search": "best-first", "merge": "reference"}
 
@@ -28,7 +28,7 @@ def _cfg(model, calib_data, ppl_data, grid: dict, **flags):
 
 
 def _run(cfg, model, spec) -> list[dict]:
-    from swm_ray.data import calibration_for
+    from swm_ray.io.data import calibration_for
 
     _, calib, _ = calibration_for(cfg)
     rows: list[dict] = []
@@ -41,8 +41,8 @@ def test_flap_baseline_row_is_replayed_by_apply(tiny_llama_dir, tokens_parquet, 
     and `swm-ray apply` of its written plan gives the model the row evaluated: the same parameter count and
     the same perplexity. With eval.latency the row has tokens/s, latency and time to first token."""
     from swm_ray.evaluation import evaluate_model
+    from swm_ray.io.models import load_tokenizer
     from swm_ray.jobs.apply import run_apply
-    from swm_ray.models import load_tokenizer
 
     cfg = _cfg(tiny_llama_dir, tokens_parquet, text_jsonl, {"grid.ratios": [0.2], "grid.baselines": ["flap"]},
                **{"eval.latency": True, "eval.latency_runs": 2, "eval.latency_warmup": 0,
@@ -139,7 +139,7 @@ def test_latency_measures_time_to_first_token(tiny_llama_dir):
     """`ttft_s`: one-token generations, faster than generating 8 tokens; the report and the comparison show it."""
     from swm_ray.evaluation.latency import compare_latency, measure_latency
     from swm_ray.evaluation.report import format_table
-    from swm_ray.models import load_tokenizer
+    from swm_ray.io.models import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     res = measure_latency(model, load_tokenizer(str(tiny_llama_dir)), new_tokens=8, warmup=0, runs=2)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from swm_ray.cli import app
 from swm_ray.config import build_config
 from swm_ray.errors import UserError
-from swm_ray.heal import IGNORE, Schedule, apply_lora, load_examples, merge_adapter
+from swm_ray.heal.lora import IGNORE, Schedule, apply_lora, load_examples, merge_adapter
 
 runner = CliRunner()
 WINDOWS = [[3, 4], [1, 2]]  # of the 6-layer tiny Llama: positions 1 and 2 of the 4 left are merged
@@ -31,9 +31,9 @@ def compressed_dir(tiny_llama_dir, tmp_path_factory) -> Path:
     """The tiny Llama with windows [1, 2] and [3, 4] merged (reference), written by the writer with its plan."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from swm_ray.merge import apply_windows
-    from swm_ray.plan import Plan
-    from swm_ray.writer import save_model_folder
+    from swm_ray.edits.merge import apply_windows
+    from swm_ray.plan.plan import Plan
+    from swm_ray.plan.writer import save_model_folder
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     apply_windows(model, WINDOWS, "reference")
@@ -51,7 +51,7 @@ def _state(folder: Path) -> dict[str, torch.Tensor]:
 def _mean_nll(folder: Path, examples) -> float:
     from transformers import AutoModelForCausalLM
 
-    from swm_ray.heal import collate, nll_sum
+    from swm_ray.heal.lora import collate, nll_sum
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     idx = list(range(len(examples)))
@@ -128,7 +128,7 @@ def test_lora_with_two_ray_train_workers(ray_session, compressed_dir, text_jsonl
 def test_merge_adapter_adds_the_scaled_product(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
-    from swm_ray.heal import adapter_state
+    from swm_ray.heal.lora import adapter_state
 
     h = build_config().heal
     load = lambda: AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)  # noqa: E731
@@ -197,10 +197,10 @@ def test_local_window_target_fits_the_window_on_the_same_input(tiny_llama_dir):
     """target=window: the merged layer learns the original layers low..high applied to its own input."""
     from transformers import AutoModelForCausalLM
 
-    from swm_ray.heal import heal_local
-    from swm_ray.merge import apply_windows
-    from swm_ray.plan import Plan
-    from swm_ray.stack import InMemoryStack
+    from swm_ray.compute.stack import InMemoryStack
+    from swm_ray.edits.merge import apply_windows
+    from swm_ray.heal.lora import heal_local
+    from swm_ray.plan.plan import Plan
 
     original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     model = apply_windows(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval(),
@@ -356,8 +356,8 @@ def test_compress_then_heal_resumes_an_interrupted_lora_heal(ray_session, tiny_l
 def test_compress_then_heal_resumes_an_interrupted_compression(ray_session, tiny_llama_dir, tokens_parquet,
                                                                tmp_path, monkeypatch):
     """Stopped during the window search: --resume continues the compression from its partial state, then heals."""
+    from swm_ray.io.runstate import RunState
     from swm_ray.jobs.heal import run_compress_and_heal
-    from swm_ray.runstate import RunState
 
     out = tmp_path / "cc"
     cfg = build_config(flags=_compress_heal_flags(tiny_llama_dir, tokens_parquet, out, **{
@@ -394,7 +394,7 @@ def test_compress_then_heal_resume_mistakes_are_one_line_errors(tiny_llama_dir, 
 def test_compress_then_heal_refuses_checkpoints_of_another_compressed_model(tiny_llama_dir, tokens_parquet, tmp_path):
     """Heal checkpoints left for the staging folder while that folder is gone (or about to be compressed again
     with other settings) were trained on another model: refused before anything runs, never continued."""
-    from swm_ray import storage
+    from swm_ray.io import fs as storage
     from swm_ray.jobs.heal import _claim_checkpoints, run_compress_and_heal
 
     out = tmp_path / "cs"

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from swm_ray import storage
 from swm_ray.cli import app
 from swm_ray.config import build_config
 from swm_ray.errors import UserError
+from swm_ray.io import fs as storage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

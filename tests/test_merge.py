@@ -8,17 +8,10 @@ import pytest
 import torch
 from tiny_models import ARCHS, tiny_gpt2, tiny_model, tiny_t5
 
-from swm_ray.architectures import check_supported, per_layer_config_keys, slice_per_layer_config
+from swm_ray.edits.architectures import check_supported, per_layer_config_keys, slice_per_layer_config
+from swm_ray.edits.merge import MERGE_METHODS, anchor_layer, apply_windows, kept_layers, merge_layers, validate_windows
 from swm_ray.errors import UserError
-from swm_ray.merge import (
-    MERGE_METHODS,
-    anchor_layer,
-    apply_windows,
-    kept_layers,
-    merge_layers,
-    validate_windows,
-)
-from swm_ray.models import decoder_layers
+from swm_ray.io.models import decoder_layers
 
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41]])  # longer than the tiny sliding windows (4)
 

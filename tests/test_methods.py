@@ -74,8 +74,8 @@ def deep_llama(tmp_path_factory) -> Path:
 def test_compress_method_equals_the_grid_row(ray_session, deep_llama, tokens_parquet, tmp_path, method):
     """The baseline through `compress --method` (Ray actors) and through a grid trial (in process) is the same
     computation: same windows, same scores, and the grid row's plan applies to the same folder."""
-    from swm_ray.data import calibration_for
-    from swm_ray.sweep import run_trial
+    from swm_ray.io.data import calibration_for
+    from swm_ray.recipes.trial import run_trial
 
     flags = {"select.method": method, "select.laco_layers": 2, "select.laco_interval": 1}
     res = run_compress(_cfg(deep_llama, tokens_parquet, tmp_path / "c", **flags))

@@ -3,15 +3,15 @@
 import numpy as np
 
 from swm_ray.config import build_config
+from swm_ray.io.models import load_tokenizer, resolve_model_path
 from swm_ray.jobs.analyze import run_analyze
-from swm_ray.models import load_tokenizer, resolve_model_path
 
 
 def test_smollm2_matrix_on_pretokenized_parquet(ray_session, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from swm_ray.data import load_texts
+    from swm_ray.io.data import load_texts
 
     tok = load_tokenizer(resolve_model_path("builtin:smollm2-135m"))
     rows = [ids[:64] for ids in tok(load_texts("builtin:lambada")[:40], add_special_tokens=False)["input_ids"]

@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from swm_ray.checkpoint import Checkpoint
-from swm_ray.checkpoint import weights_checksum as _checksum
 from swm_ray.config import build_config
 from swm_ray.errors import UserError
-from swm_ray.models import resolve_model_path
-from swm_ray.pipeline import compress_here
+from swm_ray.io.checkpoint import Checkpoint
+from swm_ray.io.checkpoint import weights_checksum as _checksum
+from swm_ray.io.models import resolve_model_path
+from swm_ray.recipes.pipeline import compress_here
 
 
 def weights_checksum(path) -> str:
@@ -81,7 +81,7 @@ def test_tied_embeddings_survive_compress_save_and_reload(tokens_parquet, tmp_pa
     and the reloaded model gives the logits of the model merged in memory."""
     from tiny_models import tiny_config, tiny_tokenizer
 
-    from swm_ray.merge import apply_windows
+    from swm_ray.edits.merge import apply_windows
 
     src = tmp_path / "tied"
     config = tiny_config("llama", 6)

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from swm_ray.cli import app
 from swm_ray.config import build_config
 from swm_ray.errors import RunError, UserError
+from swm_ray.io.runstate import SUFFIX, RunState, fingerprint, resume_fingerprint
 from swm_ray.jobs.analyze import run_analyze
-from swm_ray.runstate import SUFFIX, RunState, fingerprint, resume_fingerprint
 
 runner = CliRunner()
 ROWS = ["--samples", "8", "--seq-len", "16", "--batch-size", "4"]

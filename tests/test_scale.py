@@ -14,19 +14,19 @@ from safetensors.torch import load_file
 from tiny_models import ARCHS, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from swm_ray.capture import compute_hsic_sums
-from swm_ray.checkpoint import Checkpoint, weights_checksum
+from swm_ray.compute.capture import compute_hsic_sums
+from swm_ray.compute.memory import Footprint, choose_mode, parse_size
+from swm_ray.compute.stack import InMemoryStack, StackSpec, StreamingStack, open_stack
 from swm_ray.config import build_config
+from swm_ray.edits.merge import apply_windows
 from swm_ray.errors import UserError
-from swm_ray.executor import PlanView, materialize
+from swm_ray.io.checkpoint import Checkpoint, weights_checksum
+from swm_ray.io.models import load_config
 from swm_ray.jobs.analyze import run_analyze
 from swm_ray.jobs.compress import run_compress
-from swm_ray.memory import Footprint, choose_mode, parse_size
-from swm_ray.merge import apply_windows
-from swm_ray.models import load_config
-from swm_ray.plan import Plan
-from swm_ray.stack import InMemoryStack, StackSpec, StreamingStack, open_stack
-from swm_ray.writer import write_model_folder
+from swm_ray.plan.executor import PlanView, materialize
+from swm_ray.plan.plan import Plan
+from swm_ray.plan.writer import write_model_folder
 
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41]])
 

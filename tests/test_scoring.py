@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from tiny_models import ARCHS, tiny_model
 
-from swm_ray.merge import apply_windows
-from swm_ray.refpass import Needs, Reference
-from swm_ray.scoring import LocalEvaluator, ShardScorer, chunk_rows, groups_from, reduce_scores
-from swm_ray.stack import InMemoryStack, StreamingStack
+from swm_ray.compute.refpass import Needs, Reference, chunk_rows
+from swm_ray.compute.scoring import LocalEvaluator, ShardScorer, groups_from, reduce_scores
+from swm_ray.compute.stack import InMemoryStack, StreamingStack
+from swm_ray.edits.merge import apply_windows
 
 ALL = Needs(checks=True, final=True, logp=True)
 

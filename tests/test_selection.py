@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from swm_ray.errors import UserError
-from swm_ray.selection import (
+from swm_ray.methods.selection import (
     CkaEvaluator,
     MemoEvaluator,
     Selection,
@@ -127,7 +127,7 @@ def test_targets_and_ranges():
 
 
 def test_shortgpt_windows_are_keep_first_plans():
-    from swm_ray.baselines import drop_windows, shortgpt_windows
+    from swm_ray.methods.baselines import drop_windows, shortgpt_windows
 
     assert drop_windows([5, 3, 4, 9]) == [(8, 9), (2, 5)]
     bi = np.array([0.0, 0.5, 0.1, 0.2, 0.9, 0.05])
@@ -172,7 +172,7 @@ def test_paper_loop_is_unchanged_by_protect_last():
     (False, False, True), (False, True, False), (True, False, False), (True, True, False)])
 def test_select_windows_passes_protect_last_to_the_fixed_loop(paper_loop, protect_last, merges_last):
     from swm_ray.config import build_config
-    from swm_ray.selection import select_windows
+    from swm_ray.methods.selection import select_windows
 
     cfg = build_config(sets={"select.search": "top-down", "select.threshold": 0.5,
                              "select.paper_loop": paper_loop, "select.protect_last": protect_last})

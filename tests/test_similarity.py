@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from swm_ray.similarity import cka, cka_from_sums, gram, hsic_matrix
+from swm_ray.compute.similarity import cka, cka_from_sums, gram, hsic_matrix
 
 
 def hsic(k: torch.Tensor, l: torch.Tensor) -> float:

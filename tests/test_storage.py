@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from swm_ray import storage
 from swm_ray.errors import UserError
+from swm_ray.io import fs as storage
 
 
 def test_parquet_calibration_from_s3(s3):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from swm_ray.data import load_rows
+    from swm_ray.io.data import load_rows
 
     rows = np.arange(40).reshape(5, 8).tolist()
     with s3.open("bucket/data/tokens.parquet", "wb") as f:
@@ -50,7 +50,7 @@ def test_atomic_output_to_s3_and_refusals(s3):
 
 
 def test_model_folder_from_s3_is_cached(s3, tiny_llama_dir):
-    from swm_ray.models import resolve_model_path
+    from swm_ray.io.models import resolve_model_path
 
     s3.put(str(tiny_llama_dir) + "/", "bucket/models/tiny/", recursive=True)
     local = resolve_model_path("s3://bucket/models/tiny")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
-from swm_ray.auto import Outcome, _by_task_signal
-from swm_ray.stack import InMemoryStack
-from swm_ray.tasksignal import TASKS, ChoiceItem, accuracy, build_items, item_scores, task_rows
-from swm_ray.validation import RowLosses, plan_logliks
+from swm_ray.compute.stack import InMemoryStack
+from swm_ray.compute.validation import RowLosses, plan_logliks
+from swm_ray.methods.auto import Outcome, _by_task_signal
+from swm_ray.methods.tasksignal import TASKS, ChoiceItem, accuracy, build_items, item_scores, task_rows
 
 
 def test_items_come_from_the_held_out_slice_only(tmp_path):

@@ -14,11 +14,10 @@ from tiny_models import ARCHS, tiny_model
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+from swm_ray.compute.stack import InMemoryStack
 from swm_ray.config import build_config
 from swm_ray.errors import UserError
-from swm_ray.plan import Plan
-from swm_ray.stack import InMemoryStack
-from swm_ray.width import (
+from swm_ray.methods.width import (
     Geometry,
     add_width_sums,
     choose,
@@ -28,7 +27,8 @@ from swm_ray.width import (
     width_counts,
     width_stats_sums,
 )
-from swm_ray.writer import write_model_folder
+from swm_ray.plan.plan import Plan
+from swm_ray.plan.writer import write_model_folder
 
 HD, GROUP = 8, 2  # the tiny models: head_dim 8, 4 query heads over 2 KV heads, 64 MLP channels
 
@@ -134,7 +134,7 @@ def test_depth_and_width_in_one_plan(tmp_path):
     write_model_folder(str(src), plan, str(tmp_path / "out"), raw_yaml="", resolved_yaml="")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     depth = copy.deepcopy(model)
-    from swm_ray.merge import apply_windows
+    from swm_ray.edits.merge import apply_windows
 
     apply_windows(depth, [(1, 2)], "keep-first")
     with torch.no_grad():
@@ -258,7 +258,7 @@ def test_width_counts_prune_both_parts_and_refuse_too_much():
                                  Geometry(heads=4, kv_heads=2, head_dim=8, intermediate=64, hidden=32)])
 def test_width_reach_is_the_most_width_counts_takes(geo):
     """`width_reach` (what the up-front target check names): exactly reachable, one channel more is refused."""
-    from swm_ray.width import channel_params, width_reach
+    from swm_ray.methods.width import channel_params, width_reach
 
     most = width_reach(geo, 30)
     assert width_counts(geo, 30, most) == (1, 1)
@@ -267,8 +267,8 @@ def test_width_reach_is_the_most_width_counts_takes(geo):
 
 
 def test_check_width_target_names_the_largest_fraction(tiny_llama_dir):
-    from swm_ray.preflight import model_facts
-    from swm_ray.width import check_width_target
+    from swm_ray.methods.preflight import model_facts
+    from swm_ray.methods.width import check_width_target
 
     cfg = build_config(flags={"model.source": str(tiny_llama_dir)})
     f = model_facts(cfg)
@@ -305,7 +305,7 @@ def test_cli_flap_writes_a_folder_that_reloads_and_applies(ray_session, tiny_lla
 
 
 def test_depth_then_width_in_process(tiny_llama_dir, tokens_parquet, tmp_path):
-    from swm_ray.pipeline import compress_here
+    from swm_ray.recipes.pipeline import compress_here
 
     cfg = build_config(flags={"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet),
                               "data.samples": 8, "data.seq_len": 16, "data.batch_size": 4, "out": str(tmp_path / "o"),
@@ -338,7 +338,7 @@ def test_unsupported_combinations_are_one_line_errors(tiny_llama_dir, tokens_par
 def test_bias_compensation_where_the_architecture_cannot_hold_it(tokens_parquet, tmp_path):
     """Mistral has no o_proj/down_proj bias and no flag that adds one: compensation asked for is refused; left
     unset, FLAP prunes without it."""
-    from swm_ray.pipeline import compress_here
+    from swm_ray.recipes.pipeline import compress_here
 
     src = _save(*tiny_model("mistral", n_layers=2), tmp_path / "mistral")
     base = {"model.source": str(src), "data.source": str(tokens_parquet), "data.samples": 8, "data.seq_len": 16,

@@ -12,12 +12,12 @@ import yaml
 from tiny_models import ARCHS, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from swm_ray import writer
+from swm_ray.edits.merge import apply_windows
 from swm_ray.errors import UserError
-from swm_ray.merge import apply_windows
-from swm_ray.models import count_parameters
-from swm_ray.plan import Plan, removed_from_windows
-from swm_ray.storage import OWNER_MARK
+from swm_ray.io.fs import OWNER_MARK
+from swm_ray.io.models import count_parameters
+from swm_ray.plan import writer
+from swm_ray.plan.plan import Plan, removed_from_windows
 
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41]])  # longer than the tiny sliding windows (4)
 RAW = "model:\n  source: tiny\n"

@@ -10,7 +10,7 @@ class EvalActor:
     """Loads models on its own device and evaluates them; every method delegates to the Ray-free library."""
 
     def __init__(self, threads: int, offline: bool):
-        from swm_ray.models import set_threads
+        from swm_ray.io.models import set_threads
 
         if offline:
             from swm_ray.evaluation.zeroshot import set_offline_env

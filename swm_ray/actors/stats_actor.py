@@ -38,8 +38,8 @@ class ModelActor:
     """Opens its model (`stack.open_stack`: in memory or streaming, as its budget allows) on its own device."""
 
     def __init__(self, model_cfg: dict, threads: int, rows: int, seq_len: int, gpus: int = 1, share: int = 1):
-        from swm_ray.models import resolve_model_path, set_threads
-        from swm_ray.stack import StackSpec, open_stack
+        from swm_ray.compute.stack import StackSpec, open_stack
+        from swm_ray.io.models import resolve_model_path, set_threads
 
         set_threads(threads)
         cfg = ModelConfig(**model_cfg)
@@ -69,7 +69,7 @@ class ModelActor:
     @_one_line
     def hsic_sums(self, input_ids: np.ndarray, batches: list, kernel: str, skip: int) -> list[np.ndarray]:
         """HSIC sums of each given minibatch, in order (one layer-major pass over all of them)."""
-        from swm_ray.capture import minibatch_hsic
+        from swm_ray.compute.capture import minibatch_hsic
 
         return minibatch_hsic(self.stack, input_ids, [tuple(b) for b in batches], kernel=kernel,
                               skip_first_tokens=skip)
@@ -78,7 +78,7 @@ class ModelActor:
     def width_stats(self, input_ids: np.ndarray, batches: list, request: dict) -> list[dict]:
         """FLAP's per-minibatch sums of the o_proj/down_proj inputs (`width.width_stats_sums`), on the stack with
         the request's depth windows merged."""
-        from swm_ray.width import width_stats_sums
+        from swm_ray.methods.width import width_stats_sums
 
         return width_stats_sums(self.stack, input_ids, [tuple(b) for b in batches], request["windows"],
                                 request["merge"], request["attention"])
@@ -87,7 +87,7 @@ class ModelActor:
     def plan_nll(self, input_ids: np.ndarray, batches: list, requests: list) -> list:
         """Per given minibatch: per plan of `requests` (windows, merge, attention, fits), (per-row NLL sums,
         tokens) (`auto`'s further held-out rows of a close call)."""
-        from swm_ray.validation import plan_nll
+        from swm_ray.compute.validation import plan_nll
 
         per_plan = [plan_nll(self.stack, input_ids, [tuple(b) for b in batches], r["windows"], r["merge"],
                              r["attention"], r["fits"]) for r in requests]
@@ -97,7 +97,7 @@ class ModelActor:
     def task_logliks(self, rows: list, spans: list, plans: list, attention: str) -> list:
         """Per plan (windows, merge, fits): the log-likelihood of every given token row's span (`auto`'s
         task-style items)."""
-        from swm_ray.validation import plan_logliks
+        from swm_ray.compute.validation import plan_logliks
 
         return [plan_logliks(self.stack, rows, spans, w, m, attention, f) for w, m, f in plans]
 
@@ -147,8 +147,8 @@ class ModelActor:
 
     def _session(self, job: dict):
         """The session of `job` (built, with its reference pass, on first use or after a restart)."""
-        from swm_ray.refpass import Needs
-        from swm_ray.session import ShardSession
+        from swm_ray.compute.refpass import Needs
+        from swm_ray.methods.session import ShardSession
 
         if self.session is None or self.session_key != job["key"]:
             self.session = None  # free the old one first

@@ -91,9 +91,9 @@ def evaluate_model(model, tok, cfg: Any = None, **overrides: Any) -> dict:
     values are fractions; each task row carries its `split` and `source` (see `zeroshot.zeroshot`). With the
     option `per_item=True` also `"items": {task: {doc_id: 0|1}}`.
     """
+    from swm_ray.compute.stack import LayerStack
     from swm_ray.evaluation.perplexity import load_ppl_texts, perplexity
-    from swm_ray.models import count_parameters
-    from swm_ray.stack import LayerStack
+    from swm_ray.io.models import count_parameters
 
     opts = options_from(cfg, **overrides)
     if isinstance(model, LayerStack):  # streamed: perplexity only (checked in `_load`)
@@ -130,9 +130,9 @@ def _latency(model, tok, opts: EvalOptions) -> dict:
 def _load(source: str, model_cfg: dict | None, opts: EvalOptions | None = None):
     """(model, tokenizer): the model in memory when it fits its budget, else a streaming `LayerStack`, which
     can only measure perplexity (zero-shot tasks and latency need the whole model)."""
-    from swm_ray.memory import fmt_bytes
-    from swm_ray.models import load_tokenizer, resolve_model_path
-    from swm_ray.stack import StackSpec, open_stack
+    from swm_ray.compute.memory import fmt_bytes
+    from swm_ray.compute.stack import StackSpec, open_stack
+    from swm_ray.io.models import load_tokenizer, resolve_model_path
 
     m = {k: v for k, v in (model_cfg or {}).items() if k != "source"}
     path = resolve_model_path(source, m.get("revision"), allow_pickle=m.get("allow_pickle", False),

@@ -83,10 +83,10 @@ def make_chunks(stream: list[int], chunk: int, bos: BosMode = "none", bos_token:
 def chunk_nll(model, chunks: list[list[int]], batch_size: int = 8) -> tuple[float, int]:
     """(summed NLL, number of target tokens) of next-token prediction inside each chunk, batched.
 
-    `model` is a causal LM, or a `LayerStack` (`swm_ray.stack`) for a model run one layer at a time."""
+    `model` is a causal LM, or a `LayerStack` (`swm_ray.compute.stack`) for a model run one layer at a time."""
     import torch
 
-    from swm_ray.stack import LayerStack
+    from swm_ray.compute.stack import LayerStack
 
     if isinstance(model, LayerStack):
         return _stack_nll(model, chunks, batch_size)
@@ -180,10 +180,10 @@ def load_hub_text(name: str) -> list[str]:
 
 
 def load_ppl_texts(source: str, text_column: str = "text") -> list[str]:
-    """Texts for perplexity: `wikitext2` / `ptb` (hub), or any source `swm_ray.data.load_texts` reads."""
+    """Texts for perplexity: `wikitext2` / `ptb` (hub), or any source `swm_ray.io.data.load_texts` reads."""
     key = source.strip().lower().replace("-", "")
     if key in {"wikitext2", "wikitext", "ptb"}:
         return load_hub_text("wikitext2" if key.startswith("wikitext") else "ptb")
-    from swm_ray import data
+    from swm_ray.io import data
 
     return data.load_texts(source, text_column=text_column)

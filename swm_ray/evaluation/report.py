@@ -17,7 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from swm_ray import storage
+from swm_ray.io import fs as storage
 
 RESULT_KEYS = ("model", "params", "mode", "task_source", "splits", "limit", "tasks", "mean", "ppl", "latency")
 TASK_LABELS = {

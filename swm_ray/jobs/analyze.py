@@ -8,13 +8,13 @@ import time
 
 import numpy as np
 
-from swm_ray import storage
-from swm_ray.artifacts import write_configs, write_json, write_similarity
+from swm_ray.compute.similarity import cka_from_sums
 from swm_ray.config import RunConfig, dump_yaml
-from swm_ray.data import Calibration, calibration_for
+from swm_ray.io import fs as storage
+from swm_ray.io.artifacts import write_configs, write_json, write_similarity
+from swm_ray.io.data import Calibration, calibration_for
+from swm_ray.io.runstate import RunState
 from swm_ray.jobs.runtime import actor_dtype
-from swm_ray.runstate import RunState
-from swm_ray.similarity import cka_from_sums
 
 
 def stats_cache_key(cfg: RunConfig, calib: Calibration) -> str:

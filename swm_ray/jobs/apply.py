@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import time
 
-from swm_ray import storage
 from swm_ray.config import RunConfig, dump_yaml
 from swm_ray.errors import UserError
+from swm_ray.io import fs as storage
 
 
 def run_apply(cfg: RunConfig, plan_path: str, model: str | None = None, force: bool = False,
@@ -16,9 +16,9 @@ def run_apply(cfg: RunConfig, plan_path: str, model: str | None = None, force: b
     """Apply the plan at `plan_path` to `model` (default: the plan's own source and revision; `cfg.model`
     gives the revision and loading options) and write the folder at `cfg.out`. The source's depth must match
     the plan's, and its weights the plan's checksum (a one-line error unless `force`)."""
-    from swm_ray.models import check_decoder, resolve_model_path
-    from swm_ray.plan import Plan
-    from swm_ray.writer import write_model_folder
+    from swm_ray.io.models import check_decoder, resolve_model_path
+    from swm_ray.plan.plan import Plan
+    from swm_ray.plan.writer import write_model_folder
 
     t0 = time.perf_counter()
     plan = Plan.load(plan_path)

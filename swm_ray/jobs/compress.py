@@ -10,14 +10,14 @@ import functools
 import time
 from collections.abc import Callable
 
-from swm_ray import storage
 from swm_ray.config import WIDTH_METHODS, RunConfig, dump_yaml
-from swm_ray.data import calibration_sets
 from swm_ray.errors import UserError
+from swm_ray.io import fs as storage
+from swm_ray.io.data import calibration_sets
+from swm_ray.io.runstate import RunState
 from swm_ray.jobs.console import console
-from swm_ray.runstate import RunState
-from swm_ray.selection import check_threshold, target_layers
-from swm_ray.session import Scoring
+from swm_ray.methods.selection import check_threshold, target_layers
+from swm_ray.methods.session import Scoring
 
 MEMO_VERSION = 2  # memo.json: checks keyed by (merge, groups, candidate), every signal of a check
 CRITERION_LABEL = {"output": "output cosine", "cka": "CKA", "kl": "KL", "nll": "NLL", "block-influence": "BI"}
@@ -38,9 +38,9 @@ def _reporter(criterion: str):
 
 def model_sizes(path: str, cfg: RunConfig) -> tuple[int, int, object]:
     """(parameters, parameters of one decoder layer, config) from the checkpoint's headers alone."""
-    from swm_ray.architectures import check_supported_config
-    from swm_ray.checkpoint import Checkpoint
-    from swm_ray.models import load_config, text_config_of
+    from swm_ray.edits.architectures import check_supported_config
+    from swm_ray.io.checkpoint import Checkpoint
+    from swm_ray.io.models import load_config, text_config_of
 
     config = load_config(path, cfg.model.trust_remote_code)
     check_supported_config(config)
@@ -78,8 +78,8 @@ class RayScoring(Scoring):
 
 def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
     """Plan with the method of `cfg.select.method`, write the model folder; returns the summary."""
-    from swm_ray.compensation import checkpoint_site
-    from swm_ray.planners import (
+    from swm_ray.methods.compensation import checkpoint_site
+    from swm_ray.methods.planners import (
         check_method_count,
         check_method_target,
         compensate_plan,
@@ -89,8 +89,8 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
         method_signals,
         plan_windows,
     )
-    from swm_ray.session import split_validation
-    from swm_ray.writer import write_model_folder
+    from swm_ray.methods.session import split_validation
+    from swm_ray.plan.writer import write_model_folder
 
     s = cfg.select
     out = cfg.out or "swm-ray-compressed"
@@ -99,7 +99,7 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
 
         return run_width(cfg, raw_yaml)
     if s.then_width is not None:
-        from swm_ray.width import check_width_settings
+        from swm_ray.methods.width import check_width_settings
 
         check_width_settings(cfg, s.width_method)
     if s.threshold is None and s.ratio is None and s.layers is None:
@@ -109,7 +109,7 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
         check_threshold(s.criterion, s.threshold)
     check_method_target(cfg)
     storage.check_run_paths(out, cfg.overwrite, [cfg.model.source, cfg.data.source])
-    from swm_ray.preflight import check_targets  # every target against the headers, before anything loads
+    from swm_ray.methods.preflight import check_targets
 
     check_targets(cfg)
     t0 = time.perf_counter()
@@ -147,11 +147,11 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
         t_search = time.perf_counter()
         chosen = None
         if auto:
-            from swm_ray.auto import run_auto
-            from swm_ray.checkpoint import Checkpoint
+            from swm_ray.io.checkpoint import Checkpoint
+            from swm_ray.methods.auto import run_auto
 
             layer_names = Checkpoint(path, cfg.model.allow_pickle).layer_keys(0)
-            from swm_ray.tasksignal import auto_task_rows
+            from swm_ray.methods.tasksignal import auto_task_rows
 
             tasks, why = auto_task_rows(cfg, path)
             chosen = run_auto(cfg, scoring, n_layers, n_remove, report=lambda msg: con.print(f"  auto: {msg}"),
@@ -217,8 +217,8 @@ def _report_fits(con, comp) -> None:
 
 def _warn_mixed_windows(con, config, windows, attention: str) -> None:
     """Under the authors' attention rule, say which windows turn a global layer into a local one."""
-    from swm_ray.merge import anchor_layer, layer_types_of, mixes_types
-    from swm_ray.models import text_config_of
+    from swm_ray.edits.merge import anchor_layer, layer_types_of, mixes_types
+    from swm_ray.io.models import text_config_of
 
     types = layer_types_of(text_config_of(config))
     if attention != "bottom" or not types:
@@ -233,7 +233,7 @@ def _warn_mixed_windows(con, config, windows, attention: str) -> None:
 def _evaluate_output(cfg: RunConfig, out: str, plan, raw_yaml: str) -> dict:
     """Evaluate the written folder (in memory or streaming, as it fits) and put the metrics into its card."""
     from swm_ray.jobs.eval import run_eval
-    from swm_ray.writer import update_metrics
+    from swm_ray.plan.writer import update_metrics
 
     on_out = cfg.model_copy(update={"model": cfg.model.model_copy(update={"source": out, "revision": None})})
     metrics = run_eval(on_out, [out])[out]

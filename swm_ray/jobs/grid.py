@@ -11,12 +11,12 @@ import json
 import time
 from pathlib import Path
 
-from swm_ray import storage
-from swm_ray.artifacts import write_configs, write_json
 from swm_ray.config import RunConfig, dump_yaml
 from swm_ray.errors import UserError
+from swm_ray.io import fs as storage
+from swm_ray.io.artifacts import write_configs, write_json
 from swm_ray.jobs.console import console
-from swm_ray.sweep import (
+from swm_ray.recipes.trial import (
     ROW_KEYS,
     check_grid,
     finalize_rows,
@@ -33,8 +33,8 @@ def _trial(config: dict, context: dict, cfg_json: dict, threads: int) -> None:
     import transformers
     from ray import tune
 
-    from swm_ray.models import resolve_model_path
-    from swm_ray.sweep import run_trial
+    from swm_ray.io.models import resolve_model_path
+    from swm_ray.recipes.trial import run_trial
 
     torch.set_num_threads(threads)
     transformers.utils.logging.disable_progress_bar()  # one line per row on the driver is enough
@@ -56,7 +56,7 @@ def _for_model(cfg: RunConfig, source: str) -> RunConfig:
 
 def _prepare(cfg: RunConfig, models: list[str]) -> dict:
     """Check every model and sample its calibration set before anything starts (no Ray needed)."""
-    from swm_ray.data import calibration_for
+    from swm_ray.io.data import calibration_for
 
     context = {}
     for m in models:
@@ -141,7 +141,7 @@ def run_grid(cfg: RunConfig, raw_yaml: str = "", resume: str | None = None) -> d
     g = cfg.grid
     out = cfg.out or "swm-ray-grid"
     storage.check_run_paths(out, cfg.overwrite, [*(cfg.grid.models or [cfg.model.source]), cfg.data.source])
-    from swm_ray.preflight import check_grid_targets  # every model × target, before Tune starts
+    from swm_ray.methods.preflight import check_grid_targets
 
     check_grid_targets(cfg)
     t0 = time.perf_counter()

@@ -29,9 +29,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from swm_ray import storage
 from swm_ray.config import RunConfig, dump_yaml
 from swm_ray.errors import UserError, find_user_error
+from swm_ray.io import fs as storage
 from swm_ray.jobs.console import console
 
 MARKER = "heal-run.json"  # in a run's checkpoint folder: which run (fingerprint, output) the checkpoints belong to
@@ -41,7 +41,7 @@ RUN_NAME = "lora"  # Ray Train's run folder inside the run's checkpoint folder
 
 def run_heal(cfg: RunConfig, raw_yaml: str = "") -> dict:
     """Heal `cfg.model.source` (a folder written by compress or apply) in `cfg.heal.mode`; write `cfg.out`."""
-    from swm_ray.models import resolve_model_path
+    from swm_ray.io.models import resolve_model_path
 
     h = cfg.heal
     out = cfg.out or "swm-ray-healed"
@@ -70,7 +70,7 @@ def run_heal(cfg: RunConfig, raw_yaml: str = "") -> dict:
 
 
 def _write(model, tok, out, plan, record, raw_yaml, cfg, adapter_dir):
-    from swm_ray.heal import write_healed_folder
+    from swm_ray.heal.lora import write_healed_folder
 
     return write_healed_folder(model, tok, out, plan=plan, record=record, raw_yaml=raw_yaml,
                                resolved_yaml=dump_yaml(cfg), overwrite=cfg.overwrite, adapter_dir=adapter_dir)
@@ -78,8 +78,8 @@ def _write(model, tok, out, plan, record, raw_yaml, cfg, adapter_dir):
 
 def _read_plan(path: str, source: str, required: bool):
     """The folder's plan.json; without one, a plan of no windows (lora) or a one-line error (local)."""
-    from swm_ray.models import check_decoder
-    from swm_ray.plan import Plan
+    from swm_ray.io.models import check_decoder
+    from swm_ray.plan.plan import Plan
 
     f = Path(path) / "plan.json"
     if f.exists():
@@ -93,7 +93,7 @@ def _read_plan(path: str, source: str, required: bool):
 
 def _cast_to_saved_dtype(model, path: str) -> None:
     """Training ran in float32 (or the workers' dtype); the folder keeps the dtype its weights were saved in."""
-    from swm_ray.checkpoint import Checkpoint
+    from swm_ray.io.checkpoint import Checkpoint
 
     dtypes = [i.torch_dtype for i in Checkpoint(path).infos.values() if i.torch_dtype.is_floating_point]
     if dtypes and next(model.parameters()).dtype != dtypes[0]:
@@ -101,7 +101,7 @@ def _cast_to_saved_dtype(model, path: str) -> None:
 
 
 def _evaluate(cfg: RunConfig, out: str, plan, record) -> dict:
-    from swm_ray.heal import update_healed_metrics
+    from swm_ray.heal.lora import update_healed_metrics
     from swm_ray.jobs.eval import run_eval
 
     on_out = cfg.model_copy(update={"model": cfg.model.model_copy(update={"source": out, "revision": None})})
@@ -112,9 +112,9 @@ def _evaluate(cfg: RunConfig, out: str, plan, record) -> dict:
 
 # -- local ---------------------------------------------------------------------------------------------------------
 def _heal_local(cfg: RunConfig, path: str, plan, data: str):
-    from swm_ray.heal import HealRecord, local_settings
-    from swm_ray.models import load_config, load_model, pick_device, resolve_model_path
-    from swm_ray.stack import StackSpec, open_stack
+    from swm_ray.compute.stack import StackSpec, open_stack
+    from swm_ray.heal.lora import HealRecord, local_settings
+    from swm_ray.io.models import load_config, load_model, pick_device, resolve_model_path
 
     h, m = cfg.heal, cfg.model
     if not plan.windows:
@@ -155,9 +155,9 @@ def _heal_local(cfg: RunConfig, path: str, plan, data: str):
 
 # -- lora ----------------------------------------------------------------------------------------------------------
 def _heal_lora(cfg: RunConfig, path: str, data: str, out: str, adapter_dir: Path | None):
-    from swm_ray.heal import DEFAULT_LR, HealRecord, lora_data, merge_adapter
+    from swm_ray.heal.lora import DEFAULT_LR, HealRecord, lora_data, merge_adapter
+    from swm_ray.io.models import load_config, load_model, load_tokenizer
     from swm_ray.jobs.runtime import init_ray
-    from swm_ray.models import load_config, load_model, load_tokenizer
 
     h, m = cfg.heal, cfg.model
     tok = load_tokenizer(path, m.trust_remote_code)
@@ -201,7 +201,7 @@ def _check_targets(config, h, trust_remote_code: bool) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from swm_ray.heal import lora_targets
+    from swm_ray.heal.lora import lora_targets
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -375,8 +375,8 @@ def _train_loop(config: dict) -> None:
     from ray.train.torch import get_device
     from safetensors.torch import load_file, save_file
 
-    from swm_ray.heal import LoraTrainer, adapter_state, apply_lora, load_adapter_state
-    from swm_ray.models import load_model
+    from swm_ray.heal.lora import LoraTrainer, adapter_state, apply_lora, load_adapter_state
+    from swm_ray.io.models import load_model
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -444,8 +444,8 @@ def run_compress_and_heal(cfg: RunConfig, raw_yaml: str = "") -> dict:
     the heal's. With --resume it continues the stage that was interrupted: an unfinished compression from its
     partial state, then the heal; a finished one (the sibling complete, with these settings) is not redone and
     the heal continues from its checkpoints (or starts, when it left none)."""
+    from swm_ray.io.runstate import RunState
     from swm_ray.jobs.compress import run_compress
-    from swm_ray.runstate import RunState
 
     out = cfg.out or "swm-ray-compressed"
     storage.check_run_paths(out, cfg.overwrite, [cfg.heal.data])
@@ -487,7 +487,7 @@ def _compressed(staging: str, compress_cfg: RunConfig):
     written last) and was compressed with the settings of `compress_cfg`; None otherwise."""
     import yaml
 
-    from swm_ray.runstate import fingerprint as compress_fingerprint
+    from swm_ray.io.runstate import fingerprint as compress_fingerprint
 
     folder = staging.rstrip("/")
     if not storage.exists(f"{folder}/{storage.OWNER_MARK}"):

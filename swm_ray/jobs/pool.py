@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from swm_ray.config import RunConfig
-from swm_ray.data import Calibration
 from swm_ray.errors import RunError, UserError, find_user_error
+from swm_ray.io.data import Calibration
 from swm_ray.jobs.console import console
 from swm_ray.jobs.runtime import actor_count, actor_options, init_ray, threads_per_actor
 
@@ -103,9 +103,9 @@ def _check_budget(cfg: RunConfig, rows: int, seq_len: int, fit_rows: int = 0) ->
     Ray even starts (`memory.check_budget`, for an actor's share of the rows)."""
     if cfg.model.max_memory is None:
         return
+    from swm_ray.compute.memory import check_budget
+    from swm_ray.io.models import resolve_model_path
     from swm_ray.jobs.runtime import actor_dtype
-    from swm_ray.memory import check_budget
-    from swm_ray.models import resolve_model_path
 
     m = cfg.model
     path = resolve_model_path(m.source, m.revision, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)
@@ -250,7 +250,7 @@ class ActorPool:
 
     def width_stats(self, calib: Calibration, request: dict) -> dict:
         """FLAP's sums over the calibration set (`width.width_stats_sums`), minibatches added in order."""
-        from swm_ray.width import add_width_sums
+        from swm_ray.methods.width import add_width_sums
 
         per_batch = self.per_minibatch(calib, "width_stats", (request,), "width statistics")
         return add_width_sums([per_batch[b] for b in range(len(calib.batches))])
@@ -353,7 +353,7 @@ class RayBackend:
 
         import ray
 
-        from swm_ray.refpass import add_row_stats
+        from swm_ray.compute.refpass import add_row_stats
 
         pool = self._pool()
         k, calib = pool.k, self.calib
@@ -387,8 +387,8 @@ class RayBackend:
     def check(self, requests) -> list[list[dict[str, float]]]:
         """In memory one call per (candidate, actor), all submitted at once, so the bar advances as checks finish;
         streaming one call per actor with every request (each layer is read once per current model)."""
-        from swm_ray.checks import CheckRequest
-        from swm_ray.scoring import reduce_signals
+        from swm_ray.compute.scoring import reduce_signals
+        from swm_ray.methods.checks import CheckRequest
 
         pool = self.pool
         k = pool.k
@@ -409,7 +409,7 @@ class RayBackend:
         return out
 
     def validate(self, plans, extra: bool = False) -> list:
-        from swm_ray.validation import RowLosses
+        from swm_ray.compute.validation import RowLosses
 
         pool = self.pool
         plans = [(list(w), m, dict(f or {})) for w, m, f in plans]
@@ -436,7 +436,7 @@ class RayBackend:
         return [np.concatenate([g[i] for g in got]) for i in range(len(plans))]
 
     def plan_loss(self, windows, merge: str, fits=None) -> float:
-        from swm_ray.validation import mean_nll
+        from swm_ray.compute.validation import mean_nll
 
         pool = self.pool
         owners = [j for j in range(pool.k) if self.jobs[j]["rows"][1] > self.jobs[j]["rows"][0]]
@@ -453,7 +453,7 @@ class RayBackend:
     def counters(self) -> dict:
         streams = self.pool is not None and self.pool.streaming
         per = self.pool.counters() if self.pool is not None else []
-        from swm_ray.session import run_counters
+        from swm_ray.methods.session import run_counters
 
         return run_counters(self.passes, sum(c["layer_reads"] for c in per) if streams else None,
                          sum(c["layer_tokens"] for c in per), self.pool.num_layers if self.pool else 0,
@@ -498,7 +498,7 @@ class RemoteFitPass:
     def advance(self, fit=None, stop: int | None = None):
         import ray
 
-        from swm_ray.compensation import add_sums
+        from swm_ray.methods.compensation import add_sums
 
         got = self._send(("advance", None if fit is None else ray.put(fit), stop))
         if all(g is None for g in got):

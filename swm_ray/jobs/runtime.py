@@ -86,7 +86,7 @@ def actors_get_gpus(cfg: RayConfig) -> bool:
 def actor_dtype(cfg) -> str:
     """The dtype the model-holding actors compute in (a RunConfig's `model.dtype`, `auto` resolved on the device
     they get), e.g. 'bfloat16': recorded by a resumable run, used for budget checks made before they start."""
-    from swm_ray.runstate import compute_dtype
+    from swm_ray.io.runstate import compute_dtype
 
     return compute_dtype(cfg.model, actors_get_gpus(cfg.ray))
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 
-from swm_ray import storage
 from swm_ray.config import RunConfig, dump_yaml
+from swm_ray.io import fs as storage
 from swm_ray.jobs.console import console
 
 
@@ -36,7 +36,7 @@ def then_width(cfg: RunConfig, plan, path: str, calib, pool=None) -> dict:
     """`select.then_width`: prune the width of the plan's merged model by `select.width_method` (FLAP's
     statistics over the actor pool: `pool`, the depth search's, when given); the plan gets its width entry.
     Returns it."""
-    from swm_ray.width import check_width_settings, plan_width
+    from swm_ray.methods.width import check_width_settings, plan_width
 
     s = cfg.select
     check_width_settings(cfg, s.width_method)
@@ -46,7 +46,7 @@ def then_width(cfg: RunConfig, plan, path: str, calib, pool=None) -> dict:
 
 
 def _device(cfg: RunConfig) -> str:
-    from swm_ray.models import pick_device
+    from swm_ray.io.models import pick_device
 
     return pick_device(cfg.model.device)
 
@@ -54,15 +54,15 @@ def _device(cfg: RunConfig) -> str:
 def run_width(cfg: RunConfig, raw_yaml: str = "") -> dict:
     """Prune width only (`select.method` flap or taylor) to `select.ratio`, write the model folder; returns the
     summary (the same keys as `run_compress`)."""
-    from swm_ray.data import calibration_for
-    from swm_ray.width import check_width_settings, plan_width, width_only_plan
-    from swm_ray.writer import write_model_folder
+    from swm_ray.io.data import calibration_for
+    from swm_ray.methods.width import check_width_settings, plan_width, width_only_plan
+    from swm_ray.plan.writer import write_model_folder
 
     s, m = cfg.select, cfg.model
     check_width_settings(cfg, s.method)
     out = cfg.out or "swm-ray-compressed"
     storage.check_run_paths(out, cfg.overwrite, [m.source, cfg.data.source])
-    from swm_ray.preflight import check_targets  # the ratio against the headers, before anything loads
+    from swm_ray.methods.preflight import check_targets
 
     check_targets(cfg)
     t0 = time.perf_counter()
@@ -84,7 +84,7 @@ def run_width(cfg: RunConfig, raw_yaml: str = "") -> dict:
 def evaluate_into_card(cfg: RunConfig, out: str, plan, device: str | None = None) -> dict:
     """Evaluate the written folder (library evaluation, this process) and put the metrics into its card."""
     from swm_ray.evaluation import evaluate_source
-    from swm_ray.writer import update_metrics
+    from swm_ray.plan.writer import update_metrics
 
     model_cfg = {**cfg.model.model_dump(), "source": out, "revision": None}
     if device:

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import yaml
 
-from swm_ray import storage
 from swm_ray.config import RunConfig, build_config
 from swm_ray.errors import UserError
+from swm_ray.io import fs as storage
 from swm_ray.jobs.console import console
 
 MANIFEST_KEYS = ("name", "source", "revision", "output", "method", "merge", "compensate", "windows", "layers_before",
@@ -98,7 +98,7 @@ def load_zoo(path: str, prefix: str) -> tuple[list[Entry], dict]:
 
 
 def _default_name(cfg: RunConfig) -> str:
-    from swm_ray.sweep import model_label
+    from swm_ray.recipes.trial import model_label
 
     s = cfg.select
     target = (f"L{s.layers}" if s.layers is not None else f"r{s.ratio}" if s.ratio is not None
@@ -163,7 +163,7 @@ def _row(entry: Entry, result: dict | None, error: str | None, seconds: float) -
 
 def _complete(entry: Entry) -> bool:
     """The entry's output is complete (its mark) and was made with the same settings."""
-    from swm_ray.runstate import fingerprint
+    from swm_ray.io.runstate import fingerprint
 
     out = entry.cfg.out.rstrip("/")
     if not storage.exists(f"{out}/{storage.OWNER_MARK}") or not storage.exists(f"{out}/plan.json"):
@@ -177,8 +177,8 @@ def _task(cfg_json: dict, raw: str, threads: int) -> dict:
     """One zoo entry in a Ray worker: the whole compress pipeline on this task's resources."""
     import transformers
 
-    from swm_ray.models import set_threads
-    from swm_ray.pipeline import compress_here
+    from swm_ray.io.models import set_threads
+    from swm_ray.recipes.pipeline import compress_here
 
     set_threads(threads)
     transformers.utils.logging.disable_progress_bar()

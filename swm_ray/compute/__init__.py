@@ -1,0 +1,1 @@
+"""Running layer stacks: in memory or streaming, the plan runner, reference passes, scores, losses."""

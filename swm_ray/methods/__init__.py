@@ -1,0 +1,1 @@
+"""Planners: the searches and baselines that choose a plan, compensation fits, width choices, target checks."""

@@ -1,0 +1,458 @@
+"""`--method auto`: the candidate planners race each other on one reference pass and shared checks, and the
+plan with the lowest loss on held-out calibration rows wins.
+
+A default chosen on one model family loses to a plain baseline on another, so `auto` measures on the user's
+own model and text. At the cost of one search, not of a queue of them:
+
+1. One reference pass (`refpass.py`) feeds every candidate: Block Influence (ShortGPT), angular distances
+   (ReplaceMe), the reference outputs and per-layer inputs the candidate checks start from, and the
+   original's loss on the held-out rows (`select.auto_validation` rows drawn beyond `data.samples`; no
+   planner or fit sees them).
+2. The candidates (`select.auto_candidates`) run interleaved, in rounds: each round every live planner takes
+   one step up to its next question, and the round's questions are checked together, each candidate model
+   once (`checks.CheckMemo`; SLEB and `swm/keep-first` ask for the same keep-first models).
+3. After every step of a best-first search its partial plan (k layers removed) is scored on the held-out
+   rows; a candidate stops when that plan is already behind the best plan that removes at least k layers by
+   more than `select.auto_margin` standard errors of the paired per-row difference (removing further layers
+   has not lowered the held-out loss on any path measured: BENCHMARKS.md). The planners that rank layers once
+   (ShortGPT, ReplaceMe) enter at every level with their plan of that size, which costs no check.
+4. A candidate that does not remove exactly the requested number of layers is reported and left out. Every
+   finished plan is fitted with each compensation of `select.auto_compensate` and scored; the lowest mean loss
+   wins. When others are within `select.auto_margin` standard errors of it (a close call), the close ones are
+   scored on up to `select.auto_validation_max` further held-out rows before deciding.
+5. If the loss still cannot tell them apart, a task-style signal decides between those (`tasksignal.py`):
+   accuracy on multiple-choice items from the held-out slice of PIQA, HellaSwag and WinoGrande that no
+   reported accuracy reads (`select.auto_task_items`). The most accurate wins; a tie of accuracy goes to the
+   lower loss. The rule was fixed before any table of BENCHMARKS.md was measured with it.
+
+Order does not matter: candidates are deduplicated by what they compute (their effective merge method on
+this architecture) and run, compared and tie-broken by name. `plan.json` records under `extra.auto` every
+candidate's loss, its standard error against the chosen plan, where a stopped one stopped, and what decided.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from swm_ray.compute.validation import RowLosses, paired
+from swm_ray.errors import UserError
+from swm_ray.methods.selection import Group
+
+
+# -- candidates ----------------------------------------------------------------------------------------------
+def parse_candidate(spec: str) -> tuple[str, str | None]:
+    """`METHOD` or `swm/MERGE` -> (method, merge or None)."""
+    from swm_ray.config import AUTO_METHODS, MERGE_METHODS
+
+    method, _, merge = spec.partition("/")
+    if method not in AUTO_METHODS:
+        raise UserError(f"auto candidate {spec!r}: {method!r} is not a method auto can run; choose among "
+                        f"{', '.join(AUTO_METHODS)} (swm may name a merge: swm/keep-first)")
+    if merge and (method != "swm" or merge not in MERGE_METHODS):
+        raise UserError(f"auto candidate {spec!r}: only swm takes a merge method (swm/{'|'.join(MERGE_METHODS)})")
+    return method, merge or None
+
+
+def candidate_config(cfg, spec: str):
+    """The run config of one candidate: `cfg` with its method (and merge) set; compensation left to auto."""
+    method, merge = parse_candidate(spec)
+    select = cfg.select.model_copy(update={"method": method})
+    merge_cfg = cfg.merge.model_copy(update={"method": merge or cfg.merge.method, "compensate": "none"})
+    return cfg.model_copy(update={"select": select, "merge": merge_cfg})
+
+
+def compensation_config(cfg, spec: str):
+    """(compensation method, run config) of an `auto_compensate` entry: `lstsq:RIDGE` sets merge.ridge."""
+    method, colon, ridge = spec.partition(":")
+    if not colon:
+        return method, cfg
+    return method, cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"ridge": float(ridge)})})
+
+
+def effective_spec(spec: str, merge_method: str, layer_names: Collection[str]) -> str:
+    """What a candidate computes on layers with these tensor names: `swm` runs `merge.method` (`merge_method`),
+    and `swm/consistent` is `swm/reference` where no norm follows a weight (Llama, Mistral, Qwen2); the
+    baselines fix their own merge."""
+    from swm_ray.edits.merge import follows_weight
+
+    method, merge = parse_candidate(spec)
+    if method != "swm":
+        return method
+    merge = merge or merge_method
+    if merge == "consistent" and layer_names and not any(follows_weight(n, layer_names) for n in layer_names):
+        merge = "reference"
+    return f"swm/{merge}"
+
+
+def deduplicated(specs, merge_method: str, layer_names: Collection[str]) -> tuple[list[str], dict[str, str]]:
+    """(the candidates to run, sorted by name; {skipped spec: the spec that computes the same}). Of candidates
+    that compute the same, the first by name runs, whatever the order they were listed in."""
+    by_effect: dict[str, list[str]] = {}
+    for spec in specs:
+        by_effect.setdefault(effective_spec(spec, merge_method, layer_names), []).append(spec)
+    run, same = [], {}
+    for group in by_effect.values():
+        first, *rest = sorted(group)
+        run.append(first)
+        same.update({s: first for s in rest})
+    return sorted(run), same
+
+
+# -- outcomes ------------------------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    """One (plan, compensation) candidate and what it measured."""
+
+    name: str
+    method: str
+    compensate: str
+    windows: list[Group] = field(default_factory=list)
+    merge: str = ""
+    losses: RowLosses | None = None  # per held-out row (further rows appended after a close call)
+    error: str | None = None
+    stopped: dict | None = None  # where the race stopped it: level, its loss, the best's, the difference
+    checks: int = 0  # candidate checks it asked for that were not yet in the memo
+    planned: object = None  # planners.PlannedWindows
+    compensation: object = None  # compensation.Compensation
+    versus: dict | None = None  # paired difference to the chosen plan
+    missed_by: int | None = None  # |layers removed − layers asked| of a plan of the wrong size
+    task: dict | None = None  # the task-style signal, where it was asked (a close call)
+    task_values: object = None  # its per-item scores
+
+    @property
+    def val_nll(self) -> float | None:
+        return None if self.losses is None else self.losses.mean
+
+    def record(self) -> dict:
+        v = self.val_nll
+        return {"candidate": self.name, "method": self.method, "compensate": self.compensate, "merge": self.merge,
+                "windows": [list(w) for w in self.windows],
+                "validation_nll": None if v is None else round(v, 6),
+                "validation_ppl": None if v is None else round(math.exp(v), 4),
+                "validation_rows": None if self.losses is None else len(self.losses.values),
+                "versus_chosen": self.versus, "task_signal": self.task, "checks": self.checks,
+                "stopped": self.stopped, "error": self.error}
+
+
+@dataclass
+class AutoResult:
+    chosen: Outcome
+    outcomes: list[Outcome]
+    original: RowLosses
+    seconds: float
+    validation_rows: int
+    validation_tokens: int
+    decided: str
+    same: dict[str, str] = field(default_factory=dict)
+    rounds: int = 0
+    passes: dict = field(default_factory=dict)
+
+    @property
+    def original_nll(self) -> float:
+        return self.original.mean
+
+    def record(self) -> dict:
+        """plan.json's `extra.auto`: every candidate's validation loss, what was chosen and why, what auto cost."""
+        return {"chosen": self.chosen.name, "decided_by": self.decided,
+                "original_validation_nll": round(self.original_nll, 6),
+                "original_validation_ppl": round(math.exp(self.original_nll), 4),
+                "validation_rows": self.validation_rows, "validation_tokens": self.validation_tokens,
+                "seconds": round(self.seconds, 2), "rounds": self.rounds, "same_as": self.same,
+                "passes": self.passes, "candidates": [o.record() for o in self.outcomes]}
+
+
+# -- the race ------------------------------------------------------------------------------------------------
+class Stopped(BaseException):
+    """Raised inside a planner the race stops (a BaseException: planners never catch it)."""
+
+
+class _Runner:
+    """One candidate planner in its own thread; it runs only while the race lets it (one at a time), so the race
+    is deterministic: every planner step happens in the same order on every run."""
+
+    def __init__(self, spec: str, ccfg, target: Callable[[], object], monotone: bool, registry: dict):
+        self.spec, self.cfg, self.target, self.monotone = spec, ccfg, target, monotone
+        self.registry = registry
+        self.go, self.yielded = threading.Event(), threading.Event()
+        self.requests: list | None = None
+        self.result = None
+        self.error: BaseException | None = None
+        self.started = self.done = self.stop = False
+        self.stopped: dict | None = None
+        self.level = 0
+        self.thread = threading.Thread(target=self._main, daemon=True, name=f"auto:{spec}")
+
+    def _main(self) -> None:
+        self.go.wait()
+        self.go.clear()
+        try:
+            if self.stop:
+                raise Stopped
+            self.result = self.target()
+        except Stopped:
+            pass
+        except BaseException as e:  # handed to the race, which decides
+            self.error = e
+        self.done = True
+        self.yielded.set()
+
+    def ask(self, requests) -> None:
+        """Called from the planner's thread: post the questions, wait for the answers (or to be stopped)."""
+        self.requests = requests
+        self.yielded.set()
+        self.go.wait()
+        self.go.clear()
+        if self.stop:
+            raise Stopped
+
+    def step(self) -> None:
+        """Called by the race: let the planner run until its next question or its end."""
+        self.requests = None
+        if not self.started:
+            self.started = True
+            self.thread.start()
+            self.registry[self.thread.ident] = self
+        self.go.set()
+        self.yielded.wait()
+        self.yielded.clear()
+
+
+def run_auto(cfg, scoring, n_layers: int, n_remove: int, report: Callable[[str], None] | None = None,
+             layer_names: Collection[str] = (), tasks=None, tasks_note: str | None = None) -> AutoResult:
+    """Race `cfg.select.auto_candidates` to `n_remove` layers on `scoring` (a `session.Scoring` with held-out
+    validation rows), fit the finished plans with every `cfg.select.auto_compensate`, and choose (module
+    docstring); `tasks` (`tasksignal.TaskRows`) decide between candidates the held-out loss cannot tell apart
+    (`tasks_note`: why there are none). A candidate that fails (a target it cannot reach, a fold it refuses) is
+    recorded with its error and left out; when every one fails, a one-line error names the one that came
+    closest."""
+    from swm_ray.methods.planners import method_needs, plan_windows
+    from swm_ray.methods.session import scheduled
+
+    say = report or (lambda _msg: None)
+    s = cfg.select
+    z = s.auto_margin
+    t_all = time.perf_counter()
+    scoring.prepare(method_needs(cfg))
+    original = scoring.original_validation()
+    say(f"original model: validation NLL {original.mean:.4f} (ppl {math.exp(original.mean):.2f}) on "
+        f"{len(original.values)} held-out rows")
+    specs, same = deduplicated(s.auto_candidates, cfg.merge.method, layer_names)
+    for spec, first in sorted(same.items()):
+        say(f"{spec}: the same computation as {first} on this architecture, not run again")
+    val_memo: dict = {}
+
+    def validate(plans) -> list[RowLosses]:
+        keys = [(tuple(sorted(tuple(w) for w in windows)), merge) for windows, merge in plans]
+        todo = list(dict.fromkeys(k for k in keys if k not in val_memo))
+        if todo:
+            for k, losses in zip(todo, scoring.validate([(list(w), m, None) for w, m in todo])):
+                val_memo[k] = losses
+        return [val_memo[k] for k in keys]
+
+    current: dict[int, _Runner] = {}  # thread id -> its runner
+    runners = []
+    for spec in specs:
+        ccfg = candidate_config(cfg, spec)
+        monotone = ccfg.select.method == "sleb" or (ccfg.select.method == "swm" and ccfg.select.search == "best-first"
+                                                      and ccfg.select.criterion != "cka")
+        runners.append(_Runner(spec, ccfg, lambda c=ccfg: plan_windows(c, scoring, n_layers, n_remove), monotone,
+                               current))
+
+    def schedule(requests) -> None:
+        runner = current.get(threading.get_ident())
+        if runner is None:
+            scoring.memo.run(requests)
+        else:
+            runner.ask(requests)
+
+    # planners that rank layers once (ShortGPT, ReplaceMe) give a plan for any size at no cost: their plans at
+    # the level a search reaches are rivals of its partial plan there
+    ladder = [r for r in runners if r.cfg.select.method in LADDER_METHODS]
+    laddered: set[int] = set()
+    finals: dict[str, tuple[RowLosses, int]] = {}  # finished plans: losses, layers removed (the race's bound)
+    partial: dict[str, tuple[int, RowLosses]] = {}  # best-first searches: level, losses of the partial plan
+    rounds = 0
+    with scheduled(scoring, schedule):
+        live = list(runners)
+        while live:
+            rounds += 1
+            for r in live:
+                r.step()
+            # the round's plans scored together: finished ones, and partial ones of searches at a new level
+            ended = [r for r in runners if r.done and r.result is not None and r.spec not in finals]
+            live = [r for r in live if not r.done]
+            rising = [r for r in live if r.monotone and r.requests and n_layers - len(r.requests[0].groups) > r.level]
+            plans = [([tuple(w) for w in r.result.selection.windows], r.result.merge) for r in ended]
+            plans += [([g for g in r.requests[0].groups if g[1] > g[0]], r.requests[0].merge) for r in rising]
+            rungs = _rungs(ladder, {n_layers - len(r.requests[0].groups) for r in rising} - set(laddered), scoring,
+                           n_layers)
+            laddered.update({n_layers - len(r.requests[0].groups) for r in rising})
+            plans += [(windows, merge) for _, _, windows, merge in rungs]
+            losses = validate(plans)
+            for r, (windows, _), lo in zip(ended, plans, losses):
+                finals[r.spec] = (lo, sum(h - low for low, h in windows))
+            for r, lo in zip(rising, losses[len(ended):]):
+                r.level = n_layers - len(r.requests[0].groups)
+                partial[r.spec] = (r.level, lo)
+            for (name, level, _, _), lo in zip(rungs, losses[len(ended) + len(rising):]):
+                partial[name] = (level, lo)
+            for r in [r for r in live if r.spec in partial]:
+                _maybe_stop(r, partial, finals, z, say)
+            requests = [q for r in live if not r.stop for q in (r.requests or [])]
+            if requests:
+                scoring.memo.run(requests)
+            for r in [r for r in live if r.stop]:
+                r.step()  # it raises Stopped inside its planner and ends
+            live = [r for r in live if not r.done]
+    outcomes = _finish(cfg, scoring, runners, n_remove, validate, say)
+    chosen, decided = _choose(outcomes, scoring, z, s.auto_validation_max, say, tasks, tasks_note)
+    return AutoResult(chosen, outcomes, original, time.perf_counter() - t_all, len(original.values),
+                      scoring.validation_tokens(), decided, same, rounds, scoring.counters())
+
+
+LADDER_METHODS = ("shortgpt", "replaceme")  # one ranking, a plan for every size
+
+
+def _rungs(ladder: list[_Runner], levels: set[int], scoring, n_layers: int) -> list[tuple]:
+    """(name, level, windows, merge) of every ranking planner's plan at each of `levels`."""
+    from swm_ray.methods.planners import plan_windows
+
+    out = []
+    for level in sorted(levels):
+        for r in ladder:
+            try:
+                planned = plan_windows(r.cfg, scoring, n_layers, level)
+            except UserError:
+                continue
+            out.append((f"{r.spec}@{level}", level, [tuple(w) for w in planned.selection.windows], planned.merge))
+    return out
+
+
+def _maybe_stop(r: _Runner, partial: dict, finals: dict, z: float, say) -> None:
+    """Stop `r` when its partial plan (k layers removed) is behind the best plan that removes at least k layers
+    by more than `z` standard errors of the paired per-row difference."""
+    level, losses = partial[r.spec]
+    rivals = [(n, lo) for n, (lv, lo) in partial.items() if lv >= level and n != r.spec]
+    rivals += [(n, lo) for n, (lo, removed) in finals.items() if removed >= level and n != r.spec]
+    if not rivals:
+        return
+    best_name, best = min(rivals, key=lambda t: (t[1].mean, t[0]))
+    d = paired(losses, best)
+    if d.diff > 0 and d.resolved(z):
+        r.stop = True
+        r.stopped = {"level": level, "validation_nll": round(losses.mean, 6), "behind": best_name, **d.record()}
+        say(f"{r.spec}: stopped with {level} layer(s) removed, {d.diff:.4f} ± {d.se:.4f} nats behind {best_name}")
+
+
+def _finish(cfg, scoring, runners, n_remove: int, validate, say) -> list[Outcome]:
+    """Every candidate's outcome: its plan at the target size, fitted with each compensation, scored."""
+    from swm_ray.methods.planners import compensate_plan
+
+    site = None
+    outcomes: list[Outcome] = []
+    for r in runners:
+        method = r.cfg.select.method
+        if r.error is not None:
+            if not isinstance(r.error, UserError):
+                raise r.error
+            outcomes.append(Outcome(r.spec, method, "none", error=str(r.error)))
+            say(f"{r.spec}: {r.error}")
+            continue
+        if r.result is None:  # stopped by the race
+            outcomes.append(Outcome(r.spec, method, "none", stopped=r.stopped))
+            continue
+        planned = r.result
+        windows = [tuple(w) for w in planned.selection.windows]
+        removed = sum(h - lo for lo, h in windows)
+        checks = getattr(planned.evaluator, "misses", 0) if planned.evaluator is not None else 0
+        planned.evaluator = None  # the outcome keeps the windows, not the checks' states
+        for comp_spec in cfg.select.auto_compensate:
+            name = r.spec if comp_spec == "none" else f"{r.spec}+{comp_spec}"
+            o = Outcome(name, method, comp_spec, windows, planned.merge, planned=planned, checks=checks)
+            outcomes.append(o)
+            if removed != n_remove:
+                o.missed_by = abs(removed - n_remove)
+                o.error = (f"removed {removed} layer(s), not the {n_remove} asked"
+                           + (f" ({planned.selection.note})" if planned.selection.note else ""))
+                say(f"{name}: left out: {o.error}")
+                break
+            comp_method, ridge_cfg = compensation_config(r.cfg, comp_spec)
+            try:
+                if comp_method == "none":
+                    (o.losses,) = validate([(windows, planned.merge)])
+                else:
+                    site = site or scoring.site_for()
+                    o.compensation = compensate_plan(ridge_cfg, scoring, windows, planned.merge, site, comp_method)
+                    (o.losses,) = scoring.validate([(windows, planned.merge, o.compensation.fits)])
+            except UserError as e:
+                o.error = str(e)
+            say(f"{name}: windows {', '.join(f'{a}-{b}' for a, b in windows) or '-'}: "
+                + (f"validation NLL {o.val_nll:.4f} (ppl {math.exp(o.val_nll):.2f})" if o.error is None
+                   else f"skipped ({o.error})"))
+    return outcomes
+
+
+def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, tasks=None,
+            tasks_note: str | None = None) -> tuple[Outcome, str]:
+    """The outcome of lowest mean validation loss (ties by name). A close call (others within `z` standard errors
+    of it) is scored on further held-out rows; if still close, the task-style signal decides between the close
+    ones (the most accurate on the task-style items)."""
+    scored = [o for o in outcomes if o.losses is not None and o.error is None]
+    if not scored:
+        missed = [o for o in outcomes if o.missed_by is not None]
+        closest = min(missed, key=lambda o: (o.missed_by, o.name)) if missed else None
+        first = next((o for o in outcomes if o.error), None)
+        hint = f"; closest: {closest.name}: {closest.error}" if closest else (f"; {first.name}: {first.error}"
+                                                                               if first else "")
+        raise UserError(f"--method auto: no candidate reached the target{hint}")
+    pick = lambda pool: min(pool, key=lambda o: (o.losses.mean, o.name))  # noqa: E731
+    best = pick(scored)
+    still = [o for o in scored if o is not best and not paired(o.losses, best.losses).resolved(z)]
+    decided = f"lowest mean validation loss on {len(best.losses.values)} rows"
+    extra_rows = getattr(scoring.backend, "extra_rows", 0)
+    if still and extra_rows and max_rows > len(best.losses.values):
+        contenders = [best, *still]
+        more = scoring.validate([(o.windows, o.merge, o.compensation.fits if o.compensation else None)
+                                 for o in contenders], extra=True)
+        for o, m in zip(contenders, more):
+            o.losses = o.losses.extended(m)
+        best = pick(contenders)
+        still = [o for o in contenders if o is not best and not paired(o.losses, best.losses).resolved(z)]
+        decided = f"close call ({len(contenders)} within {z:g} standard errors): lowest loss on " \
+                  f"{len(best.losses.values)} rows"
+        say(f"close call between {', '.join(o.name for o in contenders)}: {len(m.values)} more held-out rows")
+    if still and tasks is not None:
+        best, decided = _by_task_signal(best, still, scoring, tasks, z, decided, say)
+    elif still:
+        decided += f"; within {z:g} standard errors of " + ", ".join(o.name for o in still) + (
+            f" (task-style signal {tasks_note})" if tasks_note else "")
+    for o in scored:
+        if o is not best:
+            n = min(len(o.losses.values), len(best.losses.values))
+            o.versus = paired(RowLosses(o.losses.values[:n]), RowLosses(best.losses.values[:n])).record()
+    return best, decided
+
+
+def _by_task_signal(best: Outcome, close: list[Outcome], scoring, tasks, z: float, decided: str, say):
+    """The held-out loss cannot tell `best` from the `close` ones: of these, the one of highest accuracy on the
+    task-style items wins (a tie of accuracy goes to the lower loss)."""
+    contenders = [best, *close]
+    scores = scoring.task_scores(tasks, [(o.windows, o.merge, o.compensation.fits if o.compensation else None)
+                                         for o in contenders])
+    for o, sc in zip(contenders, scores):
+        o.task = {"accuracy": round(float(np.mean(sc)), 6), "items": len(sc)}
+        o.task_values = sc
+    top = min(contenders, key=lambda o: (-o.task["accuracy"], o.losses.mean, o.name))
+    say("task-style items (accuracy): " + ", ".join(f"{o.name} {o.task['accuracy']:.3f}" for o in contenders))
+    d = paired(RowLosses(top.task_values), RowLosses(best.task_values))
+    if top is best:
+        return best, (f"{decided}; {len(contenders)} still within {z:g} standard errors: the task-style items "
+                      f"({tasks.n_items}) agree with the lowest loss")
+    return top, (f"{decided}; {len(contenders)} still within {z:g} standard errors: the task-style items "
+                 f"({tasks.n_items}) chose {top.name} (accuracy +{d.diff:.3f} ± {d.se:.3f} over {best.name})")

