@@ -47,12 +47,14 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from swm_ray.compute.fitpass import CompSums, FitPass
     from swm_ray.compute.stack import InMemoryStack
     from swm_ray.config import build_config
+    from swm_ray.edits.fold import compensate_model, stack_site
     from swm_ray.edits.merge import apply_windows
     from swm_ray.io.data import calibration_for
     from swm_ray.io.models import load_model
-    from swm_ray.methods.compensation import CompSums, FitPass, compensate_model, fit_windows, solve, stack_site
+    from swm_ray.methods.compensation import fit_windows, solve
 
     torch.set_num_threads(args.threads)
     windows = [tuple(w) for w in json.loads(args.windows)]

@@ -38,7 +38,7 @@ def main() -> None:
 
     from swm_ray.evaluation.latency import DEFAULT_PROMPT, _generate_kwargs, _timed_generate
     from swm_ray.plan.executor import plan_model, source_model
-    from swm_ray.recipes.trial import method_label
+    from swm_ray.recipes.specs import method_label
 
     torch.set_num_threads(args.threads)
     folder = Path(args.grid)

@@ -128,14 +128,14 @@ def s3(s3_endpoint, monkeypatch):
     """A moto S3 endpoint with one bucket, seen by swm-ray through SWM_RAY_S3_ENDPOINT."""
     import s3fs
 
-    from swm_ray.io import fs as storage
+    from swm_ray.io.remote import s3fs_filesystem
 
     monkeypatch.setenv("SWM_RAY_S3_ENDPOINT", s3_endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     s3fs.S3FileSystem.clear_instance_cache()
-    fs = storage.s3fs_filesystem()
+    fs = s3fs_filesystem()
     if not fs.exists("bucket"):
         fs.mkdir("bucket")
     return fs

@@ -22,11 +22,12 @@ from tiny_models import ARCHS, tiny_model
 from swm_ray.compute.stack import InMemoryStack
 from swm_ray.compute.validation import mean_nll, plan_nll
 from swm_ray.config import build_config
+from swm_ray.edits.fold import compensate_model, stack_site
 from swm_ray.edits.merge import apply_windows
 from swm_ray.errors import UserError
 from swm_ray.io.data import Calibration, split_calibration
-from swm_ray.methods.auto import compensation_config, deduplicated, effective_spec, run_auto
-from swm_ray.methods.compensation import compensate_model, stack_site
+from swm_ray.methods.auto import run_auto
+from swm_ray.methods.candidates import compensation_config, deduplicated, effective_spec
 from swm_ray.methods.planners import compensate_plan, method_needs, plan_windows
 from swm_ray.methods.session import LocalScoring, split_validation
 

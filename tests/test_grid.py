@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from swm_ray.cli import app
 from swm_ray.config import build_config
 from swm_ray.errors import UserError
-from swm_ray.recipes.trial import check_grid, finalize_rows, markdown_table, trial_specs
+from swm_ray.recipes.results import finalize_rows, markdown_table
+from swm_ray.recipes.specs import check_grid, trial_specs
 
 
 def test_trial_specs_cover_the_grid():

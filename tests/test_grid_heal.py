@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from swm_ray.cli import app
 from swm_ray.config import build_config
-from swm_ray.recipes.trial import finalize_rows, markdown_table, method_label, run_trial
+from swm_ray.recipes.results import finalize_rows, markdown_table
+from swm_ray.recipes.specs import method_label
+from swm_ray.recipes.trial import run_trial
 
 TEMPERATURE = 0.7
 SWM = {"method": "swm", "criterion": "output", "search": "best-first", "merge": "reference"}

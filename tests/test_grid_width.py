@@ -12,7 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from swm_ray.config import build_config
 from swm_ray.errors import UserError
-from swm_ray.recipes.trial import check_grid, finalize_rows, markdown_table, method_label, run_trial, write_results
+from swm_ray.recipes.results import finalize_rows, markdown_table, write_results
+from swm_ray.recipes.specs import check_grid, method_label
+from swm_ray.recipes.trial import run_trial
 
 SWM = {"method": "swm", "criterion": "output", "search": "best-first", "merge": "reference"}
 

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from swm_ray.cli import app
 from swm_ray.config import build_config
 from swm_ray.errors import UserError
-from swm_ray.heal.lora import IGNORE, Schedule, apply_lora, load_examples, merge_adapter
+from swm_ray.heal.examples import IGNORE, load_examples
+from swm_ray.heal.lora import Schedule, apply_lora, merge_adapter
 
 runner = CliRunner()
 WINDOWS = [[3, 4], [1, 2]]  # of the 6-layer tiny Llama: positions 1 and 2 of the 4 left are merged
@@ -199,7 +200,7 @@ def test_local_window_target_fits_the_window_on_the_same_input(tiny_llama_dir):
 
     from swm_ray.compute.stack import InMemoryStack
     from swm_ray.edits.merge import apply_windows
-    from swm_ray.heal.lora import heal_local
+    from swm_ray.heal.local import heal_local
     from swm_ray.plan.plan import Plan
 
     original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()

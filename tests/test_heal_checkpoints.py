@@ -16,6 +16,7 @@ from swm_ray.cli import app
 from swm_ray.config import build_config
 from swm_ray.errors import UserError
 from swm_ray.io import fs as storage
+from swm_ray.io.remote import arrow_filesystem, is_remote, s3fs_filesystem
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,7 +39,7 @@ def _cfg(model: Path, data: Path, out: str, checkpoints: str, **extra):
 
 def _write_like_ray_train(folder: str, files: dict[str, bytes]) -> None:
     """Files written through pyarrow, as Ray Train writes its checkpoints (on S3 with its folder markers)."""
-    fs, base = storage.arrow_filesystem(folder)
+    fs, base = arrow_filesystem(folder)
     for name, data in files.items():
         path = f"{base}/{name}"
         fs.create_dir(path.rpartition("/")[0], recursive=True)
@@ -48,8 +49,8 @@ def _write_like_ray_train(folder: str, files: dict[str, bytes]) -> None:
 
 def _tree(root: str) -> dict[str, bytes]:
     """{relative path: bytes} of every file under `root` (local or S3)."""
-    if storage.is_remote(root):
-        fs = storage.s3fs_filesystem()
+    if is_remote(root):
+        fs = s3fs_filesystem()
         fs.invalidate_cache()
         prefix = fs._strip_protocol(root).rstrip("/")
         return {p[len(prefix) + 1:]: fs.cat_file(p) for p in fs.find(prefix)}

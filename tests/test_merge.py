@@ -9,7 +9,8 @@ import torch
 from tiny_models import ARCHS, tiny_gpt2, tiny_model, tiny_t5
 
 from swm_ray.edits.architectures import check_supported, per_layer_config_keys, slice_per_layer_config
-from swm_ray.edits.merge import MERGE_METHODS, anchor_layer, apply_windows, kept_layers, merge_layers, validate_windows
+from swm_ray.edits.merge import MERGE_METHODS, apply_windows, merge_layers
+from swm_ray.edits.windows import anchor_layer, kept_layers, validate_windows
 from swm_ray.errors import UserError
 from swm_ray.io.models import decoder_layers
 

@@ -93,7 +93,7 @@ def test_impossible_targets_are_refused_before_anything_loads(tiny_llama_dir, to
     ({"select.method": "swm"}, None),  # no target: the recipe asks for one
 ])
 def test_reachable_targets_pass(tiny_llama_dir, flags, removed):
-    from swm_ray.methods.preflight import check_targets
+    from swm_ray.recipes.preflight import check_targets
 
     assert check_targets(build_config(flags={"model.source": str(tiny_llama_dir), **flags})) == removed
 
@@ -129,8 +129,8 @@ def test_depth_reach_is_what_the_planners_reach(select, n_layers):
     at most (LaCo: an upper bound, met where no window is cut or skipped at the top)."""
     from swm_ray.config import SelectConfig
     from swm_ray.methods.baselines import laco, replaceme_windows, shortgpt_windows
-    from swm_ray.methods.preflight import depth_reach
     from swm_ray.methods.selection import best_first, protected_set, top_down
+    from swm_ray.recipes.preflight import depth_reach
 
     s = SelectConfig(**select)
     most, _ = depth_reach(s, n_layers)
@@ -172,7 +172,7 @@ def _grid(model, data, out, **sets):
     ({"grid.ratios": [0.6], "grid.criteria": [], "grid.baselines": ["flap"]}, "--ratio 0.6: width pruning"),
 ])
 def test_grid_refuses_a_target_no_trial_reaches(tiny_llama_dir, tokens_parquet, tmp_path, sets, message):
-    from swm_ray.methods.preflight import check_grid_targets
+    from swm_ray.recipes.preflight import check_grid_targets
 
     with pytest.raises(UserError, match=message) as e:
         check_grid_targets(_grid(tiny_llama_dir, tokens_parquet, tmp_path / "g", **sets))
@@ -181,7 +181,7 @@ def test_grid_refuses_a_target_no_trial_reaches(tiny_llama_dir, tokens_parquet, 
 
 def test_grid_keeps_targets_some_trial_reaches(tiny_llama_dir, tokens_parquet, tmp_path):
     """shortened-ppl cannot remove a layer of 6, swm can: the grid runs and shortened-ppl gives skipped rows."""
-    from swm_ray.methods.preflight import check_grid_targets
+    from swm_ray.recipes.preflight import check_grid_targets
 
     check_grid_targets(_grid(tiny_llama_dir, tokens_parquet, tmp_path / "g", **{
         "grid.layers": [1, 4], "grid.baselines": ["shortened-ppl", "laco"], "grid.then_width": [0.3]}))

@@ -15,6 +15,10 @@ import pytest
 
 from swm_ray.errors import UserError
 from swm_ray.io import fs as storage
+from swm_ray.io.cache import cache_lock, cache_root, download_to_cache
+from swm_ray.io.faults import as_user_error, storage_errors
+from swm_ray.io.outputs import atomic_output_dir, check_output_path, open_output
+from swm_ray.io.probes import check_storage
 
 
 def test_parquet_calibration_from_s3(s3):
@@ -33,20 +37,20 @@ def test_parquet_calibration_from_s3(s3):
 
 
 def test_atomic_output_to_s3_and_refusals(s3):
-    with storage.atomic_output_dir("s3://bucket/out/run1") as d:
+    with atomic_output_dir("s3://bucket/out/run1") as d:
         (d / "a.json").write_text(json.dumps({"x": 1}))
     assert json.loads(s3.cat("bucket/out/run1/a.json")) == {"x": 1}
     assert s3.exists(f"bucket/out/run1/{storage.OWNER_MARK}")
     with pytest.raises(UserError, match="--overwrite"):
-        storage.check_output_path("s3://bucket/out/run1")
+        check_output_path("s3://bucket/out/run1")
     with pytest.raises(RuntimeError):
-        with storage.atomic_output_dir("s3://bucket/out/run2") as d:
+        with atomic_output_dir("s3://bucket/out/run2") as d:
             (d / "half.bin").write_bytes(b"x")
             raise RuntimeError("boom")
     assert not s3.exists("bucket/out/run2")
     s3.pipe("bucket/foreign/file.txt", b"keep")
     with pytest.raises(UserError, match="not written by swm-ray"):
-        storage.check_output_path("s3://bucket/foreign")
+        check_output_path("s3://bucket/foreign")
 
 
 def test_model_folder_from_s3_is_cached(s3, tiny_llama_dir):
@@ -63,7 +67,7 @@ def test_model_folder_from_s3_is_cached(s3, tiny_llama_dir):
 def test_local_atomic_dir_leaves_nothing_on_failure(tmp_path):
     out = tmp_path / "o"
     with pytest.raises(ValueError):
-        with storage.atomic_output_dir(str(out)) as d:
+        with atomic_output_dir(str(out)) as d:
             (d / "x").write_text("partial")
             raise ValueError("fail")
     assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "cache"]
@@ -72,13 +76,13 @@ def test_local_atomic_dir_leaves_nothing_on_failure(tmp_path):
 def test_local_outputs_are_readable_by_others(tmp_path):
     """Outputs are staged in private temporary folders; the finished folder is 0755 whichever way it was
     filled (files opened in place, or a folder copied in)."""
-    with storage.open_output(str(tmp_path / "streamed")) as sink:
+    with open_output(str(tmp_path / "streamed")) as sink:
         with sink.open("a.txt") as f:
             f.write(b"x")
     staged = tmp_path / "staged"
     staged.mkdir(mode=0o700)
     (staged / "b.txt").write_text("y")
-    with storage.open_output(str(tmp_path / "copied")) as sink:
+    with open_output(str(tmp_path / "copied")) as sink:
         sink.put_dir(staged)
     assert (tmp_path / "streamed").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "copied").stat().st_mode & 0o777 == 0o755
@@ -115,7 +119,7 @@ def _free_port() -> int:
 
 
 def _write_old_output(url_or_path: str) -> None:
-    with storage.open_output(url_or_path) as sink:
+    with open_output(url_or_path) as sink:
         sink.write_bytes("weights.bin", b"old weights" * 1000)
         sink.write_text("stale.txt", "only in the old output")
 
@@ -128,7 +132,7 @@ def test_cache_lock_excludes_threads_of_one_process():
     inside, most, lock = [0], [0], threading.Lock()
 
     def critical():
-        with storage.cache_lock("model/with:odd chars"):
+        with cache_lock("model/with:odd chars"):
             with lock:
                 inside[0] += 1
                 most[0] = max(most[0], inside[0])
@@ -142,7 +146,7 @@ def test_cache_lock_excludes_threads_of_one_process():
     for t in threads:
         t.join()
     assert most[0] == 1
-    (lock_file,) = (storage.cache_root() / "locks").iterdir()
+    (lock_file,) = (cache_root() / "locks").iterdir()
     assert lock_file.name.startswith("model_with_odd_chars-")
 
 
@@ -152,7 +156,7 @@ def _download_in_threads(url: str, n: int, barrier, results) -> None:
     def one():
         barrier.wait(timeout=120)
         try:
-            path = storage.download_to_cache(url)
+            path = download_to_cache(url)
             results.append((str(path), _local_tree(path)))
         except Exception as e:  # reported to the parent, which fails the test
             results.append((repr(e), {}))
@@ -198,7 +202,7 @@ def test_download_once_per_node_across_processes_and_threads(s3):
     assert len(results) == n_procs * 2 + threads_here
     assert {path for path, _ in results} == {here[0][0]}, results
     assert all(tree == expected for _, tree in results)
-    lines = (storage.cache_root() / "downloads.log").read_text().splitlines()
+    lines = (cache_root() / "downloads.log").read_text().splitlines()
     assert len(lines) == 1 and lines[0].endswith("\ts3://bucket/dl/model")
 
 
@@ -206,12 +210,12 @@ def test_download_replaces_partial_leftover_and_keeps_complete_target(s3):
     s3.pipe({"bucket/dl2/model/a.bin": b"a" * 1000, "bucket/dl2/model/b.bin": b"b" * 10})
     url = "s3://bucket/dl2/model"
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
-    target = storage.cache_root() / "s3" / key
+    target = cache_root() / "s3" / key
     (target / "data").mkdir(parents=True)
     (target / "data" / "a.bin").write_bytes(b"truncat")  # a partial leftover: no owner mark
     (target.parent / f".{key}.dl-crashed").mkdir()  # the staging folder of a caller that died
 
-    local = storage.download_to_cache(url)
+    local = download_to_cache(url)
     assert _local_tree(local) == _s3_tree(s3, "bucket/dl2/model")
     assert sorted(p.name for p in target.parent.iterdir()) == [key]
     inode = (local / "a.bin").stat().st_ino
@@ -219,17 +223,17 @@ def test_download_replaces_partial_leftover_and_keeps_complete_target(s3):
     # Another caller holds the lock (say, for a download that is still running): a complete target is returned
     # at once, and nothing touches it.
     got = []
-    with storage.cache_lock(f"s3-{key}"):
-        t = threading.Thread(target=lambda: got.append(storage.download_to_cache(url + "/")))
+    with cache_lock(f"s3-{key}"):
+        t = threading.Thread(target=lambda: got.append(download_to_cache(url + "/")))
         t.start()
         t.join(timeout=10)
         assert got == [local]
     with open(local / "a.bin", "rb") as held:  # a caller is loading it while others ask again
         for _ in range(3):
-            assert storage.download_to_cache(url) == local
+            assert download_to_cache(url) == local
         assert held.read() == b"a" * 1000
     assert (local / "a.bin").stat().st_ino == inode
-    assert len((storage.cache_root() / "downloads.log").read_text().splitlines()) == 1
+    assert len((cache_root() / "downloads.log").read_text().splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,7 +266,7 @@ def test_open_output_to_s3_streams_and_replaces_completely(s3, tmp_path, monkeyp
     chunk = np.random.default_rng(1).bytes(2**20)
     big = hashlib.sha256()
 
-    with storage.open_output(url, overwrite=True) as sink:
+    with open_output(url, overwrite=True) as sink:
         with sink.open("model.bin") as f:
             for _ in range(12):  # 12 MB, more than one s3fs block
                 f.write(chunk)
@@ -300,7 +304,7 @@ def test_s3_switch_failing_after_removing_the_old_output_keeps_the_new_one(s3, m
 
     monkeypatch.setattr(s3fs.S3FileSystem, "_cp_file", flaky_copy)
     with pytest.raises(UserError, match="already removed and the complete new one is kept at") as info:
-        with storage.open_output(url, overwrite=True) as sink:
+        with open_output(url, overwrite=True) as sink:
             sink.write_text("config.json", "{}")
             sink.write_text("more.json", "{}")
     (staging,) = _staging_left(s3, "bucket/switch")
@@ -310,7 +314,7 @@ def test_s3_switch_failing_after_removing_the_old_output_keeps_the_new_one(s3, m
     s3.rm(staging, recursive=True)
     calls.clear()
     with pytest.raises(RuntimeError):  # a new output (nothing to replace): nothing is kept anywhere
-        with storage.open_output(url) as sink:
+        with open_output(url) as sink:
             sink.write_text("config.json", "{}")
             sink.write_text("more.json", "{}")
     assert not s3.exists(final) and _staging_left(s3, "bucket/switch") == []
@@ -322,7 +326,7 @@ def test_open_output_to_s3_failure_keeps_old_output(s3, error):
     _write_old_output(url)
     old = _s3_tree(s3, final)
     with pytest.raises(error):
-        with storage.open_output(url, overwrite=True) as sink:
+        with open_output(url, overwrite=True) as sink:
             sink.write_text("config.json", "{}")
             f = sink.open("model.bin")
             f.write(b"\0" * (9 * 2**20))  # a multipart upload is under way, the file still open
@@ -338,7 +342,7 @@ def test_open_output_locally(tmp_path, error):
     _write_old_output(str(out))
     old = _local_tree(out)
     with pytest.raises(error) if error else contextlib.nullcontext():
-        with storage.open_output(str(out), overwrite=True) as sink:
+        with open_output(str(out), overwrite=True) as sink:
             with sink.open("model.bin") as f:
                 f.write(b"new" * 1000)
             sink.write_text("plots/a.txt", "p")
@@ -356,17 +360,17 @@ def test_open_output_checks_the_path_first(s3, tmp_path):
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "x").write_text("x")
     with pytest.raises(UserError, match="not written by swm-ray"):
-        with storage.open_output(str(tmp_path / "foreign"), overwrite=True):
+        with open_output(str(tmp_path / "foreign"), overwrite=True):
             pass
     _write_old_output(str(tmp_path / "ours"))
     with pytest.raises(UserError, match="--overwrite"):
-        with storage.open_output(str(tmp_path / "ours")):
+        with open_output(str(tmp_path / "ours")):
             pass
     with pytest.raises(UserError, match="whole bucket"):
-        with storage.open_output("s3://bucket", overwrite=True):
+        with open_output("s3://bucket", overwrite=True):
             pass
     with pytest.raises(ValueError):
-        with storage.open_output(str(tmp_path / "new")) as sink:
+        with open_output(str(tmp_path / "new")) as sink:
             sink.write_text("../escape.txt", "x")
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "new").exists()
 
@@ -388,7 +392,7 @@ def test_atomic_output_dir_to_s3_overwrite_failure_keeps_old_output(s3, monkeypa
 
     monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", flaky_put_file)
     with pytest.raises(RuntimeError):
-        with storage.atomic_output_dir(url, overwrite=True) as d:
+        with atomic_output_dir(url, overwrite=True) as d:
             for name in ("a.bin", "b.bin", "c.bin"):
                 (d / name).write_bytes(name.encode() * 100)
             if where == "body":
@@ -426,11 +430,11 @@ def test_closed_endpoint_is_a_fast_one_line_user_error(closed_endpoint):
     url = "s3://bucket/some/model"
     calls = {"read_bytes": lambda: storage.read_bytes(url + "/config.json"),
              "exists": lambda: storage.exists(url),
-             "check_read": lambda: storage.check_storage(url, write=False),
-             "check_write": lambda: storage.check_storage(url, write=True),
-             "check_output_path": lambda: storage.check_output_path(url),
-             "download": lambda: storage.download_to_cache(url),
-             "open_output": lambda: _enter(storage.open_output(url))}
+             "check_read": lambda: check_storage(url, write=False),
+             "check_write": lambda: check_storage(url, write=True),
+             "check_output_path": lambda: check_output_path(url),
+             "download": lambda: download_to_cache(url),
+             "open_output": lambda: _enter(open_output(url))}
 
     def timed(call):
         start = time.monotonic()
@@ -453,11 +457,11 @@ def test_closed_endpoint_is_a_fast_one_line_user_error(closed_endpoint):
 def test_unknown_bucket_names_the_bucket(s3):
     url = "s3://no-such-bucket-here/models/m"
     for call in (lambda: storage.read_bytes(url + "/config.json"),
-                 lambda: storage.check_storage(url, write=False),
-                 lambda: storage.check_storage(url, write=True),
-                 lambda: storage.download_to_cache(url),
-                 lambda: storage.check_output_path(url),
-                 lambda: _enter(storage.open_output(url))):
+                 lambda: check_storage(url, write=False),
+                 lambda: check_storage(url, write=True),
+                 lambda: download_to_cache(url),
+                 lambda: check_output_path(url),
+                 lambda: _enter(open_output(url))):
         with pytest.raises(UserError, match="no such bucket 'no-such-bucket-here'") as info:
             call()
         assert "\n" not in str(info.value)
@@ -465,16 +469,16 @@ def test_unknown_bucket_names_the_bucket(s3):
 
 def test_check_storage_passes_and_leaves_nothing(s3, tmp_path):
     s3.pipe("bucket/chk/model/config.json", b"{}")
-    storage.check_storage("s3://bucket/chk/model", write=False)
-    storage.check_storage("s3://bucket/chk/model/config.json", write=False)
-    storage.check_storage("s3://bucket/chk/out", write=True)
+    check_storage("s3://bucket/chk/model", write=False)
+    check_storage("s3://bucket/chk/model/config.json", write=False)
+    check_storage("s3://bucket/chk/out", write=True)
     assert _s3_tree(s3, "bucket/chk") == {"model/config.json": hashlib.sha256(b"{}").hexdigest()}
     with pytest.raises(UserError, match="not found on S3: s3://bucket/chk/missing"):
-        storage.check_storage("s3://bucket/chk/missing", write=False)
-    storage.check_storage(str(tmp_path / "a" / "b" / "out"), write=True)
+        check_storage("s3://bucket/chk/missing", write=False)
+    check_storage(str(tmp_path / "a" / "b" / "out"), write=True)
     assert list(tmp_path.iterdir()) == [tmp_path / "cache"]
     with pytest.raises(UserError, match="not found"):
-        storage.check_storage(str(tmp_path / "missing"), write=False)
+        check_storage(str(tmp_path / "missing"), write=False)
 
 
 def test_missing_credentials_and_access_denied_are_user_errors(s3, monkeypatch, tmp_path):
@@ -494,12 +498,12 @@ def test_missing_credentials_and_access_denied_are_user_errors(s3, monkeypatch, 
     denied = s3fs.errors.translate_boto_error(botocore.exceptions.ClientError(
         {"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "GetObject"))
     with pytest.raises(UserError, match=r"^access denied while reading s3://bucket/x \(S3 endpoint http"):
-        with storage.storage_errors("s3://bucket/x", "reading"):
+        with storage_errors("s3://bucket/x", "reading"):
             raise denied
     odd = s3fs.errors.translate_boto_error(botocore.exceptions.ClientError(
         {"Error": {"Code": "InvalidBucketName", "Message": "The specified bucket is not valid."}}, "PutObject"))
-    message = str(storage.as_user_error(odd, "s3://B_d/x", "writing"))
+    message = str(as_user_error(odd, "s3://B_d/x", "writing"))
     assert message.startswith("S3 refused writing s3://B_d/x (endpoint http")
     assert message.endswith("InvalidBucketName: The specified bucket is not valid.")
-    assert storage.as_user_error(ValueError("unrelated"), "s3://bucket/x") is None
-    assert storage.as_user_error(FileNotFoundError("my own"), "s3://bucket/x", trust_plain=False) is None
+    assert as_user_error(ValueError("unrelated"), "s3://bucket/x") is None
+    assert as_user_error(FileNotFoundError("my own"), "s3://bucket/x", trust_plain=False) is None

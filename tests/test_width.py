@@ -15,18 +15,12 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from swm_ray.compute.stack import InMemoryStack
+from swm_ray.compute.width_stats import add_width_sums, width_stats_sums
 from swm_ray.config import build_config
+from swm_ray.edits.width import Geometry
 from swm_ray.errors import UserError
-from swm_ray.methods.width import (
-    Geometry,
-    add_width_sums,
-    choose,
-    flap_biases,
-    flap_scores,
-    taylor_scores,
-    width_counts,
-    width_stats_sums,
-)
+from swm_ray.methods.width_scores import choose, flap_biases, flap_scores, taylor_scores
+from swm_ray.methods.width_targets import width_counts
 from swm_ray.plan.plan import Plan
 from swm_ray.plan.writer import write_model_folder
 
@@ -258,7 +252,7 @@ def test_width_counts_prune_both_parts_and_refuse_too_much():
                                  Geometry(heads=4, kv_heads=2, head_dim=8, intermediate=64, hidden=32)])
 def test_width_reach_is_the_most_width_counts_takes(geo):
     """`width_reach` (what the up-front target check names): exactly reachable, one channel more is refused."""
-    from swm_ray.methods.width import channel_params, width_reach
+    from swm_ray.methods.width_targets import channel_params, width_reach
 
     most = width_reach(geo, 30)
     assert width_counts(geo, 30, most) == (1, 1)
@@ -267,8 +261,8 @@ def test_width_reach_is_the_most_width_counts_takes(geo):
 
 
 def test_check_width_target_names_the_largest_fraction(tiny_llama_dir):
-    from swm_ray.methods.preflight import model_facts
-    from swm_ray.methods.width import check_width_target
+    from swm_ray.methods.width_targets import check_width_target
+    from swm_ray.recipes.preflight import model_facts
 
     cfg = build_config(flags={"model.source": str(tiny_llama_dir)})
     f = model_facts(cfg)

@@ -17,7 +17,10 @@ from swm_ray.errors import UserError
 from swm_ray.io.fs import OWNER_MARK
 from swm_ray.io.models import count_parameters
 from swm_ray.plan import writer
+from swm_ray.plan.card import render_metrics_table, render_model_card
+from swm_ray.plan.mergekit import render_mergekit_config
 from swm_ray.plan.plan import Plan, removed_from_windows
+from swm_ray.plan.sources import SOURCE_PLACEHOLDER
 
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41]])  # longer than the tiny sliding windows (4)
 RAW = "model:\n  source: tiny\n"
@@ -134,14 +137,14 @@ def test_metrics_table_has_no_dict_reprs_and_no_paths(tmp_path):
     text.write_text("a b c d e f g h i j k l m n o p. " * 30)
     for metrics in (_eval_result(model, tok, out, text), _eval_result(model, tok, out, text, TASK_ROWS),
                     {"ppl": 12.5, "note": str(out), "extra": {"nested": {"x": 1.5}, "where": [str(text)]}}):
-        table = writer.render_metrics_table(metrics)
+        table = render_metrics_table(metrics)
         assert table.startswith("| metric | value | ± stderr | measured on |")
         assert not any(c in table for c in "{}'[]"), table  # no dict, list or string reprs
         assert str(tmp_path) not in table and not ABSOLUTE_PATH.search(table), table
         assert "raw" not in table and "| model |" not in table
         assert "| perplexity |" in table
     assert "| extra / nested / x | 1.5000 |  |  |" in table and "note" not in table  # the path is left out
-    assert writer.render_metrics_table({}) == ""
+    assert render_metrics_table({}) == ""
 
 
 def _auto_record() -> dict:
@@ -164,7 +167,7 @@ def test_card_says_what_the_plan_did_and_which_method_chose_it(kind):
     plan = Plan(windows=[[3, 4], [0, 1]] if kind != "auto" else [[3, 4]], num_layers_before=6, merge=merge,
                 source_model="org/base", method=method, similarities=[0.9, 0.8])
     plan.extra = extra
-    card = writer.render_model_card(plan)
+    card = render_model_card(plan)
     produced = next(line for line in card.splitlines() if line.startswith("Produced by"))
     if kind == "merge":
         assert "by merging 2 windows of consecutive decoder layers into one layer each" in produced
@@ -273,13 +276,13 @@ def test_mergekit_recipe_keep_first(tmp_path):
 
 def test_mergekit_recipe_keep_last_keeps_tops():
     plan = Plan(windows=[[4, 5], [1, 2]], num_layers_before=6, merge="keep-last", source_model="m")
-    recipe = yaml.safe_load(writer.render_mergekit_config(plan))
+    recipe = yaml.safe_load(render_mergekit_config(plan))
     assert [s["sources"][0]["layer_range"] for s in recipe["slices"]] == [[0, 1], [2, 4], [5, 6]]
-    assert writer.render_mergekit_config(Plan(windows=[[1, 2]], num_layers_before=6, merge="mean")) is None
+    assert render_mergekit_config(Plan(windows=[[1, 2]], num_layers_before=6, merge="mean")) is None
 
 
 def _recipe(source: str, revision: str | None = None) -> tuple[set[str], str]:
-    text = writer.render_mergekit_config(Plan(windows=[[1, 2]], num_layers_before=4, merge="keep-first",
+    text = render_mergekit_config(Plan(windows=[[1, 2]], num_layers_before=4, merge="keep-first",
                                               source_model=source, source_revision=revision))
     return {s["sources"][0]["model"] for s in yaml.safe_load(text)["slices"]}, text
 
@@ -291,7 +294,7 @@ def test_mergekit_recipe_names_a_source_mergekit_can_open(tmp_path, monkeypatch)
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in text and "resolve_model_path" in text and "converted" in text
     monkeypatch.setitem(writer.BUILTIN_HUB_IDS, "smollm2-135m", None)  # a builtin without a known original
     models, text = _recipe("builtin:smollm2-135m")
-    assert models == {writer.SOURCE_PLACEHOLDER} and "put the local path of that converted folder" in text
+    assert models == {SOURCE_PLACEHOLDER} and "put the local path of that converted folder" in text
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my-model").mkdir()
     models, text = _recipe("my-model")  # relative, as the user typed it: the recipe gets the resolved folder
@@ -299,9 +302,9 @@ def test_mergekit_recipe_names_a_source_mergekit_can_open(tmp_path, monkeypatch)
     models, text = _recipe("org/name", "v1.0")
     assert models == {"org/name@v1.0"} and "hub id" in text
     models, text = _recipe("s3://bucket/model")
-    assert models == {writer.SOURCE_PLACEHOLDER} and "s3://bucket/model" in text and "copy that folder" in text
+    assert models == {SOURCE_PLACEHOLDER} and "s3://bucket/model" in text and "copy that folder" in text
     models, _ = _recipe("")
-    assert models == {writer.SOURCE_PLACEHOLDER}
+    assert models == {SOURCE_PLACEHOLDER}
 
 
 def test_plan_round_trip(tmp_path):

@@ -78,7 +78,7 @@ class ModelActor:
     def width_stats(self, input_ids: np.ndarray, batches: list, request: dict) -> list[dict]:
         """FLAP's per-minibatch sums of the o_proj/down_proj inputs (`width.width_stats_sums`), on the stack with
         the request's depth windows merged."""
-        from swm_ray.methods.width import width_stats_sums
+        from swm_ray.compute.width_stats import width_stats_sums
 
         return width_stats_sums(self.stack, input_ids, [tuple(b) for b in batches], request["windows"],
                                 request["merge"], request["attention"])

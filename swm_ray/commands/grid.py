@@ -112,7 +112,7 @@ def grid_command(
     flags = one_target(flags, ("grid.layers", "grid.ratios", "grid.thresholds"), cleared=[])
     cfg, raw = make_config(config, flags, set_)
     from swm_ray.jobs.grid import run_grid
-    from swm_ray.recipes.trial import markdown_table
+    from swm_ray.recipes.results import markdown_table
 
     res = run_grid(cfg, raw, resume=resume)
     echo("")

@@ -101,6 +101,30 @@ def choose_mode(stream: str, footprint: Footprint, budget: int, what: str) -> st
     return "stream"
 
 
+def weights_dtype_bytes(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def footprint(ckpt, config, dtype, rows: int, seq_len: int) -> Footprint:
+    """The `Footprint` of a checkpoint (`checkpoint.Checkpoint`) run at the torch `dtype` on a shard of
+    `rows` × `seq_len` tokens."""
+    from swm_ray.io.models import text_config_of
+
+    tcfg = text_config_of(config)
+    scale = weights_dtype_bytes(dtype)
+    numel = lambda keys: sum(ckpt.infos[k].numel for k in keys)  # noqa: E731
+    tied = bool(getattr(tcfg, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
+    largest = max((numel(ckpt.layer_keys(i).values()) for i in range(ckpt.num_layers)), default=0)
+    return Footprint(
+        weights=ckpt.param_count(tied) * scale,
+        resident=numel(ckpt.other_keys()) * scale,
+        largest_layer=largest * scale,
+        stream_bytes=max(1, rows) * max(1, seq_len) * int(tcfg.hidden_size) * 4,
+    )
+
+
 def check_budget(model_cfg, path: str, dtype: str, rows: int, seq_len: int) -> None:
     """With a budget given (`model.max_memory`), the check each actor makes when it opens the model
     (`stack.open_stack`), made first from the checkpoint's headers at `path`: a budget below one layer is a
@@ -110,7 +134,6 @@ def check_budget(model_cfg, path: str, dtype: str, rows: int, seq_len: int) -> N
         return
     import torch
 
-    from swm_ray.compute.stack import footprint
     from swm_ray.io.checkpoint import Checkpoint
     from swm_ray.io.models import load_config
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from swm_ray.methods.selection import Group
+from swm_ray.edits.windows import Group
 
 
 class PlanRunner:
@@ -21,7 +21,7 @@ class PlanRunner:
 
     def __init__(self, stack, windows: Sequence[Sequence[int]], merge: str, attention: str = "global",
                  fits: Mapping | None = None):
-        from swm_ray.edits.merge import new_layer_sources
+        from swm_ray.edits.windows import new_layer_sources
 
         self.stack, self.merge, self.attention = stack, merge, attention
         self.windows = sorted((int(a), int(b)) for a, b in windows)
@@ -32,7 +32,7 @@ class PlanRunner:
     @property
     def site(self):
         if self._site is None:
-            from swm_ray.methods.compensation import stack_site
+            from swm_ray.edits.fold import stack_site
 
             self._site = stack_site(self.stack)
         return self._site
@@ -46,7 +46,7 @@ class PlanRunner:
             with self.stack.group(low, high, self.merge, self.attention) as layer:
                 yield layer
             return
-        from swm_ray.methods.compensation import fold_state
+        from swm_ray.edits.fold import fold_state
 
         state = fold_state(self.stack.state(low, high, self.merge), fit, self.site)
         layer = self.stack.build(self.anchor(low, high), state, low)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from swm_ray.compute.refpass import Reference
 from swm_ray.compute.stack import LayerStack
 from swm_ray.edits.merge import follows_weight, is_norm_param
-from swm_ray.methods.selection import Group
+from swm_ray.edits.windows import Group
 
 SIGNALS = ("output", "kl", "nll")
 RowScores = tuple[np.ndarray, int]  # per-row sums (float64) and the count they are divided by

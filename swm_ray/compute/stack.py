@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from swm_ray.edits.merge import anchor_layer, copy_layer, layer_types_of, merge_tensor, set_layer_index
+from swm_ray.edits.merge import copy_layer, merge_tensor, set_layer_index
+from swm_ray.edits.windows import anchor_layer, layer_types_of
 from swm_ray.errors import UserError
 from swm_ray.io.checkpoint import Checkpoint
 from swm_ray.io.models import decoder_layers, inner_model, text_config, text_config_of
@@ -265,27 +266,6 @@ class StreamingStack(LayerStack):
         return layer.eval()
 
 
-def weights_dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def footprint(ckpt: Checkpoint, config, dtype: torch.dtype, rows: int, seq_len: int):
-    """The `memory.Footprint` of a checkpoint run at `dtype` on a shard of `rows` × `seq_len` tokens."""
-    from swm_ray.compute.memory import Footprint
-
-    tcfg = text_config_of(config)
-    scale = weights_dtype_bytes(dtype)
-    numel = lambda keys: sum(ckpt.infos[k].numel for k in keys)  # noqa: E731
-    tied = bool(getattr(tcfg, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
-    largest = max((numel(ckpt.layer_keys(i).values()) for i in range(ckpt.num_layers)), default=0)
-    return Footprint(
-        weights=ckpt.param_count(tied) * scale,
-        resident=numel(ckpt.other_keys()) * scale,
-        largest_layer=largest * scale,
-        stream_bytes=max(1, rows) * max(1, seq_len) * int(tcfg.hidden_size) * 4,
-    )
-
-
 @dataclass
 class StackSpec:
     """How to open a model: where it is, where and how to run it, and the memory it may use."""
@@ -304,7 +284,7 @@ class StackSpec:
 def open_stack(spec: StackSpec, rows: int = 0, seq_len: int = 0,
                on_mode: Callable[[dict], None] | None = None) -> LayerStack:
     """Open `spec.path` in memory or streaming, as its size, the budget and `spec.stream` decide."""
-    from swm_ray.compute.memory import choose_mode, device_budget, parse_size
+    from swm_ray.compute.memory import choose_mode, device_budget, footprint, parse_size
     from swm_ray.io.models import load_config, load_model, pick_device, pick_dtype
 
     dev = pick_device(spec.device)

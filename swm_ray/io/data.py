@@ -19,6 +19,7 @@ import numpy as np
 
 from swm_ray.errors import UserError
 from swm_ray.io import fs as storage
+from swm_ray.io.remote import arrow_filesystem, is_remote
 
 BUILTIN_DATA = ("lambada", "boolq-passages")
 _CHUNK = 512  # text rows tokenized at once
@@ -71,7 +72,7 @@ def load_rows(source: str, text_column: str = "text") -> list[str] | list[list[i
         if name == "boolq-passages":
             return _boolq_passages()
         raise UserError(f"unknown builtin data {source!r}: choose " + ", ".join(f"builtin:{n}" for n in BUILTIN_DATA))
-    if not storage.is_remote(source) and not Path(source).exists():
+    if not is_remote(source) and not Path(source).exists():
         raise UserError(f"data {source}: file not found")
     suffix = source.lower().rsplit(".", 1)[-1] if "." in source.rsplit("/", 1)[-1] else ""
     if suffix == "parquet":
@@ -91,7 +92,7 @@ def load_rows(source: str, text_column: str = "text") -> list[str] | list[list[i
 def _parquet_rows(source: str, text_column: str) -> list[str] | list[list[int]]:
     import pyarrow.parquet as pq
 
-    fs, path = storage.arrow_filesystem(source)
+    fs, path = arrow_filesystem(source)
     try:
         table = pq.read_table(path, filesystem=fs)
     except (OSError, ValueError) as e:

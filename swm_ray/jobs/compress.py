@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 from swm_ray.config import WIDTH_METHODS, RunConfig, dump_yaml
 from swm_ray.errors import UserError
-from swm_ray.io import fs as storage
 from swm_ray.io.data import calibration_sets
+from swm_ray.io.probes import check_run_paths
 from swm_ray.io.runstate import RunState
 from swm_ray.jobs.console import console
 from swm_ray.methods.selection import check_threshold, target_layers
@@ -78,7 +78,7 @@ class RayScoring(Scoring):
 
 def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
     """Plan with the method of `cfg.select.method`, write the model folder; returns the summary."""
-    from swm_ray.methods.compensation import checkpoint_site
+    from swm_ray.edits.fold import checkpoint_site
     from swm_ray.methods.planners import (
         check_method_count,
         check_method_target,
@@ -99,7 +99,7 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
 
         return run_width(cfg, raw_yaml)
     if s.then_width is not None:
-        from swm_ray.methods.width import check_width_settings
+        from swm_ray.methods.width_targets import check_width_settings
 
         check_width_settings(cfg, s.width_method)
     if s.threshold is None and s.ratio is None and s.layers is None:
@@ -108,8 +108,8 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
     if s.threshold is not None and s.method == "swm" and not s.compensate_aware:
         check_threshold(s.criterion, s.threshold)
     check_method_target(cfg)
-    storage.check_run_paths(out, cfg.overwrite, [cfg.model.source, cfg.data.source])
-    from swm_ray.methods.preflight import check_targets
+    check_run_paths(out, cfg.overwrite, [cfg.model.source, cfg.data.source])
+    from swm_ray.recipes.preflight import check_targets
 
     check_targets(cfg)
     t0 = time.perf_counter()
@@ -217,7 +217,7 @@ def _report_fits(con, comp) -> None:
 
 def _warn_mixed_windows(con, config, windows, attention: str) -> None:
     """Under the authors' attention rule, say which windows turn a global layer into a local one."""
-    from swm_ray.edits.merge import anchor_layer, layer_types_of, mixes_types
+    from swm_ray.edits.windows import anchor_layer, layer_types_of, mixes_types
     from swm_ray.io.models import text_config_of
 
     types = layer_types_of(text_config_of(config))

@@ -13,18 +13,14 @@ from pathlib import Path
 
 from swm_ray.config import RunConfig, dump_yaml
 from swm_ray.errors import UserError
-from swm_ray.io import fs as storage
 from swm_ray.io.artifacts import write_configs, write_json
+from swm_ray.io.cache import cache_root
+from swm_ray.io.outputs import atomic_output_dir
+from swm_ray.io.probes import check_run_paths
+from swm_ray.io.remote import arrow_filesystem, is_remote
 from swm_ray.jobs.console import console
-from swm_ray.recipes.trial import (
-    ROW_KEYS,
-    check_grid,
-    finalize_rows,
-    method_label,
-    model_label,
-    trial_specs,
-    write_results,
-)
+from swm_ray.recipes.results import ROW_KEYS, finalize_rows, write_results
+from swm_ray.recipes.specs import check_grid, method_label, model_label, trial_specs
 
 
 def _trial(config: dict, context: dict, cfg_json: dict, threads: int) -> None:
@@ -90,7 +86,7 @@ def _collector(rows_file: Path | None):
 
 def _absolute(source: str | None) -> str | None:
     """Tune runs trials in their own folders: local paths that exist become absolute."""
-    if not source or storage.is_remote(source) or ":" in source.split("/")[0]:
+    if not source or is_remote(source) or ":" in source.split("/")[0]:
         return source
     p = Path(source).expanduser()
     return str(p.resolve()) if p.exists() else source
@@ -101,7 +97,7 @@ def _saved_grid(resume: str) -> tuple[Path, RunConfig, str]:
     from ray import tune
 
     exp = Path(resume).expanduser().resolve()
-    if storage.is_remote(resume) or not (exp / "grid.json").is_file() or not tune.Tuner.can_restore(str(exp)):
+    if is_remote(resume) or not (exp / "grid.json").is_file() or not tune.Tuner.can_restore(str(exp)):
         raise UserError(f"--resume {resume}: not a local swm-ray grid experiment (give the folder printed as "
                         f"'Tune experiment:' by the grid to resume)")
     saved = json.loads((exp / "grid.json").read_text())
@@ -140,8 +136,8 @@ def run_grid(cfg: RunConfig, raw_yaml: str = "", resume: str | None = None) -> d
     })
     g = cfg.grid
     out = cfg.out or "swm-ray-grid"
-    storage.check_run_paths(out, cfg.overwrite, [*(cfg.grid.models or [cfg.model.source]), cfg.data.source])
-    from swm_ray.methods.preflight import check_grid_targets
+    check_run_paths(out, cfg.overwrite, [*(cfg.grid.models or [cfg.model.source]), cfg.data.source])
+    from swm_ray.recipes.preflight import check_grid_targets
 
     check_grid_targets(cfg)
     t0 = time.perf_counter()
@@ -175,10 +171,10 @@ def run_grid(cfg: RunConfig, raw_yaml: str = "", resume: str | None = None) -> d
         fs, spath, where = None, str(exp.parent), str(exp)
         rows_file = exp / "rows.jsonl"
     elif g.tune_storage:
-        fs, spath = storage.arrow_filesystem(g.tune_storage)
+        fs, spath = arrow_filesystem(g.tune_storage)
         where, rows_file = f"{g.tune_storage.rstrip('/')}/{name}", None
     else:  # on this machine, outside the output folder: it survives an interrupted or failed grid
-        fs, spath = None, str(storage.cache_root() / "grids")
+        fs, spath = None, str(cache_root() / "grids")
         where = str(Path(spath, name))
         Path(where).mkdir(parents=True, exist_ok=True)
         rows_file = Path(where, "rows.jsonl")
@@ -187,7 +183,7 @@ def run_grid(cfg: RunConfig, raw_yaml: str = "", resume: str | None = None) -> d
     collect = _collector(rows_file)
     run_cfg = tune.RunConfig(name=name, storage_path=spath, storage_filesystem=fs, verbose=0, callbacks=[collect],
                              failure_config=tune.FailureConfig(max_failures=0))
-    with storage.atomic_output_dir(out, cfg.overwrite) as folder:
+    with atomic_output_dir(out, cfg.overwrite) as folder:
         if exp:  # finished trials keep their rows; unfinished and failed ones start again
             tuner = tune.Tuner.restore(str(exp), trainable=trainable, restart_errored=True)
         else:

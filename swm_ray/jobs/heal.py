@@ -32,6 +32,8 @@ from pathlib import Path
 from swm_ray.config import RunConfig, dump_yaml
 from swm_ray.errors import UserError, find_user_error
 from swm_ray.io import fs as storage
+from swm_ray.io.probes import check_run_paths
+from swm_ray.io.remote import arrow_filesystem, is_remote
 from swm_ray.jobs.console import console
 
 MARKER = "heal-run.json"  # in a run's checkpoint folder: which run (fingerprint, output) the checkpoints belong to
@@ -46,7 +48,7 @@ def run_heal(cfg: RunConfig, raw_yaml: str = "") -> dict:
     h = cfg.heal
     out = cfg.out or "swm-ray-healed"
     data = h.data or cfg.data.source
-    storage.check_run_paths(out, cfg.overwrite, [cfg.model.source, data])
+    check_run_paths(out, cfg.overwrite, [cfg.model.source, data])
     m = cfg.model
     path = resolve_model_path(m.source, m.revision, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)
     plan = _read_plan(path, m.source, required=h.mode == "local")
@@ -70,7 +72,7 @@ def run_heal(cfg: RunConfig, raw_yaml: str = "") -> dict:
 
 
 def _write(model, tok, out, plan, record, raw_yaml, cfg, adapter_dir):
-    from swm_ray.heal.lora import write_healed_folder
+    from swm_ray.heal.folder import write_healed_folder
 
     return write_healed_folder(model, tok, out, plan=plan, record=record, raw_yaml=raw_yaml,
                                resolved_yaml=dump_yaml(cfg), overwrite=cfg.overwrite, adapter_dir=adapter_dir)
@@ -101,7 +103,7 @@ def _cast_to_saved_dtype(model, path: str) -> None:
 
 
 def _evaluate(cfg: RunConfig, out: str, plan, record) -> dict:
-    from swm_ray.heal.lora import update_healed_metrics
+    from swm_ray.heal.folder import update_healed_metrics
     from swm_ray.jobs.eval import run_eval
 
     on_out = cfg.model_copy(update={"model": cfg.model.model_copy(update={"source": out, "revision": None})})
@@ -113,7 +115,8 @@ def _evaluate(cfg: RunConfig, out: str, plan, record) -> dict:
 # -- local ---------------------------------------------------------------------------------------------------------
 def _heal_local(cfg: RunConfig, path: str, plan, data: str):
     from swm_ray.compute.stack import StackSpec, open_stack
-    from swm_ray.heal.lora import HealRecord, local_settings
+    from swm_ray.heal.folder import HealRecord
+    from swm_ray.heal.local import local_settings
     from swm_ray.io.models import load_config, load_model, pick_device, resolve_model_path
 
     h, m = cfg.heal, cfg.model
@@ -155,7 +158,8 @@ def _heal_local(cfg: RunConfig, path: str, plan, data: str):
 
 # -- lora ----------------------------------------------------------------------------------------------------------
 def _heal_lora(cfg: RunConfig, path: str, data: str, out: str, adapter_dir: Path | None):
-    from swm_ray.heal.lora import DEFAULT_LR, HealRecord, lora_data, merge_adapter
+    from swm_ray.heal.folder import HealRecord
+    from swm_ray.heal.lora import DEFAULT_LR, lora_data, merge_adapter
     from swm_ray.io.models import load_config, load_model, load_tokenizer
     from swm_ray.jobs.runtime import init_ray
 
@@ -234,7 +238,7 @@ def fingerprint(cfg: RunConfig) -> str:
 
 
 def _output_id(out: str) -> str:
-    return out if storage.is_remote(out) else str(Path(out).resolve())
+    return out if is_remote(out) else str(Path(out).resolve())
 
 
 def run_folder(cfg: RunConfig, out: str) -> str:
@@ -307,15 +311,15 @@ def _release_checkpoints(cfg: RunConfig, out: str) -> None:
     """The run is complete: remove its own folder (nothing else), and the default root once it is empty."""
     storage.remove_tree(run_folder(cfg, out))
     root = _checkpoint_root(cfg, out)
-    if not cfg.heal.checkpoints and not storage.is_remote(root):
+    if not cfg.heal.checkpoints and not is_remote(root):
         with contextlib.suppress(OSError):
             os.rmdir(root)  # only when empty: it holds no other run's folder
 
 
 def _storage_for(root: str):
     """(storage_path, storage_filesystem) for Ray Train: S3 through the project's one pyarrow filesystem."""
-    if storage.is_remote(root):
-        fs, path = storage.arrow_filesystem(root)
+    if is_remote(root):
+        fs, path = arrow_filesystem(root)
         return path, fs
     return str(Path(root).resolve()), None
 
@@ -448,7 +452,7 @@ def run_compress_and_heal(cfg: RunConfig, raw_yaml: str = "") -> dict:
     from swm_ray.jobs.compress import run_compress
 
     out = cfg.out or "swm-ray-compressed"
-    storage.check_run_paths(out, cfg.overwrite, [cfg.heal.data])
+    check_run_paths(out, cfg.overwrite, [cfg.heal.data])
     staging = storage.sibling(out, ".unhealed")
     mode = cfg.heal.after_compress
     compress_cfg = cfg.model_copy(update={"out": staging, "overwrite": True,

@@ -250,7 +250,7 @@ class ActorPool:
 
     def width_stats(self, calib: Calibration, request: dict) -> dict:
         """FLAP's sums over the calibration set (`width.width_stats_sums`), minibatches added in order."""
-        from swm_ray.methods.width import add_width_sums
+        from swm_ray.compute.width_stats import add_width_sums
 
         per_batch = self.per_minibatch(calib, "width_stats", (request,), "width statistics")
         return add_width_sums([per_batch[b] for b in range(len(calib.batches))])
@@ -498,7 +498,7 @@ class RemoteFitPass:
     def advance(self, fit=None, stop: int | None = None):
         import ray
 
-        from swm_ray.methods.compensation import add_sums
+        from swm_ray.compute.fitpass import add_sums
 
         got = self._send(("advance", None if fit is None else ray.put(fit), stop))
         if all(g is None for g in got):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from swm_ray.config import RunConfig, dump_yaml
-from swm_ray.io import fs as storage
+from swm_ray.io.probes import check_run_paths
 from swm_ray.jobs.console import console
 
 
@@ -36,7 +36,8 @@ def then_width(cfg: RunConfig, plan, path: str, calib, pool=None) -> dict:
     """`select.then_width`: prune the width of the plan's merged model by `select.width_method` (FLAP's
     statistics over the actor pool: `pool`, the depth search's, when given); the plan gets its width entry.
     Returns it."""
-    from swm_ray.methods.width import check_width_settings, plan_width
+    from swm_ray.methods.width import plan_width
+    from swm_ray.methods.width_targets import check_width_settings
 
     s = cfg.select
     check_width_settings(cfg, s.width_method)
@@ -55,14 +56,15 @@ def run_width(cfg: RunConfig, raw_yaml: str = "") -> dict:
     """Prune width only (`select.method` flap or taylor) to `select.ratio`, write the model folder; returns the
     summary (the same keys as `run_compress`)."""
     from swm_ray.io.data import calibration_for
-    from swm_ray.methods.width import check_width_settings, plan_width, width_only_plan
+    from swm_ray.methods.width import plan_width, width_only_plan
+    from swm_ray.methods.width_targets import check_width_settings
     from swm_ray.plan.writer import write_model_folder
 
     s, m = cfg.select, cfg.model
     check_width_settings(cfg, s.method)
     out = cfg.out or "swm-ray-compressed"
-    storage.check_run_paths(out, cfg.overwrite, [m.source, cfg.data.source])
-    from swm_ray.methods.preflight import check_targets
+    check_run_paths(out, cfg.overwrite, [m.source, cfg.data.source])
+    from swm_ray.recipes.preflight import check_targets
 
     check_targets(cfg)
     t0 = time.perf_counter()

@@ -34,6 +34,9 @@ import yaml
 from swm_ray.config import RunConfig, build_config
 from swm_ray.errors import UserError
 from swm_ray.io import fs as storage
+from swm_ray.io.faults import storage_errors
+from swm_ray.io.probes import check_run_paths
+from swm_ray.io.remote import is_remote, s3fs_filesystem
 from swm_ray.jobs.console import console
 
 MANIFEST_KEYS = ("name", "source", "revision", "output", "method", "merge", "compensate", "windows", "layers_before",
@@ -98,7 +101,7 @@ def load_zoo(path: str, prefix: str) -> tuple[list[Entry], dict]:
 
 
 def _default_name(cfg: RunConfig) -> str:
-    from swm_ray.recipes.trial import model_label
+    from swm_ray.recipes.specs import model_label
 
     s = cfg.select
     target = (f"L{s.layers}" if s.layers is not None else f"r{s.ratio}" if s.ratio is not None
@@ -198,9 +201,9 @@ def _weights_bytes(source: str) -> int | None:
     """Size of a model's weights from its files without downloading them (None when unknown: a hub id)."""
     from pathlib import Path
 
-    if storage.is_remote(source):
-        fs = storage.s3fs_filesystem()
-        with storage.storage_errors(source, "sizing"):
+    if is_remote(source):
+        fs = s3fs_filesystem()
+        with storage_errors(source, "sizing"):
             return sum(fs.du(f) for f in fs.glob(source.rstrip("/") + "/*.safetensors")) or None
     p = Path(source).expanduser()
     if p.is_dir():
@@ -234,7 +237,7 @@ def run_zoo(zoo_path: str, prefix: str, *, retry_failed: bool = False, concurren
         if before is not None:  # its row still describes what is on disk until this run replaces it
             rows[e.name] = before
     for e in todo:
-        storage.check_run_paths(e.cfg.out, True, [e.cfg.model.source, e.cfg.data.source])
+        check_run_paths(e.cfg.out, True, [e.cfg.model.source, e.cfg.data.source])
     con = console()
     con.print(f"[bold]zoo[/]: {len(entries)} models, {len(todo)} to run, {len(entries) - len(todo)} kept")
     if todo:

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from swm_ray.compute.stack import LayerStack
+from swm_ray.edits.windows import Group
 from swm_ray.errors import UserError
-from swm_ray.methods.selection import Evaluator, Group, Selection, _collapse, initial_groups, passes
+from swm_ray.methods.selection import Evaluator, Selection, collapse, initial_groups, passes
 
 
 @torch.inference_mode()
@@ -193,7 +194,7 @@ def laco(
             sel.trace.append(("commit", window, score))
             emit("commit", window, score)
             ev.commit(groups, window)
-            groups = _collapse(groups, window)
+            groups = collapse(groups, window)
             _add_window(sel, window, score)
             l -= interval
         else:

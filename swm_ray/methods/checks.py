@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from swm_ray.methods.selection import Group
+from swm_ray.edits.windows import Group
 
 Key = tuple[str, tuple[Group, ...], Group]  # (merge, groups, candidate)
 

@@ -292,7 +292,7 @@ def method_needs(cfg, method: str | None = None):
     method = method or s.method
     stats = {"kernel": cfg.stats.kernel, "skip_first_tokens": cfg.stats.skip_first_tokens}
     if method == "auto":
-        from swm_ray.methods.auto import parse_candidate
+        from swm_ray.methods.candidates import parse_candidate
 
         needs = Needs(**stats)
         for spec in s.auto_candidates:

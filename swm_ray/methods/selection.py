@@ -14,9 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from swm_ray.edits.windows import Group
 from swm_ray.errors import UserError
-
-Group = tuple[int, int]  # inclusive range of original decoder layers
 
 
 class Evaluator(Protocol):
@@ -102,11 +101,11 @@ class MemoEvaluator:
         for g in groups:
             if g[1] > g[0]:
                 self.inner.commit(state, g)
-                state = _collapse(state, g)
+                state = collapse(state, g)
         self._committed = target
 
 
-def _collapse(groups: Sequence[Group], window: Group) -> list[Group]:
+def collapse(groups: Sequence[Group], window: Group) -> list[Group]:
     lo = next(i for i, g in enumerate(groups) if g[0] == window[0])
     hi = next(i for i, g in enumerate(groups) if g[1] == window[1])
     return list(groups[:lo]) + [window] + list(groups[hi + 1 :])
@@ -171,7 +170,7 @@ def top_down(
             sel.trace.append(("commit", commit, last_pass))
             emit("commit", commit, last_pass)
             ev.commit(groups, commit)
-            groups = _collapse(groups, commit)
+            groups = collapse(groups, commit)
             sel.windows.append(commit)
             sel.scores.append(last_pass)
             high = low
@@ -239,7 +238,7 @@ def best_first(
         sel.trace.append(("commit", window, score))
         emit("commit", window, score)
         ev.commit(groups, window)
-        groups = _collapse(groups, window)
+        groups = collapse(groups, window)
         kept = [i for i, w in enumerate(sel.windows) if not (window[0] <= w[0] and w[1] <= window[1])]
         sel.windows = [sel.windows[i] for i in kept] + [window]  # a window may absorb earlier ones
         sel.scores = [sel.scores[i] for i in kept] + [score]

@@ -76,7 +76,7 @@ class ShardSession:
 
     # -- compensation fit passes, driven step by step (a restarted actor replays a pass's recipe) ---------------
     def fit_open(self, spec: dict, parent=None):
-        from swm_ray.methods.compensation import FitPass
+        from swm_ray.compute.fitpass import FitPass
 
         if parent is not None:
             return parent.fork(spec["windows"], spec["targets"])
@@ -165,7 +165,7 @@ class LocalBackend:
         return [plan_logliks(self.stack, rows.rows, rows.spans, w, m, self.attention, f) for w, m, f in plans]
 
     def fit_pass(self, windows, merge: str, *, source: str, skip_first: int, fits=None, targets=None):
-        from swm_ray.methods.compensation import FitPass
+        from swm_ray.compute.fitpass import FitPass
 
         c = self.fit_calib
         return FitPass(self.stack, c.input_ids, c.batches, windows, merge, self.attention, source=source,
@@ -313,7 +313,7 @@ class LocalScoring(Scoring):
         self.stack, self.calib = stack, calib
 
     def site_for(self):
-        from swm_ray.methods.compensation import stack_site
+        from swm_ray.edits.fold import stack_site
 
         return stack_site(self.stack)
 

@@ -68,7 +68,7 @@ def _format(task: str, doc: dict) -> tuple[list[str], list[str], int, bool]:
         ctx = f"Question: {doc['goal']}\nAnswer:"
         return [ctx, ctx], [" " + doc["sol1"], " " + doc["sol2"]], int(doc["label"]), True
     if task == "hellaswag":
-        d = u._hellaswag_doc(doc)
+        d = u.hellaswag_doc(doc)
         return [d["query"]] * len(d["choices"]), [" " + c for c in d["choices"]], d["gold"], True
     if task == "winogrande":
         contexts = u.winogrande_choices(doc)

@@ -16,14 +16,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from swm_ray.edits.merge import (
-    check_method,
-    edit_config,
-    layer_types_of,
-    merge_tensor,
-    new_layer_sources,
-    selected_layer,
-)
+from swm_ray.edits.merge import check_method, edit_config, merge_tensor, selected_layer
+from swm_ray.edits.windows import layer_types_of, new_layer_sources
 from swm_ray.errors import UserError
 from swm_ray.io.checkpoint import Checkpoint, TensorInfo, dtype_code
 from swm_ray.io.models import text_config_of
@@ -60,7 +54,7 @@ class PlanView:
                 self._origin[name] = (pos, rest)
         self._folds: dict[str, tuple] = {}  # new name -> (fit, site)
         if fits:
-            from swm_ray.methods.compensation import fold_site
+            from swm_ray.edits.fold import fold_site
 
             site = fold_site(tcfg.model_type, ckpt.layer_keys(0))
             position = {(low, high): pos for pos, (low, high, _) in enumerate(self.sources)}
@@ -76,7 +70,7 @@ class PlanView:
 
     def _apply_width(self, width: Mapping, tensors: Mapping) -> None:
         """Shapes of the width-pruned tensors, the biases the edit adds, and the config's widths."""
-        from swm_ray.methods.width import WidthEdit
+        from swm_ray.edits.width import WidthEdit
 
         tcfg = text_config_of(self.config)
         self.width = WidthEdit(width, tensors, tcfg, self.num_layers, list(self.layer_keys(0)))
@@ -145,7 +139,7 @@ class PlanView:
 
         t = merge_tensor(rest, read, high - low + 1, self.method, self.source.layer_keys(low))
         if name in self._folds:
-            from swm_ray.methods.compensation import fold
+            from swm_ray.edits.fold import fold
 
             t = fold(rest, t, *self._folds[name])
         if self.width is not None:
@@ -186,8 +180,8 @@ def plan_model(plan_path, cache: dict | None = None, device: str | torch.device 
     source checkpoint, without writing a folder. `cache` (source -> (Checkpoint, config, tokenizer)) lets
     several plans of one source share the reads of its config and tokenizer; `source_model` builds the
     source itself from the same cache."""
+    from swm_ray.edits.fold import plan_fits
     from swm_ray.plan.plan import Plan
-    from swm_ray.plan.writer import plan_fits
 
     plan = Plan.load(plan_path)
     ckpt, config, tok = _cached_source(plan.source_model, plan.source_revision, cache)

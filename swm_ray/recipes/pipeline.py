@@ -17,11 +17,11 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
     """Plan with `cfg.select.method`, write `cfg.out` (replacing an earlier output of ours when
     `cfg.overwrite`), evaluate it into its card when `cfg.eval.enabled`. Returns a summary with the plan."""
     from swm_ray.compute.stack import StackSpec, open_stack
+    from swm_ray.edits.fold import stack_site
     from swm_ray.io.checkpoint import Checkpoint
     from swm_ray.io.data import calibration_sets
     from swm_ray.io.models import load_config, text_config_of
     from swm_ray.io.runstate import fingerprint
-    from swm_ray.methods.compensation import stack_site
     from swm_ray.methods.planners import (
         check_method_count,
         check_method_target,
@@ -31,17 +31,17 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
         method_needs,
         plan_windows,
     )
-    from swm_ray.methods.preflight import check_targets
     from swm_ray.methods.selection import check_threshold, target_layers
     from swm_ray.methods.session import LocalScoring, split_validation
     from swm_ray.plan.writer import write_model_folder
+    from swm_ray.recipes.preflight import check_targets
 
     check_targets(cfg)  # every target against the headers before anything loads (the width pruners' too)
     s, m = cfg.select, cfg.model
     if s.method in WIDTH_METHODS:  # width pruning: the same stages, no depth planner (`width.py`)
         return width_here(cfg, raw_yaml, device)
     if s.then_width is not None:
-        from swm_ray.methods.width import check_width_settings
+        from swm_ray.methods.width_targets import check_width_settings
 
         check_width_settings(cfg, s.width_method)
     if s.threshold is None and s.ratio is None and s.layers is None:
@@ -95,7 +95,8 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
     if comp is not None:
         comp.attach(plan)
     if s.then_width is not None:  # width after depth, on the merged model, in this process, on the same stack
-        from swm_ray.methods.width import local_stats, plan_width
+        from swm_ray.compute.width_stats import local_stats
+        from swm_ray.methods.width import plan_width
 
         plan_width(cfg, plan, path, calib, s.then_width, s.width_method, local_stats(stack, calib),
                    device=device or _width_device(m.device))
@@ -110,9 +111,11 @@ def width_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None) ->
     """`compress_here` for the width pruners (`select.method` flap or taylor): calibration -> width-only plan ->
     writer -> evaluation, in this process (FLAP's statistics on a layer stack, Taylor's gradients on the model
     in memory)."""
+    from swm_ray.compute.width_stats import stack_stats
     from swm_ray.io.data import calibration_for
     from swm_ray.io.runstate import fingerprint
-    from swm_ray.methods.width import check_width_settings, plan_width, stack_stats, width_only_plan
+    from swm_ray.methods.width import plan_width, width_only_plan
+    from swm_ray.methods.width_targets import check_width_settings
     from swm_ray.plan.writer import write_model_folder
 
     s, m = cfg.select, cfg.model

@@ -1,5 +1,6 @@
-"""Grid trials without Ray (floor 1): the combinations of a `grid:` config, one trial's work, and the results
-table and plots. `swm_ray/jobs/grid.py` runs the trials as Ray Tune trials; tests may call `run_trial`.
+"""One grid trial without Ray: a (model, method) pair taken to every target of the grid, evaluated alike
+(the trials come from `specs.py`, their rows go to `results.py`). `swm_ray/jobs/grid.py` runs the trials as
+Ray Tune trials; tests may call `run_trial`.
 
 A trial is one (model, method) pair, where a method is a combination criterion × search × merge, a baseline
 pruner (depth: shortgpt, sleb, ...; width: flap, taylor), or the original model. It loads the model once, keeps
@@ -8,7 +9,7 @@ passes through the states for 2 and 4, so the later targets cost little), evalua
 one row per target, or with `grid.heal` one per target and heal mode: the same compressed model healed in the
 trial's own process (`_heal_candidate`) and evaluated alike.
 
-Width (`width.py`): a flap/taylor trial prunes heads and MLP channels of the whole model to each of
+Width (`methods/width.py`): a flap/taylor trial prunes heads and MLP channels of the whole model to each of
 `grid.ratios` (a width-only plan); with `grid.then_width` every depth plan (swm, depth baselines, auto) also
 gets one row per fraction after its un-healed row: the same plan with the merged model's width pruned by
 `select.width_method` until that further fraction of the original's parameters is gone (columns `width`,
@@ -24,84 +25,11 @@ import base64
 import json
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from swm_ray.config import BASELINES, WIDTH_METHODS, RunConfig
+from swm_ray.config import WIDTH_METHODS, RunConfig
 from swm_ray.errors import UserError
-from swm_ray.io.artifacts import fmt_cell
-
-ROW_KEYS = (
-    "model", "method", "criterion", "search", "merge", "compensate", "target_kind", "target", "status", "threshold",
-    "windows", "layers_before", "layers_after", "removed_layers", "params_before", "params_after",
-    "params_removed", "ppl", "ppl_ratio", "zeroshot_mean", "task_source", "evaluations", "selection_seconds",
-    "eval_seconds", "compensate_seconds", "heal", "heal_seconds", "width", "then_width", "tokens_per_s", "latency_s",
-    "ttft_s", "note", "plan", "plan_tensors",
-)
-LATENCY_KEYS = ("tokens_per_s", "latency_s", "ttft_s")  # from `measure_latency`, when eval.latency is true
-
-
-def trial_specs(cfg: RunConfig) -> list[dict]:
-    """Every (model, method) pair of the grid, originals and baselines first."""
-    g = cfg.grid
-    models = list(g.models) or [cfg.model.source]
-    specs: list[dict] = []
-    for m in models:
-        specs.append({"model": m, "method": "original"})
-        if g.target_kind() in ("layers", "ratios"):
-            specs += [{"model": m, "method": b} for b in g.baselines]
-        for c in g.criteria:
-            # CKA windows depend on the matrix only, not on how a window is merged
-            merges = g.merges if c != "cka" else g.merges[:1]
-            for s in g.searches:
-                for mm in merges:
-                    specs.append({"model": m, "method": "swm", "criterion": c, "search": s, "merge": mm})
-    return specs
-
-
-def model_label(source: str) -> str:
-    """A short name for tables and plots: builtin names and hub ids as given, paths by their last part."""
-    if source.startswith("builtin:") or "://" not in source and not source.startswith(("/", ".", "~")):
-        return source
-    return source.rstrip("/").rsplit("/", 1)[-1] or source
-
-
-def method_label(row: dict) -> str:
-    """How tables and plots name a row's method: "output / best-first / reference + lstsq + width flap 15% + heal
-    local", "shortgpt", "flap"."""
-    label = f"{row['criterion']} / {row['search']} / {row['merge']}" if row.get("method") == "swm" else \
-        str(row.get("method"))
-    comp = row.get("compensate")
-    label = f"{label} + {comp}" if comp not in (None, "none") else label
-    if row.get("then_width") is not None:
-        label = f"{label} + width {row.get('width')} {round(100 * row['then_width'], 2):g}%"
-    heal = row.get("heal")
-    return f"{label} + heal {heal}" if heal not in (None, "none") else label
-
-
-def check_grid(cfg: RunConfig) -> None:
-    """Mistakes a user can make in a grid, found before anything starts."""
-    from swm_ray.methods.selection import check_threshold
-    from swm_ray.methods.width import check_width_settings
-
-    g = cfg.grid
-    if g.target_kind() is None:
-        raise UserError("give the grid's targets: --layers 2,4,6, --ratios 0.1,0.2 or --thresholds 0.7,0.8")
-    for t in g.thresholds:
-        for c in g.criteria:
-            check_threshold(c, t)
-    if not g.criteria and not g.baselines:
-        raise UserError("the grid is empty: give --criteria and/or --baselines")
-    if not g.criteria and g.thresholds:
-        raise UserError("baselines need layer counts or ratios (--layers / --ratios), not --thresholds")
-    width = [b for b in g.baselines if b in WIDTH_METHODS]
-    if width and g.target_kind() != "ratios":
-        raise UserError("flap/taylor prune width to a parameter ratio: give --ratios")
-    if g.then_width:
-        width.append(cfg.select.width_method)
-    for method in dict.fromkeys(width):
-        check_width_settings(cfg.model_copy(update={"select": cfg.select.model_copy(update={
-            "method": "swm", "then_width": None})}), method)  # the grid's own select.method does not apply
+from swm_ray.recipes.results import LATENCY_KEYS
 
 
 def _target_select(cfg: RunConfig, kind: str, target: float, **update: Any):
@@ -117,8 +45,8 @@ def _candidate_model(stack, ckpt, config, windows, merge: str, attention: str, f
     import copy
 
     from swm_ray.compute.stack import StreamingStack
+    from swm_ray.edits.fold import compensate_model
     from swm_ray.edits.merge import apply_windows
-    from swm_ray.methods.compensation import compensate_model
     from swm_ray.plan.executor import PlanView
 
     if not stack.streaming:
@@ -135,10 +63,11 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
     `compress` does; flap/taylor: `width.plan_width`) and evaluate each plan; `report(row)` once per target (and
     per heal mode and then_width fraction). Rows carry their plan (JSON)."""
     from swm_ray.compute.stack import StackSpec, open_stack
+    from swm_ray.compute.width_stats import local_stats
+    from swm_ray.edits.fold import stack_site
     from swm_ray.evaluation import evaluate_model
     from swm_ray.io.checkpoint import Checkpoint
     from swm_ray.io.models import load_config, load_tokenizer, text_config_of
-    from swm_ray.methods.compensation import stack_site
     from swm_ray.methods.planners import (
         compensate_plan,
         may_compensate,
@@ -148,7 +77,7 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
     )
     from swm_ray.methods.selection import target_layers
     from swm_ray.methods.session import LocalScoring
-    from swm_ray.methods.width import local_stats, plan_width, width_only_plan
+    from swm_ray.methods.width import plan_width, width_only_plan
     from swm_ray.plan.plan import Plan
 
     g = cfg.grid
@@ -337,7 +266,8 @@ def _heal_candidate(model, mode: str, stack, windows, merge: str, cfg: RunConfig
     the original model (`stack`) on the heal section's calibration rows; `lora` trains LoRA as one worker (no
     Ray Train inside a Tune trial) on `heal.data` (default data.source) and merges it. Training runs in float32;
     the model comes back in its own dtype. `prepared` keeps each mode's training data for the trial's rows."""
-    from swm_ray.heal.lora import local_settings, lora_data, lora_in_process
+    from swm_ray.heal.local import local_settings
+    from swm_ray.heal.lora import lora_data, lora_in_process
     from swm_ray.plan.plan import Plan
 
     data = cfg.heal.data or cfg.data.source
@@ -372,126 +302,3 @@ def _auto_row(row: dict, res, t0: float, evaluations: int, n_layers: int, model:
         o.compensation.attach(plan)
         row["plan_tensors"] = base64.b64encode(plan.tensors_bytes()).decode("ascii")
     row["plan"] = plan.to_json()
-
-
-# -- results ------------------------------------------------------------------------------------------------
-def finalize_rows(rows: list[dict]) -> list[dict]:
-    """Fill every key, add ppl_ratio against each model's original, sort by model, method, removed layers."""
-    task_keys = sorted({k for r in rows for k in r if k.startswith(("task_", "split_")) and k not in ROW_KEYS})
-    keys = list(ROW_KEYS) + task_keys
-    out = [{k: r.get(k) for k in keys} for r in rows]
-    orig = {r["model"]: r["ppl"] for r in out if r["method"] == "original" and r.get("ppl")}
-    for r in out:
-        base = orig.get(r["model"])
-        r["ppl_ratio"] = r["ppl"] / base if base and r.get("ppl") is not None else None
-    rank = {"original": 0, **{b: 1 for b in (*BASELINES, *WIDTH_METHODS)}, "auto": 3}
-    out.sort(key=lambda r: (str(r["model"]), rank.get(r["method"], 2), method_label(r),
-                            r["removed_layers"] if r["removed_layers"] is not None else -1,
-                            float(r["target"]) if r["target"] is not None else 0.0))
-    return out
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """The results table; latency columns (tokens/s, latency, time to first token) only when a row has them."""
-    latency = any(r.get(k) is not None for r in rows for k in LATENCY_KEYS)
-    head = "| model | method | target | layers | windows | params removed | PPL | × original | zero-shot |" + \
-        (" tokens/s | latency (s) | TTFT (s) |" if latency else "") + " status |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        layers = f"{r['layers_before']} → {r['layers_after']}" if r.get("layers_after") is not None else ""
-        timing = f"{fmt_cell(r.get('tokens_per_s'), 1)} | {fmt_cell(r.get('latency_s'), 3)} | " \
-            f"{fmt_cell(r.get('ttft_s'), 4)} | " if latency else ""
-        lines.append(
-            f"| {model_label(str(r['model']))} | {method_label(r)} | {fmt_cell(r['target'], 4)} | {layers} | "
-            f"{r['windows'] or ''} | "
-            f"{fmt_cell(100 * r['params_removed'], 1) + '%' if r.get('params_removed') is not None else ''} | "
-            f"{fmt_cell(r['ppl'])} | {fmt_cell(r['ppl_ratio'])} | {fmt_cell(r['zeroshot_mean'], 3)} | {timing}"
-            f"{r['status']} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def write_results(folder: Path, rows: list[dict]) -> list[str]:
-    """results.parquet, results.csv, results.md, one plan file per row that has a plan (`plans/NNN-*.json`,
-    so "re-run the chosen row" is `swm-ray apply OUT/plans/NNN-....json`; the tables name the file), and one
-    perplexity plot per model; returns the file names."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    names: list[str] = []
-    rows = [dict(r) for r in rows]
-    for i, r in enumerate(rows):
-        tensors = r.pop("plan_tensors", None)
-        if r.get("plan"):
-            name = f"plans/{i:03d}-{_slug(model_label(str(r['model'])))}-{_slug(method_label(r))}-{r['target']}.json"
-            side = name.removesuffix(".json") + ".tensors"
-            text = r["plan"]
-            if tensors:  # the records name their side file (`Plan.load` reads a width plan's tensors by it)
-                data = json.loads(text)
-                for record in (data.get("compensation"), data.get("width")):
-                    if record:
-                        record["tensors_file"] = Path(side).name
-                text = json.dumps(data, indent=2)
-            (folder / "plans").mkdir(exist_ok=True)
-            (folder / name).write_text(text if text.endswith("\n") else text + "\n")
-            r["plan"] = name
-            names.append(name)
-            if tensors:  # a compensated plan's fitted matrices or FLAP's biases, beside it (`plan.tensors_path`)
-                (folder / side).write_bytes(base64.b64decode(tensors))
-                names.append(side)
-    table = pa.Table.from_pylist(rows)
-    pq.write_table(table, folder / "results.parquet")
-    pacsv.write_csv(table, folder / "results.csv")
-    (folder / "results.md").write_text(markdown_table(rows))
-    names = ["results.parquet", "results.csv", "results.md", *names]
-    names += plot_results(folder / "plots", rows)
-    return names
-
-
-def _slug(s: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s).strip("_") or "model"
-
-
-def plot_results(folder: Path, rows: list[dict]) -> list[str]:
-    """Per model: perplexity (log scale) against layers removed (against parameters removed when the model has
-    width rows, which remove no layers), one line per method, the original dashed; and the zero-shot mean the
-    same way when it was measured."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    folder.mkdir(parents=True, exist_ok=True)
-    names = []
-    for model in sorted({r["model"] for r in rows}):
-        mine = [r for r in rows if r["model"] == model and r["status"] == "ok"]
-        by_params = any(r.get("width") for r in mine)
-        x = {id(r): 100 * r["params_removed"] if by_params else r["removed_layers"] for r in mine}
-        for metric, label, log in (("ppl", "perplexity", True), ("zeroshot_mean", "zero-shot mean", False)):
-            if not any(r.get(metric) is not None for r in mine if r["method"] != "original"):
-                continue
-            fig, ax = plt.subplots(figsize=(7, 4.5))
-            for meth in sorted({method_label(r) for r in mine if r["method"] != "original"}):
-                pts = sorted((x[id(r)], r[metric]) for r in mine
-                             if method_label(r) == meth and r.get(metric) is not None)
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=meth)
-            base = [r[metric] for r in mine if r["method"] == "original" and r.get(metric) is not None]
-            if base:
-                ax.axhline(base[0], color="gray", linestyle="--", label="original")
-            if log:
-                ax.set_yscale("log")
-            if not by_params:
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlabel("parameters removed (%)" if by_params else "decoder layers removed")
-            ax.set_ylabel(label)
-            ax.set_title(f"{model_label(model)}: {label}")
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            name = f"{metric}_{_slug(model_label(model))}.png"
-            fig.savefig(folder / name, dpi=110)
-            plt.close(fig)
-            names.append(f"plots/{name}")
-    return names

@@ -19,7 +19,7 @@ def _clean_hellaswag(text: str) -> str:
     return text.replace("  ", " ")
 
 
-def _hellaswag_doc(doc: dict) -> dict:
+def hellaswag_doc(doc: dict) -> dict:
     context = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
     return {
         "query": _clean_hellaswag(doc["activity_label"] + ": " + context),
@@ -30,7 +30,7 @@ def _hellaswag_doc(doc: dict) -> dict:
 
 def hellaswag_process_docs(dataset):
     """Add `query`, `choices` and `gold` to every HellaSwag row."""
-    return dataset.map(_hellaswag_doc)
+    return dataset.map(hellaswag_doc)
 
 
 def winogrande_text(doc: dict) -> int:

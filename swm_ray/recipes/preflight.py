@@ -149,7 +149,7 @@ def check_targets(cfg, facts: ModelFacts | None = None) -> int | None:
 
     s = cfg.select
     if s.method in WIDTH_METHODS:
-        from swm_ray.methods.width import check_width_settings, check_width_target
+        from swm_ray.methods.width_targets import check_width_settings, check_width_target
 
         check_width_settings(cfg, s.method)
         facts = facts or model_facts(cfg)
@@ -174,7 +174,7 @@ def check_targets(cfg, facts: ModelFacts | None = None) -> int | None:
     else:
         _check_depth(cfg, facts, n_remove)
     if s.then_width is not None:
-        from swm_ray.methods.width import check_width_settings
+        from swm_ray.methods.width_targets import check_width_settings
 
         check_width_settings(cfg, s.width_method)
         _check_then_width(cfg, facts, n_remove, s.then_width)
@@ -183,7 +183,7 @@ def check_targets(cfg, facts: ModelFacts | None = None) -> int | None:
 
 def _check_then_width(cfg, facts: ModelFacts, n_remove: int | None, fraction: float) -> None:
     """`fraction` more of the parameters removed by `select.width_method` from the layers the depth plan leaves."""
-    from swm_ray.methods.width import check_width_target
+    from swm_ray.methods.width_targets import check_width_target
 
     L = facts.n_layers
     removed = 1 if n_remove is None else n_remove  # a threshold run merges at least one window
@@ -208,7 +208,7 @@ def check_grid_targets(cfg) -> None:
     """`check_targets` for every model × target of a grid, before Tune starts: a target no trial of the grid can
     reach on a model, or a `grid.then_width` fraction no depth row can reach, is refused; a trial that cannot
     reach a target another can still gives its skipped row."""
-    from swm_ray.recipes.trial import trial_specs
+    from swm_ray.recipes.specs import trial_specs
 
     g = cfg.grid
     kind = g.target_kind()

@@ -1,0 +1,200 @@
+"""The sums of a compensation fit on a layer stack: per window the float64 MᵀM, MᵀB and token counts
+(`CompSums`, additive over rows), gathered by ONE bottom-up pass over the fit rows (`FitPass`) that runs the
+original and the compressed model side by side (`methods/compensation.py` describes the fit)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from swm_ray.config import COMPENSATION_INPUTS
+from swm_ray.edits.fold import Fit, Site, stack_site
+from swm_ray.edits.windows import Group
+from swm_ray.errors import UserError
+
+
+# -- the additive sums ---------------------------------------------------------------------------------------
+@dataclass
+class CompSums:
+    """Sums over calibration tokens for one window (float64; see the module docstring)."""
+
+    mtm: np.ndarray  # (d, d) Σ mᵀm
+    mtb: np.ndarray  # (d, d) Σ mᵀb
+    bb: float = 0.0  # Σ ‖b_t‖²
+    gap: float = 0.0  # Σ ‖y_t − x_t‖²: the window's whole update of the residual stream (the error scale)
+    tokens: int = 0
+
+    @classmethod
+    def zeros(cls, d: int) -> CompSums:
+        return cls(np.zeros((d, d)), np.zeros((d, d)))
+
+    def add_(self, other: CompSums) -> CompSums:
+        self.mtm += other.mtm
+        self.mtb += other.mtb
+        self.bb += other.bb
+        self.gap += other.gap
+        self.tokens += other.tokens
+        return self
+
+
+def add_sums(parts: Sequence[CompSums]) -> CompSums:
+    """The sum of shards' sums, added in the order given (the driver passes them in row order)."""
+    total = CompSums.zeros(parts[0].mtm.shape[0])
+    for p in parts:
+        total.add_(p)
+    return total
+
+
+def accumulate(sums: CompSums, x: torch.Tensor, m: torch.Tensor, h: torch.Tensor, y: torch.Tensor,
+               skip_first: int) -> None:
+    """Add one batch: x (window input), m (MLP output), h (layer output), y (target), each (b, T, d)."""
+    d = m.shape[-1]
+    x, m, h, y = (t[:, skip_first:, :].reshape(-1, d).to(torch.float64) for t in (x, m, h, y))
+    b = y - h + m
+    sums.mtm += (m.T @ m).cpu().numpy()
+    sums.mtb += (m.T @ b).cpu().numpy()
+    sums.bb += float((b * b).sum())
+    sums.gap += float(((y - x) ** 2).sum())
+    sums.tokens += int(m.shape[0])
+
+
+# -- computing the sums on a layer stack ----------------------------------------------------------------------
+@contextlib.contextmanager
+def capture_output(layer: torch.nn.Module, site: Site):
+    """A list that receives the output of the layer's `site.module` at every call."""
+    got: list[torch.Tensor] = []
+    handle = layer.get_submodule(site.module).register_forward_hook(lambda mod, inp, out: got.append(out))
+    try:
+        yield got
+    finally:
+        handle.remove()
+
+
+class FitPass:
+    """The fit of a plan's windows in ONE bottom-up pass over the fit rows (O(L) layer runs for any number of
+    windows).
+
+    The original model (`h_o`) and the compressed one (`h_c`: windows merged with `merge`, fits folded) run side
+    by side, layer-major. At each target window the pass stops and returns the window's sums (`advance`); the
+    caller solves the fit and hands it to the next `advance`, which folds it into that window's layer and goes on
+    up, so every window's input is the output of the fitted model below it (`source` compressed). With `source`
+    original a window's input is the original's (local fits, independent of each other). `fits` are known fits
+    folded where their windows are passed; `targets` default to every window of the plan."""
+
+    def __init__(self, stack, input_ids: np.ndarray, batches: Sequence[tuple[int, int]],
+                 windows: Sequence[Sequence[int]], merge: str, attention: str, *, source: str = "compressed",
+                 skip_first: int = 1, fits: Mapping[Group, Fit] | None = None,
+                 targets: Sequence[Sequence[int]] | None = None):
+        from swm_ray.compute.planrun import PlanRunner
+
+        if source not in COMPENSATION_INPUTS:
+            raise UserError(f"merge.compensate_input {source!r}: choose compressed or original")
+        if input_ids.shape[1] <= skip_first:
+            raise UserError(f"merge.skip_first {skip_first} leaves no position of the {input_ids.shape[1]}-token "
+                            f"rows to fit the compensation on")
+        self.stack, self.source, self.skip_first = stack, source, skip_first
+        self.runner = PlanRunner(stack, windows, merge, attention)
+        self.site = stack_site(stack)
+        self.fits = {tuple(int(v) for v in w): f for w, f in (fits or {}).items()}
+        wanted = self.runner.windows if targets is None else targets
+        self.targets = {tuple(int(v) for v in t) for t in wanted}
+        self.top = max((h for _, h in self.targets), default=-1)
+        self.pros = [stack.prologue(torch.tensor(np.asarray(input_ids[a:b])).to(stack.device)) for a, b in batches]
+        self.h_o = [p.hidden for p in self.pros]  # the original model
+        self.h_c = list(self.h_o) if source == "compressed" else None  # the compressed one
+        self.next = 0  # index of the next source of the edited stack
+        self.pending: tuple | None = None  # (window, its input, its plain output) awaiting its fit
+        self.done: list[Group] = []  # target windows whose sums were returned, in order
+
+    def fork(self, windows: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> FitPass:
+        """A pass of another plan that agrees with this one below where this one stands (its edited stack has the
+        same layers there): it starts from this pass's hidden states instead of the embeddings. Known fits below
+        are kept; `targets` are the other plan's windows to fit."""
+        from swm_ray.compute.planrun import PlanRunner
+
+        if self.pending is not None:
+            raise RuntimeError("a pass awaiting a fit cannot be forked")
+        runner = PlanRunner(self.stack, windows, self.runner.merge, self.runner.attention)
+        if runner.sources[: self.next] != self.runner.sources[: self.next]:
+            raise ValueError("the forked plan differs from this pass below where it stands")
+        new = copy.copy(self)
+        new.runner = runner
+        new.fits = {w: f for w, f in self.fits.items() if w in set(runner.windows)}
+        new.targets = {tuple(int(v) for v in t) for t in targets}
+        new.top = max((h for _, h in new.targets), default=-1)
+        new.h_o, new.h_c = list(self.h_o), None if self.h_c is None else list(self.h_c)
+        new.done = []
+        return new
+
+    @torch.inference_mode()
+    def advance(self, fit: Fit | None = None, stop: int | None = None) -> tuple[Group, CompSums] | None:
+        """Fold `fit` into the window returned last (None: that window stays plain, or takes its known fit), then
+        run up to and through the next target window and return (window, its sums); None when none is left, or
+        when the next layer of the edited stack starts at or above original layer `stop` (the pass then stands
+        just below it, see `fork`)."""
+        s = self.stack
+        if self.pending is not None:
+            window, x_in, plain = self.pending
+            self.pending = None
+            fit = fit if fit is not None else self.fits.get(window)
+            if fit is not None:
+                self.fits[window] = fit
+            if self.h_c is not None:
+                if fit is None:
+                    self.h_c = plain
+                else:
+                    anchor = self.runner.anchor(*window)
+                    with self.runner.layer(*window, fit=fit) as layer:
+                        self.h_c = [s.run(layer, x, p.kwargs[anchor]) for x, p in zip(x_in, self.pros)]
+        while self.next < len(self.runner.sources):
+            low, high, anchor = self.runner.sources[self.next]
+            if (stop is None and low > self.top) or (stop is not None and low >= stop):
+                break
+            self.next += 1
+            x_o = self.h_o
+            for i in range(low, high + 1):
+                with s.layer(i) as layer:
+                    self.h_o = [s.run(layer, x, p.kwargs[i]) for x, p in zip(self.h_o, self.pros)]
+                    if low == high and self.h_c is not None:  # a kept layer: the same in both models
+                        self.h_c = [s.run(layer, x, p.kwargs[i]) for x, p in zip(self.h_c, self.pros)]
+            if low == high:
+                continue
+            window = (low, high)
+            if window not in self.targets:
+                if self.h_c is not None:
+                    with self.runner.layer(low, high, fit=self.fits.get(window)) as layer:
+                        self.h_c = [s.run(layer, x, p.kwargs[anchor]) for x, p in zip(self.h_c, self.pros)]
+                continue
+            x_in = self.h_c if self.h_c is not None else x_o
+            sums = CompSums.zeros(int(s.config.hidden_size))
+            plain = []
+            with s.group(low, high, self.runner.merge, self.runner.attention) as layer, \
+                    capture_output(layer, self.site) as got:
+                for x, y, p in zip(x_in, self.h_o, self.pros):
+                    got.clear()
+                    h = s.run(layer, x, p.kwargs[anchor])
+                    accumulate(sums, x, got[-1], h, y, self.skip_first)
+                    plain.append(h)
+            self.pending = (window, x_in, plain)
+            self.done.append(window)
+            return window, sums
+        return None
+
+
+def compensation_sums(stack, input_ids: np.ndarray, batches: Sequence[tuple[int, int]],
+                      windows: Sequence[Sequence[int]], merge: str, attention: str, fits: Mapping[Group, Fit],
+                      targets: Sequence[Sequence[int]], *, source: str = "compressed",
+                      skip_first: int = 1) -> list[CompSums]:
+    """Per target window: its sums over the given minibatches (row ranges of `input_ids`), with the plan's
+    `windows` applied and the known `fits` folded where the pass meets them (one `FitPass`, no fit solved)."""
+    fp = FitPass(stack, input_ids, batches, windows, merge, attention, source=source, skip_first=skip_first,
+                 fits=fits, targets=targets)
+    out: dict[Group, CompSums] = {}
+    while (got := fp.advance()) is not None:
+        out[got[0]] = got[1]
+    return [out[tuple(int(v) for v in t)] for t in targets]
