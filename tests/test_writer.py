@@ -16,7 +16,7 @@ from swm_ray.edits.merge import apply_windows
 from swm_ray.errors import UserError
 from swm_ray.io.fs import OWNER_MARK
 from swm_ray.io.models import count_parameters
-from swm_ray.plan import writer
+from swm_ray.plan import sources, writer
 from swm_ray.plan.card import render_metrics_table, render_model_card
 from swm_ray.plan.mergekit import render_mergekit_config
 from swm_ray.plan.plan import Plan, removed_from_windows
@@ -292,7 +292,7 @@ def test_mergekit_recipe_names_a_source_mergekit_can_open(tmp_path, monkeypatch)
     models, text = _recipe("builtin:smollm2-135m")
     assert models == {"HuggingFaceTB/SmolLM2-135M-Instruct"} and "builtin:" not in yaml.safe_dump(yaml.safe_load(text))
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in text and "resolve_model_path" in text and "converted" in text
-    monkeypatch.setitem(writer.BUILTIN_HUB_IDS, "smollm2-135m", None)  # a builtin without a known original
+    monkeypatch.setitem(sources.BUILTIN_HUB_IDS, "smollm2-135m", None)  # a builtin without a known original
     models, text = _recipe("builtin:smollm2-135m")
     assert models == {SOURCE_PLACEHOLDER} and "put the local path of that converted folder" in text
     monkeypatch.chdir(tmp_path)

@@ -1,1 +1,1 @@
-"""Thin @ray.remote shells (floor 2): hold a model and delegate each call to the library."""
+"""Thin @ray.remote shells, the floor above the library: hold a model and delegate each call to the library."""

@@ -76,7 +76,7 @@ class ModelActor:
 
     @_one_line
     def width_stats(self, input_ids: np.ndarray, batches: list, request: dict) -> list[dict]:
-        """FLAP's per-minibatch sums of the o_proj/down_proj inputs (`width.width_stats_sums`), on the stack with
+        """FLAP's per-minibatch sums of the o_proj/down_proj inputs (`width_stats.width_stats_sums`), on the stack with
         the request's depth windows merged."""
         from swm_ray.compute.width_stats import width_stats_sums
 

@@ -1,9 +1,9 @@
 """The plan runner: run "this plan (windows, merge method, folded fits) on this layer stack", layer by layer.
 
-The validation loss of a plan (`validation.py`), the compensation fit pass (`compensation.FitPass`) and the
+The validation loss of a plan (`validation.py`), the compensation fit pass (`fitpass.FitPass`) and the
 compensation-aware checks all run edited stacks through this one class, in memory or streaming (a streaming
 stack builds each new layer from the checkpoint when it is reached). The edited stack's layers are
-`merge.new_layer_sources`: a kept original layer, or a window merged with `merge` (with its fit folded in).
+`windows.new_layer_sources`: a kept original layer, or a window merged with `merge` (with its fit folded in).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from swm_ray.edits.windows import Group
 
 
 class PlanRunner:
-    """The edited stack of a plan over a `LayerStack`. `fits`: window -> `compensation.Fit` folded into it."""
+    """The edited stack of a plan over a `LayerStack`. `fits`: window -> `fold.Fit` folded into it."""
 
     def __init__(self, stack, windows: Sequence[Sequence[int]], merge: str, attention: str = "global",
                  fits: Mapping | None = None):

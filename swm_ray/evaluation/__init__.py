@@ -1,4 +1,4 @@
-"""Evaluation of a (compressed) model: zero-shot accuracy, perplexity, latency (floor 1: no ray, no typer).
+"""Evaluation of a (compressed) model: zero-shot accuracy, perplexity, latency (library: no ray, no typer).
 
 `evaluate_model(model, tok, cfg)` runs what an `EvalConfig`-like object asks on an in-memory model
 (`compress --eval` calls it); `evaluate_source` loads a model first (what the Ray actors call).

@@ -1,1 +1,1 @@
-"""Recipes (floor 3): start Ray, fan work out to actors, gather once, write artifacts."""
+"""Ray jobs, above the actors: start Ray, fan work out to actors, gather once, write artifacts."""

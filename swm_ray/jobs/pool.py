@@ -249,7 +249,7 @@ class ActorPool:
         return total, len(calib.batches), tokens
 
     def width_stats(self, calib: Calibration, request: dict) -> dict:
-        """FLAP's sums over the calibration set (`width.width_stats_sums`), minibatches added in order."""
+        """FLAP's sums over the calibration set (`width_stats.width_stats_sums`), minibatches added in order."""
         from swm_ray.compute.width_stats import add_width_sums
 
         per_batch = self.per_minibatch(calib, "width_stats", (request,), "width statistics")
@@ -461,7 +461,7 @@ class RayBackend:
 
 
 class RemoteFitPass:
-    """A `compensation.FitPass` spread over the actors' fit rows: each actor runs the pass on its rows, the driver
+    """A `fitpass.FitPass` spread over the actors' fit rows: each actor runs the pass on its rows, the driver
     adds the window's sums in actor (row) order, solves, and sends the fit back with the next step. An actor that
     lost the pass (restarted, or evicted it) is sent the pass's recipe and replays it."""
 

@@ -12,7 +12,7 @@ the driver adds in row order, so the answer does not depend on the backend or th
 - `validate(plans, extra)`: per-row validation losses of plans (`validation.py`), on the held-out rows, or on
   the further rows a close call draws (`extra`).
 - `plan_loss(windows, merge, fits)`: the mean NLL of a plan on the planning rows (compensation-aware checks).
-- `fit_pass(windows, merge, ...)`: a `compensation.FitPass` (or its remote mirror) over the fit rows.
+- `fit_pass(windows, merge, ...)`: a `fitpass.FitPass` (or its remote mirror) over the fit rows.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 `PlanView` answers the same questions as `Checkpoint` (names, dtypes, shapes, `read`), for the EDITED
 model: kept layers are the source's tensors under their new index, a merged window's tensors are computed
 from that window's own layers with `merge.merge_tensor`, a compensated window's fit is folded into its
-tensor when that tensor is read (`compensation.fold`), a width entry slices the layers after that
-(`width.WidthEdit`: heads and channels kept, FLAP's biases), nothing else is touched. The streaming writer
+tensor when that tensor is read (`fold.fold`), a width entry slices the layers after that
+(`edits.width.WidthEdit`: heads and channels kept, FLAP's biases), nothing else is touched. The streaming writer
 writes a `PlanView` tensor by tensor; `StreamingStack` runs one layer at a time (the reload check, and
 evaluating a candidate without writing it); `materialize` builds it in memory.
 """
@@ -29,7 +29,7 @@ class PlanView:
     def __init__(self, ckpt: Checkpoint, source_config, windows: Sequence[Sequence[int]], method: str,
                  attention: str = "global", fits: Mapping | None = None, width: Mapping | None = None,
                  width_tensors: Mapping | None = None):
-        """`fits`: {window: `compensation.Fit`} folded into those windows' layers (a plan's compensation).
+        """`fits`: {window: `fold.Fit`} folded into those windows' layers (a plan's compensation).
         `width`: a plan's width entry (indices of the layers after the windows), `width_tensors` its biases."""
         check_method(method)
         self.source = ckpt

@@ -49,7 +49,7 @@ class Plan:
     source_revision: str | None = None
     source_checksum: str | None = None  # `checkpoint.WeightHasher` of the weights the plan was applied to
     method: str = "swm"
-    attention: str = "global"  # the attention-type rule of merged windows (`merge.anchor_layer`)
+    attention: str = "global"  # the attention-type rule of merged windows (`windows.anchor_layer`)
     criterion: str = ""
     search: str = ""
     threshold: float | None = None

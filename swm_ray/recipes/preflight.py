@@ -15,7 +15,7 @@ and the depth search. What is checked:
   and the last two (`planners.check_method_count`);
 - `--method auto`: refused only when no candidate can reach the target (the others are reported later);
 - width (`--method flap|taylor --ratio`, `select.then_width` after the depth plan): what whole KV groups and
-  MLP channels of the layers left can give (`width.check_width_target`).
+  MLP channels of the layers left can give (`width_targets.check_width_target`).
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def _check_then_width(cfg, facts: ModelFacts, n_remove: int | None, fraction: fl
 
 
 def _grid_select(cfg, spec: dict, kind: str, target: float):
-    """A grid trial's config at one target (as `sweep.run_trial` builds it), without then_width."""
+    """A grid trial's config at one target (as `trial.run_trial` builds it), without then_width."""
     upd: dict[str, Any] = {"threshold": None, "ratio": None, "layers": None, "then_width": None,
                            "method": spec["method"]}
     upd[{"layers": "layers", "ratios": "ratio", "thresholds": "threshold"}[kind]] = target
