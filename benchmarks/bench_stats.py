@@ -28,8 +28,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from swm_ray.compute.capture import compute_hsic_sums
     from swm_ray.compute.similarity import features, gram, hsic_matrix
+    from swm_ray.io.anatomy import decoder_layers, inner_model
     from swm_ray.io.data import build_calibration
-    from swm_ray.io.models import decoder_layers, inner_model, load_model
+    from swm_ray.io.models import load_model
 
     model, tok = load_model("builtin:smollm2-135m")
     cal = build_calibration("builtin:lambada", tok, samples=args.samples, seq_len=args.seq_len,

@@ -97,8 +97,8 @@ def main() -> dict:
     from swm_ray.compute.refpass import Needs, Reference
     from swm_ray.compute.scoring import ShardScorer, groups_from, reduce_signals
     from swm_ray.compute.stack import InMemoryStack
+    from swm_ray.io.anatomy import inner_model
     from swm_ray.io.data import minibatches
-    from swm_ray.io.models import inner_model
 
     shape = "tiny" if args.tiny else "llama2-7b"
     dev = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"

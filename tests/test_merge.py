@@ -12,7 +12,7 @@ from swm_ray.edits.architectures import check_supported, per_layer_config_keys, 
 from swm_ray.edits.merge import MERGE_METHODS, apply_windows, merge_layers
 from swm_ray.edits.windows import anchor_layer, kept_layers, validate_windows
 from swm_ray.errors import UserError
-from swm_ray.io.models import decoder_layers
+from swm_ray.io.anatomy import decoder_layers
 
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41]])  # longer than the tiny sliding windows (4)
 

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swm_ray.edits.merge import apply_windows
 from swm_ray.errors import UserError
+from swm_ray.io.anatomy import count_parameters
 from swm_ray.io.fs import OWNER_MARK
-from swm_ray.io.models import count_parameters
 from swm_ray.plan import sources, writer
 from swm_ray.plan.card import render_metrics_table, render_model_card
 from swm_ray.plan.mergekit import render_mergekit_config

@@ -110,7 +110,7 @@ def weights_dtype_bytes(dtype) -> int:
 def footprint(ckpt, config, dtype, rows: int, seq_len: int) -> Footprint:
     """The `Footprint` of a checkpoint (`checkpoint.Checkpoint`) run at the torch `dtype` on a shard of
     `rows` × `seq_len` tokens."""
-    from swm_ray.io.models import text_config_of
+    from swm_ray.io.anatomy import text_config_of
 
     tcfg = text_config_of(config)
     scale = weights_dtype_bytes(dtype)

@@ -30,8 +30,8 @@ from torch import nn
 from swm_ray.edits.merge import copy_layer, merge_tensor, set_layer_index
 from swm_ray.edits.windows import anchor_layer, layer_types_of
 from swm_ray.errors import UserError
+from swm_ray.io.anatomy import decoder_layers, inner_model, text_config, text_config_of
 from swm_ray.io.checkpoint import Checkpoint
-from swm_ray.io.models import decoder_layers, inner_model, text_config, text_config_of
 
 State = dict[str, torch.Tensor]
 

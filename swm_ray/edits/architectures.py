@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from swm_ray.errors import UserError
-from swm_ray.io.models import text_config_of
+from swm_ray.io.anatomy import text_config_of
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text")
 

@@ -99,7 +99,7 @@ def fold_state(state: Mapping[str, torch.Tensor], fit: Fit | None, site: Site) -
 def compensate_model(model, windows: Iterable[Sequence[int]], fits: Mapping[Group, Fit]) -> None:
     """Fold `fits` into a model that `merge.apply_windows(model, windows, ...)` already edited, in place."""
     from swm_ray.edits.windows import kept_layers
-    from swm_ray.io.models import decoder_layers, text_config
+    from swm_ray.io.anatomy import decoder_layers, text_config
 
     if not fits:
         return
@@ -121,8 +121,8 @@ def stack_site(stack) -> Site:
 
 def checkpoint_site(path: str, config, allow_pickle: bool = False) -> Site:
     """The fold site of the model at `path` (its config and the names of its first layer's tensors)."""
+    from swm_ray.io.anatomy import text_config_of
     from swm_ray.io.checkpoint import Checkpoint
-    from swm_ray.io.models import text_config_of
 
     return fold_site(text_config_of(config).model_type, Checkpoint(path, allow_pickle).layer_keys(0))
 

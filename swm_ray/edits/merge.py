@@ -40,7 +40,7 @@ from swm_ray.config import MERGE_METHODS
 from swm_ray.edits.architectures import check_supported, slice_per_layer_config
 from swm_ray.edits.windows import layer_types_of, new_layer_sources
 from swm_ray.errors import UserError
-from swm_ray.io.models import decoder_layers, inner_model, text_config
+from swm_ray.io.anatomy import decoder_layers, inner_model, text_config
 
 DROP_ONLY_METHODS = ("keep-first", "keep-last")  # plans that only delete layers (mergekit passthrough works)
 METHOD_DESCRIPTIONS = {

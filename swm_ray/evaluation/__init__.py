@@ -93,7 +93,7 @@ def evaluate_model(model, tok, cfg: Any = None, **overrides: Any) -> dict:
     """
     from swm_ray.compute.stack import LayerStack
     from swm_ray.evaluation.perplexity import load_ppl_texts, perplexity
-    from swm_ray.io.models import count_parameters
+    from swm_ray.io.anatomy import count_parameters
 
     opts = options_from(cfg, **overrides)
     if isinstance(model, LayerStack):  # streamed: perplexity only (checked in `_load`)

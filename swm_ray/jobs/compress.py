@@ -39,8 +39,9 @@ def _reporter(criterion: str):
 def model_sizes(path: str, cfg: RunConfig) -> tuple[int, int, object]:
     """(parameters, parameters of one decoder layer, config) from the checkpoint's headers alone."""
     from swm_ray.edits.architectures import check_supported_config
+    from swm_ray.io.anatomy import text_config_of
     from swm_ray.io.checkpoint import Checkpoint
-    from swm_ray.io.models import load_config, text_config_of
+    from swm_ray.io.models import load_config
 
     config = load_config(path, cfg.model.trust_remote_code)
     check_supported_config(config)
@@ -218,7 +219,7 @@ def _report_fits(con, comp) -> None:
 def _warn_mixed_windows(con, config, windows, attention: str) -> None:
     """Under the authors' attention rule, say which windows turn a global layer into a local one."""
     from swm_ray.edits.windows import anchor_layer, layer_types_of, mixes_types
-    from swm_ray.io.models import text_config_of
+    from swm_ray.io.anatomy import text_config_of
 
     types = layer_types_of(text_config_of(config))
     if attention != "bottom" or not types:

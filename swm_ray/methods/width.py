@@ -73,8 +73,9 @@ def plan_width(cfg, plan, path: str, calib, fraction: float, method: str,
     `stats(request)`: FLAP's sums over every calibration row for {windows, merge, attention} (from actors, or
     from `width_stats_sums` in this process). Taylor materialises the merged model here, on `device`, in float32:
     gradients need the whole model in one process. Returns the width entry."""
+    from swm_ray.io.anatomy import text_config_of
     from swm_ray.io.checkpoint import Checkpoint
-    from swm_ray.io.models import load_config, text_config_of
+    from swm_ray.io.models import load_config
     from swm_ray.plan.executor import PlanView, materialize
 
     if plan.compensated:
@@ -116,8 +117,9 @@ def plan_width(cfg, plan, path: str, calib, fraction: float, method: str,
 def width_only_plan(cfg, path: str, n_layers: int, calib):
     """The plan of a width-only run (`select.method` flap or taylor): no windows, the source's size, the
     calibration it used; `plan_width` then gives it its width entry."""
+    from swm_ray.io.anatomy import text_config_of
     from swm_ray.io.checkpoint import Checkpoint
-    from swm_ray.io.models import load_config, text_config_of
+    from swm_ray.io.models import load_config
     from swm_ray.plan.plan import Plan
 
     s, m = cfg.select, cfg.model

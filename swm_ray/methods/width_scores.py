@@ -88,7 +88,7 @@ def taylor_scores(model, input_ids: np.ndarray, batches: Sequence[tuple[int, int
     minibatches). The model (in memory, its gradients beside it) is left with no gradients."""
     import torch.nn.functional as F
 
-    from swm_ray.io.models import decoder_layers, text_config
+    from swm_ray.io.anatomy import decoder_layers, text_config
 
     geo = Geometry.of(text_config(model))
     params = list(model.parameters())

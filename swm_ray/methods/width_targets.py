@@ -76,7 +76,7 @@ def check_width_target(cfg, config, layer_names: Sequence[str], method: str, fra
     channels) per layer that `plan_width` will keep to remove `fraction` of `params_before` from `num_layers`
     layers (`depth`: how those remain after the depth plan, for the message), or a one-line error naming the
     largest fraction width can remove there."""
-    from swm_ray.io.models import text_config_of
+    from swm_ray.io.anatomy import text_config_of
 
     tcfg = text_config_of(config)
     geo = Geometry.of(tcfg)

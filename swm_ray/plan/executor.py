@@ -19,8 +19,8 @@ import torch
 from swm_ray.edits.merge import check_method, edit_config, merge_tensor, selected_layer
 from swm_ray.edits.windows import layer_types_of, new_layer_sources
 from swm_ray.errors import UserError
+from swm_ray.io.anatomy import text_config_of
 from swm_ray.io.checkpoint import Checkpoint, TensorInfo, dtype_code
-from swm_ray.io.models import text_config_of
 
 
 class PlanView:

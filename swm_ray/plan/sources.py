@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from swm_ray.io.models import BUILTIN_HUB_IDS, BUILTIN_MODELS
+from swm_ray.io.builtin import BUILTIN_HUB_IDS, BUILTIN_MODELS
 from swm_ray.io.remote import is_remote
 
 # -- what the card and the recipe may print: sources without local paths --------------------------------------

@@ -22,7 +22,7 @@ from swm_ray.edits.architectures import per_layer_config_keys
 from swm_ray.edits.fold import plan_fits
 from swm_ray.errors import UserError
 from swm_ray.io import fs as storage
-from swm_ray.io.models import decoder_layers, text_config, text_config_of
+from swm_ray.io.anatomy import decoder_layers, text_config, text_config_of
 from swm_ray.io.outputs import atomic_output_dir, open_output
 from swm_ray.io.remote import is_remote
 from swm_ray.plan.card import render_model_card

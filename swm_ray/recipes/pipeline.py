@@ -18,9 +18,10 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
     `cfg.overwrite`), evaluate it into its card when `cfg.eval.enabled`. Returns a summary with the plan."""
     from swm_ray.compute.stack import StackSpec, open_stack
     from swm_ray.edits.fold import stack_site
+    from swm_ray.io.anatomy import text_config_of
     from swm_ray.io.checkpoint import Checkpoint
     from swm_ray.io.data import calibration_sets
-    from swm_ray.io.models import load_config, text_config_of
+    from swm_ray.io.models import load_config
     from swm_ray.io.runstate import fingerprint
     from swm_ray.methods.planners import (
         check_method_count,

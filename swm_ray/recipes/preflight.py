@@ -42,8 +42,9 @@ class ModelFacts:
 def model_facts(cfg) -> ModelFacts:
     """Resolve `cfg.model` (as a run does) and read its config.json and safetensors headers."""
     from swm_ray.edits.architectures import check_supported_config
+    from swm_ray.io.anatomy import text_config_of
     from swm_ray.io.checkpoint import Checkpoint
-    from swm_ray.io.models import load_config, resolve_model_path, text_config_of
+    from swm_ray.io.models import load_config, resolve_model_path
 
     m = cfg.model
     path = resolve_model_path(m.source, m.revision, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)

@@ -57,71 +57,72 @@ def _candidate_model(stack, ckpt, config, windows, merge: str, attention: str, f
     return StreamingStack(view, view.config, stack.device, stack.dtype)
 
 
-def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report: Callable[[dict], None],
-              device: str = "cpu") -> None:
-    """Take one (model, method) to every target of the grid with the method's planner (`planners.py`, as
-    `compress` does; flap/taylor: `width.plan_width`) and evaluate each plan; `report(row)` once per target (and
-    per heal mode and then_width fraction). Rows carry their plan (JSON)."""
-    from swm_ray.compute.stack import StackSpec, open_stack
-    from swm_ray.compute.width_stats import local_stats
-    from swm_ray.edits.fold import stack_site
-    from swm_ray.evaluation import evaluate_model
-    from swm_ray.io.checkpoint import Checkpoint
-    from swm_ray.io.models import load_config, load_tokenizer, text_config_of
-    from swm_ray.methods.planners import (
-        compensate_plan,
-        may_compensate,
-        method_compensation,
-        method_needs,
-        plan_windows,
-    )
-    from swm_ray.methods.selection import target_layers
-    from swm_ray.methods.session import LocalScoring
-    from swm_ray.methods.width import plan_width, width_only_plan
-    from swm_ray.plan.plan import Plan
+class Trial:
+    """One (model, method) of a grid in this process: the source opened once (a layer stack with its tokenizer,
+    config and checkpoint) and the rows it reports. `finish` evaluates a compressed candidate into a row,
+    `finish_width` prunes the width of a plan first, `finish_and_heal` adds a depth plan's then_width and healed
+    rows; `run` takes the method to every target of the grid."""
 
-    g = cfg.grid
-    kind = g.target_kind()
-    m = cfg.model
-    fit_calib = val_calib = None
-    auto = spec["method"] == "auto"
-    own = cfg.model_copy(update={"select": cfg.select.model_copy(update={"method": spec["method"]})})
-    fits = any(c != "none" for c in g.compensate) if g.compensate and not auto else may_compensate(own)
-    if auto or (fits and spec["method"] not in WIDTH_METHODS + ("original",)):
-        # auto's held-out rows and the fit's further rows: drawn beyond the grid's calibration rows
-        from swm_ray.io.data import calibration_sets
+    def __init__(self, spec: dict, cfg: RunConfig, model_path: str, calib, matrix,
+                 report: Callable[[dict], None], device: str = "cpu"):
+        from swm_ray.compute.stack import StackSpec, open_stack
+        from swm_ray.io.anatomy import text_config_of
+        from swm_ray.io.checkpoint import Checkpoint
+        from swm_ray.io.models import load_config, load_tokenizer
+        from swm_ray.methods.planners import may_compensate
 
-        sets = calibration_sets(own, cfg.select.auto_validation_max if auto else 0, fit=fits)
-        calib, val_calib, fit_calib = sets.plan, sets.validation, sets.fit
-    rows = max(int(calib.input_ids.shape[0]), int(fit_calib.input_ids.shape[0]) if fit_calib is not None else 0)
-    stack = open_stack(StackSpec(model_path, device=device, dtype=m.dtype, stream=m.stream, max_memory=m.max_memory,
-                                 allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code),
-                       rows=rows, seq_len=int(calib.input_ids.shape[1]))
-    tok = load_tokenizer(model_path, m.trust_remote_code)
-    config = load_config(model_path, m.trust_remote_code)
-    ckpt = Checkpoint(model_path, m.allow_pickle)
-    tied = bool(getattr(text_config_of(config), "tie_word_embeddings", False))
-    n_layers = stack.num_layers
-    params_before, per_layer = ckpt.param_count(tied), ckpt.layer_params(0)
-    attention = cfg.merge.attention
-    base = {k: spec.get(k) for k in ("model", "method", "criterion", "search", "merge")}
-    base.update(target_kind=kind, layers_before=n_layers, params_before=params_before, heal="none")
-    heal_modes = [h for h in dict.fromkeys(g.heal) if h != "none"]
-    unhealed_rows = not g.heal or "none" in g.heal  # grid.heal is an axis: [local] alone reports healed rows only
-    heal_inputs: dict[str, Any] = {}  # per heal mode its training data, prepared once per trial
+        self.spec, self.cfg, self.model_path, self.matrix, self.report = spec, cfg, model_path, matrix, report
+        g = self.g = cfg.grid
+        self.kind = g.target_kind()
+        m = self.m = cfg.model
+        self.fit_calib = self.val_calib = None
+        auto = self.auto = spec["method"] == "auto"
+        own = cfg.model_copy(update={"select": cfg.select.model_copy(update={"method": spec["method"]})})
+        fits = any(c != "none" for c in g.compensate) if g.compensate and not auto else may_compensate(own)
+        if auto or (fits and spec["method"] not in WIDTH_METHODS + ("original",)):
+            # auto's held-out rows and the fit's further rows: drawn beyond the grid's calibration rows
+            from swm_ray.io.data import calibration_sets
 
-    def finish(row: dict, windows, merge: str, fits=None, candidate=None) -> None:
+            sets = calibration_sets(own, cfg.select.auto_validation_max if auto else 0, fit=fits)
+            calib, self.val_calib, self.fit_calib = sets.plan, sets.validation, sets.fit
+        self.calib = calib
+        fit_calib = self.fit_calib
+        rows = max(int(calib.input_ids.shape[0]), int(fit_calib.input_ids.shape[0]) if fit_calib is not None else 0)
+        self.stack = open_stack(StackSpec(model_path, device=device, dtype=m.dtype, stream=m.stream,
+                                          max_memory=m.max_memory, allow_pickle=m.allow_pickle,
+                                          trust_remote_code=m.trust_remote_code),
+                                rows=rows, seq_len=int(calib.input_ids.shape[1]))
+        self.tok = load_tokenizer(model_path, m.trust_remote_code)
+        self.config = load_config(model_path, m.trust_remote_code)
+        self.ckpt = Checkpoint(model_path, m.allow_pickle)
+        tied = bool(getattr(text_config_of(self.config), "tie_word_embeddings", False))
+        self.n_layers = self.stack.num_layers
+        self.params_before, self.per_layer = self.ckpt.param_count(tied), self.ckpt.layer_params(0)
+        self.attention = cfg.merge.attention
+        self.base = {k: spec.get(k) for k in ("model", "method", "criterion", "search", "merge")}
+        self.base.update(target_kind=self.kind, layers_before=self.n_layers, params_before=self.params_before,
+                         heal="none")
+        self.heal_modes = [h for h in dict.fromkeys(g.heal) if h != "none"]
+        # grid.heal is an axis: [local] alone reports healed rows only
+        self.unhealed_rows = not g.heal or "none" in g.heal
+        self.heal_inputs: dict[str, Any] = {}  # per heal mode its training data, prepared once per trial
+        self.width_sums: dict[str, Any] = {}  # FLAP's sums per depth plan, computed once in the trial
+
+    def finish(self, row: dict, windows, merge: str, fits=None, candidate=None) -> None:
+        from swm_ray.evaluation import evaluate_model
+
+        stack, n_layers = self.stack, self.n_layers
         if candidate is None and windows:
-            candidate = _candidate_model(stack, ckpt, config, windows, merge, attention, fits)
+            candidate = _candidate_model(stack, self.ckpt, self.config, windows, merge, self.attention, fits)
         elif candidate is None:
             candidate = stack if stack.streaming else stack.model
         t0 = time.perf_counter()
-        metrics = evaluate_model(candidate, tok, cfg.eval)
+        metrics = evaluate_model(candidate, self.tok, self.cfg.eval)
         row["eval_seconds"] = round(time.perf_counter() - t0, 2)
         row["params_after"] = metrics["params"]
         row["layers_after"] = n_layers - sum(h - lo for lo, h in windows)
         row["removed_layers"] = n_layers - row["layers_after"]
-        row["params_removed"] = 1 - row["params_after"] / params_before
+        row["params_removed"] = 1 - row["params_after"] / self.params_before
         row.update({k: metrics["latency"].get(k) for k in LATENCY_KEYS} if metrics.get("latency") else {})
         row["ppl"] = metrics["ppl"]["ppl"] if metrics.get("ppl") else None
         row["zeroshot_mean"] = metrics.get("mean")
@@ -130,134 +131,161 @@ def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report
             row[f"task_{task}"] = r["value"]
             row[f"split_{task}"] = r.get("split")
         row.setdefault("status", "ok")
-        report(row)
+        self.report(row)
 
-    width_sums: dict[str, Any] = {}  # FLAP's sums per depth plan, computed once in the trial
+    def width_stats(self, request: dict):
+        from swm_ray.compute.width_stats import local_stats
 
-    def width_stats(request: dict):
         key = json.dumps(request, sort_keys=True)
-        if key not in width_sums:
-            width_sums[key] = local_stats(stack, calib)(request)
-        return width_sums[key]
+        if key not in self.width_sums:
+            self.width_sums[key] = local_stats(self.stack, self.calib)(request)
+        return self.width_sums[key]
 
-    def finish_width(row: dict, plan, fraction: float, method: str, wcfg: RunConfig) -> None:
+    def finish_width(self, row: dict, plan, fraction: float, method: str, wcfg: RunConfig) -> None:
         """`plan` (depth windows, or none) with the width of its merged model pruned by `method` by a further
         `fraction` of the source's parameters (`width.plan_width`), built in memory and evaluated; a skipped row
         (without a plan) when that cannot be done."""
+        from swm_ray.methods.width import plan_width
         from swm_ray.plan.executor import PlanView, materialize
 
+        stack = self.stack
         skipped = {**row, "status": "skipped", "plan": None, "plan_tensors": None}
         if stack.streaming:
-            report({**skipped, "note": "width pruning in a grid needs the model in memory (this one streams one "
-                    "layer at a time): prune its width with `swm-ray compress`"})
+            self.report({**skipped, "note": "width pruning in a grid needs the model in memory (this one streams "
+                         "one layer at a time): prune its width with `swm-ray compress`"})
             return
         t0 = time.perf_counter()
         try:
-            plan_width(wcfg, plan, model_path, calib, fraction, method, width_stats, stack.device)
+            plan_width(wcfg, plan, self.model_path, self.calib, fraction, method, self.width_stats, stack.device)
         except UserError as e:
-            report({**skipped, "note": f"width {method}: {e}"})
+            self.report({**skipped, "note": f"width {method}: {e}"})
             return
         row["selection_seconds"] = round((row.get("selection_seconds") or 0) + time.perf_counter() - t0, 2)
         row["plan"] = plan.to_json()
         row["plan_tensors"] = base64.b64encode(plan.tensors_bytes()).decode("ascii") if plan.tensors else None
-        view = PlanView(ckpt, config, plan.windows, plan.merge, plan.attention, width=plan.width,
+        view = PlanView(self.ckpt, self.config, plan.windows, plan.merge, plan.attention, width=plan.width,
                         width_tensors=plan.tensors)
-        finish(row, plan.windows, plan.merge, candidate=materialize(view, view.config, stack.device, stack.dtype))
+        self.finish(row, plan.windows, plan.merge,
+                    candidate=materialize(view, view.config, stack.device, stack.dtype))
 
-    def finish_and_heal(row: dict, windows, merge: str, fits=None) -> None:
+    def finish_and_heal(self, row: dict, windows, merge: str, fits=None) -> None:
         """The un-healed row, one row per grid.then_width fraction (its plan with width pruned, never healed),
         then one row per heal mode of the grid (the same candidate, healed in memory)."""
+        from swm_ray.plan.plan import Plan
+
+        cfg, stack = self.cfg, self.stack
         unhealed = dict(row)
-        if unhealed_rows:
-            finish(row, windows, merge, fits)
-        for fraction in g.then_width:
+        if self.unhealed_rows:
+            self.finish(row, windows, merge, fits)
+        for fraction in self.g.then_width:
             depth = Plan.from_dict(json.loads(unhealed["plan"]))  # with its compensation: plan_width refuses it
-            finish_width({**unhealed, "width": cfg.select.width_method, "then_width": fraction}, depth, fraction,
-                         cfg.select.width_method, cfg)
-        for mode in heal_modes:
+            self.finish_width({**unhealed, "width": cfg.select.width_method, "then_width": fraction}, depth,
+                              fraction, cfg.select.width_method, cfg)
+        for mode in self.heal_modes:
             hrow = {**unhealed, "heal": mode}
             if stack.streaming:
-                report({**hrow, "status": "skipped", "note": "healing in a grid needs the model in memory (this "
-                        "one streams one layer at a time): heal its compressed folder with `swm-ray heal`"})
+                self.report({**hrow, "status": "skipped", "note": "healing in a grid needs the model in memory "
+                             "(this one streams one layer at a time): heal its compressed folder with `swm-ray heal`"})
                 continue
             t0 = time.perf_counter()
             try:
-                candidate = _candidate_model(stack, ckpt, config, windows, merge, attention, fits)
-                candidate = _heal_candidate(candidate, mode, stack, windows, merge, cfg, tok,
-                                            getattr(config, "model_type", None), heal_inputs)
+                candidate = _candidate_model(stack, self.ckpt, self.config, windows, merge, self.attention, fits)
+                candidate = _heal_candidate(candidate, mode, stack, windows, merge, cfg, self.tok,
+                                            getattr(self.config, "model_type", None), self.heal_inputs)
             except UserError as e:
-                report({**hrow, "status": "skipped", "note": f"heal {mode}: {e}"})
+                self.report({**hrow, "status": "skipped", "note": f"heal {mode}: {e}"})
                 continue
             hrow["heal_seconds"] = round(time.perf_counter() - t0, 2)
-            finish(hrow, windows, merge, candidate=candidate)
+            self.finish(hrow, windows, merge, candidate=candidate)
 
-    if spec["method"] == "original":
-        finish({**base, "target": 0, "windows": "[]"}, [], "reference")
-        return
-    if spec["method"] in WIDTH_METHODS:  # a width-only plan per ratio (check_grid: ratios only)
+    def run(self) -> None:
+        """Every target of the grid: the original model once, a width-only plan per ratio, or the method's
+        planner (one memo of candidate scores for all targets) with each compensation of the grid."""
+        from swm_ray.edits.fold import stack_site
+        from swm_ray.methods.planners import compensate_plan, method_compensation, method_needs, plan_windows
+        from swm_ray.methods.selection import target_layers
+        from swm_ray.methods.width import width_only_plan
+
+        spec, cfg, g, m, stack = self.spec, self.cfg, self.g, self.m, self.stack
+        kind, base, n_layers, attention = self.kind, self.base, self.n_layers, self.attention
+        params_before, report = self.params_before, self.report
+        if spec["method"] == "original":
+            self.finish({**base, "target": 0, "windows": "[]"}, [], "reference")
+            return
+        if spec["method"] in WIDTH_METHODS:  # a width-only plan per ratio (check_grid: ratios only)
+            for t in g.targets():
+                wcfg = cfg.model_copy(update={"select": _target_select(cfg, kind, t, method=spec["method"]),
+                                              "model": m.model_copy(update={"source": spec["model"]})})
+                self.finish_width({**base, "target": t, "width": spec["method"], "windows": "[]"},
+                                  width_only_plan(wcfg, self.model_path, n_layers, self.calib), t, spec["method"],
+                                  wcfg)
+            return
+        from swm_ray.methods.session import LocalScoring, split_validation
+
+        validation, extra = split_validation(self.val_calib, cfg.select.auto_validation, cfg.data.batch_size)
+        scoring = LocalScoring(stack, self.calib, attention, self.matrix, kernel=cfg.stats.kernel,
+                               skip_first_tokens=cfg.stats.skip_first_tokens, fit_calib=self.fit_calib,
+                               validation=validation, extra=extra)
+        select = {"method": "swm" if spec["method"] == "swm" else spec["method"]}
+        if spec["method"] == "swm":
+            select.update(criterion=spec["criterion"], search=spec["search"])
+        scoring.prepare(method_needs(cfg.model_copy(update={"select": cfg.select.model_copy(update=select)})))
         for t in g.targets():
-            wcfg = cfg.model_copy(update={"select": _target_select(cfg, kind, t, method=spec["method"]),
-                                          "model": m.model_copy(update={"source": spec["model"]})})
-            finish_width({**base, "target": t, "width": spec["method"], "windows": "[]"},
-                         width_only_plan(wcfg, model_path, n_layers, calib), t, spec["method"], wcfg)
-        return
-    from swm_ray.methods.session import split_validation
+            row = {**base, "target": t}
+            t0 = time.perf_counter()
+            try:
+                tcfg = cfg.model_copy(update={"select": _target_select(cfg, kind, t, **select),
+                                              "merge": cfg.merge.model_copy(update={"method": spec.get("merge")
+                                                                                    or cfg.merge.method})})
+                n_remove = target_layers(tcfg, params_before, self.per_layer, n_layers)
+                misses0 = scoring.memo.computed
+                if self.auto:
+                    from swm_ray.methods.auto import run_auto
+                    from swm_ray.methods.tasksignal import auto_task_rows
 
-    validation, extra = split_validation(val_calib, cfg.select.auto_validation, cfg.data.batch_size)
-    scoring = LocalScoring(stack, calib, attention, matrix, kernel=cfg.stats.kernel,
-                           skip_first_tokens=cfg.stats.skip_first_tokens, fit_calib=fit_calib,
-                           validation=validation, extra=extra)
-    select = {"method": "swm" if spec["method"] == "swm" else spec["method"]}
-    if spec["method"] == "swm":
-        select.update(criterion=spec["criterion"], search=spec["search"])
-    scoring.prepare(method_needs(cfg.model_copy(update={"select": cfg.select.model_copy(update=select)})))
-    for t in g.targets():
-        row = {**base, "target": t}
-        t0 = time.perf_counter()
-        try:
-            tcfg = cfg.model_copy(update={"select": _target_select(cfg, kind, t, **select),
-                                          "merge": cfg.merge.model_copy(update={"method": spec.get("merge")
-                                                                                or cfg.merge.method})})
-            n_remove = target_layers(tcfg, params_before, per_layer, n_layers)
-            misses0 = scoring.memo.computed
-            if auto:
-                from swm_ray.methods.auto import run_auto
-                from swm_ray.methods.tasksignal import auto_task_rows
-
-                tasks, why = auto_task_rows(tcfg, model_path)
-                chosen = run_auto(tcfg, scoring, n_layers, n_remove, layer_names=ckpt.layer_keys(0), tasks=tasks,
-                                  tasks_note=why)
-                _auto_row(row, chosen, t0, scoring.memo.computed - misses0, n_layers, spec["model"], m.revision,
-                          params_before, attention)
-                comp = chosen.chosen.compensation
-                finish_and_heal(row, chosen.chosen.windows, chosen.chosen.merge,
-                                comp.fits if comp is not None else None)
+                    tasks, why = auto_task_rows(tcfg, self.model_path)
+                    chosen = run_auto(tcfg, scoring, n_layers, n_remove, layer_names=self.ckpt.layer_keys(0),
+                                      tasks=tasks, tasks_note=why)
+                    _auto_row(row, chosen, t0, scoring.memo.computed - misses0, n_layers, spec["model"], m.revision,
+                              params_before, attention)
+                    comp = chosen.chosen.compensation
+                    self.finish_and_heal(row, chosen.chosen.windows, chosen.chosen.merge,
+                                         comp.fits if comp is not None else None)
+                    continue
+                planned = plan_windows(tcfg, scoring, n_layers, n_remove)
+            except UserError as e:
+                report({**row, "status": "skipped", "note": str(e)})
                 continue
-            planned = plan_windows(tcfg, scoring, n_layers, n_remove)
-        except UserError as e:
-            report({**row, "status": "skipped", "note": str(e)})
-            continue
-        sel = planned.selection
-        plan = planned.plan(n_layers, spec["model"], m.revision, tcfg.select.method, attention, params_before)
-        row.update(merge=planned.merge, criterion=planned.criterion, search=planned.search, threshold=sel.threshold,
-                   windows=json.dumps([list(w) for w in sel.windows]), evaluations=scoring.memo.computed - misses0,
-                   selection_seconds=round(time.perf_counter() - t0, 2), note=sel.note or None,
-                   plan=plan.to_json())
-        if not sel.windows:
-            report({**row, "status": "nothing merged", "layers_after": n_layers, "removed_layers": 0})
-            continue
-        for comp_method in g.compensate or (method_compensation(tcfg),):
-            crow = {**row, "compensate": comp_method}
-            t1 = time.perf_counter()
-            comp = compensate_plan(tcfg, scoring, sel.windows, planned.merge, stack_site(stack), comp_method) \
-                if comp_method != "none" else None
-            if comp is not None:
-                crow["compensate_seconds"] = round(time.perf_counter() - t1, 2)
-                comp.attach(plan)  # the row's plan records the fit; its matrices travel as base64 safetensors
-                crow["plan"] = plan.to_json()
-                crow["plan_tensors"] = base64.b64encode(plan.tensors_bytes()).decode("ascii")
-                plan.compensation, plan.tensors = None, {}
-            finish_and_heal(crow, sel.windows, planned.merge, comp.fits if comp is not None else None)
+            sel = planned.selection
+            plan = planned.plan(n_layers, spec["model"], m.revision, tcfg.select.method, attention, params_before)
+            row.update(merge=planned.merge, criterion=planned.criterion, search=planned.search,
+                       threshold=sel.threshold, windows=json.dumps([list(w) for w in sel.windows]),
+                       evaluations=scoring.memo.computed - misses0,
+                       selection_seconds=round(time.perf_counter() - t0, 2), note=sel.note or None,
+                       plan=plan.to_json())
+            if not sel.windows:
+                report({**row, "status": "nothing merged", "layers_after": n_layers, "removed_layers": 0})
+                continue
+            for comp_method in g.compensate or (method_compensation(tcfg),):
+                crow = {**row, "compensate": comp_method}
+                t1 = time.perf_counter()
+                comp = compensate_plan(tcfg, scoring, sel.windows, planned.merge, stack_site(stack), comp_method) \
+                    if comp_method != "none" else None
+                if comp is not None:
+                    crow["compensate_seconds"] = round(time.perf_counter() - t1, 2)
+                    comp.attach(plan)  # the row's plan records the fit; its matrices travel as base64 safetensors
+                    crow["plan"] = plan.to_json()
+                    crow["plan_tensors"] = base64.b64encode(plan.tensors_bytes()).decode("ascii")
+                    plan.compensation, plan.tensors = None, {}
+                self.finish_and_heal(crow, sel.windows, planned.merge, comp.fits if comp is not None else None)
+
+
+def run_trial(spec: dict, cfg: RunConfig, model_path: str, calib, matrix, report: Callable[[dict], None],
+              device: str = "cpu") -> None:
+    """Take one (model, method) to every target of the grid with the method's planner (`planners.py`, as
+    `compress` does; flap/taylor: `width.plan_width`) and evaluate each plan; `report(row)` once per target (and
+    per heal mode and then_width fraction). Rows carry their plan (JSON)."""
+    Trial(spec, cfg, model_path, calib, matrix, report, device).run()
 
 
 def _heal_candidate(model, mode: str, stack, windows, merge: str, cfg: RunConfig, tok, model_type: str | None,
