@@ -1,8 +1,9 @@
 """The plan runner: run "this plan (windows, merge method, folded fits) on this layer stack", layer by layer.
 
-The validation loss of a plan (`validation.py`), the compensation fit pass (`fitpass.FitPass`) and the
-compensation-aware checks all run edited stacks through this one class, in memory or streaming (a streaming
-stack builds each new layer from the checkpoint when it is reached). The edited stack's layers are
+The validation loss of a plan (`validation.py`), the compensation fit pass (`fitpass.FitPass`), FLAP's
+statistics of a plan (`width_stats.py`) and the compensation-aware checks all run edited stacks through this
+one class, in memory or streaming (a streaming stack builds each new layer from the checkpoint when it is
+reached). The edited stack's layers are
 `windows.new_layer_sources`: a kept original layer, or a window merged with `merge` (with its fit folded in).
 """
 

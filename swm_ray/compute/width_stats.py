@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from swm_ray.compute.planrun import PlanRunner
 from swm_ray.edits.width import ATTN, MLP
 
 
@@ -21,9 +22,8 @@ def width_stats_sums(stack, input_ids: np.ndarray, batches: Sequence[tuple[int, 
     (`attn_sum`, `attn_sq`: (L', heads·head_dim)) and of down_proj (`mlp_sum`, `mlp_sq`: (L', intermediate)),
     and the token count (`tokens`), on the stack with `windows` merged (L' layers). Layer-major, like
     `baselines.block_influence_sums`: every layer is built once. Additive: `add_width_sums` adds minibatches."""
-    from swm_ray.edits.windows import new_layer_sources
-
-    sources = new_layer_sources(stack.num_layers, windows, stack.layer_types, attention, merge)
+    runner = PlanRunner(stack, windows, merge, attention)
+    sources = runner.sources
     pros = [stack.prologue(torch.tensor(np.asarray(input_ids[a:b]))) for a, b in batches]
     hidden = [p.hidden for p in pros]
     out: list[dict[str, Any]] = [{"tokens": int(p.hidden.shape[0] * p.hidden.shape[1])} for p in pros]
@@ -41,7 +41,7 @@ def width_stats_sums(stack, input_ids: np.ndarray, batches: Sequence[tuple[int, 
         return hook
 
     for pos, (low, high, anchor) in enumerate(sources):
-        with stack.group(low, high, merge, attention) as layer:
+        with runner.layer(low, high) as layer:
             handles = [getattr(layer, ATTN).o_proj.register_forward_pre_hook(recorder("attn", pos)),
                        getattr(layer, MLP).down_proj.register_forward_pre_hook(recorder("mlp", pos))]
             try:
