@@ -20,7 +20,7 @@ import time
 
 def _ppl(model, tok, tokens: int) -> float:
     from swm_ray.config import build_config
-    from swm_ray.evaluation import evaluate_model
+    from swm_ray.evaluation.suite import evaluate_model
 
     cfg = build_config(sets={"eval.tasks": [], "eval.ppl_max_tokens": tokens})
     return evaluate_model(model, tok, cfg.eval)["ppl"]["ppl"]

@@ -50,7 +50,7 @@ def main() -> None:
     import torch
 
     from swm_ray.config import build_config
-    from swm_ray.evaluation import evaluate_source
+    from swm_ray.evaluation.suite import evaluate_source
     from swm_ray.io.models import resolve_model_path
     from swm_ray.recipes.pipeline import compress_here
 

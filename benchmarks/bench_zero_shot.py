@@ -43,8 +43,8 @@ def main() -> None:
 
     import torch
 
-    from swm_ray.evaluation import evaluate_model
     from swm_ray.evaluation.report import write_text_atomic
+    from swm_ray.evaluation.suite import evaluate_model
     from swm_ray.plan.executor import plan_model, source_model
 
     torch.set_num_threads(args.threads)

@@ -226,7 +226,7 @@ def test_limit_scores_the_first_documents_in_file_order(tiny):
 
 
 def test_per_item_through_evaluate_model(tiny):
-    from swm_ray.evaluation import evaluate_model
+    from swm_ray.evaluation.suite import evaluate_model
 
     res = evaluate_model(*tiny, tasks=["arc_challenge"], limit=3, ppl_data="none", per_item=True)
     assert list(res["items"]["arc_challenge"]) == [0, 1, 2]

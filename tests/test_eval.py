@@ -15,11 +15,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 
 from swm_ray.config import PAPER_TASKS, build_config
 from swm_ray.errors import UserError
-from swm_ray.evaluation import EvalOptions, evaluate_model, options_from, parse_tasks
 from swm_ray.evaluation import perplexity as ppl_mod
 from swm_ray.evaluation import report as report_mod
 from swm_ray.evaluation import zeroshot as zs
 from swm_ray.evaluation.latency import compare_latency, measure_latency
+from swm_ray.evaluation.suite import EvalOptions, evaluate_model, options_from, parse_tasks
 from swm_ray.jobs.eval import merge_parts, plan_jobs, run_eval, split_tasks
 
 LM_EVAL_TASKS = Path(importlib.util.find_spec("lm_eval").submodule_search_locations[0]) / "tasks"

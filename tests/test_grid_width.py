@@ -42,7 +42,7 @@ def test_flap_baseline_row_is_replayed_by_apply(tiny_llama_dir, tokens_parquet, 
     """A flap row removes about its ratio by width alone (no layer removed), carries its plan and FLAP's biases,
     and `swm-ray apply` of its written plan gives the model the row evaluated: the same parameter count and
     the same perplexity. With eval.latency the row has tokens/s, latency and time to first token."""
-    from swm_ray.evaluation import evaluate_model
+    from swm_ray.evaluation.suite import evaluate_model
     from swm_ray.io.models import load_tokenizer
     from swm_ray.jobs.apply import run_apply
 

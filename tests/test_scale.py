@@ -214,7 +214,7 @@ def test_tokenizer_of_source_is_copied(tmp_path):
 
 
 def test_streamed_perplexity_equals_in_memory(tmp_path, text_jsonl):
-    from swm_ray.evaluation import evaluate_source
+    from swm_ray.evaluation.suite import evaluate_source
 
     _saved("gemma3", tmp_path)
     opts = {"tasks": [], "ppl_data": str(text_jsonl), "ppl_chunk": 16, "ppl_batch_size": 3, "ppl_bos": "none"}

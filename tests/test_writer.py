@@ -79,7 +79,7 @@ def test_saved_folder_reloads_with_same_logits(tmp_path, arch):
 def _eval_result(model, tok, out: Path, text_file: Path, tasks: dict | None = None) -> dict:
     """What `compress --eval` puts into the card: `jobs.eval.merge_parts` over `evaluate_model`'s real result
     (perplexity measured on `text_file`, a local file) for the folder `out`; `tasks` rows as `zeroshot` makes them."""
-    from swm_ray.evaluation import evaluate_model
+    from swm_ray.evaluation.suite import evaluate_model
     from swm_ray.jobs.eval import merge_parts
 
     part = {"model": str(out), **evaluate_model(model, tok, tasks=[], ppl_data=str(text_file), ppl_chunk=8,

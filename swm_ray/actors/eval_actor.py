@@ -20,12 +20,12 @@ class EvalActor:
 
     def evaluate(self, source: str, model_cfg: dict, options: dict) -> dict:
         """Zero-shot tasks and perplexity of one model (see `evaluate_source`)."""
-        from swm_ray.evaluation import evaluate_source
+        from swm_ray.evaluation.suite import evaluate_source
 
         return evaluate_source(source, model_cfg, options)
 
     def latency(self, sources: list[str], model_cfg: dict, options: dict) -> dict[str, dict]:
         """Latency of several models, one after another on this actor's device."""
-        from swm_ray.evaluation import latency_of_sources
+        from swm_ray.evaluation.suite import latency_of_sources
 
         return latency_of_sources(sources, model_cfg, options)

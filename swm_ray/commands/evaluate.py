@@ -25,7 +25,7 @@ DEFAULT_OUT = "eval.json"
 def _flags(model, baseline, tasks, limit, batch_size, ppl_data, ppl_bos, latency, latency_runs, latency_warmup,
            new_tokens, offline, actors, device, dtype, out, allow_pickle, trust_remote_code) -> dict:
     """Flag values as dotted config paths (None = not given: the config's value stands)."""
-    from swm_ray.evaluation import parse_tasks
+    from swm_ray.evaluation.suite import parse_tasks
 
     return {
         "model.source": model, "eval.baseline": baseline,
@@ -87,8 +87,8 @@ def eval_command(
     flags = _flags(model, baseline, tasks, limit, batch_size, ppl_data, ppl_bos, latency, latency_runs,
                    latency_warmup, new_tokens, offline, actors, device, dtype, out, allow_pickle, trust_remote_code)
     cfg, _ = make_config(config, {**flags, **scale_flags(stream_layers, max_memory, gpus_per_actor)}, set_)
-    from swm_ray.evaluation import check_tokenizer_files
     from swm_ray.evaluation.report import format_table, write_report
+    from swm_ray.evaluation.suite import check_tokenizer_files
     from swm_ray.jobs.eval import run_eval
 
     out = report_path(cfg.out)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from swm_ray.config import RunConfig
-from swm_ray.evaluation import EvalOptions, evaluate_source, latency_of_sources, options_from
+from swm_ray.evaluation.suite import EvalOptions, evaluate_source, latency_of_sources, options_from
 from swm_ray.evaluation.zeroshot import TASKS, data_file, mean_accuracy, resolve_offline
 
 

@@ -10,7 +10,7 @@
   `--resume` finds its folder there and continues from the last checkpoint. The driver then merges the
   adapter into the weights, writes the folder and removes the run's checkpoint folder (only that).
 - `local`: runs in this process: the compressed model in memory, the original one as a `LayerStack`
-  (streamed one layer at a time when it does not fit); see `heal.heal_local`.
+  (streamed one layer at a time when it does not fit); see `heal/local.py`.
 
 `run_compress_and_heal` chains compress -> heal -> eval (`compress --heal MODE`); `--resume` continues the
 stage that was interrupted.

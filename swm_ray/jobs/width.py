@@ -85,7 +85,7 @@ def run_width(cfg: RunConfig, raw_yaml: str = "") -> dict:
 
 def evaluate_into_card(cfg: RunConfig, out: str, plan, device: str | None = None) -> dict:
     """Evaluate the written folder (library evaluation, this process) and put the metrics into its card."""
-    from swm_ray.evaluation import evaluate_source
+    from swm_ray.evaluation.suite import evaluate_source
     from swm_ray.plan.writer import update_metrics
 
     model_cfg = {**cfg.model.model_dump(), "source": out, "revision": None}

@@ -139,7 +139,7 @@ def _finish(cfg: RunConfig, out: str, plan, device: str | None, t0: float) -> di
 
     metrics = None
     if cfg.eval.enabled:
-        from swm_ray.evaluation import evaluate_source
+        from swm_ray.evaluation.suite import evaluate_source
 
         model_cfg = {**cfg.model.model_dump(), "source": out, "revision": None}
         if device:

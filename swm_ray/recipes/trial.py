@@ -109,7 +109,7 @@ class Trial:
         self.width_sums: dict[str, Any] = {}  # FLAP's sums per depth plan, computed once in the trial
 
     def finish(self, row: dict, windows, merge: str, fits=None, candidate=None) -> None:
-        from swm_ray.evaluation import evaluate_model
+        from swm_ray.evaluation.suite import evaluate_model
 
         stack, n_layers = self.stack, self.n_layers
         if candidate is None and windows:
