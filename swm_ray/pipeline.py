@@ -19,6 +19,7 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
     from swm_ray.checkpoint import Checkpoint
     from swm_ray.compensation import stack_site
     from swm_ray.data import calibration_sets
+    from swm_ray.memory import return_freed
     from swm_ray.models import load_config, text_config_of
     from swm_ray.planners import (
         check_method_count,
@@ -100,6 +101,7 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
         plan_width(cfg, plan, path, calib, s.then_width, s.width_method, local_stats(stack, calib),
                    device=device or _width_device(m.device))
     del stack  # the writer streams from the checkpoint; the evaluation loads the written folder
+    return_freed()
     written = write_model_folder(path, plan, cfg.out, raw_yaml=raw_yaml, resolved_yaml=dump_yaml(cfg),
                                  overwrite=cfg.overwrite, attention=cfg.merge.attention,
                                  allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)

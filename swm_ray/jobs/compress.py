@@ -15,6 +15,7 @@ from swm_ray.config import WIDTH_METHODS, RunConfig, dump_yaml
 from swm_ray.data import calibration_sets
 from swm_ray.errors import UserError
 from swm_ray.jobs.console import console
+from swm_ray.memory import return_freed
 from swm_ray.runstate import RunState
 from swm_ray.selection import check_threshold, target_layers
 from swm_ray.session import Scoring
@@ -195,6 +196,7 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
             then_width(cfg, plan, path, calib, pool=scoring.backend.pool)
     finally:
         scoring.shutdown()
+    return_freed()  # the driver's share of the search (reduced statistics, check results) before the writer
     written = write_model_folder(path, plan, out, raw_yaml=raw_yaml, resolved_yaml=dump_yaml(cfg),
                                  overwrite=cfg.overwrite, attention=cfg.merge.attention,
                                  allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)

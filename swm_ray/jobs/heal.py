@@ -33,6 +33,7 @@ from swm_ray import storage
 from swm_ray.config import RunConfig, dump_yaml
 from swm_ray.errors import UserError, find_user_error
 from swm_ray.jobs.console import console
+from swm_ray.memory import return_freed
 
 MARKER = "heal-run.json"  # in a run's checkpoint folder: which run (fingerprint, output) the checkpoints belong to
 RUN_PREFIX = "heal-"  # a run's checkpoint folder is <root>/heal-<hash>
@@ -61,6 +62,7 @@ def run_heal(cfg: RunConfig, raw_yaml: str = "") -> dict:
         _cast_to_saved_dtype(model, path)
         written = _write(model, tok, out, plan, record, raw_yaml, cfg, adapter_dir)
         del model  # written: the evaluation loads the folder, not this copy
+        return_freed()
     if h.mode == "lora":
         _release_checkpoints(cfg, out)  # the run is complete: nothing to resume
     metrics = None
