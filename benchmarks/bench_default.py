@@ -3,13 +3,17 @@ side in one run, as a user runs them (the CLI, an embedded Ray, one actor on thi
 
     python benchmarks/bench_default.py --layers 2,4,6 --out runs/bench-default.json
     python benchmarks/bench_default.py --model builtin:qwen2.5-0.5b --layers 6 --variants auto,swm
+    python benchmarks/bench_default.py --variants before:swm,before:auto,swm,auto --before /path/to/old/checkout
 
 Variants (in this order for every target, so machine noise hits all alike):
 - `swm`: `--method swm` (output criterion, best-first, the reference merge);
 - `auto`: the default;
 - `queue`: every candidate to the end, no stopping, no further rows, no task-style items
   (`select.auto_margin=1e9 select.auto_validation_max=8 select.auto_task_items=0`): the choice of the auto that
-  ran its candidates one after the other, on the same held-out rows.
+  ran its candidates one after the other, on the same held-out rows;
+- `before:<variant>`: the same variant from another source tree (`--before DIR`, put first on the path of the
+  command and of its Ray workers), e.g. the release whose `auto` ran its candidates one after the other, each
+  with its own passes (its plans carry no pass counters).
 Per run: wall seconds (the whole command: model load, calibration, search, writing), the plan's counters
 (`extra.passes`: reference passes, tokens run through decoder layers and those as forward passes over the
 planning rows), the chosen plan and its held-out loss. Prints a markdown table; `--out` keeps every record and
@@ -34,12 +38,21 @@ VARIANTS = {
 }
 
 
-def run(model: str, layers: int, variant: str, folder: Path, extra: list[str]) -> dict:
-    out = folder / f"{variant}-{layers}"
+def run(model: str, layers: int, variant: str, folder: Path, extra: list[str], before: str | None) -> dict:
+    out = folder / f"{variant.replace(':', '-')}-{layers}"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    flags = VARIANTS[variant.split(":")[-1]]
+    if variant.startswith("before:"):
+        if not before:
+            raise SystemExit(f"variant {variant} needs --before DIR (the other source tree)")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [before, env.get("PYTHONPATH")]))
+        if variant == "before:auto":
+            flags = []
     cmd = [sys.executable, "-c", "from swm_ray.cli import main; main()", "compress", model, "--layers", str(layers),
-           "--out", str(out), "--overwrite", *VARIANTS[variant], *extra]
+           "--out", str(out), "--overwrite", *flags, *extra]
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=before if variant.startswith("before:")
+                         else None)
     secs = time.perf_counter() - t0
     if res.returncode:
         return {"variant": variant, "layers": layers, "error": res.stderr.strip().splitlines()[-1:]}
@@ -61,6 +74,7 @@ def main() -> None:
     ap.add_argument("--layers", default="6", help="comma-separated layer counts")
     ap.add_argument("--variants", default="swm,auto,queue")
     ap.add_argument("--folder", default="runs/bench-default")
+    ap.add_argument("--before", default=None, help="another source tree, for the before:<variant> rows")
     ap.add_argument("--out", default=None, help="JSON of every record (a rerun skips what it holds)")
     ap.add_argument("extra", nargs="*", help="more compress arguments, after --")
     a = ap.parse_args()
@@ -70,7 +84,7 @@ def main() -> None:
         for variant in a.variants.split(","):
             if (variant, layers) in have:
                 continue
-            rec = {"model": a.model, **run(a.model, layers, variant, Path(a.folder), a.extra)}
+            rec = {"model": a.model, **run(a.model, layers, variant, Path(a.folder).resolve(), a.extra, a.before)}
             print(json.dumps(rec), flush=True)
             done.append(rec)
             if a.out:

@@ -241,7 +241,7 @@ def test_driver_killed_in_the_race_then_resume(deep_model, many_rows, tmp_path):
 
 def test_resume_without_partial_state_is_a_one_line_error(tiny_llama_dir, tokens_parquet, tmp_path):
     cfg = build_config(flags={"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet),
-                              "data.samples": 16, "data.seq_len": 16, "data.batch_size": 4,
+                              "data.samples": 16, "data.seq_len": 16, "data.batch_size": 4, "select.method": "swm",
                               "select.layers": 1, "out": str(tmp_path / "o"), "resume": True})
     with pytest.raises(UserError, match="--resume: no interrupted run") as e:
         run_compress(cfg)
@@ -260,7 +260,8 @@ from swm_ray.errors import UserError
 from swm_ray.jobs.compress import run_compress
 ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
 cfg = build_config(flags={"model.source": sys.argv[1], "data.source": sys.argv[2], "data.samples": 16,
-    "data.seq_len": 16, "data.batch_size": 4, "select.layers": 1, "out": sys.argv[3], "ray.actors": 2,
+    "data.seq_len": 16, "data.batch_size": 4, "select.method": "swm", "select.layers": 1, "out": sys.argv[3],
+    "ray.actors": 2,
     "ray.gpus_per_actor": 2, "ray.placement_timeout_s": 3})
 t0 = time.monotonic()
 try:

@@ -168,17 +168,19 @@ def test_grid_runs_as_tune_trials(ray_session, tiny_llama_dir, tokens_parquet, t
 
 
 def test_an_interrupted_grid_resumes(ray_session, tiny_llama_dir, tokens_parquet, text_jsonl, tmp_path):
-    """Trials that failed (here: the weights were missing while they ran) run again on --resume; the grid's
-    settings come from the experiment, and the finished table is complete."""
+    """Trials that failed (here: the weights file held its header but no tensor data while they ran, which the
+    grid's up-front checks, reading headers only, let through) run again on --resume; the grid's settings come
+    from the experiment, and the finished table is complete."""
     import shutil
+    import struct
 
     from swm_ray.jobs.grid import run_grid
 
     model = tmp_path / "model"
     shutil.copytree(tiny_llama_dir, model)
     weights = model / "model.safetensors"
-    hidden = tmp_path / "weights.bak"
-    weights.rename(hidden)
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: 8 + struct.unpack("<Q", whole[:8])[0]])  # the header, no tensor data
     cfg = build_config(flags={"model.source": str(model), "data.source": str(tokens_parquet), "data.samples": 8,
                               "data.seq_len": 16, "data.batch_size": 4, "eval.tasks": [],
                               "eval.ppl_data": str(text_jsonl), "eval.ppl_chunk": 16, "eval.ppl_max_tokens": 128,
@@ -187,7 +189,7 @@ def test_an_interrupted_grid_resumes(ray_session, tiny_llama_dir, tokens_parquet
     first = run_grid(cfg)
     assert first["errors"] == 2  # the original and output / best-first
     assert all(r["status"].startswith("error") for r in first["rows_table"])
-    hidden.rename(weights)
+    weights.write_bytes(whole)
     again = build_config(flags={"out": str(tmp_path / "second")})  # nothing but the output: settings are saved
     second = run_grid(again, resume=first["tune_experiment"])
     assert second["errors"] == 0 and second["tune_experiment"] == first["tune_experiment"]

@@ -135,7 +135,10 @@ class ModelActor:
 
     def release(self) -> None:
         """Drop the session (its cached hidden states); the model stays loaded for what follows."""
+        from swm_ray.compute.memory import return_freed
+
         self.session = self.session_key = None
+        return_freed()
 
     def counters(self) -> dict:
         """Layers read from the checkpoint (streaming) and rows run through decoder layers, so far."""

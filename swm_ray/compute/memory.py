@@ -162,3 +162,17 @@ def return_freed_memory() -> bool:
         return bool(libc.mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD = -3
     except (OSError, AttributeError):
         return False
+
+
+def return_freed() -> None:
+    """Collect garbage and hand freed heap pages back to the system (glibc `malloc_trim`), so a stage that
+    dropped a model or cached hidden states leaves room in the process's resident memory for the next stage
+    (the allocator otherwise keeps them, and RSS stays at the high-water mark). No-op where there is no glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

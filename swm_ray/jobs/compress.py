@@ -10,6 +10,7 @@ import functools
 import time
 from collections.abc import Callable
 
+from swm_ray.compute.memory import return_freed
 from swm_ray.config import WIDTH_METHODS, RunConfig, dump_yaml
 from swm_ray.errors import UserError
 from swm_ray.io.data import calibration_sets
@@ -196,6 +197,7 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
             then_width(cfg, plan, path, calib, pool=scoring.backend.pool)
     finally:
         scoring.shutdown()
+    return_freed()  # the driver's share of the search (reduced statistics, check results) before the writer
     written = write_model_folder(path, plan, out, raw_yaml=raw_yaml, resolved_yaml=dump_yaml(cfg),
                                  overwrite=cfg.overwrite, attention=cfg.merge.attention,
                                  allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)

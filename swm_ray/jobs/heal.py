@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from swm_ray.compute.memory import return_freed
 from swm_ray.config import RunConfig, dump_yaml
 from swm_ray.errors import UserError, find_user_error
 from swm_ray.io import fs as storage
@@ -63,6 +64,7 @@ def run_heal(cfg: RunConfig, raw_yaml: str = "") -> dict:
         _cast_to_saved_dtype(model, path)
         written = _write(model, tok, out, plan, record, raw_yaml, cfg, adapter_dir)
         del model  # written: the evaluation loads the folder, not this copy
+        return_freed()
     if h.mode == "lora":
         _release_checkpoints(cfg, out)  # the run is complete: nothing to resume
     metrics = None

@@ -16,6 +16,7 @@ from swm_ray.errors import UserError
 def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None) -> dict:
     """Plan with `cfg.select.method`, write `cfg.out` (replacing an earlier output of ours when
     `cfg.overwrite`), evaluate it into its card when `cfg.eval.enabled`. Returns a summary with the plan."""
+    from swm_ray.compute.memory import return_freed
     from swm_ray.compute.stack import StackSpec, open_stack
     from swm_ray.edits.fold import stack_site
     from swm_ray.io.anatomy import text_config_of
@@ -102,6 +103,7 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
         plan_width(cfg, plan, path, calib, s.then_width, s.width_method, local_stats(stack, calib),
                    device=device or _width_device(m.device))
     del stack  # the writer streams from the checkpoint; the evaluation loads the written folder
+    return_freed()
     written = write_model_folder(path, plan, cfg.out, raw_yaml=raw_yaml, resolved_yaml=dump_yaml(cfg),
                                  overwrite=cfg.overwrite, attention=cfg.merge.attention,
                                  allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)
