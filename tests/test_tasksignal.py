@@ -11,7 +11,7 @@ from tiny_models import tiny_model, tiny_tokenizer
 
 from swm_ray.compute.stack import InMemoryStack
 from swm_ray.compute.validation import RowLosses, plan_logliks
-from swm_ray.methods.auto import Outcome, _by_task_signal
+from swm_ray.methods.auto import Outcome, _by_task_signal, _choose
 from swm_ray.methods.tasksignal import TASKS, ChoiceItem, accuracy, build_items, item_scores, task_rows
 
 
@@ -72,3 +72,27 @@ def test_ties_on_loss_go_to_the_most_accurate_and_ties_on_accuracy_to_the_lower_
     scoring = _Scoring({((1, 2),): [1, 1, 0, 0], ((3, 4),): [1, 1, 0, 0], ((5, 6),): [0, 0, 0, 0]})
     chosen, why = _by_task_signal(a, [b, c], scoring, rows, 2.0, "close", lambda m: None)
     assert chosen is a and "agree with the lowest loss" in why
+
+
+class _NoMoreWork:
+    """A scoring that fails if asked for further rows or task items."""
+
+    backend = type("B", (), {"extra_rows": 24})()
+
+    def validate(self, plans, extra=False):
+        raise AssertionError("a close call was drawn between candidates that planned the same model")
+
+    def task_scores(self, rows, plans):
+        raise AssertionError("task items were scored for candidates that planned the same model")
+
+
+def test_two_planners_that_planned_the_same_model_are_no_close_call():
+    """ReplaceMe's block and swm/keep-first often plan the same drop: one model, one loss, nothing to resolve.
+    The first by name is chosen, and the record says the other was the same model."""
+    rng = np.random.default_rng(1)
+    losses = rng.normal(4.5, 0.1, size=8)
+    a = Outcome("replaceme", "replaceme", "none", [(12, 18)], "keep-first", losses=RowLosses(losses.copy()))
+    b = Outcome("swm/keep-first", "swm", "none", [(12, 18)], "keep-first", losses=RowLosses(losses.copy()))
+    c = Outcome("shortgpt", "shortgpt", "none", [(2, 8)], "keep-first", losses=RowLosses(losses + 0.5))
+    chosen, why = _choose([b, c, a], _NoMoreWork(), 2.0, 32, lambda m: None, tasks=task_rows([]))
+    assert chosen is a and "swm/keep-first: the same model" in why and "close call" not in why

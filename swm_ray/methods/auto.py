@@ -355,8 +355,11 @@ def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, task
         raise UserError(f"--method auto: no candidate reached the target{hint}")
     pick = lambda pool: min(pool, key=lambda o: (o.losses.mean, o.name))  # noqa: E731
     best = pick(scored)
-    still = [o for o in scored if o is not best and not paired(o.losses, best.losses).resolved(z)]
-    decided = f"lowest mean validation loss on {len(best.losses.values)} rows"
+    twins = sorted(o.name for o in scored if o is not best and _same_model(o, best))
+    still = [o for o in scored if o is not best and o.name not in twins
+             and not paired(o.losses, best.losses).resolved(z)]
+    decided = f"lowest mean validation loss on {len(best.losses.values)} rows" + (
+        f" ({', '.join(twins)}: the same model)" if twins else "")
     extra_rows = getattr(scoring.backend, "extra_rows", 0)
     if still and extra_rows and max_rows > len(best.losses.values):
         contenders = [best, *still]
@@ -365,7 +368,8 @@ def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, task
         for o, m in zip(contenders, more):
             o.losses = o.losses.extended(m)
         best = pick(contenders)
-        still = [o for o in contenders if o is not best and not paired(o.losses, best.losses).resolved(z)]
+        still = [o for o in contenders if o is not best and not _same_model(o, best)
+                 and not paired(o.losses, best.losses).resolved(z)]
         decided = f"close call ({len(contenders)} within {z:g} standard errors): lowest loss on " \
                   f"{len(best.losses.values)} rows"
         say(f"close call between {', '.join(o.name for o in contenders)}: {len(m.values)} more held-out rows")
@@ -379,6 +383,13 @@ def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, task
             n = min(len(o.losses.values), len(best.losses.values))
             o.versus = paired(RowLosses(o.losses.values[:n]), RowLosses(best.losses.values[:n])).record()
     return best, decided
+
+
+def _same_model(a: Outcome, b: Outcome) -> bool:
+    """Two candidates that planned the same model (the same windows, merge and compensation): one loss, one
+    accuracy, nothing to decide between them."""
+    return (sorted(tuple(w) for w in a.windows), a.merge, a.compensate) == \
+        (sorted(tuple(w) for w in b.windows), b.merge, b.compensate)
 
 
 def _by_task_signal(best: Outcome, close: list[Outcome], scoring, tasks, z: float, decided: str, say):
