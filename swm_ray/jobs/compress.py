@@ -37,20 +37,6 @@ def _reporter(criterion: str):
     return on_event
 
 
-def model_sizes(path: str, cfg: RunConfig) -> tuple[int, int, object]:
-    """(parameters, parameters of one decoder layer, config) from the checkpoint's headers alone."""
-    from swm_ray.edits.architectures import check_supported_config
-    from swm_ray.io.anatomy import text_config_of
-    from swm_ray.io.checkpoint import Checkpoint
-    from swm_ray.io.models import load_config
-
-    config = load_config(path, cfg.model.trust_remote_code)
-    check_supported_config(config)
-    ckpt = Checkpoint(path, cfg.model.allow_pickle)
-    tied = bool(getattr(text_config_of(config), "tie_word_embeddings", False))
-    return ckpt.param_count(tied), ckpt.layer_params(0), config
-
-
 class RayScoring(Scoring):
     """The planners' `session.Scoring` over the actor pool (`jobs.pool.RayBackend`, started on first need). Every
     check computed is saved into the run's state as it arrives, and a resumed run starts from the saved ones."""
@@ -111,9 +97,10 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
         check_threshold(s.criterion, s.threshold)
     check_method_target(cfg)
     check_run_paths(out, cfg.overwrite, [cfg.model.source, cfg.data.source])
-    from swm_ray.recipes.preflight import check_targets
+    from swm_ray.recipes.preflight import check_targets, model_facts
 
-    check_targets(cfg)
+    facts = model_facts(cfg)  # the checkpoint's headers, read once for every check and size below
+    check_targets(cfg, facts)
     t0 = time.perf_counter()
     auto = s.method == "auto"
     compensate = method_compensation(cfg)
@@ -123,8 +110,8 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
     from swm_ray.jobs.runtime import actor_dtype
 
     state = RunState.open(out, "compress", cfg, cfg.resume, dtype=actor_dtype(cfg))
-    params_before, per_layer, config = model_sizes(path, cfg)
-    n_remove = target_layers(cfg, params_before, per_layer, n_layers)
+    params_before, config = facts.params, facts.config
+    n_remove = target_layers(cfg, params_before, facts.per_layer, n_layers)
     check_method_count(cfg, n_layers, n_remove)
     site_for = functools.cache(lambda: checkpoint_site(path, config, cfg.model.allow_pickle))  # read once
     site = site_for() if compensate != "none" and not auto else None
@@ -149,15 +136,12 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
         t_search = time.perf_counter()
         chosen = None
         if auto:
-            from swm_ray.io.checkpoint import Checkpoint
             from swm_ray.methods.auto import run_auto
-
-            layer_names = Checkpoint(path, cfg.model.allow_pickle).layer_keys(0)
             from swm_ray.methods.tasksignal import auto_task_rows
 
             tasks, why = auto_task_rows(cfg, path)
             chosen = run_auto(cfg, scoring, n_layers, n_remove, report=lambda msg: con.print(f"  auto: {msg}"),
-                              layer_names=layer_names, tasks=tasks, tasks_note=why)
+                              layer_names=facts.layer_names, tasks=tasks, tasks_note=why)
             planned, comp = chosen.chosen.planned, chosen.chosen.compensation
             con.print(f"[bold]auto chose[/] {chosen.chosen.name} (validation NLL {chosen.chosen.val_nll:.4f}, "
                       f"original {chosen.original_nll:.4f}; {chosen.seconds:.0f} s, {chosen.rounds} rounds; "

@@ -19,10 +19,7 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
     from swm_ray.compute.memory import return_freed
     from swm_ray.compute.stack import StackSpec, open_stack
     from swm_ray.edits.fold import stack_site
-    from swm_ray.io.anatomy import text_config_of
-    from swm_ray.io.checkpoint import Checkpoint
     from swm_ray.io.data import calibration_sets
-    from swm_ray.io.models import load_config
     from swm_ray.io.runstate import fingerprint
     from swm_ray.methods.planners import (
         check_method_count,
@@ -36,9 +33,10 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
     from swm_ray.methods.selection import check_threshold, target_layers
     from swm_ray.methods.session import LocalScoring, split_validation
     from swm_ray.plan.writer import write_model_folder
-    from swm_ray.recipes.preflight import check_targets
+    from swm_ray.recipes.preflight import check_targets, model_facts
 
-    check_targets(cfg)  # every target against the headers before anything loads (the width pruners' too)
+    facts = model_facts(cfg)  # the checkpoint's headers, read once for every check and size below
+    check_targets(cfg, facts)  # every target against the headers before anything loads (the width pruners' too)
     s, m = cfg.select, cfg.model
     if s.method in WIDTH_METHODS:  # width pruning: the same stages, no depth planner (`width.py`)
         return width_here(cfg, raw_yaml, device)
@@ -56,10 +54,8 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
     sets = calibration_sets(cfg, s.auto_validation_max if auto else 0, fit=may_compensate(cfg))
     path, calib, n_layers = sets.path, sets.plan, sets.n_layers
     val_calib, extra_calib = split_validation(sets.validation, s.auto_validation, cfg.data.batch_size)
-    config = load_config(path, m.trust_remote_code)
-    ckpt = Checkpoint(path, m.allow_pickle)
-    params_before = ckpt.param_count(bool(getattr(text_config_of(config), "tie_word_embeddings", False)))
-    n_remove = target_layers(cfg, params_before, ckpt.layer_params(0), n_layers)
+    params_before = facts.params
+    n_remove = target_layers(cfg, params_before, facts.per_layer, n_layers)
     check_method_count(cfg, n_layers, n_remove)
     stack = open_stack(StackSpec(path, device=device or m.device, dtype=m.dtype, stream=m.stream,
                                  max_memory=m.max_memory, allow_pickle=m.allow_pickle,
@@ -75,7 +71,7 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
         from swm_ray.methods.tasksignal import auto_task_rows
 
         tasks, why = auto_task_rows(cfg, path)
-        chosen = run_auto(cfg, scoring, n_layers, n_remove, layer_names=ckpt.layer_keys(0), tasks=tasks,
+        chosen = run_auto(cfg, scoring, n_layers, n_remove, layer_names=facts.layer_names, tasks=tasks,
                           tasks_note=why)
         planned, comp = chosen.chosen.planned, chosen.chosen.compensation
     else:
