@@ -6,10 +6,11 @@ original's pass, shared by every merge method and planner of the run) and keeps 
 once, one per layer-group state asked for (planners racing each other stand at different states): each is a
 list of groups (ranges of original layers), the merged layers it holds and, in memory, its hidden state at
 every position (positions below its lowest change are the reference's own tensors). It never copies the
-model. Candidates of one state are evaluated layer-major: one pass goes up the current stack position by
-position, every candidate's stream of hidden states starts at its window and passes through each layer above
-it while that layer is at hand, so a streaming producer builds each layer once per pass whatever the number
-of candidates. In memory a pass starts at its lowest window.
+model. Candidates of one state are evaluated layer-major by the state's plan runner
+(`planrun.PlanRunner.run_variants`: each candidate is a variant of the state's plan): one pass goes up the
+current stack position by position, every candidate's stream of hidden states starts at its window and passes
+through each layer above it while that layer is at hand, so a streaming producer builds each layer once per
+pass whatever the number of candidates. In memory a pass starts at its lowest window.
 
 One forward returns every signal asked of it, per calibration row (the driver concatenates the shards' rows
 and adds them with `math.fsum`, which is exact, so scores do not depend on how the rows were split):
@@ -22,7 +23,6 @@ and adds them with `math.fsum`, which is exact, so scores do not depend on how t
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -32,14 +32,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from swm_ray.compute.planrun import PlanRunner
 from swm_ray.compute.refpass import Reference
 from swm_ray.compute.stack import LayerStack
-from swm_ray.edits.merge import follows_weight, is_norm_param
 from swm_ray.edits.windows import Group
 
 SIGNALS = ("output", "kl", "nll")
 RowScores = tuple[np.ndarray, int]  # per-row sums (float64) and the count they are divided by
-COMPOSABLE = ("reference", "consistent", "keep-first", "keep-last")  # merged windows built from their groups' states
 MAX_STATES = 8  # current models kept per merge method (one per racing planner is enough)
 
 
@@ -65,6 +64,7 @@ class _State:
     groups: list[Group]
     inputs: list[list[torch.Tensor]] | None = None
     windows: tuple[Group, ...] = field(default=())
+    runner: PlanRunner | None = None
 
 
 class ShardScorer:
@@ -83,7 +83,8 @@ class ShardScorer:
         self.max_streams = max_streams or getattr(self.stack, "max_streams", None) or 10**9
         self.max_states = max_states
         self.states: OrderedDict[tuple[Group, ...], _State] = OrderedDict()
-        self.built: dict[Group, torch.nn.Module] = {}  # merged layers of the kept states (in memory only)
+        self.built: dict[Group, torch.nn.Module] = {}  # merged layers of the kept states (in memory only), shared
+        # with their runners
         self.checks = 0  # candidate models run
 
     @classmethod
@@ -104,35 +105,35 @@ class ShardScorer:
             self.states.move_to_end(key)
             return self.states[key]
         groups = [tuple(g) for g in groups]
-        st = _State(groups, windows=key)
-        if not self.stack.streaming:
-            for g in key:
-                if g not in self.built:
-                    anchor = self.stack.anchor(g[0], g[1], self.attention, self.method)
-                    self.built[g] = self.stack.build(anchor, self.stack.state(g[0], g[1], self.method), g[0])
+        st = _State(groups, windows=key, runner=PlanRunner(self.stack, key, self.method, self.attention,
+                                                           built=self.built))
+        st.runner.prebuild()
         if self.ref.inputs is not None:
-            st.inputs = self._inputs(groups)
+            st.inputs = self._inputs(st)
         self.states[key] = st
         while len(self.states) > self.max_states:
             self.states.popitem(last=False)
         used = {g for s in self.states.values() for g in s.windows}
-        self.built = {g: m for g, m in self.built.items() if g in used}
+        for g in [g for g in self.built if g not in used]:
+            del self.built[g]
         return st
 
     @torch.inference_mode()
-    def _inputs(self, groups: list[Group]) -> list[list[torch.Tensor]]:
-        """Hidden states entering every position of `groups`, recomputed only above the highest position where a
+    def _inputs(self, st: _State) -> list[list[torch.Tensor]]:
+        """Hidden states entering every position of a state, recomputed only above the highest position where a
         kept state (or the original) agrees with it."""
+        groups = st.groups
         best, start = self.ref.inputs, _agree(groups, [(i, i) for i in range(self.stack.num_layers)])
-        for st in self.states.values():
-            p = _agree(groups, st.groups)
+        for other in self.states.values():
+            p = _agree(groups, other.groups)
             if p > start:
-                best, start = st.inputs, p
+                best, start = other.inputs, p
         fresh = list(best[: start + 1])
         h = fresh[-1]
         for p in range(start, len(groups)):
-            with self._layer_at(groups, p) as layer:
-                h = [self.stack.run(layer, x, self._kw(groups, p, k)) for k, x in enumerate(h)]
+            kw = st.runner.kwargs(p, self.ref.pros)
+            with st.runner.layer_at(p) as layer:
+                h = [self.stack.run(layer, x, kw[k]) for k, x in enumerate(h)]
             fresh.append(h)
         return fresh
 
@@ -150,102 +151,11 @@ class ShardScorer:
         out: list[dict | None] = [None] * len(todo)
         todo.sort(key=lambda t: t[2])
         for start in range(0, len(todo), self.max_streams):
-            for i, finals in self._pass(st, todo[start : start + self.max_streams]).items():
+            for i, finals in st.runner.run_variants(todo[start : start + self.max_streams], self.ref.pros,
+                                                    st.inputs).items():
                 out[i] = self._compare(finals, signals)
         self.checks += len(todo)
         return out  # type: ignore[return-value]
-
-    def _pass(self, st: _State, todo: list[tuple[int, Group, int, int]]) -> dict[int, list[torch.Tensor]]:
-        """One walk up the current stack that runs every candidate of `todo`; returns their final hidden
-        states (per chunk). A candidate is (index, window, lo, hi) in positions of the current stack."""
-        groups = st.groups
-        n_pos = len(groups)
-        finals: dict[int, list[torch.Tensor]] = {}
-        merges = [t for t in todo if t[3] > t[2]]
-        noops = [t for t in todo if t[3] == t[2]]  # "merging" one layer with nothing: the current model
-        if noops and st.inputs is not None:
-            for i, *_ in noops:
-                finals[i] = st.inputs[-1]
-            noops = []
-        start = min((t[2] for t in merges), default=n_pos if not noops else 0)
-        if noops or st.inputs is None:
-            start = 0
-        cur = st.inputs[start] if st.inputs is not None else [p.hidden for p in self.ref.pros]
-        streams: dict[int, list[torch.Tensor]] = {}
-        waiting = {t[0]: t for t in merges}  # not started yet
-        held: dict[int, list[torch.Tensor]] = {}  # current hidden state at positions some candidate starts from
-        norms: dict[int, dict[str, torch.Tensor]] = {}
-        tops = {t[0]: t[3] for t in merges}
-        for p in range(start, n_pos):
-            if not waiting and not streams and not noops:
-                break
-            if any(t[2] == p for t in waiting.values()):
-                held[p] = cur
-            state = self._current_state(groups, p)
-            with self._layer_from(groups, p, state) as layer:
-                for i in [i for i in streams if tops[i] < p]:
-                    streams[i] = [self.stack.run(layer, x, self._kw(groups, p, k)) for k, x in enumerate(streams[i])]
-                if self.method in ("reference", "consistent") and state is not None:
-                    norms[p] = {n: t for n, t in state.items() if is_norm_param(n)}
-                for i, window, lo, _hi in [t for t in list(waiting.values()) if self._starts_at(t) == p]:
-                    with self._candidate(window, lo, state, norms) as merged:
-                        kw = self._window_kw(window)
-                        streams[i] = [self.stack.run(merged, x, kw[k]) for k, x in enumerate(held[lo])]
-                    del waiting[i]
-                if waiting or noops:
-                    cur = [self.stack.run(layer, x, self._kw(groups, p, k)) for k, x in enumerate(cur)]
-            for q in [q for q in held if not any(t[2] == q for t in waiting.values())]:
-                del held[q]
-        for i, *_ in noops:
-            finals[i] = cur
-        finals.update(streams)
-        return finals
-
-    # -- layers of the pass --------------------------------------------------------------------------------
-    def _starts_at(self, t: tuple[int, Group, int, int]) -> int:
-        """Where a candidate's merged layer is built: at its top position when it is composed from the
-        groups' own states (the top group's state is at hand there), else at its bottom."""
-        return t[3] if self.stack.streaming and self.method in ("reference", "consistent", "keep-last") else t[2]
-
-    def _current_state(self, groups: list[Group], p: int):
-        """The state of the current layer at p when streaming (read once per pass), else None."""
-        if not self.stack.streaming:
-            return None
-        g = groups[p]
-        return self.stack.state(g[0], g[1], self.method)
-
-    def _layer_from(self, groups: list[Group], p: int, state):
-        if state is None:
-            return self._layer_at(groups, p)
-        g = groups[p]
-        return _built(self.stack, self.stack.anchor(g[0], g[1], self.attention, self.method), state, p)
-
-    def _layer_at(self, groups: list[Group], p: int):
-        g = groups[p]
-        if g in self.built:
-            return contextlib.nullcontext(self.built[g])
-        return self.stack.group(g[0], g[1], self.method, self.attention)
-
-    def _candidate(self, window: Group, lo: int, state, norms):
-        """The merged layer of a candidate window, composed from the groups' states where exact."""
-        anchor = self.stack.anchor(window[0], window[1], self.attention, self.method)
-        if state is None or self.method not in COMPOSABLE:
-            return _built(self.stack, anchor, self.stack.state(window[0], window[1], self.method), window[0])
-        if self.method in ("reference", "consistent"):  # norms of the bottom group, the rest of the top group
-            consistent = self.method == "consistent"  # (norms that follow a weight: of the top group too)
-            merged = {n: norms[lo][n] if is_norm_param(n) and not (consistent and follows_weight(n, state)) else t
-                      for n, t in state.items()}
-        else:  # keep-first at its bottom, keep-last at its top: the group's state as it is
-            merged = state
-        return _built(self.stack, anchor, merged, window[0])
-
-    def _kw(self, groups: list[Group], p: int, k: int) -> dict:
-        g = groups[p]
-        return self.ref.pros[k].kwargs[self.stack.anchor(g[0], g[1], self.attention, self.method)]
-
-    def _window_kw(self, window: Group) -> list[dict]:
-        a = self.stack.anchor(window[0], window[1], self.attention, self.method)
-        return [p.kwargs[a] for p in self.ref.pros]
 
     # -- signals -------------------------------------------------------------------------------------------
     def _compare(self, hidden: list[torch.Tensor], signals: Sequence[str]) -> dict[str, RowScores]:
@@ -292,16 +202,6 @@ def _positions(groups: Sequence[Group], window: Group) -> tuple[int, int]:
     if window[0] not in starts or window[1] not in ends:
         raise ValueError(f"window {window} does not align with the current groups {list(groups)}")
     return starts.index(window[0]), ends.index(window[1])
-
-
-@contextlib.contextmanager
-def _built(stack: LayerStack, anchor: int, state, position: int):
-    """A layer built from a state for the duration of a `with` block."""
-    layer = stack.build(anchor, state, position)
-    try:
-        yield layer
-    finally:
-        del layer
 
 
 def reduce_scores(parts: Sequence[Sequence[RowScores]]) -> list[float]:
