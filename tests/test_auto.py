@@ -229,6 +229,9 @@ def test_a_stopped_candidate_was_resolvably_behind():
     for o in stopped:
         s = o.stopped
         assert s["diff"] > 1.0 * s["se"] and s["level"] < 3 and s["behind"] != o.name
+        if o.method in ("swm", "sleb"):  # a search stopped at level >= 1 ran checks to get there: they are counted
+            assert o.checks > 0, o.name
+    assert sum(o.checks for o in res.outcomes) >= res.passes["checks"]
     res = run_auto(_auto_cfg(**{"select.auto_candidates": specs, "select.layers": 3, "select.auto_margin": 1e9}),
                    _scoring(model), 8, 3)
     assert not any(o.stopped for o in res.outcomes)

@@ -128,6 +128,7 @@ class _Runner:
         self.started = self.done = self.stop = False
         self.stopped: dict | None = None
         self.level = 0
+        self.asked = 0  # candidate checks it asked for that were not in the memo when asked
         self.thread = threading.Thread(target=self._main, daemon=True, name=f"auto:{spec}")
 
     def _main(self) -> None:
@@ -147,6 +148,7 @@ class _Runner:
     def ask(self, requests) -> None:
         """Called from the planner's thread: post the questions, wait for the answers (or to be stopped)."""
         self.requests = requests
+        self.asked += sum(len(q.candidates) for q in requests)
         self.yielded.set()
         self.go.wait()
         self.go.clear()
@@ -307,7 +309,7 @@ def _finish(cfg, scoring, runners, n_remove: int, validate, say) -> list[Outcome
             say(f"{r.spec}: {r.error}")
             continue
         if r.result is None:  # stopped by the race
-            outcomes.append(Outcome(r.spec, method, "none", stopped=r.stopped))
+            outcomes.append(Outcome(r.spec, method, "none", stopped=r.stopped, checks=r.asked))
             continue
         planned = r.result
         windows = [tuple(w) for w in planned.selection.windows]
