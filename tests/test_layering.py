@@ -65,7 +65,7 @@ def _module_name(path: Path) -> str:
 MODULES = {_module_name(p): p for p in PKG.rglob("*.py")}
 
 
-def _floor(module: str) -> int:
+def floor_of(module: str) -> int:
     best, found = -1, None
     for i, prefixes in enumerate(FLOORS):
         for prefix in prefixes:
@@ -105,11 +105,11 @@ def _internal_deps(path: Path) -> set[str]:
     return deps & set(MODULES)
 
 
-def _graph() -> dict[str, set[str]]:
+def import_graph() -> dict[str, set[str]]:
     return {m: _internal_deps(p) - {m} for m, p in MODULES.items()}
 
 
-def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan)."""
     index, low, stack, on, out = {}, {}, [], set(), []
 
@@ -141,13 +141,13 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_the_package_has_no_import_circles():
-    cycles = _cycles(_graph())
+    cycles = import_cycles(import_graph())
     assert not cycles, "import circles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
 def test_modules_import_only_their_own_floor_or_below():
-    upward = [f"{m} (floor {_floor(m)}) imports {d} (floor {_floor(d)})"
-              for m, deps in sorted(_graph().items()) for d in sorted(deps) if _floor(d) > _floor(m)]
+    upward = [f"{m} (floor {floor_of(m)}) imports {d} (floor {floor_of(d)})"
+              for m, deps in sorted(import_graph().items()) for d in sorted(deps) if floor_of(d) > floor_of(m)]
     assert not upward, "upward imports:\n" + "\n".join(upward)
 
 
