@@ -19,7 +19,8 @@ def main() -> None:
     per_folder: dict[str, list[int]] = defaultdict(list)
     lines = {m: len(p.read_text().splitlines()) for m, p in MODULES.items()}
     for m, p in MODULES.items():
-        folder = p.parent.name if p.parent.name != "swm_ray" else "(top level)"
+        rel = p.parent.relative_to(Path(MODULES["swm_ray"]).parent).as_posix()
+        folder = rel if rel != "." else "(top level)"
         per_folder[folder].append(lines[m])
     graph = import_graph()
     upward = [(m, d) for m, deps in graph.items() for d in deps if floor_of(d) > floor_of(m)]
