@@ -10,7 +10,8 @@ import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
 from swm_ray.compute.stack import InMemoryStack
-from swm_ray.compute.validation import RowLosses, plan_logliks
+from swm_ray.compute.planrun import PlanRunner
+from swm_ray.compute.validation import RowLosses, plan_logliks, plans_logliks
 from swm_ray.methods.auto import Outcome, _by_task_signal, _choose
 from swm_ray.methods.tasksignal import TASKS, ChoiceItem, accuracy, build_items, item_scores, task_rows
 
@@ -39,6 +40,34 @@ def test_plan_logliks_of_padded_rows_equal_each_row_alone():
             logp = torch.log_softmax(model(torch.tensor([r])).logits.float(), -1)[0]
         want = float(sum(logp[i - 1, r[i]] for i in range(a, b)))
         assert g == pytest.approx(want, abs=1e-4)
+
+
+def test_plans_share_the_original_layers_below_their_windows_and_score_as_each_alone():
+    """Several plans in one walk: each plan's values are exactly those of its own walk from the embeddings, and
+    the layers below the lowest window run once for all of them."""
+    model, _ = tiny_model("llama", n_layers=6, seed=1)
+    stack = InMemoryStack(model)
+    rng = np.random.default_rng(1)
+    rows = [tuple(rng.integers(4, 256, size=n).tolist()) for n in (6, 8, 8, 11)]
+    spans = [(3, len(r)) for r in rows]
+    plans = [([(3, 4)], "reference", None), ([(1, 2), (4, 5)], "keep-first", None), ([], "reference", None)]
+    stack.token_runs = 0
+    got = plans_logliks(stack, rows, spans, plans, "global", batch_rows=2)
+    shared_tokens = stack.token_runs
+    alone_tokens = 0
+    for (windows, merge, _), values in zip(plans, got):
+        runner = PlanRunner(stack, windows, merge, "global")
+        want = []
+        for r, (a, b) in zip(rows, spans):
+            pro = stack.prologue(torch.tensor([r]))
+            before = stack.token_runs
+            (h,) = runner.run([pro.hidden], [pro])
+            alone_tokens += stack.token_runs - before
+            logp = torch.log_softmax(stack.logits(stack.final(h)).float(), -1)[0]
+            want.append(float(logp[a - 1 : b - 1].gather(-1, torch.tensor(r[a:b])[:, None]).double().sum()))
+        np.testing.assert_allclose(values, want, rtol=0, atol=1e-5)
+    # alone, each plan runs the original layers below its lowest window again (padding included, fewer tokens)
+    assert shared_tokens < alone_tokens
 
 
 def test_accuracy_counts_the_argmax_of_normalized_logliks():

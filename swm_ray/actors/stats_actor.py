@@ -97,9 +97,9 @@ class ModelActor:
     def task_logliks(self, rows: list, spans: list, plans: list, attention: str) -> list:
         """Per plan (windows, merge, fits): the log-likelihood of every given token row's span (`auto`'s
         task-style items)."""
-        from swm_ray.compute.validation import plan_logliks
+        from swm_ray.compute.validation import plans_logliks
 
-        return [plan_logliks(self.stack, rows, spans, w, m, attention, f) for w, m, f in plans]
+        return plans_logliks(self.stack, rows, spans, plans, attention)
 
     # -- the session of a run: reference pass, checks, validation, fits (`session.ShardSession`) ----------------
     @_one_line

@@ -44,16 +44,28 @@ def plan_nll(stack, input_ids: np.ndarray, batches: Sequence[tuple[int, int]], w
     return [row_nll(stack, stack.final(h), ids) for h, ids in zip(hidden, chunks)]
 
 
-@torch.inference_mode()
 def plan_logliks(stack, rows: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]],
                  windows: Sequence[Sequence[int]], merge: str, attention: str, fits: Mapping | None = None,
                  batch_rows: int = 32) -> np.ndarray:
     """Per token row: the log-likelihood (nats, float64) of its tokens in `spans[i]` = [a, b) given the tokens
-    before them, under the plan. Rows of different lengths are batched by length and padded on the right: in a
-    causal model a row's real positions never see the padding after them."""
-    runner = PlanRunner(stack, windows, merge, attention, fits)
+    before them, under the plan (`plans_logliks` of one plan)."""
+    return plans_logliks(stack, rows, spans, [(windows, merge, fits)], attention, batch_rows)[0]
+
+
+@torch.inference_mode()
+def plans_logliks(stack, rows: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]],
+                  plans: Sequence[tuple[Sequence[Sequence[int]], str, Mapping | None]], attention: str,
+                  batch_rows: int = 32) -> list[np.ndarray]:
+    """`plan_logliks` of several plans (windows, merge, fits) in one walk per batch: the original layers below a
+    plan's lowest window are the plan's own, so they run once for every plan, and each plan goes on from its
+    lowest window (the same tensors as a walk of its own: the values are identical). Rows of different lengths
+    are batched by length and padded on the right: in a causal model a row's real positions never see the
+    padding after them."""
+    runners = [PlanRunner(stack, w, m, attention, f) for w, m, f in plans]
+    original = PlanRunner(stack, [], "reference", attention)
+    by_start = sorted(range(len(runners)), key=lambda k: (runners[k].first_change(), k))
     order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
-    out = np.zeros(len(rows))
+    out = [np.zeros(len(rows)) for _ in runners]
     for start in range(0, len(order), batch_rows):
         idx = order[start : start + batch_rows]
         width = max(len(rows[i]) for i in idx)
@@ -61,12 +73,17 @@ def plan_logliks(stack, rows: Sequence[Sequence[int]], spans: Sequence[tuple[int
         for r, i in enumerate(idx):
             ids[r, : len(rows[i])] = torch.tensor(list(rows[i]))
         pro = stack.prologue(ids.to(stack.device))
-        (hidden,) = runner.run([pro.hidden], [pro])
-        logp = torch.log_softmax(stack.logits(stack.final(hidden)).float(), dim=-1)
-        for r, i in enumerate(idx):
-            a, b = spans[i]
-            tgt = ids[r, a:b].to(logp.device)
-            out[i] = float(logp[r, a - 1 : b - 1].gather(-1, tgt[:, None]).double().sum())
+        shared, at = [pro.hidden], 0
+        for k in by_start:
+            low = runners[k].first_change()
+            shared = original.run(shared, [pro], start=at, stop=low)
+            at = low
+            (hidden,) = runners[k].run(shared, [pro], start=low)
+            logp = torch.log_softmax(stack.logits(stack.final(hidden)).float(), dim=-1)
+            for r, i in enumerate(idx):
+                a, b = spans[i]
+                tgt = ids[r, a:b].to(logp.device)
+                out[k][i] = float(logp[r, a - 1 : b - 1].gather(-1, tgt[:, None]).double().sum())
     return out
 
 

@@ -160,9 +160,9 @@ class LocalBackend:
         return mean_nll(self.session.plan_loss(windows, merge, fits))
 
     def task_logliks(self, rows, plans: Sequence[PlanSpec]) -> list[np.ndarray]:
-        from swm_ray.compute.validation import plan_logliks
+        from swm_ray.compute.validation import plans_logliks
 
-        return [plan_logliks(self.stack, rows.rows, rows.spans, w, m, self.attention, f) for w, m, f in plans]
+        return plans_logliks(self.stack, rows.rows, rows.spans, plans, self.attention)
 
     def fit_pass(self, windows, merge: str, *, source: str, skip_first: int, fits=None, targets=None):
         from swm_ray.compute.fitpass import FitPass
