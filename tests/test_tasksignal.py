@@ -9,8 +9,8 @@ import pytest
 import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
-from swm_ray.compute.stack import InMemoryStack
 from swm_ray.compute.planrun import PlanRunner
+from swm_ray.compute.stack import InMemoryStack
 from swm_ray.compute.validation import RowLosses, plan_logliks, plans_logliks
 from swm_ray.methods.auto import Outcome, _by_task_signal, _choose
 from swm_ray.methods.tasksignal import TASKS, ChoiceItem, accuracy, build_items, item_scores, task_rows

@@ -317,6 +317,9 @@ def test_plan_round_trip(tmp_path):
     assert removed_from_windows([(5, 5), (0, 2)]) == [1, 2]
     with pytest.raises(UserError, match="unknown keys"):
         Plan.from_dict({**plan.to_dict(), "bogus": 1})
+    for bad in ({"similarities": [None, 0.8]}, {"windows": [["a", 9]]}, {"num_layers_before": None}):
+        with pytest.raises(UserError, match="wrong kind"):
+            Plan.from_dict({**plan.to_dict(), **bad})
 
 
 def test_tokenizer_that_would_reload_differently_rejected(work):

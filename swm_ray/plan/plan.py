@@ -65,6 +65,7 @@ class Plan:
 
     def __post_init__(self) -> None:
         self.windows = [[int(low), int(high)] for low, high in self.windows]
+        self.num_layers_before = int(self.num_layers_before)
         self.similarities = [float(s) for s in self.similarities]
         if not self.removed_layers:
             self.removed_layers = removed_from_windows(self.windows)
@@ -96,7 +97,10 @@ class Plan:
         missing = [k for k in ("windows", "num_layers_before", "merge") if k not in data]
         if missing:
             raise UserError(f"plan is missing {missing}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as e:  # a hand-edited value of the wrong kind (null similarity, text window)
+            raise UserError(f"plan has a value of the wrong kind ({e}): correct the plan's JSON") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
