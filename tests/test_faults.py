@@ -79,14 +79,15 @@ def _actor_pids() -> set[int]:
     return pids
 
 
-def _kill_when(ready, timeout: float = 120.0) -> dict:
+def _kill_when(ready, timeout: float = 1800.0) -> dict:
     """A thread that SIGKILLs every model actor once `ready()` holds; reports the pids it killed and the
-    actor pids seen afterwards (a restart shows up as a new pid)."""
+    actor pids seen afterwards (a restart shows up as a new pid). It watches until the run ends (the test sets
+    `stop`), so a slow machine only makes the run take longer; `timeout` guards against a hung run."""
     seen: dict = {"killed": set(), "after": set(), "error": None}
 
     def watch():
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not seen.get("stop"):
             if ready():
                 pids = _actor_pids()
                 for pid in pids:
@@ -97,7 +98,8 @@ def _kill_when(ready, timeout: float = 120.0) -> dict:
                     time.sleep(0.05)
                 return
             time.sleep(0.01)
-        seen["error"] = "the run never reached the point to kill at"
+        seen["error"] = ("the run ended before the point to kill at" if seen.get("stop")
+                         else "the run never reached the point to kill at")
 
     t = threading.Thread(target=watch, daemon=True)
     t.start()
