@@ -46,11 +46,6 @@ class PlanRunner:
             self._site = stack_site(self.stack)
         return self._site
 
-    @property
-    def groups(self) -> list[Group]:
-        """The original layers behind each position of the edited stack, bottom first."""
-        return [(lo, hi) for lo, hi, _ in self.sources]
-
     def prebuild(self) -> None:
         """Build the plan's merged layers without fits once (in memory; a streaming stack builds them per walk)."""
         if self.stack.streaming:
@@ -165,9 +160,9 @@ class PlanRunner:
 
     def _read(self, p: int):
         """The merged state of position p when streaming (read once per walk), else None."""
-        if not self.stack.streaming or self.fits.get(self.groups[p]) is not None:
+        lo, hi, _ = self.sources[p]
+        if not self.stack.streaming or self.fits.get((lo, hi)) is not None:
             return None
-        lo, hi = self.groups[p]
         return self.stack.state(lo, hi, self.merge)
 
     def _starts_at(self, t: Variant) -> int:
