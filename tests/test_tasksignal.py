@@ -70,6 +70,73 @@ def test_plans_share_the_original_layers_below_their_windows_and_score_as_each_a
     assert shared_tokens < alone_tokens
 
 
+def _alone(model, rows, spans) -> list[float]:
+    out = []
+    for r, (a, b) in zip(rows, spans):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([r]), use_cache=False).logits.float(), -1)[0]
+        out.append(float(sum(logp[i - 1, r[i]] for i in range(a, b))))
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_choices_that_share_a_context_run_it_once_and_score_as_each_alone(family):
+    """Items as the task signal builds them: the choices of one item share their context, which then runs once;
+    every choice's log-likelihood is the one of its own row, and fewer tokens go through the layers."""
+    model, _ = tiny_model(family, n_layers=4, seed=2)
+    stack = InMemoryStack(model)
+    rng = np.random.default_rng(2)
+    rows, spans, packed = [], [], 0
+    for n_ctx, n_choices in ((7, 4), (3, 2), (12, 4), (5, 1), (9, 2)):
+        ctx = tuple(rng.integers(4, 256, size=n_ctx).tolist())
+        packed += n_ctx
+        for _ in range(n_choices):
+            cont = tuple(rng.integers(4, 256, size=int(rng.integers(1, 6))).tolist())
+            rows.append(ctx + cont)
+            spans.append((len(ctx), len(ctx) + len(cont)))
+            packed += len(cont)
+    got = plans_logliks(stack, rows, spans, [([], "reference", None), ([(1, 2)], "keep-first", None)], "global",
+                        batch_rows=2)
+    stack.token_runs = 0
+    plans_logliks(stack, rows, spans, [([], "reference", None)], "global", batch_rows=1)  # one item per batch
+    if family == "llama":  # each context ran once
+        assert stack.token_runs == 4 * packed < 4 * sum(len(r) for r in rows)
+    else:  # the tiny Qwen2's upper layers slide a 4-token window: a packed row would see too far, so none is packed
+        assert stack.token_runs == 4 * sum(len(r) for r in rows)
+    np.testing.assert_allclose(got[0], _alone(model, rows, spans), rtol=0, atol=1e-4)
+    dropped, _ = tiny_model(family, n_layers=4, seed=2)
+    del dropped.model.layers[2]
+    dropped.config.num_hidden_layers = 3
+    np.testing.assert_allclose(got[1], _alone(dropped, rows, spans), rtol=0, atol=1e-4)
+    one_by_one = [plans_logliks(stack, [r], [s], [([], "reference", None)], "global")[0][0]
+                  for r, s in zip(rows, spans)]
+    np.testing.assert_allclose(got[0], one_by_one, rtol=0, atol=1e-4)
+
+
+def test_layers_with_a_sliding_window_score_every_row_alone():
+    """A stack whose layers do not all see the whole packed row (a sliding window shorter than it, another kind of
+    layer) cannot take the packing mask: every row is scored as a row of its own, with the same values."""
+    from swm_ray.compute.validation import packable
+
+    model, _ = tiny_model("llama", n_layers=4, seed=3)
+    stack = InMemoryStack(model)
+    assert packable(stack, 64)
+    stack.layer_types = ["sliding_attention", "full_attention"] * 2
+    stack.config.sliding_window = 4
+    assert not packable(stack, 64) and packable(stack, 4)
+    stack.layer_types = ["linear_attention", "full_attention"] * 2
+    assert not packable(stack, 4)
+    stack.layer_types = ["sliding_attention", "full_attention"] * 2
+    rng = np.random.default_rng(3)
+    ctx = tuple(rng.integers(4, 256, size=6).tolist())
+    rows = [ctx + (11, 12), ctx + (13,), ctx + (14, 15, 16)]
+    spans = [(6, len(r)) for r in rows]
+    stack.token_runs = 0
+    got = plans_logliks(stack, rows, spans, [([], "reference", None)], "global")[0]
+    assert stack.token_runs == 4 * 3 * 9  # three rows of their own, padded to 9 tokens, through 4 layers
+    np.testing.assert_allclose(got, _alone(model, rows, spans), rtol=0, atol=1e-4)
+
+
 def test_accuracy_counts_the_argmax_of_normalized_logliks():
     items = [ChoiceItem("piqa", 0, ((1,), (1,)), ((2, 3), (4,)), 0, (2.0, 1.0)),
              ChoiceItem("winogrande", 1, ((1,), (2,)), ((3,), (3,)), 1, (1.0, 1.0))]

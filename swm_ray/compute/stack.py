@@ -105,13 +105,19 @@ class LayerStack:
 
     # -- the part below the first layer and above the last -------------------------------------------------
     @torch.inference_mode()
-    def prologue(self, input_ids: torch.Tensor) -> Prologue:
+    def prologue(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None) -> Prologue:
+        """The rows' embeddings and every layer's call arguments; `position_ids` and a 4D `attention_mask`
+        (additive, (b, 1, T, T)) where rows are not plain causal sequences (`validation.plans_logliks` packs
+        choices that share a context into one row)."""
         sink: list = []
         saved_layers, saved_cfg = self.inner.layers, self.inner.config
         self.inner.layers = nn.ModuleList([_Recorder(t, sink) for t in self.templates])
         self.inner.config = self.config
+        extra = {k: v.to(self.device) for k, v in (("position_ids", position_ids), ("attention_mask", attention_mask))
+                 if v is not None}
         try:
-            self.inner(input_ids=input_ids.to(self.device), use_cache=False)
+            self.inner(input_ids=input_ids.to(self.device), use_cache=False, **extra)
         finally:
             self.inner.layers, self.inner.config = saved_layers, saved_cfg
         if len(sink) != self.num_layers:

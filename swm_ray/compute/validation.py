@@ -52,38 +52,138 @@ def plan_logliks(stack, rows: Sequence[Sequence[int]], spans: Sequence[tuple[int
     return plans_logliks(stack, rows, spans, [(windows, merge, fits)], attention, batch_rows)[0]
 
 
+@dataclass(frozen=True)
+class _Pack:
+    """Rows that share their context (the tokens before their scored span), as one token row: the context once,
+    then each row's span after it, every span seeing the context and itself only (`pack_mask`)."""
+
+    context: tuple[int, ...]
+    members: tuple[int, ...]  # the rows packed, in order
+    spans: tuple[tuple[int, ...], ...]  # each member's scored tokens
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return self.context + tuple(t for sp in self.spans for t in sp)
+
+    def offsets(self) -> list[int]:
+        out, at = [], len(self.context)
+        for sp in self.spans:
+            out.append(at)
+            at += len(sp)
+        return out
+
+
+def packs_of(rows: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]) -> list[_Pack]:
+    """The rows grouped by their context (rows of one multiple-choice item share it); tokens after a span are not
+    scored and are left out. Packs come in order of their first row."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (a, _b) in enumerate(spans):
+        groups.setdefault(tuple(int(t) for t in rows[i][:a]), []).append(i)
+    return [_Pack(ctx, tuple(idx), tuple(tuple(int(t) for t in rows[i][spans[i][0]:spans[i][1]]) for i in idx))
+            for ctx, idx in groups.items()]
+
+
+def pack_inputs(packs: Sequence[_Pack], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token ids, position ids, additive 4D mask (b, 1, T, T)) of a batch of packs, right-padded: a span's tokens
+    sit at the positions that follow the context (as in a row of their own) and attend to the context and to
+    their own span; padding attends causally to everything before it (never read by a real position)."""
+    width = max(len(p.tokens) for p in packs)
+    ids = torch.zeros((len(packs), width), dtype=torch.long)
+    pos = torch.zeros((len(packs), width), dtype=torch.long)
+    allowed = torch.tril(torch.ones(width, width, dtype=torch.bool)).repeat(len(packs), 1, 1)
+    for r, p in enumerate(packs):
+        toks = p.tokens
+        ids[r, : len(toks)] = torch.tensor(toks)
+        c = len(p.context)
+        pos[r, :c] = torch.arange(c)
+        for o, sp in zip(p.offsets(), p.spans):
+            pos[r, o : o + len(sp)] = torch.arange(c, c + len(sp))
+            allowed[r, o : o + len(sp), c:o] = False  # earlier spans are not this span's past
+        pos[r, len(toks):] = torch.arange(len(toks), width)
+    mask = torch.zeros((len(packs), 1, width, width), dtype=dtype)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    return ids, pos, mask
+
+
+def packable(stack, width: int) -> bool:
+    """Whether choices can be packed into rows of `width` tokens on this stack: every layer attends globally, or
+    through a sliding window that covers the whole row, so a custom mask is all that decides what a position
+    sees (other layer kinds, e.g. chunked or linear attention, take the rows one by one)."""
+    types = stack.layer_types or ["full_attention"]
+    if any(t not in ("full_attention", "sliding_attention") for t in types):
+        return False
+    window = getattr(stack.config, "sliding_window", None)
+    if "sliding_attention" in types or window is not None:
+        return window is not None and width <= int(window)
+    return True
+
+
 @torch.inference_mode()
 def plans_logliks(stack, rows: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]],
                   plans: Sequence[tuple[Sequence[Sequence[int]], str, Mapping | None]], attention: str,
-                  batch_rows: int = 32) -> list[np.ndarray]:
+                  batch_rows: int = 32, pack: bool = True) -> list[np.ndarray]:
     """`plan_logliks` of several plans (windows, merge, fits) in one walk per batch: the original layers below a
     plan's lowest window are the plan's own, so they run once for every plan, and each plan goes on from its
-    lowest window (the same tensors as a walk of its own: the values are identical). Rows of different lengths
-    are batched by length and padded on the right: in a causal model a row's real positions never see the
-    padding after them."""
+    lowest window (the same tensors as a walk of its own).
+
+    Rows that share a context (the choices of one item) are packed into one row (`packs_of`): the context runs
+    once, each choice attends to it and to itself, at the positions it has in a row of its own, so its
+    log-likelihood is the same up to float rounding. Where the stack cannot take a custom mask (`packable`),
+    every row is its own pack with a plain causal mask (as with `pack` False). Packs are batched by length (at
+    most `batch_rows` of them, about `batch_rows` × 128 tokens) and padded on the right. Only the positions that
+    predict a scored token go through the final norm and the LM head."""
     runners = [PlanRunner(stack, w, m, attention, f) for w, m, f in plans]
     original = PlanRunner(stack, [], "reference", attention)
     by_start = sorted(range(len(runners)), key=lambda k: (runners[k].first_change(), k))
-    order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
+    packs = packs_of(rows, spans)
+    custom = pack and packable(stack, max((len(p.tokens) for p in packs), default=0))
+    if not custom:
+        packs = [_Pack(tuple(int(t) for t in rows[i][: spans[i][0]]), (i,),
+                       (tuple(int(t) for t in rows[i][spans[i][0]: spans[i][1]]),)) for i in range(len(rows))]
+    order = sorted(range(len(packs)), key=lambda k: (len(packs[k].tokens), k))
     out = [np.zeros(len(rows)) for _ in runners]
-    for start in range(0, len(order), batch_rows):
-        idx = order[start : start + batch_rows]
-        width = max(len(rows[i]) for i in idx)
-        ids = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, : len(rows[i])] = torch.tensor(list(rows[i]))
-        pro = stack.prologue(ids.to(stack.device))
+    budget = batch_rows * 128
+    batches: list[list[int]] = []
+    for k in order:
+        if batches and len(batches[-1]) < batch_rows and \
+                (len(batches[-1]) + 1) * len(packs[k].tokens) <= budget:
+            batches[-1].append(k)
+        else:
+            batches.append([k])
+    for batch in batches:
+        group = [packs[k] for k in batch]
+        if custom:
+            ids, pos, mask = pack_inputs(group, stack.dtype)
+            pro = stack.prologue(ids, pos, mask)
+        else:
+            width = max(len(p.tokens) for p in group)
+            ids = torch.zeros((len(group), width), dtype=torch.long)
+            for r, p in enumerate(group):
+                ids[r, : len(p.tokens)] = torch.tensor(p.tokens)
+            pro = stack.prologue(ids)
+        # the positions whose next-token distribution is scored, and the token each predicts
+        rows_at, cols_at, targets, owners = [], [], [], []
+        for r, p in enumerate(group):
+            c = len(p.context)
+            for i, o, sp in zip(p.members, p.offsets(), p.spans):
+                before = [c - 1] + list(range(o, o + len(sp) - 1))
+                rows_at += [r] * len(sp)
+                cols_at += before
+                targets += list(sp)
+                owners += [i] * len(sp)
+        rows_t, cols_t = torch.tensor(rows_at), torch.tensor(cols_at)
+        tgt = torch.tensor(targets)
+        owner = np.asarray(owners)
         shared, at = [pro.hidden], 0
         for k in by_start:
             low = runners[k].first_change()
             shared = original.run(shared, [pro], start=at, stop=low)
             at = low
             (hidden,) = runners[k].run(shared, [pro], start=low)
-            logp = torch.log_softmax(stack.logits(stack.final(hidden)).float(), dim=-1)
-            for r, i in enumerate(idx):
-                a, b = spans[i]
-                tgt = ids[r, a:b].to(logp.device)
-                out[k][i] = float(logp[r, a - 1 : b - 1].gather(-1, tgt[:, None]).double().sum())
+            picked = hidden[rows_t.to(hidden.device), cols_t.to(hidden.device)]
+            logp = torch.log_softmax(stack.logits(stack.final(picked)).float(), dim=-1)
+            ll = logp.gather(-1, tgt.to(logp.device)[:, None])[:, 0].double().cpu().numpy()
+            np.add.at(out[k], owner, ll)
     return out
 
 

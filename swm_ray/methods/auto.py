@@ -94,6 +94,7 @@ class AutoResult:
     same: dict[str, str] = field(default_factory=dict)
     rounds: int = 0
     passes: dict = field(default_factory=dict)
+    phases: dict = field(default_factory=dict)  # forward-pass equivalents by what they were spent on
 
     @property
     def original_nll(self) -> float:
@@ -106,7 +107,8 @@ class AutoResult:
                 "original_validation_ppl": round(math.exp(self.original_nll), 4),
                 "validation_rows": self.validation_rows, "validation_tokens": self.validation_tokens,
                 "seconds": round(self.seconds, 2), "rounds": self.rounds, "same_as": self.same,
-                "passes": self.passes, "candidates": [o.record() for o in self.outcomes]}
+                "passes": {**self.passes, "by_phase": self.phases},
+                "candidates": [o.record() for o in self.outcomes]}
 
 
 # -- the race ------------------------------------------------------------------------------------------------
@@ -182,8 +184,10 @@ def run_auto(cfg, scoring, n_layers: int, n_remove: int, report: Callable[[str],
     s = cfg.select
     z = s.auto_margin
     t_all = time.perf_counter()
+    spent = _Spent(scoring)
     scoring.prepare(method_needs(cfg))
     original = scoring.original_validation()
+    spent.charge("reference pass and the original's rows")
     say(f"original model: validation NLL {original.mean:.4f} (ppl {math.exp(original.mean):.2f}) on "
         f"{len(original.values)} held-out rows")
     specs, same = deduplicated(s.auto_candidates, cfg.merge.method, layer_names)
@@ -228,6 +232,7 @@ def run_auto(cfg, scoring, n_layers: int, n_remove: int, report: Callable[[str],
             rounds += 1
             for r in live:
                 r.step()
+            spent.charge("searches: candidate checks")
             # the round's plans scored together: finished ones, and partial ones of searches at a new level
             ended = [r for r in runners if r.done and r.result is not None and r.spec not in finals]
             live = [r for r in live if not r.done]
@@ -239,6 +244,7 @@ def run_auto(cfg, scoring, n_layers: int, n_remove: int, report: Callable[[str],
             laddered.update({n_layers - len(r.requests[0].groups) for r in rising})
             plans += [(windows, merge) for _, _, windows, merge in rungs]
             losses = validate(plans)
+            spent.charge("race: held-out rows")
             for r, (windows, _), lo in zip(ended, plans, losses):
                 finals[r.spec] = (lo, sum(h - low for low, h in windows))
             for r, lo in zip(rising, losses[len(ended):]):
@@ -253,11 +259,33 @@ def run_auto(cfg, scoring, n_layers: int, n_remove: int, report: Callable[[str],
                 scoring.memo.run(requests)
             for r in [r for r in live if r.stop]:
                 r.step()  # it raises Stopped inside its planner and ends
+            spent.charge("searches: candidate checks")
             live = [r for r in live if not r.done]
     outcomes = _finish(cfg, scoring, runners, n_remove, validate, say)
-    chosen, decided = _choose(outcomes, scoring, z, s.auto_validation_max, say, tasks, tasks_note)
+    spent.charge("finished plans: fits and held-out rows")
+    chosen, decided = _choose(outcomes, scoring, z, s.auto_validation_max, say, tasks, tasks_note, spent)
+    counters = scoring.counters()
     return AutoResult(chosen, outcomes, original, time.perf_counter() - t_all, len(original.values),
-                      scoring.validation_tokens(), decided, same, rounds, scoring.counters())
+                      scoring.validation_tokens(), decided, same, rounds, counters, spent.record(counters))
+
+
+class _Spent:
+    """Tokens run through decoder layers, by what the race spent them on (`passes.by_phase` of `extra.auto`)."""
+
+    def __init__(self, scoring):
+        self.scoring = scoring
+        self.tokens: dict[str, int] = {}
+        self.last = scoring.counters()["layer_tokens"]
+
+    def charge(self, phase: str) -> None:
+        now = self.scoring.counters()["layer_tokens"]
+        self.tokens[phase] = self.tokens.get(phase, 0) + now - self.last
+        self.last = now
+
+    def record(self, counters: dict) -> dict:
+        """Each phase as forward passes over the planning rows (the unit of `passes.forward_passes`)."""
+        per = counters["forward_passes"] / counters["layer_tokens"] if counters["layer_tokens"] else 0.0
+        return {k: round(v * per, 2) for k, v in self.tokens.items() if v}
 
 
 LADDER_METHODS = ("shortgpt", "replaceme")  # one ranking, a plan for every size
@@ -343,7 +371,7 @@ def _finish(cfg, scoring, runners, n_remove: int, validate, say) -> list[Outcome
 
 
 def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, tasks=None,
-            tasks_note: str | None = None) -> tuple[Outcome, str]:
+            tasks_note: str | None = None, spent: _Spent | None = None) -> tuple[Outcome, str]:
     """The outcome of lowest mean validation loss (ties by name). A close call (others within `z` standard errors
     of it) is scored on further held-out rows; if still close, the task-style signal decides between the close
     ones (the most accurate on the task-style items)."""
@@ -375,8 +403,12 @@ def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, task
         decided = f"close call ({len(contenders)} within {z:g} standard errors): lowest loss on " \
                   f"{len(best.losses.values)} rows"
         say(f"close call between {', '.join(o.name for o in contenders)}: {len(m.values)} more held-out rows")
+        if spent is not None:
+            spent.charge("close call: further held-out rows")
     if still and tasks is not None:
         best, decided = _by_task_signal(best, still, scoring, tasks, z, decided, say)
+        if spent is not None:
+            spent.charge("close call: task-style items")
     elif still:
         decided += f"; within {z:g} standard errors of " + ", ".join(o.name for o in still) + (
             f" (task-style signal {tasks_note})" if tasks_note else "")
