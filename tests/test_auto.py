@@ -245,6 +245,11 @@ def test_a_close_call_is_decided_on_more_rows():
     assert rec["decided_by"].startswith("close call") and "32 rows" in rec["decided_by"]
     chosen = next(c for c in rec["candidates"] if c["candidate"] == rec["chosen"])
     assert chosen["validation_rows"] == 32
+    # what the race spent, by phase: the searches' checks and the further rows of the close call, adding up to
+    # what the run counted (its reference pass included: it ran inside)
+    spent = rec["passes"]["by_phase"]
+    assert spent["searches: candidate checks"] > 0 and spent["close call: further held-out rows"] > 0
+    assert sum(spent.values()) == pytest.approx(rec["passes"]["forward_passes"], abs=0.05)  # all of it, once
 
 
 def test_auto_needs_a_size_not_a_threshold(tiny_llama_dir, tokens_parquet, tmp_path):
