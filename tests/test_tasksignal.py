@@ -4,6 +4,8 @@ only between candidates the held-out loss cannot tell apart."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -115,7 +117,8 @@ def test_choices_that_share_a_context_run_it_once_and_score_as_each_alone(family
 
 def test_layers_with_a_sliding_window_score_every_row_alone():
     """A stack whose layers do not all see the whole packed row (a sliding window shorter than it, another kind of
-    layer) cannot take the packing mask: every row is scored as a row of its own, with the same values."""
+    layer, a kernel without custom masks) cannot take the packing mask: every row is scored as a row of its own,
+    with the same values."""
     from swm_ray.compute.validation import packable
 
     model, _ = tiny_model("llama", n_layers=4, seed=3)
@@ -126,7 +129,13 @@ def test_layers_with_a_sliding_window_score_every_row_alone():
     assert not packable(stack, 64) and packable(stack, 4)
     stack.layer_types = ["linear_attention", "full_attention"] * 2
     assert not packable(stack, 4)
-    stack.layer_types = ["sliding_attention", "full_attention"] * 2
+    config, stack.layer_types = stack.config, None
+    stack.config = copy.copy(config)
+    stack.config.sliding_window = None
+    assert packable(stack, 64)
+    stack.config._attn_implementation = "flash_attention_2"  # takes no custom mask
+    assert not packable(stack, 64)
+    stack.config, stack.layer_types = config, ["sliding_attention", "full_attention"] * 2  # window 4: one by one
     rng = np.random.default_rng(3)
     ctx = tuple(rng.integers(4, 256, size=6).tolist())
     rows = [ctx + (11, 12), ctx + (13,), ctx + (14, 15, 16)]

@@ -108,7 +108,10 @@ def pack_inputs(packs: Sequence[_Pack], dtype: torch.dtype) -> tuple[torch.Tenso
 def packable(stack, width: int) -> bool:
     """Whether choices can be packed into rows of `width` tokens on this stack: every layer attends globally, or
     through a sliding window that covers the whole row, so a custom mask is all that decides what a position
-    sees (other layer kinds, e.g. chunked or linear attention, take the rows one by one)."""
+    sees (other layer kinds, e.g. chunked or linear attention, and attention kernels that take no custom mask,
+    such as flash attention, take the rows one by one)."""
+    if getattr(stack.config, "_attn_implementation", None) not in (None, "sdpa", "eager"):
+        return False
     types = stack.layer_types or ["full_attention"]
     if any(t not in ("full_attention", "sliding_attention") for t in types):
         return False
