@@ -278,8 +278,8 @@ class _Spent:
         self.last = scoring.counters()["layer_tokens"]
 
     def charge(self, phase: str) -> None:
-        now = self.scoring.counters()["layer_tokens"]
-        self.tokens[phase] = self.tokens.get(phase, 0) + now - self.last
+        now = self.scoring.counters()["layer_tokens"]  # an actor restarted by Ray counts again from 0: never < 0
+        self.tokens[phase] = self.tokens.get(phase, 0) + max(0, now - self.last)
         self.last = now
 
     def record(self, counters: dict) -> dict:
