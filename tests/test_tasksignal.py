@@ -127,6 +127,11 @@ def test_choices_that_share_a_context_run_it_once_and_score_as_each_alone(family
     one_by_one = [plans_logliks(stack, [r], [s], [([], "reference", None)], "global")[0][0]
                   for r, s in zip(rows, spans)]
     np.testing.assert_allclose(got[0], one_by_one, rtol=0, atol=1e-4)
+    # a row whose span is empty scores 0 and leaves the others as they were
+    with_empty = plans_logliks(stack, [*rows, rows[0]], [*spans, (spans[0][1], spans[0][1])],
+                               [([], "reference", None)], "global")[0]
+    assert with_empty[-1] == 0.0
+    np.testing.assert_allclose(with_empty[:-1], got[0], rtol=0, atol=1e-5)
 
 
 def test_layers_with_a_sliding_window_score_every_row_alone():

@@ -168,8 +168,10 @@ def plans_logliks(stack, rows: Sequence[Sequence[int]], spans: Sequence[tuple[in
         rows_at, cols_at, targets, owners = [], [], [], []
         for r, p in enumerate(group):
             c = len(p.context)
+            if c == 0:
+                raise ValueError("a scored span needs at least one token before it (the row's first token)")
             for i, o, sp in zip(p.members, p.offsets(), p.spans):
-                before = [c - 1] + list(range(o, o + len(sp) - 1))
+                before = ([c - 1] + list(range(o, o + len(sp) - 1)))[: len(sp)]  # an empty span scores 0
                 rows_at += [r] * len(sp)
                 cols_at += before
                 targets += list(sp)
