@@ -162,6 +162,11 @@ class SelectConfig(_Section):
     auto_margin: float = Field(2.0, gt=0, description="auto: standard errors of the paired per-row difference in "
                                "held-out loss that count as resolved: a racing candidate whose partial plan is "
                                "behind the best by more stops; finalists within it are a close call")
+    auto_stop_margin: float | None = Field(
+        None, gt=0, description="auto: standard errors behind the best partial plan at which the race stops a "
+        "search (null: auto_margin). A search behind early can finish ahead (BENCHMARKS.md, the 25% point): a "
+        "large value (1e9) runs every search to the end, at the cost of running them all, and the end is still "
+        "decided with auto_margin")
     compensate_aware: bool = Field(
         False, description="swm: score every candidate after its compensation (merge.compensate lstsq or scale): "
         "the candidate plan fitted bottom-up on the calibration rows, then the calibration NLL of that compensated "

@@ -235,6 +235,13 @@ def test_a_stopped_candidate_was_resolvably_behind():
     res = run_auto(_auto_cfg(**{"select.auto_candidates": specs, "select.layers": 3, "select.auto_margin": 1e9}),
                    _scoring(model), 8, 3)
     assert not any(o.stopped for o in res.outcomes)
+    # the stopping margin apart from the final one: every search runs to the end, the end keeps its margin
+    kept = run_auto(_auto_cfg(**{"select.auto_candidates": specs, "select.layers": 3, "select.auto_margin": 1.0,
+                                 "select.auto_stop_margin": 1e9}), _scoring(model), 8, 3)
+    assert not any(o.stopped for o in kept.outcomes)
+    finished = {o.name for o in kept.outcomes if o.losses is not None}
+    assert {o.name for o in stopped} <= finished
+    assert "1e+09" not in kept.decided
 
 
 def test_a_close_call_is_decided_on_more_rows():

@@ -14,8 +14,11 @@ own model and text. At the cost of one search, not of a queue of them:
 3. After every step of a best-first search its partial plan (k layers removed) is scored on the held-out
    rows; a candidate stops when that plan is already behind the best plan that removes at least k layers by
    more than `select.auto_margin` standard errors of the paired per-row difference (removing further layers
-   has not lowered the held-out loss on any path measured: BENCHMARKS.md). The planners that rank layers once
-   (ShortGPT, ReplaceMe) enter at every level with their plan of that size, which costs no check.
+   has not lowered the held-out loss on any path measured: BENCHMARKS.md). That is no bound on where either
+   search ends, and a search stopped this way has been measured to finish ahead (`select.auto_stop_margin`
+   sets the stopping margin apart from the final one; a large value runs every search to the end). The
+   planners that rank layers once (ShortGPT, ReplaceMe) enter at every level with their plan of that size,
+   which costs no check.
 4. A candidate that does not remove exactly the requested number of layers is reported and left out. Every
    finished plan is fitted with each compensation of `select.auto_compensate` and scored; the lowest mean loss
    wins. When others are within `select.auto_margin` standard errors of it (a close call), the close ones are
@@ -183,6 +186,7 @@ def run_auto(cfg, scoring, n_layers: int, n_remove: int, report: Callable[[str],
     say = report or (lambda _msg: None)
     s = cfg.select
     z = s.auto_margin
+    z_stop = s.auto_stop_margin if s.auto_stop_margin is not None else z
     t_all = time.perf_counter()
     spent = _Spent(scoring)
     scoring.prepare(method_needs(cfg))
@@ -253,7 +257,7 @@ def run_auto(cfg, scoring, n_layers: int, n_remove: int, report: Callable[[str],
             for (name, level, _, _), lo in zip(rungs, losses[len(ended) + len(rising):]):
                 partial[name] = (level, lo)
             for r in [r for r in live if r.spec in partial]:
-                _maybe_stop(r, partial, finals, z, say)
+                _maybe_stop(r, partial, finals, z_stop, say)
             requests = [q for r in live if not r.stop for q in (r.requests or [])]
             if requests:
                 scoring.memo.run(requests)
