@@ -13,6 +13,7 @@ what `auto` decides with (a difference within a few standard errors is not resol
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -55,13 +56,13 @@ def plan_logliks(stack, rows: Sequence[Sequence[int]], spans: Sequence[tuple[int
 @dataclass(frozen=True)
 class _Pack:
     """Rows that share their context (the tokens before their scored span), as one token row: the context once,
-    then each row's span after it, every span seeing the context and itself only (`pack_mask`)."""
+    then each row's span after it, every span seeing the context and itself only (`pack_inputs`)."""
 
     context: tuple[int, ...]
     members: tuple[int, ...]  # the rows packed, in order
     spans: tuple[tuple[int, ...], ...]  # each member's scored tokens
 
-    @property
+    @functools.cached_property
     def tokens(self) -> tuple[int, ...]:
         return self.context + tuple(t for sp in self.spans for t in sp)
 
@@ -73,33 +74,42 @@ class _Pack:
         return out
 
 
-def packs_of(rows: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]) -> list[_Pack]:
-    """The rows grouped by their context (rows of one multiple-choice item share it); tokens after a span are not
-    scored and are left out. Packs come in order of their first row."""
-    groups: dict[tuple[int, ...], list[int]] = {}
+def packs_of(rows: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]], share: bool = True) -> list[_Pack]:
+    """The rows grouped by their context (rows of one multiple-choice item share it; `share` False: every row a
+    pack of its own); tokens after a span are not scored and are left out. Packs come in order of their first
+    row."""
+    groups: dict[tuple, list[int]] = {}
     for i, (a, _b) in enumerate(spans):
-        groups.setdefault(tuple(int(t) for t in rows[i][:a]), []).append(i)
-    return [_Pack(ctx, tuple(idx), tuple(tuple(int(t) for t in rows[i][spans[i][0]:spans[i][1]]) for i in idx))
-            for ctx, idx in groups.items()]
+        ctx = tuple(int(t) for t in rows[i][:a])
+        groups.setdefault(ctx if share else (i, ctx), []).append(i)
+    return [_Pack(tuple(int(t) for t in rows[idx[0]][: spans[idx[0]][0]]), tuple(idx),
+                  tuple(tuple(int(t) for t in rows[i][spans[i][0]:spans[i][1]]) for i in idx))
+            for idx in groups.values()]
+
+
+def _padded_ids(packs: Sequence[_Pack]) -> torch.Tensor:
+    """The packs' tokens as one (b, T) batch, right-padded with 0."""
+    ids = torch.zeros((len(packs), max(len(p.tokens) for p in packs)), dtype=torch.long)
+    for r, p in enumerate(packs):
+        ids[r, : len(p.tokens)] = torch.tensor(p.tokens)
+    return ids
 
 
 def pack_inputs(packs: Sequence[_Pack], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(token ids, position ids, additive 4D mask (b, 1, T, T)) of a batch of packs, right-padded: a span's tokens
     sit at the positions that follow the context (as in a row of their own) and attend to the context and to
     their own span; padding attends causally to everything before it (never read by a real position)."""
-    width = max(len(p.tokens) for p in packs)
-    ids = torch.zeros((len(packs), width), dtype=torch.long)
+    ids = _padded_ids(packs)
+    width = ids.shape[1]
     pos = torch.zeros((len(packs), width), dtype=torch.long)
     allowed = torch.tril(torch.ones(width, width, dtype=torch.bool)).repeat(len(packs), 1, 1)
     for r, p in enumerate(packs):
-        toks = p.tokens
-        ids[r, : len(toks)] = torch.tensor(toks)
         c = len(p.context)
         pos[r, :c] = torch.arange(c)
         for o, sp in zip(p.offsets(), p.spans):
             pos[r, o : o + len(sp)] = torch.arange(c, c + len(sp))
             allowed[r, o : o + len(sp), c:o] = False  # earlier spans are not this span's past
-        pos[r, len(toks):] = torch.arange(len(toks), width)
+        pos[r, len(p.tokens):] = torch.arange(len(p.tokens), width)
     mask = torch.zeros((len(packs), 1, width, width), dtype=dtype)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
     return ids, pos, mask
@@ -141,8 +151,7 @@ def plans_logliks(stack, rows: Sequence[Sequence[int]], spans: Sequence[tuple[in
     packs = packs_of(rows, spans)
     custom = pack and packable(stack, max((len(p.tokens) for p in packs), default=0))
     if not custom:
-        packs = [_Pack(tuple(int(t) for t in rows[i][: spans[i][0]]), (i,),
-                       (tuple(int(t) for t in rows[i][spans[i][0]: spans[i][1]]),)) for i in range(len(rows))]
+        packs = packs_of(rows, spans, share=False)
     order = sorted(range(len(packs)), key=lambda k: (len(packs[k].tokens), k))
     out = [np.zeros(len(rows)) for _ in runners]
     budget = batch_rows * 128
@@ -159,11 +168,7 @@ def plans_logliks(stack, rows: Sequence[Sequence[int]], spans: Sequence[tuple[in
             ids, pos, mask = pack_inputs(group, stack.dtype)
             pro = stack.prologue(ids, pos, mask)
         else:
-            width = max(len(p.tokens) for p in group)
-            ids = torch.zeros((len(group), width), dtype=torch.long)
-            for r, p in enumerate(group):
-                ids[r, : len(p.tokens)] = torch.tensor(p.tokens)
-            pro = stack.prologue(ids)
+            pro = stack.prologue(_padded_ids(group))
         # the positions whose next-token distribution is scored, and the token each predicts
         rows_at, cols_at, targets, owners = [], [], [], []
         for r, p in enumerate(group):
