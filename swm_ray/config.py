@@ -167,6 +167,13 @@ class SelectConfig(_Section):
         "search (null: auto_margin). A search behind early can finish ahead (BENCHMARKS.md, the 25% point): a "
         "large value (1e9) runs every search to the end, at the cost of running them all, and the end is still "
         "decided with auto_margin")
+    auto_stop_rule: Literal["partial", "finals", "half", "same", "merge"] = Field(
+        "partial", description="auto: what a search's partial plan (k layers removed) is measured against before "
+        "the race stops it: partial = finished plans removing >= k layers and the other searches' and rankings' "
+        "plans at >= k layers; same = partial plans at exactly k only; half = finished plans, and partial plans "
+        "once the search has done half of its steps; merge = finished plans, and the partial plans of the "
+        "same search with another merge method (swm against swm/keep-first); finals = finished plans only "
+        "(benchmarks/stop_rules.py replays each on a run without stopping)")
     compensate_aware: bool = Field(
         False, description="swm: score every candidate after its compensation (merge.compensate lstsq or scale): "
         "the candidate plan fitted bottom-up on the calibration rows, then the calibration NLL of that compensated "

@@ -26,7 +26,7 @@ from swm_ray.edits.fold import compensate_model, stack_site
 from swm_ray.edits.merge import apply_windows
 from swm_ray.errors import UserError
 from swm_ray.io.data import Calibration, split_calibration
-from swm_ray.methods.auto import run_auto
+from swm_ray.methods.auto import STOP_RULES, run_auto
 from swm_ray.methods.candidates import compensation_config, deduplicated, effective_spec
 from swm_ray.methods.planners import compensate_plan, method_needs, plan_windows
 from swm_ray.methods.session import LocalScoring, split_validation
@@ -242,6 +242,41 @@ def test_a_stopped_candidate_was_resolvably_behind():
     finished = {o.name for o in kept.outcomes if o.losses is not None}
     assert {o.name for o in stopped} <= finished
     assert "1e+09" not in kept.decided
+
+
+def _stop_rules_bench():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "stop_rules.py"
+    spec = importlib.util.spec_from_file_location("stop_rules", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_replay_of_a_run_without_stopping_makes_the_races_stops():
+    """`extra.auto.trajectory` of a run where every search finishes, replayed under each stopping rule
+    (`benchmarks/stop_rules.py`), stops the same searches at the same levels as the race run with that rule."""
+    model, _ = tiny_model("gemma2", n_layers=8, seed=0)
+    specs = ["swm", "swm/keep-first", "sleb", "shortgpt", "replaceme"]
+    flags = {"select.auto_candidates": specs, "select.layers": 3, "select.auto_margin": 1.0}
+    kept = run_auto(_auto_cfg(**flags, **{"select.auto_stop_margin": 1e9}), _scoring(model), 8, 3).record()
+    traj = kept["trajectory"]
+    assert {"swm", "swm/keep-first", "sleb"} <= set(traj) and any("@" in n for n in traj)
+    for n in ("swm", "sleb"):
+        levels = [e["level"] for e in traj[n] if not e["finished"]]
+        assert levels == sorted(levels) and len(set(levels)) == len(levels) and traj[n][-1]["finished"]
+        assert all(len(e["rows"]) == 8 for e in traj[n])
+    bench = _stop_rules_bench()
+    stops = {}
+    for rule in STOP_RULES:
+        raced = run_auto(_auto_cfg(**flags, **{"select.auto_stop_rule": rule}), _scoring(model), 8, 3)
+        stops[rule] = {o.name: o.stopped["level"] for o in raced.outcomes if o.stopped}
+        replayed = bench.replay(kept, rule, 1.0, 3)
+        assert {n: s["level"] for n, s in replayed["stopped"].items()} == stops[rule], rule
+        assert replayed["checks"] <= bench.replay(kept, rule, math.inf, 3)["checks"]
+    assert stops["partial"], "no search stopped: the test cannot check the replay"
+    assert len(stops["finals"]) <= len(stops["partial"])
 
 
 def test_a_close_call_is_decided_on_more_rows():

@@ -98,6 +98,7 @@ class AutoResult:
     rounds: int = 0
     passes: dict = field(default_factory=dict)
     phases: dict = field(default_factory=dict)  # forward-pass equivalents by what they were spent on
+    trajectory: dict = field(default_factory=dict)  # per candidate: its partial plan's rows at every level reached
 
     @property
     def original_nll(self) -> float:
@@ -111,7 +112,7 @@ class AutoResult:
                 "validation_rows": self.validation_rows, "validation_tokens": self.validation_tokens,
                 "seconds": round(self.seconds, 2), "rounds": self.rounds, "same_as": self.same,
                 "passes": {**self.passes, "by_phase": self.phases},
-                "candidates": [o.record() for o in self.outcomes]}
+                "candidates": [o.record() for o in self.outcomes], "trajectory": self.trajectory}
 
 
 # -- the race ------------------------------------------------------------------------------------------------
@@ -229,6 +230,12 @@ def run_auto(cfg, scoring, n_layers: int, n_remove: int, report: Callable[[str],
     laddered: set[int] = set()
     finals: dict[str, tuple[RowLosses, int]] = {}  # finished plans: losses, layers removed (the race's bound)
     partial: dict[str, tuple[int, RowLosses]] = {}  # best-first searches: level, losses of the partial plan
+    trajectory: dict[str, list[dict]] = {}  # what the race saw, round by round (replayed by benchmarks/stop_rules.py)
+
+    def seen(name: str, level: int, lo: RowLosses, checks: int | None, finished: bool = False) -> None:
+        trajectory.setdefault(name, []).append(
+            {"round": rounds, "level": level, "finished": finished, "checks": checks,
+             "rows": [round(float(v), 6) for v in lo.values]})
     rounds = 0
     with scheduled(scoring, schedule):
         live = list(runners)
@@ -251,13 +258,16 @@ def run_auto(cfg, scoring, n_layers: int, n_remove: int, report: Callable[[str],
             spent.charge("race: held-out rows")
             for r, (windows, _), lo in zip(ended, plans, losses):
                 finals[r.spec] = (lo, sum(h - low for low, h in windows))
+                seen(r.spec, finals[r.spec][1], lo, r.asked, finished=True)
             for r, lo in zip(rising, losses[len(ended):]):
                 r.level = n_layers - len(r.requests[0].groups)
                 partial[r.spec] = (r.level, lo)
+                seen(r.spec, r.level, lo, r.asked - sum(len(q.candidates) for q in r.requests))  # checks so far
             for (name, level, _, _), lo in zip(rungs, losses[len(ended) + len(rising):]):
                 partial[name] = (level, lo)
+                seen(name, level, lo, None)
             for r in [r for r in live if r.spec in partial]:
-                _maybe_stop(r, partial, finals, z_stop, say)
+                _maybe_stop(r, partial, finals, z_stop, s.auto_stop_rule, n_remove, say)
             requests = [q for r in live if not r.stop for q in (r.requests or [])]
             if requests:
                 scoring.memo.run(requests)
@@ -270,7 +280,7 @@ def run_auto(cfg, scoring, n_layers: int, n_remove: int, report: Callable[[str],
     chosen, decided = _choose(outcomes, scoring, z, s.auto_validation_max, say, tasks, tasks_note, spent)
     counters = scoring.counters()
     return AutoResult(chosen, outcomes, original, time.perf_counter() - t_all, len(original.values),
-                      scoring.validation_tokens(), decided, same, rounds, counters, spent.record(counters))
+                      scoring.validation_tokens(), decided, same, rounds, counters, spent.record(counters), trajectory)
 
 
 class _Spent:
@@ -310,12 +320,30 @@ def _rungs(ladder: list[_Runner], levels: set[int], scoring, n_layers: int) -> l
     return out
 
 
-def _maybe_stop(r: _Runner, partial: dict, finals: dict, z: float, say) -> None:
-    """Stop `r` when its partial plan (k layers removed) is behind the best plan that removes at least k layers
-    by more than `z` standard errors of the paired per-row difference."""
+STOP_RULES = ("partial", "finals", "half", "same", "merge")
+
+
+def stop_rivals(rule: str, name: str, level: int, n_remove: int, partial: dict, finals: dict) -> list:
+    """(name, losses) of the plans a search's partial plan at `level` is measured against under `rule`
+    (`select.auto_stop_rule`): finished plans that remove at least `level` layers, and the latest partial plans
+    (`partial`: name -> (level, losses)) of the other searches and rankings: at a level >= `level` (partial), at
+    exactly `level` (same), once the search has done half of its `n_remove` steps (half), those of the same
+    search with another merge method (merge: `swm` and `swm/keep-first`), or none (finals)."""
+    rivals = [(n, lo) for n, (lo, removed) in finals.items() if removed >= level and n != name]
+    if rule == "finals" or (rule == "half" and 2 * level < n_remove):
+        return rivals
+    if rule == "merge":
+        return rivals + [(n, lo) for n, (lv, lo) in partial.items() if n != name and lv >= level and "@" not in n
+                         and n.split("/")[0] == name.split("/")[0]]
+    return rivals + [(n, lo) for n, (lv, lo) in partial.items() if n != name
+                     and (lv == level if rule == "same" else lv >= level)]
+
+
+def _maybe_stop(r: _Runner, partial: dict, finals: dict, z: float, rule: str, n_remove: int, say) -> None:
+    """Stop `r` when its partial plan (k layers removed) is behind the best of its rivals (`stop_rivals`) by more
+    than `z` standard errors of the paired per-row difference."""
     level, losses = partial[r.spec]
-    rivals = [(n, lo) for n, (lv, lo) in partial.items() if lv >= level and n != r.spec]
-    rivals += [(n, lo) for n, (lo, removed) in finals.items() if removed >= level and n != r.spec]
+    rivals = stop_rivals(rule, r.spec, level, n_remove, partial, finals)
     if not rivals:
         return
     best_name, best = min(rivals, key=lambda t: (t[1].mean, t[0]))
