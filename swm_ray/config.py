@@ -160,13 +160,14 @@ class SelectConfig(_Section):
         "of their validation splits that no reported accuracy reads) that decide between candidates the held-out "
         "loss cannot tell apart; 0 = the loss alone")
     auto_margin: float = Field(2.0, gt=0, description="auto: standard errors of the paired per-row difference in "
-                               "held-out loss that count as resolved: a racing candidate whose partial plan is "
-                               "behind the best by more stops; finalists within it are a close call")
+                               "held-out loss that count as resolved between finished plans: finalists within it "
+                               "of the best are a close call")
     auto_stop_margin: float | None = Field(
-        None, gt=0, description="auto: standard errors behind the best partial plan at which the race stops a "
-        "search (null: auto_margin). A search behind early can finish ahead (BENCHMARKS.md, the 25% point): a "
-        "large value (1e9) runs every search to the end, at the cost of running them all, and the end is still "
-        "decided with auto_margin")
+        3.5, gt=0, description="auto: standard errors behind its best rival at which the race stops a search "
+        "(null: auto_margin). A search behind early can finish ahead (BENCHMARKS.md, the 25% point, 3.2 standard "
+        "errors behind at 4 of 9 layers); 3.5 keeps the plan chosen without stopping on every replayed run "
+        "(BENCHMARKS.md, 'Stopping rules replayed'); a large value (1e9) runs every search to the end, at the "
+        "cost of running them all")
     auto_stop_rule: Literal["partial", "finals", "half", "same", "merge"] = Field(
         "partial", description="auto: what a search's partial plan (k layers removed) is measured against before "
         "the race stops it: partial = finished plans removing >= k layers and the other searches' and rankings' "

@@ -222,8 +222,8 @@ def test_a_stopped_candidate_was_resolvably_behind():
     than the margin's standard errors; with an unreachable margin nothing stops."""
     model, _ = tiny_model("gemma2", n_layers=8, seed=0)
     specs = ["swm", "swm/keep-first", "sleb", "shortgpt", "replaceme"]
-    res = run_auto(_auto_cfg(**{"select.auto_candidates": specs, "select.layers": 3, "select.auto_margin": 1.0}),
-                   _scoring(model), 8, 3)
+    res = run_auto(_auto_cfg(**{"select.auto_candidates": specs, "select.layers": 3, "select.auto_margin": 1.0,
+                                "select.auto_stop_margin": 1.0}), _scoring(model), 8, 3)
     stopped = [o for o in res.outcomes if o.stopped]
     assert stopped, "no candidate stopped: the test cannot check the rule"
     for o in stopped:
@@ -232,8 +232,8 @@ def test_a_stopped_candidate_was_resolvably_behind():
         if o.method in ("swm", "sleb"):  # a search stopped at level >= 1 ran checks to get there: they are counted
             assert o.checks > 0, o.name
     assert sum(o.checks for o in res.outcomes) >= res.passes["checks"]
-    res = run_auto(_auto_cfg(**{"select.auto_candidates": specs, "select.layers": 3, "select.auto_margin": 1e9}),
-                   _scoring(model), 8, 3)
+    res = run_auto(_auto_cfg(**{"select.auto_candidates": specs, "select.layers": 3, "select.auto_margin": 1e9,
+                                "select.auto_stop_margin": None}), _scoring(model), 8, 3)  # null: auto_margin
     assert not any(o.stopped for o in res.outcomes)
     # the stopping margin apart from the final one: every search runs to the end, the end keeps its margin
     kept = run_auto(_auto_cfg(**{"select.auto_candidates": specs, "select.layers": 3, "select.auto_margin": 1.0,
@@ -242,6 +242,11 @@ def test_a_stopped_candidate_was_resolvably_behind():
     finished = {o.name for o in kept.outcomes if o.losses is not None}
     assert {o.name for o in stopped} <= finished
     assert "1e+09" not in kept.decided
+    # the default stops only a search more than 3.5 standard errors behind, whatever the final margin
+    default = run_auto(_auto_cfg(**{"select.auto_candidates": specs, "select.layers": 3, "select.auto_margin": 1.0}),
+                       _scoring(model), 8, 3)
+    assert all(o.stopped["diff"] > 3.5 * o.stopped["se"] for o in default.outcomes if o.stopped)
+    assert {o.name for o in default.outcomes if o.stopped} < {o.name for o in stopped}
 
 
 def _stop_rules_bench():
@@ -259,8 +264,9 @@ def test_the_replay_of_a_run_without_stopping_makes_the_races_stops():
     (`benchmarks/stop_rules.py`), stops the same searches at the same levels as the race run with that rule."""
     model, _ = tiny_model("gemma2", n_layers=8, seed=0)
     specs = ["swm", "swm/keep-first", "sleb", "shortgpt", "replaceme"]
-    flags = {"select.auto_candidates": specs, "select.layers": 3, "select.auto_margin": 1.0}
-    kept = run_auto(_auto_cfg(**flags, **{"select.auto_stop_margin": 1e9}), _scoring(model), 8, 3).record()
+    flags = {"select.auto_candidates": specs, "select.layers": 3, "select.auto_margin": 1.0,
+             "select.auto_stop_margin": 1.0}
+    kept = run_auto(_auto_cfg(**{**flags, "select.auto_stop_margin": 1e9}), _scoring(model), 8, 3).record()
     traj = kept["trajectory"]
     assert {"swm", "swm/keep-first", "sleb"} <= set(traj) and any("@" in n for n in traj)
     for n in ("swm", "sleb"):

@@ -13,12 +13,13 @@ own model and text. At the cost of one search, not of a queue of them:
    once (`checks.CheckMemo`; SLEB and `swm/keep-first` ask for the same keep-first models).
 3. After every step of a best-first search its partial plan (k layers removed) is scored on the held-out
    rows; a candidate stops when that plan is already behind the best plan that removes at least k layers by
-   more than `select.auto_margin` standard errors of the paired per-row difference (removing further layers
-   has not lowered the held-out loss on any path measured: BENCHMARKS.md). That is no bound on where either
-   search ends, and a search stopped this way has been measured to finish ahead (`select.auto_stop_margin`
-   sets the stopping margin apart from the final one; a large value runs every search to the end). The
-   planners that rank layers once (ShortGPT, ReplaceMe) enter at every level with their plan of that size,
-   which costs no check.
+   more than `select.auto_stop_margin` (3.5) standard errors of the paired per-row difference (removing
+   further layers has not lowered the held-out loss on any path measured: BENCHMARKS.md). That is no bound on
+   where either search ends: at 2 standard errors a search stopped this way was measured to finish ahead, and
+   3.5 keeps the unstopped choice on every run replayed (`extra.auto.trajectory`, benchmarks/stop_rules.py;
+   `select.auto_stop_rule` picks other rivals, a large margin runs every search to the end). The planners
+   that rank layers once (ShortGPT, ReplaceMe) enter at every level with their plan of that size, which costs
+   no check.
 4. A candidate that does not remove exactly the requested number of layers is reported and left out. Every
    finished plan is fitted with each compensation of `select.auto_compensate` and scored; the lowest mean loss
    wins. When others are within `select.auto_margin` standard errors of it (a close call), the close ones are
