@@ -18,7 +18,8 @@ than z standard errors of the paired per-row difference):
 
 Checks are the candidate checks each search asked for that were not yet in the shared memo: a search stopped
 early may leave checks it shared with another (SLEB and `swm/keep-first`) to that one, so the savings are
-upper bounds.
+upper bounds. A resumed run (`--resume`) does not count the checks it read back from its first process: replay
+runs made in one go.
 """
 
 from __future__ import annotations
