@@ -31,8 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from swm_ray.compute.validation import RowLosses, paired
-from swm_ray.methods.auto import STOP_RULES, stop_rivals
+from swm_ray.compute.validation import RowLosses
+from swm_ray.methods.auto import STOP_RULES, stop_decision
+
+
+def _losses(event: dict) -> RowLosses:
+    return RowLosses(np.asarray(event["rows"], dtype=np.float64))
 
 
 def replay(auto: dict, rule: str, z: float, n_remove: int) -> dict:
@@ -50,7 +54,7 @@ def replay(auto: dict, rule: str, z: float, n_remove: int) -> dict:
     for rnd in sorted({e["round"] for ev in traj.values() for e in ev}):
         now = [(n, e) for n, ev in sorted(traj.items()) for e in ev if e["round"] == rnd and n not in stopped]
         for n, e in now:
-            lo = RowLosses(np.asarray(e["rows"], dtype=np.float64))
+            lo = _losses(e)
             if e["finished"]:
                 finals[n] = (lo, e["level"])
                 if e["checks"] is not None:
@@ -63,18 +67,14 @@ def replay(auto: dict, rule: str, z: float, n_remove: int) -> dict:
         for n, ev in traj.items():
             for e in ev:
                 if "@" in n and e["round"] <= rnd and e["level"] in reached:
-                    partial[n] = (e["level"], RowLosses(np.asarray(e["rows"], dtype=np.float64)))
+                    partial[n] = (e["level"], _losses(e))
         for n in searches:
             if n in stopped or ends[n] <= rnd or n not in partial:
                 continue
             level, lo = partial[n]
-            rivals = stop_rivals(rule, n, level, n_remove, partial, finals)
-            if not rivals:
-                continue
-            best_name, best = min(rivals, key=lambda t: (t[1].mean, t[0]))
-            d = paired(lo, best)
-            if d.diff > 0 and d.resolved(z):
-                stopped[n] = {"level": level, "behind": best_name, "diff": d.diff, "se": d.se}
+            where = stop_decision(rule, n, level, lo, n_remove, partial, finals, z)
+            if where is not None:
+                stopped[n] = where
     return {"stopped": stopped, "checks": sum(spent.values()), "searches": searches}
 
 

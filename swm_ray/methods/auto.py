@@ -340,19 +340,28 @@ def stop_rivals(rule: str, name: str, level: int, n_remove: int, partial: dict, 
                      and (lv == level if rule == "same" else lv >= level)]
 
 
-def _maybe_stop(r: _Runner, partial: dict, finals: dict, z: float, rule: str, n_remove: int, say) -> None:
-    """Stop `r` when its partial plan (k layers removed) is behind the best of its rivals (`stop_rivals`) by more
-    than `z` standard errors of the paired per-row difference."""
-    level, losses = partial[r.spec]
-    rivals = stop_rivals(rule, r.spec, level, n_remove, partial, finals)
+def stop_decision(rule: str, name: str, level: int, losses: RowLosses, n_remove: int, partial: dict, finals: dict,
+                  z: float) -> dict | None:
+    """Where a search stops, or None: its partial plan (`level` layers removed, `losses`) behind the best of its
+    rivals (`stop_rivals`) by more than `z` standard errors of the paired per-row difference."""
+    rivals = stop_rivals(rule, name, level, n_remove, partial, finals)
     if not rivals:
-        return
+        return None
     best_name, best = min(rivals, key=lambda t: (t[1].mean, t[0]))
     d = paired(losses, best)
-    if d.diff > 0 and d.resolved(z):
-        r.stop = True
-        r.stopped = {"level": level, "validation_nll": round(losses.mean, 6), "behind": best_name, **d.record()}
-        say(f"{r.spec}: stopped with {level} layer(s) removed, {d.diff:.4f} ± {d.se:.4f} nats behind {best_name}")
+    if not (d.diff > 0 and d.resolved(z)):
+        return None
+    return {"level": level, "validation_nll": round(losses.mean, 6), "behind": best_name, **d.record()}
+
+
+def _maybe_stop(r: _Runner, partial: dict, finals: dict, z: float, rule: str, n_remove: int, say) -> None:
+    """Stop `r` where `stop_decision` says so."""
+    level, losses = partial[r.spec]
+    stopped = stop_decision(rule, r.spec, level, losses, n_remove, partial, finals, z)
+    if stopped is not None:
+        r.stop, r.stopped = True, stopped
+        say(f"{r.spec}: stopped with {level} layer(s) removed, {stopped['diff']:.4f} ± {stopped['se']:.4f} nats "
+            f"behind {stopped['behind']}")
 
 
 def _finish(cfg, scoring, runners, n_remove: int, validate, say) -> list[Outcome]:
