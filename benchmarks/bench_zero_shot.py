@@ -10,7 +10,8 @@ most.
         [--ppl] [--out runs/zero-shot.json]
 
 An argument `LABEL=PATH` names its row; a bare path is labelled from its plan (method, windows, compensation).
-`--ppl` adds the held-out perplexity of the evaluation defaults (16,384 tokens of Wikipedia prose).
+`--ppl` adds the held-out perplexity of the evaluation defaults (`builtin:boolq-passages`); `--tasks ""
+--ppl` gives the perplexity alone.
 """
 
 from __future__ import annotations
@@ -88,17 +89,19 @@ def main() -> None:
         have.add(label)
         done["meta"] = {"tasks": tasks, "limit": args.limit, "threads": args.threads, "when": time.ctime()}
         write_text_atomic(str(out), json.dumps(done, indent=2) + "\n")
-        print(f"{label}: mean {row['mean']:.3f} ({row['seconds']:.0f} s)", flush=True)
+        mean = "-" if row["mean"] is None else f"{row['mean']:.3f}"
+        ppl = f", perplexity {row['ppl']:.2f}" if row["ppl"] else ""
+        print(f"{label}: mean {mean}{ppl} ({row['seconds']:.0f} s)", flush=True)
         del model
         gc.collect()
     cols = done["meta"]["tasks"]
-    print("\n| model | " + " | ".join(cols) + " | mean |" + (" PPL |" if args.ppl else ""))
+    print("\n| model | " + "".join(f"{c} | " for c in cols) + "mean |" + (" PPL |" if args.ppl else ""))
     print("|---|" + "---|" * (len(cols) + 1) + ("---|" if args.ppl else ""))
     for r in done["rows"]:
-        cells = " | ".join(f"{r['tasks'].get(t, float('nan')):.2f}" for t in cols)
+        cells = "".join(f"{r['tasks'].get(t, float('nan')):.2f} | " for t in cols)
         ppl = f" {r['ppl']:.2f} |" if args.ppl and r.get("ppl") else ""
-        print(f"| {r['label']} | {cells} | {r['mean']:.3f} |{ppl}")
-
+        mean = "-" if r["mean"] is None else f"{r['mean']:.3f}"
+        print(f"| {r['label']} | {cells}{mean} |{ppl}")
 
 if __name__ == "__main__":
     main()

@@ -145,7 +145,11 @@ class SelectConfig(_Section):
     max_steps: int = Field(10_000, ge=1, description="guard against an endless top-down loop (window tests)")
     auto_candidates: tuple[str, ...] = Field(
         AUTO_CANDIDATES, description="auto: the planners it runs, each a method (swm, shortgpt, sleb, laco, "
-        "shortened-ppl, replaceme) or swm/MERGE for swm with another merge method (swm/keep-first)")
+        "shortened-ppl, replaceme) or swm/MERGE for swm with another merge method (swm/keep-first); PLANNER+COMP "
+        "(replaceme+lstsq: ReplaceMe as published, with its least-squares map) is that planner's finished plan "
+        "fitted with the compensation COMP (lstsq, lstsq:RIDGE, scale), one more plan to choose from. Not in the "
+        "default: the held-out calibration rows favour a fit on the same text even where it loses on other text "
+        "(BENCHMARKS.md, 'A fitted candidate in the race')")
     auto_compensate: tuple[str, ...] = Field(
         ("none",), description="auto: every candidate plan is tried with each of these compensations: none, scale, "
         "lstsq, or lstsq:RIDGE (the ridge λ of that fit; plain lstsq uses merge.ridge). Default none only: a fit "
@@ -202,6 +206,14 @@ class SelectConfig(_Section):
         if len(set(v)) != len(v):
             raise ValueError("entries repeat")
         for spec in v:
+            if "+" in str(spec):  # a candidate with its own fit: PLANNER+COMP
+                from swm_ray.methods.candidates import parse_candidate
+
+                try:
+                    parse_candidate(str(spec))
+                except UserError as e:
+                    raise ValueError(str(e)) from None
+                continue
             method, _, merge = str(spec).partition("/")
             comp, colon, ridge = str(spec).partition(":")
             if comp in COMPENSATIONS and (not colon or comp == "lstsq"):
@@ -215,7 +227,7 @@ class SelectConfig(_Section):
             if method not in AUTO_METHODS or (merge and (method != "swm" or merge not in MERGE_METHODS)):
                 raise ValueError(f"{spec!r} is not a candidate: use a method of {', '.join(AUTO_METHODS)} or "
                                  f"swm/MERGE with MERGE in {', '.join(MERGE_METHODS)} (compensations: none, scale, "
-                                 f"lstsq, lstsq:RIDGE)")
+                                 f"lstsq, lstsq:RIDGE; a candidate with its own fit: PLANNER+COMP)")
         return v
 
     @model_validator(mode="after")

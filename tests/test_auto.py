@@ -153,6 +153,41 @@ def test_auto_chooses_the_argmin_of_independently_computed_losses(arch):
     assert res.record()["chosen"] == res.chosen.name
 
 
+def test_a_candidate_with_its_own_fit_is_its_planners_plan_fitted():
+    """`replaceme+lstsq` is ReplaceMe's plan with its map: one more finished plan beside the plain one, equal to
+    its independent computation; a planner listed only with a fit (`shortgpt+scale`) runs, and only its fitted
+    plan is a contender; a fit named by both lists is scored once."""
+    model, _ = tiny_model("llama", n_layers=6, seed=3)
+    specs = ["sleb", "replaceme", "replaceme+lstsq", "shortgpt+scale"]
+    cfg = _auto_cfg(**{"select.auto_candidates": specs, "select.auto_compensate": ["none", "scale"],
+                       "select.auto_margin": 1e9, "select.auto_validation_max": 8})
+    res = run_auto(cfg, _scoring(model), 6, 2, layer_names=list(model.model.layers[0].state_dict()))
+    want = {**_independent_losses(model, ["sleb", "replaceme"], ["none", "scale"]),
+            **_independent_losses(model, ["replaceme"], ["lstsq"]),
+            **_independent_losses(model, ["shortgpt"], ["scale"])}
+    record = {o["candidate"]: o for o in res.record()["candidates"]}
+    assert sorted(record) == sorted(want) == ["replaceme", "replaceme+lstsq", "replaceme+scale", "shortgpt+scale",
+                                              "sleb", "sleb+scale"]
+    for name, (loss, windows) in want.items():
+        assert record[name]["windows"] == windows
+        assert record[name]["validation_nll"] == pytest.approx(loss, abs=2e-5)
+    assert record["replaceme+lstsq"]["compensate"] == "lstsq"
+    assert record["replaceme+lstsq"]["validation_nll"] != pytest.approx(record["replaceme"]["validation_nll"])
+    assert want[res.chosen.name][0] == pytest.approx(min(v[0] for v in want.values()), abs=1e-9)
+
+
+def test_a_fit_after_the_plan_is_named_by_the_planner_and_checked_before_any_model():
+    names = dict(tiny_model("llama", n_layers=2)[0].model.layers[0].state_dict())
+    assert effective_spec("swm/consistent+lstsq", "reference", names) == "swm/reference+lstsq"
+    run, skipped = deduplicated(["swm+lstsq", "swm/reference+lstsq", "swm"], "reference", names)
+    assert run == ["swm", "swm+lstsq"] and skipped == {"swm/reference+lstsq": "swm+lstsq"}
+    for bad, why in [("sleb+none", "after '\\+' comes a compensation"), ("sleb+ridge", "comes a compensation"),
+                     ("sleb+lstsq:-1", "comes a compensation"), ("sleb+scale:1", "comes a compensation"),
+                     ("nope+lstsq", "not a method auto can run")]:
+        with pytest.raises(UserError, match=why):
+            build_config(flags={"select.auto_candidates": ["sleb", bad]})
+
+
 def test_a_candidate_of_another_size_is_left_out_and_none_reaching_it_is_one_line():
     """LaCo with 4-layer windows cannot remove exactly 2 layers of 6: it is reported and excluded; with LaCo
     alone the error names the closest it came."""

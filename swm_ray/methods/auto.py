@@ -21,8 +21,9 @@ own model and text. At the cost of one search, not of a queue of them:
    that rank layers once (ShortGPT, ReplaceMe) enter at every level with their plan of that size, which costs
    no check.
 4. A candidate that does not remove exactly the requested number of layers is reported and left out. Every
-   finished plan is fitted with each compensation of `select.auto_compensate` and scored; the lowest mean loss
-   wins. When others are within `select.auto_margin` standard errors of it (a close call), the close ones are
+   finished plan is fitted with each compensation of `select.auto_compensate` (and a `PLANNER+COMP`
+   candidate's plan with its COMP: `replaceme+lstsq` is ReplaceMe as published) and scored; the lowest mean
+   loss wins. When others are within `select.auto_margin` standard errors of it (a close call), the close ones are
    scored on up to `select.auto_validation_max` further held-out rows before deciding.
 5. If the loss still cannot tell them apart, a task-style signal decides between those (`tasksignal.py`):
    accuracy on multiple-choice items from the held-out slice of PIQA, HellaSwag and WinoGrande that no
@@ -47,7 +48,7 @@ import numpy as np
 from swm_ray.compute.validation import RowLosses, paired
 from swm_ray.edits.windows import Group
 from swm_ray.errors import UserError
-from swm_ray.methods.candidates import candidate_config, compensation_config, deduplicated
+from swm_ray.methods.candidates import candidate_config, compensation_config, planners_and_fits
 
 
 # -- outcomes ------------------------------------------------------------------------------------------------
@@ -82,6 +83,7 @@ class Outcome:
                 "validation_nll": None if v is None else round(v, 6),
                 "validation_ppl": None if v is None else round(math.exp(v), 4),
                 "validation_rows": None if self.losses is None else len(self.losses.values),
+                "row_nll": None if self.losses is None else [round(float(v), 6) for v in self.losses.values],
                 "versus_chosen": self.versus, "task_signal": self.task, "checks": self.checks,
                 "stopped": self.stopped, "error": self.error}
 
@@ -196,9 +198,15 @@ def run_auto(cfg, scoring, n_layers: int, n_remove: int, report: Callable[[str],
     spent.charge("reference pass and the original's rows")
     say(f"original model: validation NLL {original.mean:.4f} (ppl {math.exp(original.mean):.2f}) on "
         f"{len(original.values)} held-out rows")
-    specs, same = deduplicated(s.auto_candidates, cfg.merge.method, layer_names)
+    specs, fits, same = planners_and_fits(s.auto_candidates, cfg.merge.method, layer_names, s.auto_compensate)
     for spec, first in sorted(same.items()):
         say(f"{spec}: the same computation as {first} on this architecture, not run again")
+    if s.then_width is not None:  # a width pass after a fitted map is not supported (width_targets.py)
+        for spec, comps in fits.items():
+            for c in comps:
+                if c != "none":
+                    say(f"{spec}+{c}: left out (select.then_width follows the depth plan; it takes no fitted map)")
+        fits = {k: ["none"] for k in fits}
     val_memo: dict = {}
 
     def validate(plans) -> list[RowLosses]:
@@ -276,7 +284,7 @@ def run_auto(cfg, scoring, n_layers: int, n_remove: int, report: Callable[[str],
                 r.step()  # it raises Stopped inside its planner and ends
             spent.charge("searches: candidate checks")
             live = [r for r in live if not r.done]
-    outcomes = _finish(cfg, scoring, runners, n_remove, validate, say)
+    outcomes = _finish(cfg, scoring, runners, n_remove, validate, say, fits)
     spent.charge("finished plans: fits and held-out rows")
     chosen, decided = _choose(outcomes, scoring, z, s.auto_validation_max, say, tasks, tasks_note, spent)
     counters = scoring.counters()
@@ -364,8 +372,9 @@ def _maybe_stop(r: _Runner, partial: dict, finals: dict, z: float, rule: str, n_
             f"behind {stopped['behind']}")
 
 
-def _finish(cfg, scoring, runners, n_remove: int, validate, say) -> list[Outcome]:
-    """Every candidate's outcome: its plan at the target size, fitted with each compensation, scored."""
+def _finish(cfg, scoring, runners, n_remove: int, validate, say, fits: dict[str, list[str]]) -> list[Outcome]:
+    """Every candidate's outcome: its plan at the target size, fitted with each of its compensations (`fits`:
+    planner -> compensations, `candidates.planners_and_fits`), scored."""
     from swm_ray.methods.planners import compensate_plan
 
     site = None
@@ -386,7 +395,7 @@ def _finish(cfg, scoring, runners, n_remove: int, validate, say) -> list[Outcome
         removed = sum(h - lo for lo, h in windows)
         checks = getattr(planned.evaluator, "misses", 0) if planned.evaluator is not None else 0
         planned.evaluator = None  # the outcome keeps the windows, not the checks' states
-        for comp_spec in cfg.select.auto_compensate:
+        for comp_spec in fits[r.spec]:
             name = r.spec if comp_spec == "none" else f"{r.spec}+{comp_spec}"
             o = Outcome(name, method, comp_spec, windows, planned.merge, planned=planned, checks=checks)
             outcomes.append(o)

@@ -1,5 +1,9 @@
-"""The candidates of `--method auto`: a candidate spec (`METHOD` or `swm/MERGE`), the config it runs
-with, what it computes on a given architecture, and candidates deduplicated by that."""
+"""The candidates of `--method auto`: a candidate spec (`METHOD`, `swm/MERGE`, either with `+COMPENSATION`),
+the config it runs with, what it computes on a given architecture, and candidates deduplicated by that.
+
+`METHOD+COMP` (`replaceme+lstsq`, `sleb+lstsq:1`) is the plan of `METHOD` fitted with that compensation: the
+planner runs once for the plain and the fitted candidate, and the fit is one more finished plan to choose from
+(the race itself measures plain plans)."""
 
 from __future__ import annotations
 
@@ -9,11 +13,31 @@ from swm_ray.errors import UserError
 
 
 # -- candidates ----------------------------------------------------------------------------------------------
+def split_fit(spec: str) -> tuple[str, str | None]:
+    """`PLANNER+COMP` -> (`PLANNER`, `COMP`); a spec without `+` -> (spec, None)."""
+    from swm_ray.config import COMPENSATIONS
+
+    planner, plus, comp = spec.partition("+")
+    if not plus:
+        return spec, None
+    method, colon, ridge = comp.partition(":")
+    ok = method in COMPENSATIONS and method != "none" and (not colon or method == "lstsq")
+    if ok and colon:
+        try:
+            ok = float(ridge) >= 0
+        except ValueError:
+            ok = False
+    if not ok:
+        raise UserError(f"auto candidate {spec!r}: after '+' comes a compensation: lstsq, lstsq:RIDGE (RIDGE >= 0) "
+                        f"or scale")
+    return planner, comp
+
+
 def parse_candidate(spec: str) -> tuple[str, str | None]:
-    """`METHOD` or `swm/MERGE` -> (method, merge or None)."""
+    """`METHOD`, `swm/MERGE`, either with `+COMP` -> (method, merge or None)."""
     from swm_ray.config import AUTO_METHODS, MERGE_METHODS
 
-    method, _, merge = spec.partition("/")
+    method, _, merge = split_fit(spec)[0].partition("/")
     if method not in AUTO_METHODS:
         raise UserError(f"auto candidate {spec!r}: {method!r} is not a method auto can run; choose among "
                         f"{', '.join(AUTO_METHODS)} (swm may name a merge: swm/keep-first)")
@@ -41,16 +65,18 @@ def compensation_config(cfg, spec: str):
 def effective_spec(spec: str, merge_method: str, layer_names: Collection[str]) -> str:
     """What a candidate computes on layers with these tensor names: `swm` runs `merge.method` (`merge_method`),
     and `swm/consistent` is `swm/reference` where no norm follows a weight (Llama, Mistral, Qwen2); the
-    baselines fix their own merge."""
+    baselines fix their own merge; a fit (`+COMP`) is kept."""
     from swm_ray.edits.merge import follows_weight
 
     method, merge = parse_candidate(spec)
+    comp = split_fit(spec)[1]
+    fit = f"+{comp}" if comp else ""
     if method != "swm":
-        return method
+        return method + fit
     merge = merge or merge_method
     if merge == "consistent" and layer_names and not any(follows_weight(n, layer_names) for n in layer_names):
         merge = "reference"
-    return f"swm/{merge}"
+    return f"swm/{merge}{fit}"
 
 
 def deduplicated(specs, merge_method: str, layer_names: Collection[str]) -> tuple[list[str], dict[str, str]]:
@@ -65,3 +91,22 @@ def deduplicated(specs, merge_method: str, layer_names: Collection[str]) -> tupl
         run.append(first)
         same.update({s: first for s in rest})
     return sorted(run), same
+
+
+def planners_and_fits(specs, merge_method: str, layer_names: Collection[str], compensations=("none",)) \
+        -> tuple[list[str], dict[str, list[str]], dict[str, str]]:
+    """(the planners to run, sorted by name; {planner: the compensations its finished plan is scored with, "none"
+    first, then by name}; {skipped spec: the spec that computes the same}). A plain candidate is scored with
+    every entry of `compensations` (`select.auto_compensate`); `PLANNER+COMP` adds COMP to the list of the
+    planner that computes PLANNER (which runs even when it is not listed plain; its plain plan is then no
+    contender)."""
+    run, same = deduplicated(specs, merge_method, layer_names)
+    plain = {effective_spec(s, merge_method, layer_names): s for s in run if split_fit(s)[1] is None}
+    fits: dict[str, list[str]] = {}
+    for spec in run:
+        base, comp = split_fit(spec)
+        key = plain.get(effective_spec(base, merge_method, layer_names), base)
+        listed = fits.setdefault(key, [])
+        listed += [c for c in ([comp] if comp else compensations) if c not in listed]
+    fits = {k: sorted(v, key=lambda c: (c != "none", c)) for k, v in sorted(fits.items())}
+    return list(fits), fits, same

@@ -175,7 +175,8 @@ def may_compensate(cfg) -> bool:
     """Whether a run may fit a compensation (its own method's, or one of auto's): it then draws the further
     calibration rows of `merge.fit_samples` (`data.calibration_sets`)."""
     if cfg.select.method == "auto":
-        return any(spec.partition(":")[0] != "none" for spec in cfg.select.auto_compensate)
+        return any(spec.partition(":")[0] != "none" for spec in cfg.select.auto_compensate) or any(
+            "+" in spec for spec in cfg.select.auto_candidates)
     return method_compensation(cfg) != "none"
 
 

@@ -138,7 +138,9 @@ def _check_depth(cfg, facts: ModelFacts, n_remove: int | None) -> None:
 
 def _with_method(cfg, spec: str):
     """`cfg` with an auto candidate's method (its merge method does not change what it can reach)."""
-    return cfg.model_copy(update={"select": cfg.select.model_copy(update={"method": spec.partition("/")[0]})})
+    from swm_ray.methods.candidates import parse_candidate
+
+    return cfg.model_copy(update={"select": cfg.select.model_copy(update={"method": parse_candidate(spec)[0]})})
 
 
 def check_targets(cfg, facts: ModelFacts | None = None) -> int | None:
