@@ -206,13 +206,22 @@ class SelectConfig(_Section):
         if len(set(v)) != len(v):
             raise ValueError("entries repeat")
         for spec in v:
-            if "+" in str(spec):  # a candidate with its own fit: PLANNER+COMP
-                from swm_ray.methods.candidates import parse_candidate
-
-                try:
-                    parse_candidate(str(spec))
-                except UserError as e:
-                    raise ValueError(str(e)) from None
+            if "+" in str(spec):  # a candidate with its own fit: PLANNER+COMP (methods/candidates.py reads it)
+                base, _, comp = str(spec).partition("+")
+                cm, colon, ridge = comp.partition(":")
+                ok = cm in COMPENSATIONS and cm != "none" and (not colon or cm == "lstsq")
+                if ok and colon:
+                    try:
+                        ok = float(ridge) >= 0
+                    except ValueError:
+                        ok = False
+                if not ok:
+                    raise ValueError(f"auto candidate {spec!r}: after '+' comes a compensation: lstsq, lstsq:RIDGE "
+                                     f"(RIDGE >= 0) or scale")
+                method, _, merge = base.partition("/")
+                if method not in AUTO_METHODS or (merge and (method != "swm" or merge not in MERGE_METHODS)):
+                    raise ValueError(f"auto candidate {spec!r}: {method!r} is not a method auto can run; choose "
+                                     f"among {', '.join(AUTO_METHODS)} (swm may name a merge: swm/keep-first)")
                 continue
             method, _, merge = str(spec).partition("/")
             comp, colon, ridge = str(spec).partition(":")
