@@ -37,6 +37,17 @@ DEFAULT_DATA = "builtin:lambada"
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
 
+def is_fit(comp: str) -> bool:
+    """Whether COMP of an auto candidate PLANNER+COMP names a fit: lstsq, lstsq:RIDGE (RIDGE >= 0) or scale."""
+    method, colon, ridge = comp.partition(":")
+    if method not in COMPENSATIONS or method == "none" or (colon and method != "lstsq"):
+        return False
+    try:
+        return not colon or float(ridge) >= 0
+    except ValueError:
+        return False
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -208,14 +219,7 @@ class SelectConfig(_Section):
         for spec in v:
             if "+" in str(spec):  # a candidate with its own fit: PLANNER+COMP (methods/candidates.py reads it)
                 base, _, comp = str(spec).partition("+")
-                cm, colon, ridge = comp.partition(":")
-                ok = cm in COMPENSATIONS and cm != "none" and (not colon or cm == "lstsq")
-                if ok and colon:
-                    try:
-                        ok = float(ridge) >= 0
-                    except ValueError:
-                        ok = False
-                if not ok:
+                if not is_fit(comp):
                     raise ValueError(f"auto candidate {spec!r}: after '+' comes a compensation: lstsq, lstsq:RIDGE "
                                      f"(RIDGE >= 0) or scale")
                 method, _, merge = base.partition("/")

@@ -15,19 +15,12 @@ from swm_ray.errors import UserError
 # -- candidates ----------------------------------------------------------------------------------------------
 def split_fit(spec: str) -> tuple[str, str | None]:
     """`PLANNER+COMP` -> (`PLANNER`, `COMP`); a spec without `+` -> (spec, None)."""
-    from swm_ray.config import COMPENSATIONS
+    from swm_ray.config import is_fit
 
     planner, plus, comp = spec.partition("+")
     if not plus:
         return spec, None
-    method, colon, ridge = comp.partition(":")
-    ok = method in COMPENSATIONS and method != "none" and (not colon or method == "lstsq")
-    if ok and colon:
-        try:
-            ok = float(ridge) >= 0
-        except ValueError:
-            ok = False
-    if not ok:
+    if not is_fit(comp):
         raise UserError(f"auto candidate {spec!r}: after '+' comes a compensation: lstsq, lstsq:RIDGE (RIDGE >= 0) "
                         f"or scale")
     return planner, comp
