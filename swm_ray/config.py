@@ -217,17 +217,14 @@ class SelectConfig(_Section):
         if len(set(v)) != len(v):
             raise ValueError("entries repeat")
         for spec in v:
-            if "+" in str(spec):  # a candidate with its own fit: PLANNER+COMP (methods/candidates.py reads it)
-                base, _, comp = str(spec).partition("+")
-                if not is_fit(comp):
-                    raise ValueError(f"auto candidate {spec!r}: after '+' comes a compensation: lstsq, lstsq:RIDGE "
-                                     f"(RIDGE >= 0) or scale")
-                method, _, merge = base.partition("/")
-                if method not in AUTO_METHODS or (merge and (method != "swm" or merge not in MERGE_METHODS)):
-                    raise ValueError(f"auto candidate {spec!r}: {method!r} is not a method auto can run; choose "
-                                     f"among {', '.join(AUTO_METHODS)} (swm may name a merge: swm/keep-first)")
-                continue
-            method, _, merge = str(spec).partition("/")
+            planner, plus, fit = str(spec).partition("+")  # PLANNER+COMP: a candidate with its own fit
+            if plus and not is_fit(fit):
+                raise ValueError(f"auto candidate {spec!r}: after '+' comes a compensation: lstsq, lstsq:RIDGE "
+                                 f"(RIDGE >= 0) or scale")
+            method, _, merge = planner.partition("/")
+            if plus and method not in AUTO_METHODS:
+                raise ValueError(f"auto candidate {spec!r}: {method!r} is not a method auto can run; choose "
+                                 f"among {', '.join(AUTO_METHODS)} (swm may name a merge: swm/keep-first)")
             comp, colon, ridge = str(spec).partition(":")
             if comp in COMPENSATIONS and (not colon or comp == "lstsq"):
                 if colon:
