@@ -23,7 +23,7 @@ WIDTH_METHODS = ("flap", "taylor")  # width pruners (heads and MLP channels, `wi
 BASELINES = ("shortgpt", "sleb", "laco", "shortened-ppl", "replaceme")
 AUTO_METHODS = ("swm", *BASELINES)  # what `auto` may run
 FIT_SAMPLES = 128  # rows of a compensation fit (BENCHMARKS.md: 10 rows overfit a 576×576 map, 128 do not)
-AUTO_CANDIDATES = ("swm", "swm/consistent", "swm/keep-first", "shortgpt", "sleb", "replaceme")
+AUTO_CANDIDATES = ("swm", "swm/consistent", "swm/keep-first", "shortgpt", "sleb", "replaceme", "replaceme+lstsq")
 COMPENSATIONS = ("none", "lstsq", "scale")
 COMPENSATION_INPUTS = ("compressed", "original")
 HEAL_MODES = ("lora", "local")
@@ -158,9 +158,9 @@ class SelectConfig(_Section):
         AUTO_CANDIDATES, description="auto: the planners it runs, each a method (swm, shortgpt, sleb, laco, "
         "shortened-ppl, replaceme) or swm/MERGE for swm with another merge method (swm/keep-first); PLANNER+COMP "
         "(replaceme+lstsq: ReplaceMe as published, with its least-squares map) is that planner's finished plan "
-        "fitted with the compensation COMP (lstsq, lstsq:RIDGE, scale), one more plan to choose from. Not in the "
-        "default: the held-out calibration rows favour a fit on the same text even where it loses on other text "
-        "(BENCHMARKS.md, 'A fitted candidate in the race')")
+        "fitted with the compensation COMP (lstsq, lstsq:RIDGE, scale), one more plan to choose from; a fitted plan is "
+        "chosen only if it also holds on the task items' text (the fit gate: the held-out calibration rows favour a "
+        "fit on the same text even where it loses on other text; BENCHMARKS.md, 'The fit gate')")
     auto_compensate: tuple[str, ...] = Field(
         ("none",), description="auto: every candidate plan is tried with each of these compensations: none, scale, "
         "lstsq, or lstsq:RIDGE (the ridge λ of that fit; plain lstsq uses merge.ridge). Default none only: a fit "
@@ -173,10 +173,12 @@ class SelectConfig(_Section):
     auto_task_items: int = Field(
         192, ge=0, description="auto: multiple-choice items (PIQA, HellaSwag, WinoGrande; from the held-out slice "
         "of their validation splits that no reported accuracy reads) that decide between candidates the held-out "
-        "loss cannot tell apart; 0 = the loss alone")
+        "loss cannot tell apart, and whose text checks a fitted plan before it is chosen (the fit gate); 0 = the "
+        "loss alone, no gate")
     auto_margin: float = Field(2.0, gt=0, description="auto: standard errors of the paired per-row difference in "
                                "held-out loss that count as resolved between finished plans: finalists within it "
-                               "of the best are a close call")
+                               "of the best are a close call; the fit gate sets aside a fitted plan behind by "
+                               "more than this many on the task items' text")
     auto_stop_margin: float | None = Field(
         3.5, gt=0, description="auto: standard errors behind its best rival at which the race stops a search "
         "(null: auto_margin). A search behind early can finish ahead (BENCHMARKS.md, the 25% point, 3.2 standard "

@@ -105,10 +105,10 @@ def test_plan_nll_is_the_compressed_models_own_loss(arch):
     assert got != pytest.approx(plain, abs=1e-4)  # the plan changed the model
 
 
-def _independent_losses(model, specs, compensations, n_remove: int = 2):
-    """Each candidate planned alone on a fresh scoring of the planning rows, its plan (fitted) applied to a deep
-    copy of the model, the held-out loss computed from transformers' logits: no code of the race involved."""
-    plan_calib, val, _ = _calibs()
+def _independent_models(model, specs, compensations, n_remove: int = 2):
+    """Each candidate planned alone on a fresh scoring of the planning rows and its plan (fitted) applied to a deep
+    copy of the model: no code of the race involved. name -> (edited model, windows)."""
+    plan_calib, _, _ = _calibs()
     out = {}
     for spec in specs:
         method, _, merge = spec.partition("/")
@@ -125,9 +125,15 @@ def _independent_losses(model, specs, compensations, n_remove: int = 2):
             apply_windows(edited, planned.selection.windows, planned.merge)
             if comp is not None:
                 compensate_model(edited, planned.selection.windows, comp.fits)
-            out[spec if c == "none" else f"{spec}+{c}"] = (_nll_by_hand(edited, val.input_ids),
-                                                           [list(w) for w in planned.selection.windows])
+            out[spec if c == "none" else f"{spec}+{c}"] = (edited, [list(w) for w in planned.selection.windows])
     return out
+
+
+def _independent_losses(model, specs, compensations, n_remove: int = 2):
+    """`_independent_models`' held-out losses, computed from transformers' logits."""
+    val = _calibs()[1]
+    return {name: (_nll_by_hand(edited, val.input_ids), windows)
+            for name, (edited, windows) in _independent_models(model, specs, compensations, n_remove).items()}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -174,6 +180,43 @@ def test_a_candidate_with_its_own_fit_is_its_planners_plan_fitted():
     assert record["replaceme+lstsq"]["compensate"] == "lstsq"
     assert record["replaceme+lstsq"]["validation_nll"] != pytest.approx(record["replaceme"]["validation_nll"])
     assert want[res.chosen.name][0] == pytest.approx(min(v[0] for v in want.values()), abs=1e-9)
+
+
+def test_the_fit_gate_checks_a_fitted_plan_on_the_task_items_text_computed_by_hand():
+    """With task items given, a fitted plan that wins on held-out loss is checked on the task items' text against
+    the plan without a fit: the gate's paired difference equals the one computed from transformers' logits on the
+    fitted and plain models, and the choice follows it."""
+    from swm_ray.methods.tasksignal import ChoiceItem, task_rows, text_losses
+
+    model, _ = tiny_model("llama", n_layers=6, seed=3)
+    rng = np.random.default_rng(5)
+    items = [ChoiceItem("piqa", i, (tuple(rng.integers(4, 256, 6).tolist()),) * 2,
+                        tuple(tuple(rng.integers(4, 256, int(rng.integers(1, 4))).tolist()) for _ in range(2)),
+                        int(rng.integers(0, 2)), (1.0, 1.0), (3, 5)) for i in range(24)]
+    tasks = task_rows(items)
+    cfg = _auto_cfg(**{"select.auto_candidates": ["replaceme", "replaceme+lstsq"],
+                       "select.auto_validation_max": 8})
+    res = run_auto(cfg, _scoring(model), 6, 2, layer_names=list(model.model.layers[0].state_dict()), tasks=tasks)
+    fitted = next(o for o in res.outcomes if o.name == "replaceme+lstsq")
+    assert fitted.losses.mean < next(o for o in res.outcomes if o.name == "replaceme").losses.mean
+    assert fitted.gate is not None and fitted.gate["versus"] == "replaceme" and fitted.gate["items"] == 24
+
+    def by_hand(edited):
+        lls = []
+        for ids, (a, b) in zip(tasks.rows, tasks.spans):
+            with torch.no_grad():
+                logp = F.log_softmax(edited(torch.tensor([ids])).logits[0].float(), dim=-1)
+            lls.append(float(logp[a - 1 : b - 1].gather(-1, torch.tensor(ids[a:b])[:, None]).sum()))
+        return text_losses(tasks, lls)
+
+    models = _independent_models(model, ["replaceme"], ["none", "lstsq"])
+    d = by_hand(models["replaceme+lstsq"][0]) - by_hand(models["replaceme"][0])
+    assert fitted.gate["text_loss_diff"] == pytest.approx(d.mean(), abs=1e-4)
+    assert fitted.gate["se"] == pytest.approx(d.std(ddof=1) / math.sqrt(len(d)), abs=1e-4)
+    passed = d.mean() <= 2.0 * d.std(ddof=1) / math.sqrt(len(d))
+    assert fitted.gate["passed"] is bool(passed)
+    assert (res.chosen.name == "replaceme+lstsq") is bool(passed)
+    assert ("fit gate passed" if passed else "replaceme+lstsq set aside") in res.decided
 
 
 def test_a_fit_after_the_plan_is_named_by_the_planner_and_checked_before_any_model():

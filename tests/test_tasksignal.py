@@ -15,7 +15,7 @@ from swm_ray.compute.planrun import PlanRunner
 from swm_ray.compute.stack import InMemoryStack
 from swm_ray.compute.validation import RowLosses, plan_logliks, plans_logliks
 from swm_ray.methods.auto import Outcome, _by_task_signal, _choose
-from swm_ray.methods.tasksignal import TASKS, ChoiceItem, accuracy, build_items, item_scores, task_rows
+from swm_ray.methods.tasksignal import TASKS, ChoiceItem, accuracy, build_items, item_scores, task_rows, text_losses
 
 
 def test_items_come_from_the_held_out_slice_only(tmp_path):
@@ -173,14 +173,19 @@ def test_accuracy_counts_the_argmax_of_normalized_logliks():
     # item 0: -2/2 = -1 beats -1.5/1; item 1: choice 0 wins but the label is 1
     np.testing.assert_array_equal(item_scores(rows, [-2.0, -1.5, -0.1, -0.9]), [1.0, 0.0])
     assert accuracy(rows, [-2.0, -1.5, -0.1, -0.9]) == 0.5
+    # the text loss: the correct continuation's NLL per byte (its size), or per token where no size is known
+    np.testing.assert_allclose(text_losses(rows, [-2.0, -1.5, -0.1, -0.9]), [2.0 / 2, 0.9 / 1])
+    sized = task_rows([ChoiceItem("piqa", 0, ((1,), (1,)), ((2, 3), (4,)), 1, (2.0, 1.0), (7, 3))])
+    np.testing.assert_allclose(text_losses(sized, [-2.0, -1.5]), [1.5 / 3])
 
 
 class _Scoring:
     def __init__(self, hits):
         self.hits = hits
 
-    def task_scores(self, rows, plans):
-        return [np.asarray(self.hits[tuple(map(tuple, w))], dtype=float) for w, _, _ in plans]
+    def task_signals(self, rows, plans):
+        return [(np.asarray(self.hits[tuple(map(tuple, w))], dtype=float), np.zeros(len(self.hits[tuple(map(
+            tuple, w))]))) for w, _, _ in plans]
 
 
 def _outcome(name, windows, loss):
@@ -194,6 +199,7 @@ def test_ties_on_loss_go_to_the_most_accurate_and_ties_on_accuracy_to_the_lower_
     chosen, why = _by_task_signal(a, [b, c], scoring, rows, 2.0, "close", lambda m: None)
     assert chosen is b and "chose b" in why and a.task["accuracy"] == 0.25
     scoring = _Scoring({((1, 2),): [1, 1, 0, 0], ((3, 4),): [1, 1, 0, 0], ((5, 6),): [0, 0, 0, 0]})
+    a, b, c = _outcome("a", [(1, 2)], 4.0), _outcome("b", [(3, 4)], 4.01), _outcome("c", [(5, 6)], 4.02)
     chosen, why = _by_task_signal(a, [b, c], scoring, rows, 2.0, "close", lambda m: None)
     assert chosen is a and "agree with the lowest loss" in why
 
@@ -206,7 +212,7 @@ class _NoMoreWork:
     def validate(self, plans, extra=False):
         raise AssertionError("a close call was drawn between candidates that planned the same model")
 
-    def task_scores(self, rows, plans):
+    def task_signals(self, rows, plans):
         raise AssertionError("task items were scored for candidates that planned the same model")
 
 
@@ -220,3 +226,56 @@ def test_two_planners_that_planned_the_same_model_are_no_close_call():
     c = Outcome("shortgpt", "shortgpt", "none", [(2, 8)], "keep-first", losses=RowLosses(losses + 0.5))
     chosen, why = _choose([b, c, a], _NoMoreWork(), 2.0, 32, lambda m: None, tasks=task_rows([]))
     assert chosen is a and "swm/keep-first: the same model" in why and "close call" not in why
+
+
+class _GateScoring:
+    """Task-style items per plan (accuracy, text loss per item), keyed by windows; counts what it was asked."""
+
+    backend = type("B", (), {"extra_rows": 0})()
+
+    def __init__(self, text):
+        self.text, self.asked = text, []
+
+    def task_signals(self, rows, plans):
+        self.asked += [tuple(map(tuple, w)) for w, _, _ in plans]
+        return [(np.ones(len(self.text[tuple(map(tuple, w))])), np.asarray(self.text[tuple(map(tuple, w))]))
+                for w, _, _ in plans]
+
+
+def _fitted(name, windows, loss):
+    return Outcome(name, "replaceme", "lstsq", windows, "keep-first", losses=RowLosses(np.full(4, loss)))
+
+
+def test_a_fitted_plan_behind_on_the_task_items_text_is_set_aside():
+    """The fit gate: the fitted plan has the lowest held-out loss, but on the task items' text it is behind the best
+    plan without a fit by more than 2 standard errors, so that plan is chosen instead, and the record says why."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.9, 0.05, size=64)
+    fit = _fitted("replaceme+lstsq", [(2, 8)], 3.0)
+    plain, worse = _outcome("sleb", [(3, 4)], 4.0), _outcome("shortgpt", [(5, 6)], 4.5)
+    scoring = _GateScoring({((2, 8),): base + 0.03 + rng.normal(0, 0.01, 64), ((3, 4),): base,
+                            ((5, 6),): base - 0.5})
+    chosen, why = _choose([fit, plain, worse], scoring, 2.0, 32, lambda m: None, tasks=task_rows([]))
+    assert chosen is plain and why.startswith("replaceme+lstsq set aside") and "behind sleb" in why
+    assert fit.gate["passed"] is False and fit.gate["versus"] == "sleb" and fit.gate["text_loss_diff"] > 0.02
+    assert sorted(scoring.asked) == [((2, 8),), ((3, 4),)]  # the rival of lowest loss, not the lower text loss
+    assert fit.record()["fit_gate"] == fit.gate and fit.versus is not None
+
+
+def test_a_fitted_plan_that_holds_on_the_task_items_text_is_chosen():
+    rng = np.random.default_rng(1)
+    base = rng.normal(0.9, 0.05, size=64)
+    fit, plain = _fitted("replaceme+lstsq", [(2, 8)], 3.0), _outcome("sleb", [(3, 4)], 4.0)
+    scoring = _GateScoring({((2, 8),): base - 0.01 + rng.normal(0, 0.01, 64), ((3, 4),): base})
+    chosen, why = _choose([plain, fit], scoring, 2.0, 32, lambda m: None, tasks=task_rows([]))
+    assert chosen is fit and "fit gate passed" in why and fit.gate["passed"] is True
+    # a plan within 2 standard errors behind passes too: the gate sets aside only what is resolvably worse
+    fit, plain = _fitted("replaceme+lstsq", [(2, 8)], 3.0), _outcome("sleb", [(3, 4)], 4.0)
+    noise = rng.normal(0, 0.01, 64)
+    scoring = _GateScoring({((2, 8),): base + noise - noise.mean() + 0.001, ((3, 4),): base})
+    chosen, why = _choose([plain, fit], scoring, 2.0, 32, lambda m: None, tasks=task_rows([]))
+    assert chosen is fit and fit.gate["passed"] and fit.gate["text_loss_diff"] == pytest.approx(0.001)
+    # without task items there is no gate, and the record says so
+    fit, plain = _fitted("replaceme+lstsq", [(2, 8)], 3.0), _outcome("sleb", [(3, 4)], 4.0)
+    chosen, why = _choose([plain, fit], _NoMoreWork(), 2.0, 4, lambda m: None, tasks_note="off (0 items)")
+    assert chosen is fit and "fit gate not run (task-style signal off (0 items))" in why and fit.gate is None

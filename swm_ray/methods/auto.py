@@ -29,6 +29,12 @@ own model and text. At the cost of one search, not of a queue of them:
    accuracy on multiple-choice items from the held-out slice of PIQA, HellaSwag and WinoGrande that no
    reported accuracy reads (`select.auto_task_items`). The most accurate wins; a tie of accuracy goes to the
    lower loss. The rule was fixed before any table of BENCHMARKS.md was measured with it.
+6. The fit gate. A fitted plan (a `PLANNER+COMP` candidate, or a fit of `select.auto_compensate`) is fitted on
+   calibration text and judged on held-out rows of that same text, which favour a map that does not carry to
+   other text. So before a fitted plan is chosen it is checked on the task-style items as text: per item, the
+   loss of the correct continuation per byte, paired with the plan without a fit of lowest held-out loss. When
+   it is behind that plan by more than `select.auto_margin` standard errors it is set aside and the choice is
+   made again without it. (The rule was fixed before its signal was measured on any plan.)
 
 Order does not matter: candidates are deduplicated by what they compute (their effective merge method on
 this architecture) and run, compared and tie-broken by name. `plan.json` records under `extra.auto` every
@@ -69,8 +75,11 @@ class Outcome:
     compensation: object = None  # compensation.Compensation
     versus: dict | None = None  # paired difference to the chosen plan
     missed_by: int | None = None  # |layers removed − layers asked| of a plan of the wrong size
-    task: dict | None = None  # the task-style signal, where it was asked (a close call)
+    task: dict | None = None  # the task-style signal, where it was asked (a close call, the fit gate)
     task_values: object = None  # its per-item scores
+    text_values: object = None  # per item, the loss of the correct continuation per byte (same forward)
+    more: RowLosses | None = None  # the close call's further held-out rows, once scored
+    gate: dict | None = None  # a fitted plan's check on the task items' text (`_fit_gate`)
 
     @property
     def val_nll(self) -> float | None:
@@ -84,7 +93,7 @@ class Outcome:
                 "validation_ppl": None if v is None else round(math.exp(v), 4),
                 "validation_rows": None if self.losses is None else len(self.losses.values),
                 "row_nll": None if self.losses is None else [round(float(v), 6) for v in self.losses.values],
-                "versus_chosen": self.versus, "task_signal": self.task, "checks": self.checks,
+                "versus_chosen": self.versus, "task_signal": self.task, "fit_gate": self.gate, "checks": self.checks,
                 "stopped": self.stopped, "error": self.error}
 
 
@@ -425,7 +434,8 @@ def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, task
             tasks_note: str | None = None, spent: _Spent | None = None) -> tuple[Outcome, str]:
     """The outcome of lowest mean validation loss (ties by name). A close call (others within `z` standard errors
     of it) is scored on further held-out rows; if still close, the task-style signal decides between the close
-    ones (the most accurate on the task-style items)."""
+    ones (the most accurate on the task-style items). A fitted plan so chosen must pass the fit gate
+    (`_fit_gate`); one that fails is set aside and the choice is made again without it."""
     scored = [o for o in outcomes if o.losses is not None and o.error is None]
     if not scored:
         missed = [o for o in outcomes if o.missed_by is not None]
@@ -434,6 +444,40 @@ def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, task
         hint = f"; closest: {closest.name}: {closest.error}" if closest else (f"; {first.name}: {first.error}"
                                                                                if first else "")
         raise UserError(f"--method auto: no candidate reached the target{hint}")
+    rows = min(len(o.losses.values) for o in scored)  # the race's rows (a close call appends more)
+    everyone, aside = list(scored), []
+    while True:
+        for o in scored:
+            o.losses = RowLosses(o.losses.values[:rows])
+        best, decided = _decide(scored, scoring, z, max_rows, say, tasks, tasks_note, spent)
+        if best.compensate == "none":
+            break
+        plain = [o for o in scored if o.compensate == "none"]
+        if tasks is None or not plain:
+            decided += ("; fit gate: no plan without a fit to check it against" if tasks is not None else
+                        f"; fit gate not run (task-style signal {tasks_note or 'off'})")
+            break
+        rival = min(plain, key=lambda o: (float(np.mean(o.losses.values[:rows])), o.name))
+        d = _fit_gate(best, rival, scoring, tasks, z, say)
+        if spent is not None:
+            spent.charge("fit gate: task-style items")
+        if d.diff > z * d.se:
+            aside.append(f"{best.name} set aside: on the task items' text it is {d.diff:+.4f} ± {d.se:.4f} nats "
+                         f"per byte behind {rival.name}")
+            scored = [o for o in scored if o is not best]
+            continue
+        decided += (f"; fit gate passed: on the task items' text {d.diff:+.4f} ± {d.se:.4f} nats per byte against "
+                    f"{rival.name}")
+        break
+    for o in everyone:
+        if o is not best:
+            n = min(len(o.losses.values), len(best.losses.values))
+            o.versus = paired(RowLosses(o.losses.values[:n]), RowLosses(best.losses.values[:n])).record()
+    return best, "; ".join([*aside, decided])
+
+
+def _decide(scored: list[Outcome], scoring, z: float, max_rows: int, say, tasks, tasks_note, spent):
+    """Lowest loss, then the close call's further rows, then the task-style items (`_choose`)."""
     pick = lambda pool: min(pool, key=lambda o: (o.losses.mean, o.name))  # noqa: E731
     best = pick(scored)
     twins = sorted(o.name for o in scored if o is not best and _same_model(o, best))
@@ -444,18 +488,23 @@ def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, task
     extra_rows = getattr(scoring.backend, "extra_rows", 0)
     if still and extra_rows and max_rows > len(best.losses.values):
         contenders = [best, *still]
-        more = scoring.validate([(o.windows, o.merge, o.compensation.fits if o.compensation else None)
-                                 for o in contenders], extra=True)
-        for o, m in zip(contenders, more):
-            o.losses = o.losses.extended(m)
+        need = [o for o in contenders if o.more is None]
+        if need:
+            more = scoring.validate([(o.windows, o.merge, o.compensation.fits if o.compensation else None)
+                                     for o in need], extra=True)
+            for o, m in zip(need, more):
+                o.more = m
+            if spent is not None:
+                spent.charge("close call: further held-out rows")
+        for o in contenders:
+            o.losses = o.losses.extended(o.more)
         best = pick(contenders)
         still = [o for o in contenders if o is not best and not _same_model(o, best)
                  and not paired(o.losses, best.losses).resolved(z)]
         decided = f"close call ({len(contenders)} within {z:g} standard errors): lowest loss on " \
                   f"{len(best.losses.values)} rows"
-        say(f"close call between {', '.join(o.name for o in contenders)}: {len(m.values)} more held-out rows")
-        if spent is not None:
-            spent.charge("close call: further held-out rows")
+        say(f"close call between {', '.join(o.name for o in contenders)}: {len(contenders[0].more.values)} more "
+            f"held-out rows")
     if still and tasks is not None:
         best, decided = _by_task_signal(best, still, scoring, tasks, z, decided, say)
         if spent is not None:
@@ -463,10 +512,6 @@ def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, task
     elif still:
         decided += f"; within {z:g} standard errors of " + ", ".join(o.name for o in still) + (
             f" (task-style signal {tasks_note})" if tasks_note else "")
-    for o in scored:
-        if o is not best:
-            n = min(len(o.losses.values), len(best.losses.values))
-            o.versus = paired(RowLosses(o.losses.values[:n]), RowLosses(best.losses.values[:n])).record()
     return best, decided
 
 
@@ -481,11 +526,7 @@ def _by_task_signal(best: Outcome, close: list[Outcome], scoring, tasks, z: floa
     """The held-out loss cannot tell `best` from the `close` ones: of these, the one of highest accuracy on the
     task-style items wins (a tie of accuracy goes to the lower loss)."""
     contenders = [best, *close]
-    scores = scoring.task_scores(tasks, [(o.windows, o.merge, o.compensation.fits if o.compensation else None)
-                                         for o in contenders])
-    for o, sc in zip(contenders, scores):
-        o.task = {"accuracy": round(float(np.mean(sc)), 6), "items": len(sc)}
-        o.task_values = sc
+    _task_signals(contenders, scoring, tasks)
     top = min(contenders, key=lambda o: (-o.task["accuracy"], o.losses.mean, o.name))
     say("task-style items (accuracy): " + ", ".join(f"{o.name} {o.task['accuracy']:.3f}" for o in contenders))
     d = paired(RowLosses(top.task_values), RowLosses(best.task_values))
@@ -494,3 +535,30 @@ def _by_task_signal(best: Outcome, close: list[Outcome], scoring, tasks, z: floa
                       f"({tasks.n_items}) agree with the lowest loss")
     return top, (f"{decided}; {len(contenders)} still within {z:g} standard errors: the task-style items "
                  f"({tasks.n_items}) chose {top.name} (accuracy +{d.diff:.3f} ± {d.se:.3f} over {best.name})")
+
+
+def _task_signals(outcomes: list[Outcome], scoring, tasks) -> None:
+    """The task-style items' accuracy and text loss of every outcome that has none yet (one forward each)."""
+    need = [o for o in outcomes if o.task_values is None]
+    if need:
+        got = scoring.task_signals(tasks, [(o.windows, o.merge, o.compensation.fits if o.compensation else None)
+                                           for o in need])
+        for o, (acc, text) in zip(need, got):
+            o.task_values, o.text_values = acc, text
+            o.task = {"accuracy": round(float(np.mean(acc)), 6), "text_loss": round(float(np.mean(text)), 6),
+                      "items": len(acc)}
+
+
+def _fit_gate(fitted: Outcome, rival: Outcome, scoring, tasks, z: float, say):
+    """A fitted plan's map was fitted on calibration text and is judged on held-out rows of the same text, which
+    cannot tell a map that carries to other text from one that does not. So before a fitted plan is chosen it is
+    checked on other text: per task-style item, the loss of the correct continuation per byte, paired with the
+    plan without a fit of lowest held-out loss (`rival`). It fails when it is behind by more than `z` standard
+    errors. Returns the paired difference (fitted − rival)."""
+    _task_signals([fitted, rival], scoring, tasks)
+    d = paired(RowLosses(fitted.text_values), RowLosses(rival.text_values))
+    fitted.gate = {"versus": rival.name, "text_loss_diff": round(d.diff, 6), "se": round(d.se, 6), "items": d.rows,
+                   "passed": not d.diff > z * d.se}
+    say(f"fit gate: {fitted.name} against {rival.name} on the task items' text: {d.diff:+.4f} ± {d.se:.4f} nats per "
+        f"byte ({'passed' if fitted.gate['passed'] else 'set aside'})")
+    return d

@@ -263,12 +263,13 @@ class Scoring:
         self._need()
         return self.backend.validate(list(plans), extra)
 
-    def task_scores(self, rows, plans: Sequence[PlanSpec]) -> list[np.ndarray]:
-        """Per plan: the task-style signal per item (`tasksignal.item_scores`) on the items of `rows`."""
-        from swm_ray.methods.tasksignal import item_scores
+    def task_signals(self, rows, plans: Sequence[PlanSpec]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per plan, from one forward over the items of `rows`: (accuracy per item, `tasksignal.item_scores`;
+        the correct continuation's loss per byte per item, `tasksignal.text_losses`)."""
+        from swm_ray.methods.tasksignal import item_scores, text_losses
 
         self._need()
-        return [item_scores(rows, ll) for ll in self.backend.task_logliks(rows, list(plans))]
+        return [(item_scores(rows, ll), text_losses(rows, ll)) for ll in self.backend.task_logliks(rows, list(plans))]
 
     def plan_loss(self, windows, merge: str, fits: Mapping | None = None) -> float:
         self._need(checks=True)

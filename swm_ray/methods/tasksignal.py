@@ -12,6 +12,10 @@ HellaSwag, as their acc_norm is), else 0: accuracy, the quantity the reported ta
 log-probability of the correct choice was tried first and rejected: on SmolLM2 it ranks the original model
 below its compressed versions, because a less confident model is punished less when wrong.) Items are sampled
 with a fixed seed, the same for every model, so candidates are compared item by item.
+
+The same forward also gives a text loss: per item, the negative log-likelihood of its correct continuation per
+byte (`text_losses`). `auto` asks it of a fitted plan before choosing it (the fit gate, `methods/auto.py`): a
+map fitted on calibration text is judged on held-out rows of that same text, and these items are other text.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class ChoiceItem:
     continuations: tuple[tuple[int, ...], ...]
     label: int
     norm: tuple[float, ...]  # per choice, what its log-likelihood is divided by (1.0: none)
+    size: tuple[int, ...] = ()  # per choice, the continuation's length in bytes (empty: count its tokens)
 
 
 @dataclass(frozen=True)
@@ -93,8 +98,10 @@ def build_items(tokenizer, n_items: int, seed: int = 1234, bos: bool = False) ->
             contexts, conts, label, normed = _format(task, docs[i])
             ctx_ids = [prefix + tokenizer(c, add_special_tokens=False)["input_ids"] for c in contexts]
             cont_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in conts]
-            norm = tuple(float(len(c.encode("utf-8"))) if normed else 1.0 for c in conts)
-            items.append(ChoiceItem(task, i, tuple(map(tuple, ctx_ids)), tuple(map(tuple, cont_ids)), label, norm))
+            size = tuple(len(c.encode("utf-8")) for c in conts)
+            norm = tuple(float(n) if normed else 1.0 for n in size)
+            items.append(ChoiceItem(task, i, tuple(map(tuple, ctx_ids)), tuple(map(tuple, cont_ids)), label, norm,
+                                    size))
     return items
 
 
@@ -115,6 +122,18 @@ def item_scores(rows: TaskRows, logliks: Sequence[float]) -> np.ndarray:
         by_item[k].append(float(ll))
     return np.array([float(np.argmax(np.asarray(lls) / np.asarray(it.norm)) == it.label)
                      for it, lls in zip(rows.items, by_item)])
+
+
+def text_losses(rows: TaskRows, logliks: Sequence[float]) -> np.ndarray:
+    """Per item: the negative log-likelihood of its correct continuation, per byte (nats)."""
+    first: dict[int, int] = {}
+    for k, owner in enumerate(rows.owner):
+        first.setdefault(owner, k)
+    out = np.zeros(len(rows.items))
+    for i, it in enumerate(rows.items):
+        size = it.size[it.label] if it.size else len(it.continuations[it.label])
+        out[i] = -float(logliks[first[i] + it.label]) / max(size, 1)
+    return out
 
 
 def accuracy(rows: TaskRows, logliks: Sequence[float]) -> float:
