@@ -42,30 +42,14 @@ def heldout_rows(model, rows: np.ndarray) -> np.ndarray:
 
 def task_signals(model, rows) -> tuple[np.ndarray, np.ndarray]:
     """(accuracy per item, loss per byte of the correct continuation per item)."""
-    from swm_ray.methods.tasksignal import item_scores
+    from swm_ray.methods.tasksignal import item_scores, text_losses
 
     lls = []
     for ids, (a, b) in zip(rows.rows, rows.spans):
         logp = _forward_logp(model, list(ids))
         tgt = torch.tensor(ids[a:b], dtype=torch.long)
         lls.append(float(logp[a - 1 : b - 1].gather(-1, tgt[:, None]).double().sum()))
-    acc = item_scores(rows, lls)
-    gold = np.zeros(rows.n_items)
-    first = {}
-    for k, owner in enumerate(rows.owner):
-        first.setdefault(owner, k)
-    for i, it in enumerate(rows.items):
-        k = first[i] + it.label
-        nbytes = len(rows_text_bytes(it, it.label))
-        gold[i] = -lls[k] / max(nbytes, 1)
-    return acc, gold
-
-
-_TOK = None
-
-
-def rows_text_bytes(item, choice: int) -> bytes:
-    return _TOK.decode(list(item.continuations[choice])).encode("utf-8")
+    return item_scores(rows, lls), text_losses(rows, lls)
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -74,7 +58,6 @@ def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 
 def main() -> None:
-    global _TOK
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("plans", nargs="+", help="NAME=FOLDER")
     ap.add_argument("--model", default="builtin:smollm2-135m")
@@ -95,7 +78,6 @@ def main() -> None:
     sets = calibration_sets(cfg, a.rows, fit=True)
     val = sets.validation.input_ids
     tok = load_tokenizer(sets.path, False)
-    _TOK = tok
     bos = wants_bos(tok, getattr(load_config(sets.path, False), "model_type", None), cfg.data.bos)
     rows = task_rows(build_items(tok, a.items, seed=cfg.data.seed, bos=bos))
     res = {}

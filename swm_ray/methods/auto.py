@@ -461,7 +461,7 @@ def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, task
         d = _fit_gate(best, rival, scoring, tasks, z, say)
         if spent is not None:
             spent.charge("fit gate: task-style items")
-        if d.diff > z * d.se:
+        if not best.gate["passed"]:
             aside.append(f"{best.name} set aside: on the task items' text it is {d.diff:+.4f} ± {d.se:.4f} nats "
                          f"per byte behind {rival.name}")
             scored = [o for o in scored if o is not best]
