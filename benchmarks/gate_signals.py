@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import numpy as np
@@ -52,11 +51,6 @@ def task_signals(model, rows) -> tuple[np.ndarray, np.ndarray]:
     return item_scores(rows, lls), text_losses(rows, lls)
 
 
-def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    d = a - b
-    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("plans", nargs="+", help="NAME=FOLDER")
@@ -68,6 +62,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
+    from swm_ray.compute.validation import RowLosses, paired
     from swm_ray.config import build_config
     from swm_ray.io.data import calibration_sets, wants_bos
     from swm_ray.io.models import load_config, load_tokenizer
@@ -99,9 +94,8 @@ def main() -> None:
         out = []
         for key, label, n in (("heldout", "held-out (8)", 8), ("heldout", f"held-out ({a.rows})", None),
                               ("acc", "accuracy", None), ("gold", "continuation loss", None)):
-            x, y = np.array(r[key][:n]), np.array(res[ref][key][:n])
-            m, se = paired(x, y)
-            out.append(f"{label} {m:+.4f} ± {se:.4f}")
+            d = paired(RowLosses(np.array(r[key][:n])), RowLosses(np.array(res[ref][key][:n])))
+            out.append(f"{label} {d.diff:+.4f} ± {d.se:.4f}")
         print(f"{name} − {ref}: " + "; ".join(out))
     if a.out:
         with open(a.out, "w") as f:
