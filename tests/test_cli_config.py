@@ -298,6 +298,26 @@ def test_eval_specials(capture, tmp_path):
         "eval.json", "r/e.json", "runs/x/eval.json", "s3://b/x/eval.json"]
 
 
+def test_eval_report_defaults_to_the_model_folder_and_keeps_another_models_report(capture, tmp_path, monkeypatch):
+    """Without --out a local model folder keeps its own eval.json; ./eval.json of another model is not overwritten."""
+    folder = tmp_path / "compressed"
+    folder.mkdir()
+    assert report_path(None, str(folder)) == f"{folder}/eval.json"
+    assert report_path(None, "builtin:smollm2-135m") == "eval.json"  # not a folder: the current one
+    assert report_path("r/e.json", str(folder)) == "r/e.json"  # --out wins
+    monkeypatch.chdir(tmp_path)
+    held = '{"model": "runs/other"}'
+    (tmp_path / "eval.json").write_text(held)
+    res = runner.invoke(app, ["eval", "--tasks", "none"])
+    assert res.exit_code == 2 and not isinstance(res.exception, Captured)
+    assert "eval.json holds the report of runs/other" in res.output and "--out" in res.output
+    assert "Traceback" not in res.output
+    assert (tmp_path / "eval.json").read_text() == held  # nothing lost
+    invoke(capture, "eval", "--tasks", "none", "--out", "mine.json")  # --out: no refusal, the job runs
+    (tmp_path / "eval.json").write_text('{"model": "builtin:smollm2-135m"}')
+    invoke(capture, "eval", "--tasks", "none")  # the same model's report: rewritten as before
+
+
 def test_grid_resume_is_passed_to_the_job(capture):
     invoke(capture, "grid", "--resume", "exp-folder")
     assert capture["kwargs"] == {"resume": "exp-folder"}

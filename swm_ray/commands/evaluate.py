@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import typer
 
 from swm_ray.commands.common import (
@@ -18,6 +21,8 @@ from swm_ray.commands.common import (
     scale_flags,
     user_errors,
 )
+from swm_ray.errors import UserError
+from swm_ray.io.remote import is_remote
 
 DEFAULT_OUT = "eval.json"
 
@@ -39,13 +44,31 @@ def _flags(model, baseline, tasks, limit, batch_size, ppl_data, ppl_bos, latency
     }
 
 
-def report_path(out: str | None) -> str:
-    """Where eval.json goes: `out` when it names a .json file, OUT/eval.json for a folder, ./eval.json if unset."""
+def report_path(out: str | None, model: str | None = None) -> str:
+    """Where eval.json goes: `out` when it names a .json file, OUT/eval.json for a folder; unset, MODEL/eval.json
+    when the model is a local folder (a compressed model keeps its report), else ./eval.json."""
     if not out:
+        if model and not is_remote(model) and os.path.isdir(model):
+            return model.rstrip("/") + "/" + DEFAULT_OUT
         return DEFAULT_OUT
     if out.endswith(".json"):
         return out
     return out.rstrip("/") + "/" + DEFAULT_OUT
+
+
+def check_default_report(path: str, model: str) -> None:
+    """Without --out, ./eval.json is not overwritten when it holds another model's report (checked before any
+    evaluation runs, so nothing is lost and no time is spent)."""
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            held = json.load(f).get("model")
+    except (OSError, ValueError, AttributeError):
+        held = None
+    if held is not None and held != model:
+        raise UserError(f"{path} holds the report of {held}; give --out PATH for the report of {model}, or move "
+                        f"{path} away")
 
 
 @user_errors
@@ -74,7 +97,8 @@ def eval_command(
     device: str = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:N"),
     dtype: str = typer.Option(None, "--dtype", help="auto (default), float32, bfloat16, float16"),
     out: str = typer.Option(None, "--out", "-o", help="where to write eval.json (a .json path or a folder, local "
-                            "or s3://; default ./eval.json); lm-eval's raw results go beside it as *.raw.json"),
+                            "or s3://; default MODEL/eval.json for a local model folder, else ./eval.json); "
+                            "lm-eval's raw results go beside it as *.raw.json"),
     allow_pickle: bool = AllowPickleOpt,
     trust_remote_code: bool = TrustRemoteCodeOpt,
     stream_layers: bool = StreamOpt,
@@ -91,7 +115,9 @@ def eval_command(
     from swm_ray.evaluation.suite import check_tokenizer_files
     from swm_ray.jobs.eval import run_eval
 
-    out = report_path(cfg.out)
+    out = report_path(cfg.out, cfg.model.source)
+    if not cfg.out:
+        check_default_report(out, cfg.model.source)
     sources = [cfg.model.source] + ([cfg.eval.baseline] if cfg.eval.baseline else [])
     for source in sources:
         check_tokenizer_files(source)
