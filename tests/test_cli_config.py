@@ -316,6 +316,9 @@ def test_eval_report_defaults_to_the_model_folder_and_keeps_another_models_repor
     invoke(capture, "eval", "--tasks", "none", "--out", "mine.json")  # --out: no refusal, the job runs
     (tmp_path / "eval.json").write_text('{"model": "builtin:smollm2-135m"}')
     invoke(capture, "eval", "--tasks", "none")  # the same model's report: rewritten as before
+    (folder / "tokenizer.json").write_text("{}")  # the job is a stub: the folder needs only to pass the pre-check
+    (folder / "eval.json").write_text(held)  # a folder's own report (its path written differently, or moved)
+    invoke(capture, "eval", str(folder) + "/", "--tasks", "none")  # is rewritten, not refused
 
 
 def test_grid_resume_is_passed_to_the_job(capture):

@@ -116,7 +116,7 @@ def eval_command(
     from swm_ray.jobs.eval import run_eval
 
     out = report_path(cfg.out, cfg.model.source)
-    if not cfg.out:
+    if out == DEFAULT_OUT:  # a model folder's own eval.json is its report, rewritten by a later eval
         check_default_report(out, cfg.model.source)
     sources = [cfg.model.source] + ([cfg.eval.baseline] if cfg.eval.baseline else [])
     for source in sources:
