@@ -97,3 +97,30 @@ def test_help_is_fast_and_light():
             "bad = [m for m in ('torch', 'ray', 'transformers') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_statistics_cache_key_names_the_weights_and_the_precision(tmp_path, tokens_parquet):
+    """The CKA cache is keyed by what the statistics depend on: a model folder rewritten in place (same path,
+    same tokenizer, so the same token ids) and another compute precision get keys of their own."""
+    import time
+
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    from swm_ray.io.data import calibration_for
+    from swm_ray.jobs.analyze import stats_cache_key
+
+    folder = tmp_path / "m"
+    model, _ = tiny_model("llama", n_layers=4, seed=0)
+    model.save_pretrained(folder)
+    tiny_tokenizer(folder)
+    cfg = build_config(flags={"model.source": str(folder), "data.source": str(tokens_parquet), "data.samples": 8,
+                              "data.seq_len": 16, "data.batch_size": 4})
+    _, calib, _ = calibration_for(cfg)
+    key = stats_cache_key(cfg, calib)
+    assert stats_cache_key(cfg, calib) == key  # nothing changed: the cache is found again
+    time.sleep(0.01)
+    tiny_model("llama", n_layers=4, seed=1)[0].save_pretrained(folder)  # other weights at the same path
+    rewritten = stats_cache_key(cfg, calib)
+    assert rewritten != key
+    bf16 = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "bfloat16"})})
+    assert stats_cache_key(bf16, calib) not in (key, rewritten)

@@ -459,7 +459,8 @@ def test_submit_accepts_every_command_and_warns_on_secrets(monkeypatch):
     assert len(warnings) == 2 and "HF_TOKEN" in warnings[0] and "AWS_SECRET_ACCESS_KEY" in warnings[1]
     assert "s3cr3t" not in res.output and "abc" not in res.output
     for name in registered:
-        assert job.entrypoint([name], seen["commands"]) == f"swm-ray {name}"
+        out = ["--out", "s3://b/o"] if name in job.WRITES else []  # writers: an output that outlives the job
+        assert job.entrypoint([name, *out], seen["commands"]) == " ".join(["swm-ray", name, *out])
 
 
 @pytest.mark.parametrize("key, secret", [
@@ -472,3 +473,43 @@ def test_secret_names(key, secret):
     from swm_ray.jobs.submit import looks_secret
 
     assert looks_secret(key) is secret
+
+
+def test_eval_checks_its_report_path_first_and_shows_the_numbers_if_the_write_fails(capture, tmp_path, monkeypatch):
+    """A report path that cannot be written is refused before any evaluation runs (one line, exit 2); a write
+    that fails after the run still prints the table before its one-line error."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "dir.json").mkdir()
+    for out, said in (("afile/r/eval.json", "is a file, not a folder"), ("dir.json", "is a folder")):
+        capture.clear()
+        res = runner.invoke(app, ["eval", "--tasks", "none", "--out", out])
+        assert res.exit_code == 2 and said in res.output, res.output
+        assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+        assert capture == {}  # refused before the job ran
+    result = {"model": "builtin:smollm2-135m", "ppl": {"ppl": 27.6, "data": "t", "chunk": 128}, "params": 1e8}
+
+    def fail(path, text):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setitem(sys.modules, "swm_ray.jobs.eval",
+                        types.SimpleNamespace(run_eval=lambda cfg, sources: {cfg.model.source: result}))
+    monkeypatch.setattr("swm_ray.evaluation.report.write_text_atomic", fail)
+    res = runner.invoke(app, ["eval", "--tasks", "none", "--out", "r.json"])
+    assert res.exit_code == 2 and "27.60" in res.output and "Traceback" not in res.output, res.output
+    assert "r.json" in res.output.strip().splitlines()[-1] and not (tmp_path / "r.json").exists()
+
+
+def test_apply_refuses_settings_it_would_not_use(tmp_path):
+    """A plan is replayed as written: a --set or --config value apply ignores is refused in one line (it was
+    accepted and recorded in the output's config.resolved.yaml as if it had been applied)."""
+    for extra in (["--set", "merge.method=mean"], ["--set", "model.dtype=bfloat16"],
+                  ["--config", _write(tmp_path, {"merge": {"attention": "bottom"}})]):
+        res = runner.invoke(app, ["apply", str(tmp_path / "plan.json"), *extra])
+        assert res.exit_code == 2 and "apply does not use" in res.output, res.output
+        assert extra[-1].split("=")[0].split(".")[-1] in res.output or "merge.attention" in res.output
+        assert "Traceback" not in res.output
+    # what apply does read is accepted: the run goes on to the (missing) plan
+    res = runner.invoke(app, ["apply", str(tmp_path / "plan.json"), "--set", "model.revision=abc",
+                              "--set", "model.allow_pickle=true", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "apply does not use" not in res.output and "plan.json" in res.output, res.output

@@ -540,3 +540,29 @@ def test_fit_rows_beyond_the_planning_rows_on_actors_equal_one_process(ray_sessi
     a, b = Plan.load(tmp_path / "r" / "plan.json"), Plan.load(tmp_path / "h" / "plan.json")
     for name, t in a.tensors.items():
         torch.testing.assert_close(t, b.tensors[name], rtol=1e-5, atol=1e-6)
+
+
+def test_compensation_aware_top_down_reaches_its_layer_target(tmp_path):
+    """Top-down to a layer count searches thresholds on the scale the compensation-aware evaluator scores in
+    (calibration NLL, nats), not the output criterion's 0..1, which no compensated loss passes."""
+    from swm_ray.io.data import Calibration
+    from swm_ray.methods.planners import plan_windows
+    from swm_ray.methods.session import LocalScoring
+
+    stack = InMemoryStack(_saved("llama", tmp_path, n_layers=6))
+    calib = Calibration(IDS, BATCHES, bos_prepended=False, pretokenized=True, source="test")
+    cfg = _aware_cfg(**{"select.search": "top-down", "select.layers": 1, "select.paper_loop": False})
+    assert cfg.select.criterion == "output"
+    sel = plan_windows(cfg, LocalScoring(stack, calib), 6, 1).selection
+    assert sum(h - lo for lo, h in sel.windows) == 1, sel.note
+    assert sel.threshold > 1.0 and min(sel.scores) > 1.0  # losses in nats, above the output criterion's range
+
+
+def test_auto_refuses_a_compensation_it_would_not_fit():
+    """--compensate is one method's setting; under --method auto it was accepted and ignored."""
+    from swm_ray.methods.planners import check_method_target
+
+    with pytest.raises(UserError, match="select.auto_compensate"):
+        check_method_target(build_config(flags={"select.layers": 2, "merge.compensate": "lstsq"}))
+    check_method_target(build_config(flags={"select.layers": 2, "select.auto_compensate": ["none", "lstsq"]}))
+    check_method_target(build_config(flags={"select.layers": 2, "select.method": "swm", "merge.compensate": "lstsq"}))

@@ -198,3 +198,47 @@ def test_an_interrupted_grid_resumes(ray_session, tiny_llama_dir, tokens_parquet
     assert all(r["status"] == "ok" and r["ppl"] > 0 for r in rows)
     with pytest.raises(UserError, match="not a local swm-ray grid experiment"):
         run_grid(again, resume=str(tmp_path))
+
+
+def test_a_trial_plans_on_its_own_models_calibration_rows(tmp_path, monkeypatch, tiny_llama_dir, text_jsonl):
+    """A grid of two models names one of them in model.source; a trial of the other that draws further rows
+    (replaceme's fit, auto's held-out rows) tokenizes the text with its own tokenizer, not the named model's."""
+    import tiny_models
+
+    from swm_ray.jobs.grid import _prepare
+    from swm_ray.recipes.trial import Trial
+
+    other = tmp_path / "other"
+    model, _ = tiny_models.tiny_model("llama", n_layers=6, seed=1)
+    model.save_pretrained(other)
+    monkeypatch.setattr(tiny_models, "SENTENCES", [s[::-1] for s in tiny_models.SENTENCES])
+    tiny_models.tiny_tokenizer(other)  # another vocabulary: the same text gives other ids
+    a, b = str(tiny_llama_dir), str(other)
+    cfg = build_config(flags={"model.source": a, "data.source": str(text_jsonl), "data.samples": 8,
+                              "data.seq_len": 16, "data.batch_size": 4, "eval.tasks": [], "eval.ppl_data": None},
+                       sets={"grid.models": [a, b], "grid.layers": [1], "grid.baselines": ["replaceme"]})
+    ctx = _prepare(cfg, [a, b])
+    own, named = ctx[b]["calib"].input_ids, ctx[a]["calib"].input_ids
+    assert not np.array_equal(own, named)
+    for method in ("replaceme", "auto"):
+        trial = Trial({"model": b, "method": method}, cfg, b, ctx[b]["calib"], None, report=lambda row: None)
+        assert trial.cfg.model.source == b
+        assert np.array_equal(trial.calib.input_ids, own), method
+        assert (trial.fit_calib if method == "replaceme" else trial.val_calib) is not None  # rows were drawn
+
+
+def test_every_local_path_a_trial_opens_is_made_absolute(tmp_path, monkeypatch):
+    """Tune runs each trial in its own folder: relative paths of the models, the data, the perplexity text and
+    the heal section's data and source are resolved on the driver; builtin: and s3:// names stay as they are."""
+    from swm_ray.jobs.grid import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("m", "calib.jsonl", "ppl.txt", "heal.jsonl", "src"):
+        (tmp_path / name).write_text("x")
+    cfg = build_config(flags={"data.source": "calib.jsonl", "eval.ppl_data": "ppl.txt"},
+                       sets={"grid.models": ["m", "builtin:smollm2-135m", "s3://b/m"], "heal.data": "heal.jsonl",
+                             "heal.source": "src"})
+    got = absolute_paths(cfg)
+    assert got.grid.models == (str(tmp_path / "m"), "builtin:smollm2-135m", "s3://b/m")
+    assert (got.data.source, got.eval.ppl_data) == (str(tmp_path / "calib.jsonl"), str(tmp_path / "ppl.txt"))
+    assert (got.heal.data, got.heal.source) == (str(tmp_path / "heal.jsonl"), str(tmp_path / "src"))

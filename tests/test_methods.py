@@ -166,3 +166,80 @@ def test_zoo_errors_are_one_line(tmp_path, tokens_parquet, text_jsonl):
     (tmp_path / "z2.yaml").write_text("models: [{source: a, select: {layers: 0}}]\n")
     with pytest.raises(UserError, match=r"model 1 \(a\): config select.layers"):
         load_zoo(str(tmp_path / "z2.yaml"), str(tmp_path / "o"))
+
+
+def _manifest(prefix: Path) -> dict[str, dict]:
+    return {r["name"]: r for r in json.loads((prefix / "manifest.json").read_text())}
+
+
+def _set_eval(zoo: Path, **settings) -> None:
+    data = yaml.safe_load(zoo.read_text())
+    data["defaults"]["eval"].update(settings)
+    zoo.write_text(yaml.safe_dump(data))
+
+
+def test_zoo_reevaluates_an_entry_whose_evaluation_changed(ray_session, tiny_llama_dir, tokens_parquet, text_jsonl,
+                                                          tmp_path):
+    """Other eval settings re-evaluate the existing folder (not recompressed) and the manifest gets the new
+    numbers; with the evaluation off the entry is kept without the old numbers."""
+    from swm_ray.jobs.zoo import run_zoo
+
+    zoo = _zoo(tmp_path, [{"source": str(tiny_llama_dir), "name": "llama", "select": {"method": "sleb"}}],
+               tokens_parquet, text_jsonl)
+    prefix = tmp_path / "out"
+    run_zoo(str(zoo), str(prefix))
+    folder = prefix / "llama"
+    weights = (folder / "model.safetensors").stat().st_mtime_ns
+    first = _manifest(prefix)["llama"]["ppl"]
+    _set_eval(zoo, ppl_chunk=8)
+    again = run_zoo(str(zoo), str(prefix))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    row = _manifest(prefix)["llama"]
+    assert row["ppl"] == metrics["ppl"]["ppl"] != first and row["status"] == "ok" and row["layers_removed"] == 1
+    assert again["reevaluated"] == ["llama"] and again["rebuilt"] == [] and again["kept"] == 0
+    assert (folder / "model.safetensors").stat().st_mtime_ns == weights  # evaluated again, not recompressed
+    assert metrics["evaluated_with"]["eval"]["ppl_chunk"] == 8
+    assert "ppl_chunk: 8" in (folder / "config.resolved.yaml").read_text()
+    same = run_zoo(str(zoo), str(prefix))
+    assert (same["ran"], same["kept"]) == (0, 1)
+    _set_eval(zoo, enabled=False)
+    off = run_zoo(str(zoo), str(prefix))
+    assert (off["ran"], off["kept"]) == (0, 1) and _manifest(prefix)["llama"]["ppl"] is None
+
+
+def test_zoo_refuses_heal_after_compress(tmp_path, tokens_parquet, text_jsonl):
+    from swm_ray.jobs.zoo import load_zoo
+
+    models = [{"source": "a", "name": "x"}, {"source": "b", "name": "y", "heal": {"after_compress": "lora"}}]
+    zoo = _zoo(tmp_path, models, tokens_parquet, text_jsonl)
+    with pytest.raises(UserError, match=r"model 2 \(y\): heal.after_compress .*swm-ray heal") as e:
+        load_zoo(str(zoo), str(tmp_path / "o"))
+    assert "\n" not in str(e.value)
+
+
+def test_zoo_entry_stopped_before_its_evaluation_is_evaluated(ray_session, tiny_llama_dir, tokens_parquet,
+                                                             text_jsonl, tmp_path):
+    """A folder written but not evaluated (the driver stopped in between) is evaluated on the rerun, and a kept
+    row is rebuilt from the folder's own files, never copied from a manifest that disagrees with them."""
+    from swm_ray.jobs.zoo import run_zoo
+
+    zoo = _zoo(tmp_path, [{"source": str(tiny_llama_dir), "name": "llama", "select": {"method": "sleb"}}],
+               tokens_parquet, text_jsonl)
+    prefix = tmp_path / "out"
+    run_zoo(str(zoo), str(prefix))
+    folder = prefix / "llama"
+    (folder / "metrics.json").unlink()  # as write_model_folder leaves it before the evaluation
+    stale = json.loads((prefix / "manifest.json").read_text())
+    stale[0].update(ppl=999.0, layers_removed=3, layers_after=3)  # a row of other, older settings
+    (prefix / "manifest.json").write_text(json.dumps(stale))
+    again = run_zoo(str(zoo), str(prefix))
+    assert (folder / "metrics.json").exists(), "the folder was never evaluated"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    row = _manifest(prefix)["llama"]
+    assert row["ppl"] == metrics["ppl"]["ppl"] != 999.0 and row["layers_removed"] == 1
+    assert again["reevaluated"] == ["llama"] and again["kept"] == 0
+    (prefix / "manifest.json").write_text(json.dumps(stale))  # a complete folder, a row that disagrees with it
+    kept = run_zoo(str(zoo), str(prefix))
+    assert (kept["ran"], kept["kept"]) == (0, 1)
+    row = _manifest(prefix)["llama"]
+    assert row["ppl"] == metrics["ppl"]["ppl"] and (row["layers_removed"], row["layers_after"]) == (1, 5)

@@ -112,3 +112,15 @@ def test_tied_embeddings_survive_compress_save_and_reload(tokens_parquet, tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits, rtol=1e-5, atol=1e-5)
     assert res["plan"]["params_after"] < res["plan"]["params_before"]
+
+
+def test_the_plan_executor_keeps_two_revisions_of_one_source_apart(hub_cache):
+    """`source_model`/`plan_model` share a cache across plans: two revisions of one hub id are two sources."""
+    from swm_ray.plan.executor import source_model
+
+    cache: dict = {}
+    main, _ = source_model(REPO, cache)
+    pinned, _ = source_model(REPO, cache, revision=PINNED)
+    assert len(cache) == 2
+    w = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(main.state_dict()[w], pinned.state_dict()[w])

@@ -259,3 +259,30 @@ def test_resume_in_another_precision_is_refused_and_other_run_settings_are_accep
     np.testing.assert_allclose(np.load(out / "similarity.npy"), np.load(tmp_path / "clean" / "similarity.npy"),
                                atol=1e-9, rtol=0)
     assert not _partial(out).exists()
+
+
+def test_resume_refuses_a_model_folder_rewritten_since_the_run_started(tmp_path):
+    """The settings name a local model by its path; a folder rewritten in place (e.g. `compress --overwrite`
+    into it) is another model, so its saved scores and sums are not continued. A heal's fingerprint (which
+    names its checkpoints) changes the same way."""
+    import time
+
+    from tiny_models import tiny_model
+
+    from swm_ray.jobs.heal import fingerprint as heal_fingerprint
+
+    folder = tmp_path / "m"
+    tiny_model("llama", n_layers=4, seed=0)[0].save_pretrained(folder)
+    cfg = build_config(flags={"model.source": str(folder), "data.source": "/d.parquet", "out": str(tmp_path / "o")})
+    calib = np.arange(12).reshape(3, 4)
+    state = RunState.open(cfg.out, "compress", cfg, False, dtype="float32")
+    state.start(calib)
+    state.save_json("memo.json", {})
+    healed = heal_fingerprint(cfg)
+    RunState.open(cfg.out, "compress", cfg, True, dtype="float32")  # the same folder: continues
+    time.sleep(0.01)
+    tiny_model("llama", n_layers=4, seed=1)[0].save_pretrained(folder)
+    with pytest.raises(UserError, match="was rewritten since the interrupted run started") as e:
+        RunState.open(cfg.out, "compress", cfg, True, dtype="float32")
+    assert "\n" not in str(e.value)
+    assert heal_fingerprint(cfg) != healed

@@ -225,3 +225,26 @@ def test_streamed_perplexity_equals_in_memory(tmp_path, text_jsonl):
     assert streamed["params"] == mem["params"]
     with pytest.raises(UserError, match="zero-shot tasks and latency need it whole"):
         evaluate_source(str(tmp_path), {"stream": "always", "device": "cpu"}, {**opts, "tasks": ["piqa"]})
+
+
+def test_an_actor_with_several_gpus_streams_within_one(tmp_path, monkeypatch):
+    """A model in memory spreads over an actor's GPUs, a streamed one runs on the first: whether streaming fits
+    and how many candidate streams it keeps are decided by one device's free memory, not all of them."""
+    import swm_ray.compute.memory as memory
+    from swm_ray.compute.memory import footprint
+
+    _saved("llama", tmp_path)
+    ckpt = Checkpoint(tmp_path)
+    from swm_ray.io.models import load_config
+
+    fp = footprint(ckpt, load_config(str(tmp_path)), torch.float32, 4, 8)
+    per_gpu = {"n": 0}
+    monkeypatch.setattr(memory, "device_budget", lambda dev, gpus=1, share=1: per_gpu["n"] * max(1, gpus))
+    per_gpu["n"] = fp.streaming_floor * 2 // 3  # two of them hold the floor, not the weights; one not the floor
+    assert per_gpu["n"] < fp.streaming_floor <= 2 * per_gpu["n"] and not fp.fits_in_memory(2 * per_gpu["n"])
+    with pytest.raises(UserError, match="even one layer at a time"):
+        open_stack(StackSpec(str(tmp_path), device="cpu", gpus=2), rows=4, seq_len=8)
+    per_gpu["n"] = fp.streaming_floor + 3 * fp.stream_bytes  # one device holds the floor and a few streams
+    stack = open_stack(StackSpec(str(tmp_path), device="cpu", gpus=2, stream="always"), rows=4, seq_len=8)
+    assert stack.streaming and stack.budget == per_gpu["n"]
+    assert stack.max_streams == fp.max_streams(per_gpu["n"]) < fp.max_streams(2 * per_gpu["n"])

@@ -51,3 +51,14 @@ def test_cluster_entrypoints_use_existing_flags():
         assert flag in help_text, flag
     cluster = yaml.safe_load((ROOT / "cluster" / "ray-up-aws.yaml").read_text())
     assert cluster["head_node_type"] in cluster["available_node_types"]
+
+
+def test_the_paper_config_is_what_paper_sets():
+    """`--config paper` and `--paper` are one procedure: the file sets every key the flag does, to its value."""
+    from swm_ray.commands.compress import PAPER
+
+    _, data = load_yaml_text(str(ROOT / "swm_ray" / "configs" / "paper.yaml"))
+    cfg = build_config(data)
+    for dotted, value in PAPER.items():
+        section, key = dotted.split(".")
+        assert getattr(getattr(cfg, section), key) == value, dotted

@@ -4,6 +4,7 @@ import contextlib
 import hashlib
 import json
 import multiprocessing
+import shutil
 import socket
 import threading
 import time
@@ -210,14 +211,16 @@ def test_download_replaces_partial_leftover_and_keeps_complete_target(s3):
     s3.pipe({"bucket/dl2/model/a.bin": b"a" * 1000, "bucket/dl2/model/b.bin": b"b" * 10})
     url = "s3://bucket/dl2/model"
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
-    target = cache_root() / "s3" / key
+    target = download_to_cache(url).parent  # where this URL's current content goes
+    shutil.rmtree(target)  # ... now left as a caller that died mid-download would leave it:
     (target / "data").mkdir(parents=True)
     (target / "data" / "a.bin").write_bytes(b"truncat")  # a partial leftover: no owner mark
-    (target.parent / f".{key}.dl-crashed").mkdir()  # the staging folder of a caller that died
+    (target.parent / f".{target.name}.dl-crashed").mkdir()  # the staging folder of a caller that died
 
     local = download_to_cache(url)
+    assert local == target / "data"
     assert _local_tree(local) == _s3_tree(s3, "bucket/dl2/model")
-    assert sorted(p.name for p in target.parent.iterdir()) == [key]
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
     inode = (local / "a.bin").stat().st_ino
 
     # Another caller holds the lock (say, for a download that is still running): a complete target is returned
@@ -233,7 +236,85 @@ def test_download_replaces_partial_leftover_and_keeps_complete_target(s3):
             assert download_to_cache(url) == local
         assert held.read() == b"a" * 1000
     assert (local / "a.bin").stat().st_ino == inode
-    assert len((cache_root() / "downloads.log").read_text().splitlines()) == 1
+    assert len((cache_root() / "downloads.log").read_text().splitlines()) == 2  # the first, and the repair
+
+
+def _downloads() -> int:
+    log = cache_root() / "downloads.log"
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def test_download_follows_a_folder_replaced_on_s3(s3):
+    """The cache is keyed by the URL and the listing's (path, size, ETag): a folder rewritten on S3 (say
+    `compress --out s3://... --overwrite`) is downloaded again, an unchanged one is not."""
+    old = {"model.bin": b"old weights", "config.json": b'{"v": 1}', "stale.txt": b"only in the old output"}
+    s3.pipe({f"bucket/rw/model/{k}": v for k, v in old.items()})
+    url = "s3://bucket/rw/model"
+    first = download_to_cache(url)
+    assert _local_tree(first) == _s3_tree(s3, "bucket/rw/model")
+    assert download_to_cache(url + "/") == first and _downloads() == 1  # unchanged: from the cache
+
+    s3.rm("bucket/rw/model", recursive=True)  # same names and sizes, other bytes; one file gone
+    s3.pipe({"bucket/rw/model/model.bin": b"new weights", "bucket/rw/model/config.json": b'{"v": 2}'})
+    second = download_to_cache(url)
+    assert second != first
+    assert _local_tree(second) == _s3_tree(s3, "bucket/rw/model")
+    assert (second / "model.bin").read_bytes() == b"new weights" and not (second / "stale.txt").exists()
+    assert (first / "model.bin").read_bytes() == b"old weights"  # the old copy is left to whoever loads it
+    assert download_to_cache(url) == second and _downloads() == 2
+
+
+def test_download_follows_a_file_replaced_on_s3(s3):
+    s3.pipe("bucket/rw/tokens.jsonl", b'{"text": "old"}\n')
+    url = "s3://bucket/rw/tokens.jsonl"
+    first = download_to_cache(url)
+    assert first.read_bytes() == b'{"text": "old"}\n'
+    assert download_to_cache(url) == first and _downloads() == 1
+    s3.pipe("bucket/rw/tokens.jsonl", b'{"text": "new"}\n')  # same size
+    second = download_to_cache(url)
+    assert second.read_bytes() == b'{"text": "new"}\n'
+    assert download_to_cache(url) == second and _downloads() == 2
+
+
+def test_download_of_an_object_replaced_meanwhile_is_done_again(s3, monkeypatch):
+    """Replaced on S3 while it is being downloaded: that copy is discarded and the download done again; an
+    object that keeps changing is a one-line error, with nothing left behind."""
+    import s3fs
+
+    real, writes = s3fs.S3FileSystem._get_file, []
+
+    async def get_file(self, rpath, lpath, **kwargs):
+        await real(self, rpath, lpath, **kwargs)
+        if len(writes) < limit[0]:  # a writer replaces the object just after we read it
+            writes.append(rpath)
+            await self._pipe_file(rpath, f"version {len(writes)}".encode())
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_get_file", get_file)
+    s3.pipe("bucket/mid/config.json", b"version 0")
+    limit = [1]
+    local = download_to_cache("s3://bucket/mid/config.json")
+    assert local.read_bytes() == b"version 1" and _downloads() == 1  # the discarded copy is not logged
+    assert download_to_cache("s3://bucket/mid/config.json") == local  # unchanged since: no download
+    s3.pipe("bucket/mid/config.json", b"replaced again")
+    limit = [100]
+    with pytest.raises(UserError, match=r"^s3://bucket/mid/config.json changed on S3 during each of 3") as info:
+        download_to_cache("s3://bucket/mid/config.json")
+    assert "\n" not in str(info.value) and len(writes) == 4
+    assert not [p for p in local.parent.parent.iterdir() if ".dl-" in p.name]
+    assert _downloads() == 1
+
+
+def test_model_resolved_again_after_overwrite_on_s3(s3, tiny_llama_dir):
+    from swm_ray.io.models import resolve_model_path
+
+    s3.put(str(tiny_llama_dir) + "/", "bucket/models/rw/", recursive=True)
+    first = resolve_model_path("s3://bucket/models/rw")
+    config = json.loads(s3.cat("bucket/models/rw/config.json"))
+    s3.pipe("bucket/models/rw/config.json", json.dumps({**config, "swm_marker": 1}).encode())
+    second = resolve_model_path("s3://bucket/models/rw")
+    assert json.loads((Path(second) / "config.json").read_text())["swm_marker"] == 1
+    assert "swm_marker" not in json.loads((Path(first) / "config.json").read_text())
+    assert resolve_model_path("s3://bucket/models/rw") == second and _downloads() == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,13 +23,32 @@ COMMANDS = ("analyze", "compress", "apply", "eval", "grid", "zoo", "config", "ve
 
 
 def test_entrypoint_and_argument_errors():
-    assert entrypoint(["compress", "my model", "--layers", "6"], COMMANDS) == "swm-ray compress 'my model' --layers 6"
+    assert entrypoint(["compress", "my model", "--layers", "6", "-o", "s3://b/m"], COMMANDS) == \
+        "swm-ray compress 'my model' --layers 6 -o s3://b/m"
     with pytest.raises(UserError, match="give the swm-ray command"):
         entrypoint(["rm", "-rf"], COMMANDS)
     res = runner.invoke(app, ["submit", "--", "compress"], env={"RAY_ADDRESS": ""})
     assert res.exit_code != 0 and "no cluster address" in res.output
     res = runner.invoke(app, ["submit", "--address", "http://127.0.0.1:9", "--env", "NOEQUALS", "--", "version"])
     assert res.exit_code != 0 and "expected KEY=VALUE" in res.output
+
+
+def test_a_job_must_write_where_its_output_outlives_it(tmp_path):
+    """Ray runs a job in a temporary folder on the head node: a default or relative output is refused before
+    anything is submitted; S3, an absolute path, or a --config only the cluster reads pass."""
+    for args in (["compress", "m", "--layers", "6"], ["grid", "m", "--out", "runs/g"], ["heal", "m", "-o", "x"],
+                 ["eval", "s3://b/m"], ["zoo", "z.yaml", "--set", "out=rel"], ["compress", "--config", "paper"]):
+        with pytest.raises(UserError, match="temporary folder on the cluster") as e:
+            entrypoint(args, (*COMMANDS, "heal"))
+        assert "--out s3://" in str(e.value) and "\n" not in str(e.value)
+    local = tmp_path / "run.yaml"
+    local.write_text("out: s3://b/run\n")
+    for args in (["compress", "m", "--out", "s3://b/m"], ["compress", "m", "--out=/shared/m"], ["grid", "-o/x"],
+                 ["compress", "--config", str(local)], ["compress", "--config", "s3://b/run.yaml"], ["version"],
+                 ["config", "compress"]):
+        entrypoint(args, COMMANDS)
+    res = runner.invoke(app, ["submit", "--address", "http://127.0.0.1:9", "--", "compress", "m", "--layers", "6"])
+    assert res.exit_code == 2 and "temporary folder" in res.output and "Traceback" not in res.output
 
 
 def test_token_header_comes_from_env_then_path_then_home(tmp_path, monkeypatch):

@@ -14,6 +14,31 @@ from swm_ray.commands.common import (
     make_config,
     user_errors,
 )
+from swm_ray.errors import UserError
+
+# what apply reads from the config: the merge, windows, attention rule and fits come from the plan itself
+APPLY_KEYS = ("out", "overwrite", "model.revision", "model.allow_pickle", "model.trust_remote_code")
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_unused_settings(cfg) -> None:
+    """A --set or --config value apply would not use is refused, not recorded as if it had been applied."""
+    from swm_ray.config import build_config
+
+    given, default = _dotted(cfg.model_dump()), _dotted(build_config().model_dump())
+    unused = sorted(k for k, v in given.items() if k not in APPLY_KEYS and v != default.get(k))
+    if unused:
+        raise UserError(f"apply does not use {', '.join(unused)}: a plan is replayed as written (its merge, "
+                        f"windows, attention rule and fits); change those with compress and apply the new plan")
 
 
 @user_errors
@@ -40,6 +65,7 @@ def apply_command(
         "model.revision": revision, "out": out, "overwrite": overwrite,
         "model.allow_pickle": allow_pickle, "model.trust_remote_code": trust_remote_code,
     }, set_)
+    check_unused_settings(cfg)
     from swm_ray.jobs.apply import run_apply
 
     res = run_apply(cfg, plan, model=model, force=bool(force), raw_yaml=raw)

@@ -71,6 +71,20 @@ def check_default_report(path: str, model: str) -> None:
                         f"{path} away")
 
 
+def check_report_path(path: str) -> None:
+    """Before any evaluation runs: a local report path can be written (a folder there, a file where a folder is
+    needed or no write access would otherwise lose the whole run). An S3 path is checked by its write, after
+    the table is printed."""
+    from swm_ray.io.probes import check_storage
+
+    if is_remote(path):
+        return
+    if os.path.isdir(path):
+        raise UserError(f"--out {path} is a folder named like a .json file; give a file path such as "
+                        f"{path.rstrip('/')}/{DEFAULT_OUT}")
+    check_storage(path, write=True)
+
+
 @user_errors
 def eval_command(
     model: str = typer.Argument(None, help="model to evaluate: builtin:smollm2-135m (default), a local HF folder, "
@@ -111,19 +125,23 @@ def eval_command(
     flags = _flags(model, baseline, tasks, limit, batch_size, ppl_data, ppl_bos, latency, latency_runs,
                    latency_warmup, new_tokens, offline, actors, device, dtype, out, allow_pickle, trust_remote_code)
     cfg, _ = make_config(config, {**flags, **scale_flags(stream_layers, max_memory, gpus_per_actor)}, set_)
-    from swm_ray.evaluation.report import format_table, write_report
+    from swm_ray.evaluation.report import build_report, format_table, raw_path, write_report
     from swm_ray.evaluation.suite import check_tokenizer_files
+    from swm_ray.io.faults import storage_errors
     from swm_ray.jobs.eval import run_eval
 
     out = report_path(cfg.out, cfg.model.source)
     if out == DEFAULT_OUT:  # a model folder's own eval.json is its report, rewritten by a later eval
         check_default_report(out, cfg.model.source)
+    check_report_path(out)
     sources = [cfg.model.source] + ([cfg.eval.baseline] if cfg.eval.baseline else [])
     for source in sources:
         check_tokenizer_files(source)
     results = run_eval(cfg, sources)
     main = results[cfg.model.source]
     base = results.get(cfg.eval.baseline) if cfg.eval.baseline else None
-    report = write_report(out, main, base)
-    echo(format_table(report))
+    # the table first: a write that fails after all this work still leaves the numbers on the screen
+    echo(format_table(build_report(main, base, raw_file=raw_path(out).rsplit("/", 1)[-1])))
+    with storage_errors(out, "writing the report to"):
+        report = write_report(out, main, base)
     echo(f"wrote {out} and {report['raw_file']}")

@@ -23,7 +23,8 @@ def submit_command(
     status: str = typer.Option(None, "--status", help="print the status of job ID and exit"),
     stop: str = typer.Option(None, "--stop", help="stop job ID and exit"),
 ) -> None:
-    """Run an swm-ray command on a Ray cluster: swm-ray submit --address URL -- compress MODEL --layers 6"""
+    """Run an swm-ray command on a Ray cluster: swm-ray submit --address URL -- compress MODEL --layers 6 --out
+    s3://BUCKET/m (a job's output must be on S3 or at an absolute path: Ray runs it in a temporary folder)"""
     from swm_ray.errors import UserError
     from swm_ray.jobs.submit import job_status, run_submit, secret_keys, stop_job
 

@@ -34,7 +34,8 @@ def zoo_command(
                   concurrency=concurrency, cpus_per_model=cpus_per_model or 1.0, address=address)
     echo("")
     echo(markdown_manifest(res["rows"]))
-    echo(f"{res['ran']} model(s) run, {res['kept']} kept from earlier runs, {res['errors']} error(s); wrote "
+    again = f" ({len(res['reevaluated'])} only evaluated again)" if res.get("reevaluated") else ""
+    echo(f"{res['ran']} model(s) run{again}, {res['kept']} kept from earlier runs, {res['errors']} error(s); wrote "
          f"{out or 'swm-ray-zoo'}/manifest.parquet (.csv, .md, .json)")
     if res["errors"]:
         raise typer.Exit(1)

@@ -87,12 +87,15 @@ class Footprint:
         return max(1, int(spare // max(1, self.stream_bytes)))
 
 
-def choose_mode(stream: str, footprint: Footprint, budget: int, what: str) -> str:
-    """'memory' or 'stream' for `stream` = auto | always | never; UserError when nothing fits the budget."""
+def choose_mode(stream: str, footprint: Footprint, budget: int, what: str, stream_budget: int | None = None) -> str:
+    """'memory' or 'stream' for `stream` = auto | always | never; UserError when nothing fits the budget.
+    `stream_budget`: the budget of a streaming run where it differs (a model in memory may spread over an actor's
+    GPUs; a streaming run computes on one of them)."""
     if stream == "never":
         return "memory"
     if stream == "auto" and footprint.fits_in_memory(budget):
         return "memory"
+    budget = budget if stream_budget is None else stream_budget
     if footprint.streaming_floor > budget:
         raise UserError(
             f"{what} needs at least {fmt_bytes(footprint.streaming_floor)} even one layer at a time (embeddings and "

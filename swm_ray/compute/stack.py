@@ -299,8 +299,11 @@ def open_stack(spec: StackSpec, rows: int = 0, seq_len: int = 0,
     config = load_config(spec.path, spec.trust_remote_code)
     fp = footprint(ckpt, config, dtype, rows, seq_len)
     budget = parse_size(spec.max_memory) or device_budget(dev, spec.gpus, spec.share)
-    mode = choose_mode(spec.stream, fp, budget, f"model {spec.path}")
+    # a model in memory spreads over the actor's GPUs (a device map); a streamed one runs on the first only
+    one = budget if spec.gpus <= 1 else parse_size(spec.max_memory) or device_budget(dev, 1, spec.share)
+    mode = choose_mode(spec.stream, fp, budget, f"model {spec.path}", stream_budget=one)
     if mode == "stream":
+        budget = one
         stack: LayerStack = StreamingStack(ckpt, config, torch.device(dev), dtype, spec.trust_remote_code)
     else:
         model, _ = load_model(spec.path, device=dev, dtype=spec.dtype, allow_pickle=spec.allow_pickle,

@@ -289,6 +289,26 @@ def _hash_range(path: Path, start: int, stop: int, chunk: int) -> str:
     return h.hexdigest()
 
 
+def weights_stamp(path: str | Path) -> list[tuple[str, int, int]]:
+    """(name, size, mtime in ns) of a local model folder's weight files and config.json: a cheap identity of
+    its contents (no byte is read) that changes when the folder is rewritten, e.g. by `compress --overwrite`."""
+    p = Path(path)
+    files = sorted({*p.glob("*.safetensors"), *p.glob("*.bin"), *p.glob("*.pt"), *p.glob("*.json")})
+    return [(f.name, (st := f.stat()).st_size, st.st_mtime_ns) for f in files if f.is_file()]
+
+
+def local_weights_identity(source: str) -> str | None:
+    """For a model given as a local folder, a short hash of `weights_stamp`: what tells a resumed run that the
+    folder was rewritten in place since it started. None for other sources, whose names already say which
+    weights they are (a builtin, a hub revision; an S3 object is mirrored again when it changes)."""
+    if "://" in source or source.startswith("builtin:"):
+        return None
+    p = Path(source).expanduser()
+    if not p.is_dir():
+        return None
+    return hashlib.sha256(json.dumps(weights_stamp(p)).encode()).hexdigest()[:16]
+
+
 def weights_checksum(ckpt: Checkpoint) -> str:
     """The `WeightHasher` checksum of every tensor of `ckpt` (reads all of it)."""
     return WeightHasher(ckpt).hexdigest()

@@ -82,11 +82,12 @@ def compute_dtype(model_cfg, gpus: bool | None = None) -> str:
 class RunState:
     """The partial state of one run at `out` (see the module docstring)."""
 
-    def __init__(self, out: str, kind: str, fp: str, dtype: str | None = None):
+    def __init__(self, out: str, kind: str, fp: str, dtype: str | None = None, weights: str | None = None):
         self.out = out
         self.kind = kind
         self.fp = fp
         self.dtype = dtype
+        self.weights = weights
         self.root = storage.sibling(out, SUFFIX)
         self._unsaved: np.ndarray | None = None  # a fresh run's calibration, written with its first work
 
@@ -94,8 +95,12 @@ class RunState:
     def open(cls, out: str, kind: str, cfg, resume: bool, dtype: str | None = None) -> RunState:
         """The state to continue (`resume`) or a fresh one; one-line errors for a missing or foreign state and
         for a state left behind by a run that was not asked to resume. `dtype`: the precision the actors will
-        compute in (default `compute_dtype` on this machine)."""
-        state = cls(out, kind, resume_fingerprint(cfg), dtype or compute_dtype(cfg.model))
+        compute in (default `compute_dtype` on this machine). A model given as a local folder is also named by
+        its files (`local_weights_identity`): a folder rewritten in place since the run started is refused."""
+        from swm_ray.io.checkpoint import local_weights_identity
+
+        state = cls(out, kind, resume_fingerprint(cfg), dtype or compute_dtype(cfg.model),
+                    local_weights_identity(cfg.model.source))
         saved = state._load_json("state.json")
         if saved is None:
             if resume:
@@ -111,6 +116,9 @@ class RunState:
         if saved.get("kind") != kind or not same:
             raise UserError(f"--resume: the interrupted run at {state.root} was a {saved.get('kind')} with other "
                             f"settings; run the identical command, or remove that folder to start again")
+        if saved.get("weights") is not None and saved["weights"] != state.weights:
+            raise UserError(f"--resume: the model folder {cfg.model.source} was rewritten since the interrupted run "
+                            f"started (its weight files differ); remove {state.root} to start again")
         if was is not None and was != state.dtype:
             raise UserError(f"--resume: the interrupted run computed in {was}, this one would compute in "
                             f"{state.dtype}: pass --set model.dtype={was} to continue it, or remove {state.root} "
@@ -131,7 +139,8 @@ class RunState:
 
     def _save_state(self) -> None:
         self._replace("state.json", _json_bytes({"kind": self.kind, "fingerprint": self.fp, "dtype": self.dtype,
-                                                 "out": self.out, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+                                                 "weights": self.weights, "out": self.out,
+                                                 "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}))
 
     # -- files ---------------------------------------------------------------------------------------------
     def _path(self, name: str) -> str:

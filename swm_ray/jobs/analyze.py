@@ -20,9 +20,18 @@ from swm_ray.jobs.runtime import actor_dtype
 
 
 def stats_cache_key(cfg: RunConfig, calib: Calibration) -> str:
-    """Statistics depend only on model, exact token ids, minibatches and the stats settings."""
+    """Statistics depend only on the model's weights, the precision the actors compute in, the exact token ids,
+    the minibatches and the stats settings. The weights are named by the resolved folder (a hub revision, an
+    S3 object's version) and its files' sizes and times, so a folder rewritten in place is not taken for the
+    one the cache saw."""
+    from swm_ray.io.checkpoint import weights_stamp
+    from swm_ray.io.models import resolve_model_path
+
+    m = cfg.model
+    path = resolve_model_path(m.source, m.revision, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)
     h = hashlib.sha256()
-    h.update(json.dumps([cfg.model.source, cfg.model.revision, cfg.model.dtype, cfg.stats.model_dump()]).encode())
+    h.update(json.dumps([m.source, m.revision, actor_dtype(cfg), cfg.stats.model_dump(), str(path),
+                         weights_stamp(path)]).encode())
     h.update(calib.input_ids.tobytes())
     h.update(json.dumps(calib.batches).encode())
     return h.hexdigest()[:24]

@@ -92,6 +92,17 @@ def _absolute(source: str | None) -> str | None:
     return str(p.resolve()) if p.exists() else source
 
 
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Every local path a trial opens, made absolute (trials run in their own folders)."""
+    g, h = cfg.grid, cfg.heal
+    return cfg.model_copy(update={
+        "grid": g.model_copy(update={"models": tuple(_absolute(m) for m in (g.models or (cfg.model.source,)))}),
+        "eval": cfg.eval.model_copy(update={"ppl_data": _absolute(cfg.eval.ppl_data)}),
+        "data": cfg.data.model_copy(update={"source": _absolute(cfg.data.source)}),
+        "heal": h.model_copy(update={"data": _absolute(h.data), "source": _absolute(h.source)}),
+    })
+
+
 def _saved_grid(resume: str) -> tuple[Path, RunConfig, str]:
     """(experiment folder, its config, its raw YAML) of an earlier grid to resume."""
     from ray import tune
@@ -129,11 +140,7 @@ def run_grid(cfg: RunConfig, raw_yaml: str = "", resume: str | None = None) -> d
         cfg = saved.model_copy(update={"out": cfg.out, "overwrite": cfg.overwrite})
     check_grid(cfg)
     g = cfg.grid
-    cfg = cfg.model_copy(update={
-        "grid": g.model_copy(update={"models": tuple(_absolute(m) for m in (g.models or (cfg.model.source,)))}),
-        "eval": cfg.eval.model_copy(update={"ppl_data": _absolute(cfg.eval.ppl_data)}),
-        "data": cfg.data.model_copy(update={"source": _absolute(cfg.data.source)}),
-    })
+    cfg = absolute_paths(cfg)
     g = cfg.grid
     out = cfg.out or "swm-ray-grid"
     check_run_paths(out, cfg.overwrite, [*(cfg.grid.models or [cfg.model.source]), cfg.data.source])

@@ -236,6 +236,11 @@ def fingerprint(cfg: RunConfig) -> str:
     keep = {"model": [cfg.model.source, cfg.model.revision], "data": [cfg.data.text_column, cfg.data.bos],
             "heal": {k: v for k, v in cfg.heal.model_dump(mode="json").items() if k not in ignore}}
     keep["heal"]["data"] = cfg.heal.data or cfg.data.source
+    from swm_ray.io.checkpoint import local_weights_identity
+
+    weights = local_weights_identity(cfg.model.source)  # a local folder rewritten in place is another model
+    if weights is not None:
+        keep["weights"] = weights
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -21,8 +21,64 @@ def entrypoint(args: list[str], commands: Collection[str]) -> str:
     the job's driver joins the cluster through RAY_ADDRESS)."""
     if not args or args[0] not in commands:
         raise UserError(f"submit: give the swm-ray command to run, one of {', '.join(commands)} "
-                        f"(e.g. swm-ray submit --address URL -- compress MODEL --layers 6)")
+                        f"(e.g. swm-ray submit --address URL -- compress MODEL --layers 6 --out s3://BUCKET/m)")
+    check_job_output(args)
     return shlex.join(["swm-ray", *args])
+
+
+WRITES = ("analyze", "compress", "apply", "eval", "grid", "zoo", "heal")
+"""Commands that write an output folder or report (their default and relative paths are relative to the job's
+working folder on the cluster, which Ray deletes)."""
+
+
+def job_output(args: list[str]) -> str | None:
+    """The output path a command line gives (--out/-o, --out=X, -oX, --set out=X; else a local --config file's
+    `out:`), None when it gives none, "" when a --config only the cluster can read might."""
+    import yaml
+
+    out, config = None, None
+    for i, a in enumerate(args):
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        if a in ("--out", "-o") and nxt is not None:
+            out = nxt
+        elif a.startswith("--out="):
+            out = a.split("=", 1)[1]
+        elif a.startswith("-o") and not a.startswith("--") and len(a) > 2:
+            out = a[2:]
+        elif a == "--set" and nxt is not None and nxt.startswith("out="):
+            out = nxt.split("=", 1)[1]
+        elif a == "--config" and nxt is not None:
+            config = nxt
+    if out is None and config is not None:
+        from pathlib import Path
+
+        local = Path(config).expanduser()
+        if local.is_file():
+            try:
+                data = yaml.safe_load(local.read_text())
+            except (OSError, yaml.YAMLError):
+                data = None
+            if isinstance(data, dict) and data.get("out"):
+                out = str(data["out"])
+        elif "://" in config or "/" in config or config.endswith((".yaml", ".yml")):
+            out = ""  # a file the cluster reads: its `out` cannot be seen from here
+        # else a shipped config's name: none of them sets `out`
+    return out
+
+
+def check_job_output(args: list[str]) -> None:
+    """A job's output must outlive the job: on S3 or at an absolute path (a volume the cluster keeps). A default
+    or relative output lands in the job's temporary folder on the head node and is lost."""
+    if args[0] not in WRITES:
+        return
+    out = job_output(args)
+    if out == "":  # a --config the cluster reads: its out is not visible here
+        return
+    if out is None or not (out.startswith("s3://") or out.startswith("/")):
+        given = "no --out" if out is None else f"--out {out} is relative"
+        raise UserError(f"submit: {given}: {args[0]} would write into the job's temporary folder on the cluster, "
+                        f"deleted after the job; give --out s3://BUCKET/PATH (or an absolute path on storage the "
+                        f"cluster keeps)")
 
 
 def looks_secret(key: str) -> bool:

@@ -17,8 +17,13 @@ ZOO.yaml:
 Each entry runs `pipeline.compress_here` (the planners, writer and evaluation of `compress`) in one Ray task
 that asks for the resources the model needs (GPUs from its size where the cluster has GPUs). Outputs go to
 PREFIX/NAME; `manifest.parquet` (and .csv, .md) at PREFIX gets a row per model as each finishes. A model that
-fails becomes an error row and the others go on. A rerun skips every model whose output is complete and
-whose settings are unchanged; `--retry-failed` reruns only the models whose manifest row is an error.
+fails becomes an error row and the others go on. A rerun keeps every model whose output is complete with
+unchanged settings and, when the evaluation is on, holds the numbers of the current evaluation settings
+(`metrics.json` records them); one whose model settings are unchanged but whose evaluation settings differ (or
+whose evaluation never finished) is evaluated again in its folder, not recompressed; the others are rebuilt.
+A kept model's row is made from its folder's files (plan.json, metrics.json), not copied from the manifest.
+`--retry-failed` reruns only the models whose manifest row is an error. `heal.after_compress` is refused:
+heal the outputs afterwards with `swm-ray heal`.
 """
 
 from __future__ import annotations
@@ -90,6 +95,10 @@ def load_zoo(path: str, prefix: str) -> tuple[list[Entry], dict]:
         except UserError as e:
             raise UserError(f"zoo {path}: model {i} ({item['source']}): {e}") from None
         name = _slug(str(item.get("name") or _default_name(cfg)))
+        if cfg.heal.after_compress is not None:
+            raise UserError(f"zoo {path}: model {i} ({name}): heal.after_compress is not supported in a zoo (the "
+                            f"entry would be written unhealed): remove it and heal the output afterwards with "
+                            f"`swm-ray heal {prefix.rstrip('/')}/{name} --mode {cfg.heal.after_compress} --out ...`")
         if name in names:
             raise UserError(f"zoo {path}: two models would write {prefix.rstrip('/')}/{name}: give them distinct "
                             f"names (name: ...)")
@@ -164,28 +173,65 @@ def _row(entry: Entry, result: dict | None, error: str | None, seconds: float) -
     return row
 
 
-def _complete(entry: Entry) -> bool:
-    """The entry's output is complete (its mark) and was made with the same settings."""
+KEEP, EVALUATE, BUILD = "keep", "evaluate", "build"
+
+
+def _state(entry: Entry) -> tuple[str, str, dict | None]:
+    """What a rerun does with the entry, why, and what its folder holds ({"plan", "metrics"}):
+
+    - KEEP: the output is complete (its mark), made with the same settings, and when the evaluation is on its
+      `metrics.json` records the current evaluation settings;
+    - EVALUATE: complete with the same model settings, but its evaluation differs or never finished;
+    - BUILD: anything else (no complete output, other settings, an unreadable plan.json)."""
     from swm_ray.io.runstate import fingerprint
+    from swm_ray.recipes.pipeline import EVAL_RECORD, eval_record
 
     out = entry.cfg.out.rstrip("/")
     if not storage.exists(f"{out}/{storage.OWNER_MARK}") or not storage.exists(f"{out}/plan.json"):
-        return False
-    plan = json.loads(storage.read_bytes(f"{out}/plan.json"))
-    return plan.get("extra", {}).get("settings") == fingerprint(entry.cfg)
+        return BUILD, "no complete output", None
+    plan = _read_json(f"{out}/plan.json")
+    if not isinstance(plan, dict) or not isinstance(plan.get("extra"), dict):
+        return BUILD, "unreadable plan.json", None
+    if plan["extra"].get("settings") != fingerprint(entry.cfg):
+        return BUILD, "settings changed", None
+    if not entry.cfg.eval.enabled:
+        return KEEP, "complete, evaluation off", {"plan": plan, "metrics": None}
+    metrics = _read_json(f"{out}/metrics.json") if storage.exists(f"{out}/metrics.json") else None
+    if not isinstance(metrics, dict):
+        return EVALUATE, "never evaluated", {"plan": plan, "metrics": None}
+    if metrics.get(EVAL_RECORD) != eval_record(entry.cfg):
+        return EVALUATE, "evaluation settings changed", {"plan": plan, "metrics": None}
+    return KEEP, "complete", {"plan": plan, "metrics": metrics}
+
+
+def _read_json(path: str):
+    try:
+        return json.loads(storage.read_bytes(path))
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _kept_row(entry: Entry, found: dict, before: dict | None) -> dict:
+    """A kept entry's row from its folder's files; only the seconds come from the previous row, and only when
+    that row agrees with the folder."""
+    row = _row(entry, found, None, 0.0)
+    agrees = before is not None and all(before.get(k) == row[k] for k in MANIFEST_KEYS if k != "seconds")
+    return {**row, "seconds": before.get("seconds") if agrees else None}
 
 
 # -- running ----------------------------------------------------------------------------------------------------
-def _task(cfg_json: dict, raw: str, threads: int) -> dict:
-    """One zoo entry in a Ray worker: the whole compress pipeline on this task's resources."""
+def _task(cfg_json: dict, raw: str, threads: int, evaluate_only: bool = False) -> dict:
+    """One zoo entry in a Ray worker: the whole compress pipeline on this task's resources, or only the
+    evaluation of its existing folder (`evaluate_only`)."""
     import transformers
 
     from swm_ray.io.models import set_threads
-    from swm_ray.recipes.pipeline import compress_here
+    from swm_ray.recipes.pipeline import compress_here, evaluate_here
 
     set_threads(threads)
     transformers.utils.logging.disable_progress_bar()
-    return compress_here(RunConfig.model_validate(cfg_json), raw)
+    run = evaluate_here if evaluate_only else compress_here
+    return run(RunConfig.model_validate(cfg_json), raw)
 
 
 def _resources(entry: Entry, has_gpus: bool, gpu_memory_gb: float, cpus: float) -> dict:
@@ -224,22 +270,36 @@ def run_zoo(zoo_path: str, prefix: str, *, retry_failed: bool = False, concurren
     previous = read_manifest(prefix)
     rows: dict[str, dict] = {}
     todo: list[Entry] = []
+    evaluate: set[str] = set()  # entries of `todo` whose folder is only evaluated again
+    notes: list[str] = []
     for e in entries:
         before = previous.get(e.name)
-        if retry_failed:
-            if before is not None and before.get("status") != "error":
-                rows[e.name] = before
-                continue
-        elif _complete(e):
-            rows[e.name] = before or {**_row(e, None, None, 0.0), "status": "ok"}
+        state, why, found = _state(e)
+        if retry_failed and before is not None and before.get("status") != "error":
+            rows[e.name] = _kept_row(e, found, before) if state == KEEP else before
+            notes.append(f"  {e.name}: kept (--retry-failed; {why})")
+            continue
+        if state == KEEP:
+            rows[e.name] = _kept_row(e, found, before)
+            notes.append(f"  {e.name}: kept ({why})")
             continue
         todo.append(e)
-        if before is not None:  # its row still describes what is on disk until this run replaces it
-            rows[e.name] = before
+        if state == EVALUATE:
+            evaluate.add(e.name)
+            rows[e.name] = _kept_row(e, found, before)  # the folder's model, without numbers until evaluated
+            notes.append(f"  {e.name}: to evaluate again ({why}; the model is kept)")
+        else:
+            notes.append(f"  {e.name}: to build ({why})")
+            if before is not None:  # its row still describes what is on disk until this run replaces it
+                rows[e.name] = before
     for e in todo:
-        check_run_paths(e.cfg.out, True, [e.cfg.model.source, e.cfg.data.source])
+        sources = [] if e.name in evaluate else [e.cfg.model.source, e.cfg.data.source]
+        check_run_paths(e.cfg.out, True, sources)
     con = console()
-    con.print(f"[bold]zoo[/]: {len(entries)} models, {len(todo)} to run, {len(entries) - len(todo)} kept")
+    con.print(f"[bold]zoo[/]: {len(entries)} models, {len(todo) - len(evaluate)} to build, {len(evaluate)} to "
+              f"evaluate again, {len(entries) - len(todo)} kept")
+    for note in notes:
+        con.print(note)
     if todo:
         init_ray(RayConfig(address=address))
         has_gpus = ray.cluster_resources().get("GPU", 0) >= 1
@@ -254,12 +314,13 @@ def run_zoo(zoo_path: str, prefix: str, *, retry_failed: bool = False, concurren
                     e = queue.pop(0)
                     res = _resources(e, has_gpus, opts["gpu_memory_gb"], cpus_per_model)
                     threads = max(1, int(res["num_cpus"]))
-                    ref = remote.options(**res, max_retries=0).remote(e.cfg.model_dump(mode="json"), e.raw, threads)
+                    ref = remote.options(**res, max_retries=0).remote(e.cfg.model_dump(mode="json"), e.raw, threads,
+                                                                      e.name in evaluate)
                     pending[ref] = e
                     started[e.name] = time.perf_counter()
                     gpus = f", {res['num_gpus']} GPU" if res["num_gpus"] else ""
-                    con.print(f"  {e.name}: started ({e.cfg.select.method}, {res['num_cpus']:g} CPU{gpus}; "
-                              f"{len(queue)} waiting)")
+                    what = "evaluation" if e.name in evaluate else e.cfg.select.method
+                    con.print(f"  {e.name}: started ({what}, {res['num_cpus']:g} CPU{gpus}; {len(queue)} waiting)")
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
                     e = pending.pop(ref)
@@ -284,6 +345,8 @@ def run_zoo(zoo_path: str, prefix: str, *, retry_failed: bool = False, concurren
             raise
     write_manifest(prefix, rows, order)
     return {"rows": [rows[n] for n in order if n in rows], "ran": len(todo), "kept": len(entries) - len(todo),
+            "rebuilt": [e.name for e in todo if e.name not in evaluate],
+            "reevaluated": [e.name for e in todo if e.name in evaluate],
             "errors": sum(1 for n in order if rows.get(n, {}).get("status") == "error")}
 
 

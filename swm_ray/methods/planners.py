@@ -192,6 +192,11 @@ def check_method_target(cfg) -> None:
                             "lstsq or scale")
         if s.threshold is not None:
             check_threshold("nll", s.threshold)
+    if s.method == "auto" and cfg.merge.compensate is not None:
+        raise UserError(f"--compensate {cfg.merge.compensate} is a setting of one method; --method auto (the "
+                        f"default) fits what select.auto_compensate lists (now {', '.join(s.auto_compensate)}): "
+                        f"set that, e.g. --set 'select.auto_compensate=[none,{cfg.merge.compensate}]', or give "
+                        f"--method")
     if s.method == "auto" and s.threshold is not None:
         raise UserError("--method auto (the default) compares methods at one size: give --layers or --ratio, or "
                         "--method swm to merge to a threshold")

@@ -372,7 +372,9 @@ def select_windows(cfg, ev, n_layers: int, n_remove: int | None, on_event=None) 
 
     if n_remove is None:
         return run(s.threshold, on_event)
-    lo, hi = {"kl": (0.0, 8.0), "nll": (0.0, 16.0)}.get(s.criterion, (0.0, 1.0))
+    # a compensation-aware search scores the compensated model's calibration NLL, whatever select.criterion says
+    criterion = "nll" if s.compensate_aware else s.criterion
+    lo, hi = {"kl": (0.0, 8.0), "nll": (0.0, 16.0)}.get(criterion, (0.0, 1.0))
     sel = search_threshold(run, n_remove, lo, hi, ev.higher_is_better)
     for event, window, score in sel.trace:
         if on_event:

@@ -44,7 +44,7 @@ cannot absorb with at least one channel left is refused.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -97,8 +97,10 @@ def plan_width(cfg, plan, path: str, calib, fraction: float, method: str,
     prefix = view.layer_prefix
     if method == "flap":
         total = stats({"windows": [list(w) for w in plan.windows], "merge": plan.merge, "attention": plan.attention})
-        o_w = [view.read(f"{prefix}.{pos}.{ATTN}.o_proj.weight", torch.float32) for pos in range(view.num_layers)]
-        d_w = [view.read(f"{prefix}.{pos}.{MLP}.down_proj.weight", torch.float32) for pos in range(view.num_layers)]
+        # read one layer's weight at a time when indexed (the driver never holds every layer's: 97 GB at 70B)
+        o_w = LayerReads(lambda pos: view.read(f"{prefix}.{pos}.{ATTN}.o_proj.weight", torch.float32), view.num_layers)
+        d_w = LayerReads(lambda pos: view.read(f"{prefix}.{pos}.{MLP}.down_proj.weight", torch.float32),
+                         view.num_layers)
         choice = choose(*flap_scores(total, o_w, d_w, geo), kg, kc)
         choice.biases = flap_biases(total, o_w, d_w, choice, geo, bias["attention"], bias["mlp"])
         tokens = int(total["tokens"])
@@ -112,6 +114,24 @@ def plan_width(cfg, plan, path: str, calib, fraction: float, method: str,
     plan.version = max(plan.version, 4)
     plan.tensors.update(choice.biases)
     return plan.width
+
+
+class LayerReads(Sequence):
+    """A per-layer tensor read from the checkpoint each time it is indexed, never kept (FLAP's o_proj and
+    down_proj weights: the scores reduce each to its column norms, the biases use one layer at a time)."""
+
+    def __init__(self, read: Callable[[int], torch.Tensor], n: int):
+        self.read, self.n = read, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, pos):
+        if isinstance(pos, slice):
+            return [self[i] for i in range(*pos.indices(self.n))]
+        if not -self.n <= pos < self.n:
+            raise IndexError(pos)
+        return self.read(pos % self.n)
 
 
 def width_only_plan(cfg, path: str, n_layers: int, calib):

@@ -177,7 +177,7 @@ def materialize(view, config, device: str | torch.device = "cpu", dtype: torch.d
 def plan_model(plan_path, cache: dict | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = torch.float32):
     """(model, tokenizer, Plan): a saved plan (its side tensors: fits, width biases) built in memory from its
-    source checkpoint, without writing a folder. `cache` (source -> (Checkpoint, config, tokenizer)) lets
+    source checkpoint, without writing a folder. `cache` ((source, revision) -> (Checkpoint, config, tokenizer)) lets
     several plans of one source share the reads of its config and tokenizer; `source_model` builds the
     source itself from the same cache."""
     from swm_ray.edits.fold import plan_fits
@@ -201,7 +201,7 @@ def _cached_source(source: str, revision: str | None, cache: dict | None):
     from swm_ray.io.models import load_config, load_tokenizer, resolve_model_path
 
     cache = {} if cache is None else cache
-    if source not in cache:
+    if (source, revision) not in cache:  # two revisions of one hub id are two sources
         path = resolve_model_path(source, revision)
-        cache[source] = (Checkpoint(path), load_config(path), load_tokenizer(path))
-    return cache[source]
+        cache[(source, revision)] = (Checkpoint(path), load_config(path), load_tokenizer(path))
+    return cache[(source, revision)]

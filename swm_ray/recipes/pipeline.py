@@ -131,8 +131,42 @@ def width_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None) ->
     return _finish(cfg, written["out"], plan, device, t0)
 
 
+EVAL_RECORD = "evaluated_with"
+"""The key of `metrics.json` (as `_finish` writes it) that records what its numbers were measured with."""
+
+
+def eval_record(cfg: RunConfig) -> dict:
+    """What decides an evaluation's numbers: the eval settings that differ from their defaults (not `enabled`
+    or `baseline`) and the settings fingerprint of the model evaluated (its plan's `extra.settings`)."""
+    from swm_ray.io.runstate import fingerprint
+
+    settings = cfg.eval.model_dump(mode="json", exclude_defaults=True, exclude={"enabled", "baseline"})
+    return {"eval": settings, "settings": fingerprint(cfg)}
+
+
+def evaluate_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None) -> dict:
+    """Evaluate again the folder already written at `cfg.out` (complete, with the model settings of `cfg`) with
+    `cfg.eval`: for a zoo entry whose evaluation settings changed or whose evaluation never finished. Its config
+    files get `cfg`, then `metrics.json` and the card the new numbers; the weights are not touched."""
+    from swm_ray.io import fs as storage
+    from swm_ray.plan.plan import Plan
+
+    t0 = time.perf_counter()
+    out = cfg.out.rstrip("/")
+    plan = Plan.load(f"{out}/plan.json")
+    if raw_yaml:
+        storage.replace_file(f"{out}/config.yaml", raw_yaml.encode())
+    storage.replace_file(f"{out}/config.resolved.yaml", dump_yaml(cfg).encode())
+    return _finish(cfg, out, plan, device, t0)
+
+
 def _finish(cfg: RunConfig, out: str, plan, device: str | None, t0: float) -> dict:
-    """Evaluate the written folder into its card when `cfg.eval.enabled`; the summary both paths return."""
+    """Evaluate the written folder into its card when `cfg.eval.enabled`; the summary both paths return.
+    `metrics.json` is written last with `eval_record` under `EVAL_RECORD`: a folder whose evaluation was stopped
+    has none (or an older one), and a zoo rerun evaluates it again."""
+    import json
+
+    from swm_ray.io import fs as storage
     from swm_ray.plan.writer import update_metrics
 
     metrics = None
@@ -144,6 +178,9 @@ def _finish(cfg: RunConfig, out: str, plan, device: str | None, t0: float) -> di
             model_cfg["device"] = device
         metrics = evaluate_source(out, model_cfg, cfg.eval)
         update_metrics(out, plan, metrics, resolved_yaml=dump_yaml(cfg))
+        recorded = {**metrics, EVAL_RECORD: eval_record(cfg)}
+        storage.replace_file(f"{out.rstrip('/')}/metrics.json",
+                             (json.dumps(recorded, indent=2, default=str) + "\n").encode())
     return {"out": out, "plan": plan.to_dict(), "metrics": metrics, "seconds": round(time.perf_counter() - t0, 2)}
 
 

@@ -71,6 +71,8 @@ class Trial:
         from swm_ray.io.models import load_config, load_tokenizer
         from swm_ray.methods.planners import may_compensate
 
+        # the grid's config names one model; everything this trial reads (calibration rows, fits) is its own
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"source": spec["model"]})})
         self.spec, self.cfg, self.model_path, self.matrix, self.report = spec, cfg, model_path, matrix, report
         g = self.g = cfg.grid
         self.kind = g.target_kind()
