@@ -125,7 +125,7 @@ def eval_command(
     flags = _flags(model, baseline, tasks, limit, batch_size, ppl_data, ppl_bos, latency, latency_runs,
                    latency_warmup, new_tokens, offline, actors, device, dtype, out, allow_pickle, trust_remote_code)
     cfg, _ = make_config(config, {**flags, **scale_flags(stream_layers, max_memory, gpus_per_actor)}, set_)
-    from swm_ray.evaluation.report import build_report, format_table, raw_path, write_report
+    from swm_ray.evaluation.report import format_table, report_for, write_report
     from swm_ray.evaluation.suite import check_tokenizer_files
     from swm_ray.io.faults import storage_errors
     from swm_ray.jobs.eval import run_eval
@@ -141,7 +141,8 @@ def eval_command(
     main = results[cfg.model.source]
     base = results.get(cfg.eval.baseline) if cfg.eval.baseline else None
     # the table first: a write that fails after all this work still leaves the numbers on the screen
-    echo(format_table(build_report(main, base, raw_file=raw_path(out).rsplit("/", 1)[-1])))
+    report = report_for(out, main, base)
+    echo(format_table(report))
     with storage_errors(out, "writing the report to"):
-        report = write_report(out, main, base)
+        write_report(out, main, base, report)
     echo(f"wrote {out} and {report['raw_file']}")

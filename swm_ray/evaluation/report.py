@@ -107,10 +107,16 @@ def write_text_atomic(path: str, text: str) -> None:
             os.unlink(tmp)
 
 
-def write_report(out: str, result: dict, baseline: dict | None = None) -> dict:
-    """Write `eval.json` at `out` and lm-eval's raw results beside it; returns the report written."""
+def report_for(out: str, result: dict, baseline: dict | None = None) -> dict:
+    """The report `write_report` writes at `out` (its raw file named beside it)."""
+    return build_report(result, baseline, raw_file=raw_path(out).rsplit("/", 1)[-1])
+
+
+def write_report(out: str, result: dict, baseline: dict | None = None, report: dict | None = None) -> dict:
+    """Write `eval.json` at `out` and lm-eval's raw results beside it; returns the report written (`report`:
+    the one `report_for` built already)."""
     raw_out = raw_path(out)
-    report = build_report(result, baseline, raw_file=raw_out.rsplit("/", 1)[-1])
+    report = report or report_for(out, result, baseline)
     write_text_atomic(raw_out, json.dumps(raw_results(result, baseline), indent=1, default=str))
     write_text_atomic(out, json.dumps(report, indent=2, default=str) + "\n")
     return report

@@ -301,7 +301,9 @@ def local_weights_identity(source: str) -> str | None:
     """For a model given as a local folder, a short hash of `weights_stamp`: what tells a resumed run that the
     folder was rewritten in place since it started. None for other sources, whose names already say which
     weights they are (a builtin, a hub revision; an S3 object is mirrored again when it changes)."""
-    if "://" in source or source.startswith("builtin:"):
+    from swm_ray.io.remote import is_remote
+
+    if is_remote(source) or source.startswith("builtin:"):
         return None
     p = Path(source).expanduser()
     if not p.is_dir():

@@ -74,7 +74,9 @@ def check_job_output(args: list[str]) -> None:
     out = job_output(args)
     if out == "":  # a --config the cluster reads: its out is not visible here
         return
-    if out is None or not (out.startswith("s3://") or out.startswith("/")):
+    from swm_ray.io.remote import is_remote
+
+    if out is None or not (is_remote(out) or out.startswith("/")):
         given = "no --out" if out is None else f"--out {out} is relative"
         raise UserError(f"submit: {given}: {args[0]} would write into the job's temporary folder on the cluster, "
                         f"deleted after the job; give --out s3://BUCKET/PATH (or an absolute path on storage the "
