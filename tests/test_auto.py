@@ -378,6 +378,104 @@ def test_a_close_call_is_decided_on_more_rows():
     assert sum(spent.values()) == pytest.approx(rec["passes"]["forward_passes"], abs=0.05)  # all of it, once
 
 
+def test_after_a_close_call_the_chosen_and_the_original_are_compared_on_the_same_rows():
+    model, _ = tiny_model("llama", n_layers=6, seed=3)
+    cfg = _auto_cfg(**{"select.auto_candidates": ["shortgpt", "replaceme", "sleb"], "select.auto_margin": 1e9})
+    sc = _scoring(model)
+    res = run_auto(cfg, sc, 6, 2)
+    rec = res.record()
+    assert len(res.chosen.losses.values) == 32 and len(res.original.values) == 8
+    # the chosen plan on the original's 8 rows, scored again independently of the race
+    (again,) = sc.validate([(res.chosen.windows, res.chosen.merge, None)])
+    assert rec["chosen_validation_nll_on_original_rows"] == pytest.approx(again.mean, abs=1e-6)
+    assert again.mean != pytest.approx(res.chosen.val_nll, abs=1e-6)  # the 32 rows' mean is another number
+    # the plan card lists every candidate's perplexity on those 8 rows, the rows of the original's number
+    from swm_ray.plan.card import _auto_text
+    from swm_ray.plan.plan import Plan
+
+    plan = Plan(windows=[list(w) for w in res.chosen.windows], num_layers_before=6, merge=res.chosen.merge,
+                method="auto", extra={"auto": rec})
+    table = "".join(_auto_text(plan))
+    assert f"| **{rec['chosen']}** (chosen) |" in table
+    line = next(x for x in table.splitlines() if x.startswith(f"| **{rec['chosen']}**"))
+    assert line.rstrip(" |").endswith(f"{math.exp(again.mean):.2f}")
+
+
+def test_a_candidate_whose_held_out_loss_is_not_finite_is_never_chosen_and_stops_no_one():
+    from types import SimpleNamespace
+
+    from swm_ray.compute.validation import RowLosses
+    from swm_ray.methods.auto import Outcome, _choose, stop_decision
+
+    good = RowLosses(np.array([2.0, 2.1, 1.9, 2.05]))
+    bad = RowLosses(np.array([np.nan, 5.0, 5.0, 5.0]))  # one row overflowed
+    scoring = SimpleNamespace(backend=SimpleNamespace(extra_rows=0))
+    for first, second in (("replaceme", "sleb"), ("sleb", "replaceme")):  # either place in the list
+        outs = [Outcome(first, "x", "none", [(1, 2)], "keep-first", losses=bad),
+                Outcome(second, "x", "none", [(2, 3)], "keep-first", losses=good)]
+        best, _ = _choose(outs, scoring, 2.0, 8, lambda _m: None)
+        assert best.name == second
+    worse = RowLosses(good.values + 1.0)
+    alone = stop_decision("partial", "swm", 1, worse, 3, {}, {"z": (good, 3)}, 3.5)
+    assert alone is not None and alone["behind"] == "z"
+    # a rival whose loss is NaN, sorted first, neither blocks that stop nor is named as the one ahead
+    assert stop_decision("partial", "swm", 1, worse, 3, {}, {"a": (bad, 3), "z": (good, 3)}, 3.5) == alone
+
+
+def test_with_a_width_pass_a_planner_listed_only_fitted_is_no_contender():
+    """select.then_width takes no fitted map: `replaceme+lstsq` is left out, and plain ReplaceMe, not listed, does
+    not come in in its place."""
+    from swm_ray.methods.planners import check_method_target
+
+    model, _ = tiny_model("llama", n_layers=6, seed=3)
+    cfg = _auto_cfg(**{"select.auto_candidates": ["swm/keep-first", "replaceme+lstsq"], "select.then_width": 0.1})
+    res = run_auto(cfg, _scoring(model), 6, 2)
+    assert [o.name for o in res.outcomes] == ["swm/keep-first"] and res.chosen.name == "swm/keep-first"
+    only_fitted = _auto_cfg(**{"select.auto_candidates": ["replaceme+lstsq"], "select.then_width": 0.1})
+    with pytest.raises(UserError, match="then_width takes no fitted map"):
+        check_method_target(only_fitted)
+
+
+@pytest.mark.parametrize("criterion", ["output", "nll"])
+def test_each_candidate_records_the_checks_it_ran(criterion):
+    """Under the `nll` criterion SLEB and `swm/keep-first` share one evaluator: each records its own checks all
+    the same, those the race saw it ask for."""
+    model, _ = tiny_model("llama", n_layers=8, seed=2)
+    sc = _scoring(model)
+    res = run_auto(_auto_cfg(**{"select.auto_candidates": ["swm/keep-first", "sleb"], "select.criterion": criterion,
+                                "select.auto_stop_margin": 1e9, "select.layers": 3}), sc, 8, 3)
+    for o in res.outcomes:
+        assert o.checks == res.trajectory[o.name][-1]["checks"] > 0
+    # a check both asked for in one round ran once and counts for each
+    assert max(o.checks for o in res.outcomes) <= sc.memo.computed <= sum(o.checks for o in res.outcomes)
+
+
+def test_a_stopped_candidate_records_only_the_checks_that_ran():
+    model, _ = tiny_model("gemma2", n_layers=8, seed=0)
+    sc = _scoring(model)
+    res = run_auto(_auto_cfg(**{"select.auto_candidates": ["swm", "swm/keep-first", "sleb", "shortgpt", "replaceme"],
+                                "select.layers": 3, "select.auto_margin": 1.0, "select.auto_stop_margin": 1.0}),
+                   sc, 8, 3)
+    stopped = [o for o in res.outcomes if o.stopped]
+    assert stopped
+    for o in stopped:  # the checks it had asked for by the level where it stopped, not its last, dropped, question
+        assert o.checks == res.trajectory[o.name][-1]["checks"]
+
+
+def test_races_on_one_scoring_each_count_their_own_passes():
+    """A grid trial races every target on one scoring (one reference pass, one memo): each target's
+    `extra.auto.passes` is what its own race ran, the sum of its `by_phase`."""
+    model, _ = tiny_model("llama", n_layers=6, seed=3)
+    sc = _scoring(model)
+    cands = {"select.auto_candidates": ["shortgpt", "sleb", "swm/keep-first"]}
+    first = run_auto(_auto_cfg(**cands, **{"select.layers": 1}), sc, 6, 1).record()["passes"]
+    second = run_auto(_auto_cfg(**cands), sc, 6, 2).record()["passes"]
+    assert first["reference_passes"] == 1 and second["reference_passes"] == 0
+    for p in (first, second):
+        assert sum(p["by_phase"].values()) == pytest.approx(p["forward_passes"], abs=0.05)
+    assert second["checks"] < sc.counters()["checks"] and second["forward_passes"] > 0
+
+
 def test_auto_needs_a_size_not_a_threshold(tiny_llama_dir, tokens_parquet, tmp_path):
     from swm_ray.jobs.compress import run_compress
 

@@ -3,6 +3,7 @@ is split by rows (any number of actors up to the rows), and actor counts are che
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -248,3 +249,36 @@ def test_an_actor_with_several_gpus_streams_within_one(tmp_path, monkeypatch):
     stack = open_stack(StackSpec(str(tmp_path), device="cpu", gpus=2, stream="always"), rows=4, seq_len=8)
     assert stack.streaming and stack.budget == per_gpu["n"]
     assert stack.max_streams == fp.max_streams(per_gpu["n"]) < fp.max_streams(2 * per_gpu["n"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="a device map over two GPUs needs two")
+def test_a_model_split_over_two_gpus_gives_the_numbers_of_one_gpu():
+    """In memory with a device map (`--gpus-per-actor` ≥ 2) each layer's output stays on its GPU: the reference
+    pass (Block Influence, HSIC), a window's fit sums, a merged window and a folded fit combine tensors of several
+    GPUs and must give the values of the same model on one GPU."""
+    from accelerate import dispatch_model
+
+    from swm_ray.compute.fitpass import compensation_sums
+    from swm_ray.compute.refpass import Needs, Reference
+
+    ids = np.random.default_rng(0).integers(4, 256, size=(4, 10))
+    one, _ = tiny_model("llama", n_layers=6)
+    split = copy.deepcopy(one)
+    one.to("cuda:0")
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": 1,
+                  **{f"model.layers.{i}": int(i >= 3) for i in range(6)}}
+    split = dispatch_model(split, device_map=device_map)
+    got = {}
+    for name, model in (("one", one), ("split", split)):
+        stack = InMemoryStack(model)
+        ref = Reference(stack, ids, Needs(influence=True, hsic=True), hsic_batches={0: (0, 4)})
+        sums = compensation_sums(stack, ids, [(0, 4)], [(2, 4)], "mean", "global", {}, [(2, 4)])
+        merged = {n: t.float().cpu() for n, t in stack.state(2, 4, "mean").items()}
+        got[name] = (ref.stats.influence, ref.stats.hsic[0], sums, merged)
+    (inf1, hsic1, sums1, merged1), (inf2, hsic2, sums2, merged2) = got["one"], got["split"]
+    np.testing.assert_allclose(inf2, inf1, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(hsic2, hsic1, rtol=1e-4, atol=1e-6)
+    for n, t in merged1.items():
+        torch.testing.assert_close(merged2[n], t)
+    np.testing.assert_allclose(sums2[0].mtm, sums1[0].mtm, rtol=1e-4)
+    np.testing.assert_allclose(sums2[0].gap, sums1[0].gap, rtol=1e-4)

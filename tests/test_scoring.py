@@ -182,3 +182,48 @@ def test_streaming_pass_builds_each_layer_once(tmp_path):
     before = stack.layer_loads
     limited.score(_g(6), [(0, 1), (1, 2), (2, 3), (3, 4)])
     assert stack.layer_loads - before == 12
+
+
+@pytest.mark.parametrize("method", ["keep-first", "reference", "mean"])
+def test_a_streamed_window_counts_the_layers_its_merge_reads(tmp_path, method, monkeypatch):
+    """`layer_reads` (plan.json, streaming) counts the window's layers the merge reads a tensor of: a
+    keep-first window of three layers reads its first layer only, a mean all three."""
+    import re
+
+    from swm_ray.io.checkpoint import Checkpoint
+
+    model, _ = tiny_model("llama", n_layers=6)
+    model.save_pretrained(tmp_path)
+    stack = StreamingStack.from_path(str(tmp_path), torch.device("cpu"), torch.float32)
+    read, layers = Checkpoint.read, set()
+
+    def spy(self, name, *a, **kw):
+        m = re.search(r"layers\.(\d+)\.", name)
+        if m:
+            layers.add(int(m[1]))
+        return read(self, name, *a, **kw)
+
+    monkeypatch.setattr(Checkpoint, "read", spy)
+    before = stack.layer_loads
+    stack.state(1, 3, method)
+    assert stack.layer_loads - before == len(layers) == {"keep-first": 1, "mean": 3}.get(method, len(layers))
+    assert layers <= {1, 2, 3}
+
+
+def test_checks_in_memory_run_only_the_candidates_layers():
+    """With the plan's hidden states kept, a step runs each candidate from its window up and nothing else: the
+    plan's own layers above the lowest window are not run again."""
+    from swm_ray.compute.scoring import groups_from
+
+    model, _ = tiny_model("llama", n_layers=6)
+    stack = InMemoryStack(model)
+    ids = np.random.default_rng(0).integers(4, 256, size=(4, 10))
+    sc = ShardScorer(Reference(stack, ids, Needs(checks=True, final=True)), "reference")
+    groups = groups_from(6, [(4, 5)])  # 5 positions
+    sc.state(groups)
+    before = stack.token_runs
+    cands = [(0, 1), (1, 2), (2, 3), (3, 5)]
+    sc.score(groups, cands)  # the values: test_scorer_matches_brute_force, test_streaming_scores_equal_in_memory
+    # a window at positions lo..hi: its merged layer, then the positions above it
+    need = sum(1 + (len(groups) - 1 - hi) for hi in (1, 2, 3, 4))
+    assert (stack.token_runs - before) == need * ids.size

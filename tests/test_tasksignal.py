@@ -134,6 +134,40 @@ def test_choices_that_share_a_context_run_it_once_and_score_as_each_alone(family
     np.testing.assert_allclose(with_empty[:-1], got[0], rtol=0, atol=1e-5)
 
 
+def test_task_items_split_over_actors_give_the_values_of_one_process_bit_for_bit(monkeypatch):
+    """Every actor gets every row and runs its share of one batching: the items are packed and batched as in one
+    process whatever the number of actors, so the driver's sum is exactly the one-process result."""
+    from types import SimpleNamespace
+
+    import swm_ray.jobs.pool as pool_mod
+    model = _family_model("llama", seed=2)
+    stack = InMemoryStack(model)
+    rng = np.random.default_rng(5)
+    rows, spans = [], []
+    for _ in range(23):
+        ctx = tuple(rng.integers(4, 256, size=int(rng.integers(3, 12))).tolist())
+        for _ in range(int(rng.integers(2, 5))):
+            cont = tuple(rng.integers(4, 256, size=int(rng.integers(1, 8))).tolist())
+            rows.append(ctx + cont)
+            spans.append((len(ctx), len(ctx) + len(cont)))
+    plans = [([], "reference", None), ([(1, 3)], "keep-first", None), ([(2, 3)], "reference", None)]
+    one = plans_logliks(stack, rows, spans, plans, "global", batch_rows=4)
+
+    class _Actor:  # an actor's method called in this process
+        def __init__(self):
+            self.task_logliks = SimpleNamespace(remote=lambda r, s, p, a, part: plans_logliks(
+                stack, r, s, p, a, batch_rows=4, part=part))
+
+    monkeypatch.setattr(pool_mod, "gather", lambda refs, *a, **kw: list(refs))
+    for k in (2, 3, 5, 200):
+        backend = object.__new__(pool_mod.RayBackend)
+        backend.pool, backend.attention = SimpleNamespace(k=k, actors=[_Actor() for _ in range(k)]), "global"
+        got = pool_mod.RayBackend.task_logliks(backend, SimpleNamespace(rows=rows, spans=spans), plans)
+        for g, o in zip(got, one):
+            assert np.array_equal(g, o)  # bit for bit
+        assert all(np.count_nonzero(g) == len(rows) for g in got)
+
+
 def test_layers_with_a_sliding_window_score_every_row_alone():
     """A stack whose layers do not all see the whole packed row (a sliding window shorter than it, another kind of
     layer, a kernel without custom masks) cannot take the packing mask: every row is scored as a row of its own,

@@ -94,12 +94,12 @@ class ModelActor:
         return [[p[i] for p in per_plan] for i in range(len(batches))]
 
     @_one_line
-    def task_logliks(self, rows: list, spans: list, plans: list, attention: str) -> list:
+    def task_logliks(self, rows: list, spans: list, plans: list, attention: str, part=None) -> list:
         """Per plan (windows, merge, fits): the log-likelihood of every given token row's span (`auto`'s
-        task-style items)."""
+        task-style items); with `part` (j, k) only the rows of that part of the batches, the others 0."""
         from swm_ray.compute.validation import plans_logliks
 
-        return plans_logliks(self.stack, rows, spans, plans, attention)
+        return plans_logliks(self.stack, rows, spans, plans, attention, part=None if part is None else tuple(part))
 
     # -- the session of a run: reference pass, checks, validation, fits (`session.ShardSession`) ----------------
     @_one_line

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from swm_ray.compute.similarity import features, gram, hsic_matrix
+from swm_ray.compute.similarity import features, gram, hsic_matrix, stack_on_one_device
 from swm_ray.compute.stack import LayerStack
 
 
@@ -42,7 +42,7 @@ def minibatch_hsic(
                 grams[k].append(gram(features(hidden[k], skip_first_tokens), kernel))
         if on_layer is not None:
             on_layer(i)
-    return [hsic_matrix(torch.stack(g)) for g in grams]
+    return [hsic_matrix(stack_on_one_device(g)) for g in grams]
 
 
 def compute_hsic_sums(stack: LayerStack, input_ids: np.ndarray, batches: Sequence[tuple[int, int]], *,

@@ -54,7 +54,8 @@ def accumulate(sums: CompSums, x: torch.Tensor, m: torch.Tensor, h: torch.Tensor
                skip_first: int) -> None:
     """Add one batch: x (window input), m (MLP output), h (layer output), y (target), each (b, T, d)."""
     d = m.shape[-1]
-    x, m, h, y = (t[:, skip_first:, :].reshape(-1, d).to(torch.float64) for t in (x, m, h, y))
+    x, m, h, y = (t[:, skip_first:, :].reshape(-1, d).to(device=y.device, dtype=torch.float64)  # one device
+                  for t in (x, m, h, y))
     b = y - h + m
     sums.mtm += (m.T @ m).cpu().numpy()
     sums.mtb += (m.T @ b).cpu().numpy()

@@ -149,8 +149,9 @@ class PlanRunner:
                         wkw = [q.kwargs[self.anchor(*window)] for q in pros]
                         streams[key] = [self.stack.run(merged, x, wkw[b]) for b, x in enumerate(held[lo])]
                     del waiting[key]
-                if waiting or noops:
-                    cur = [self.stack.run(layer, x, kw[b]) for b, x in enumerate(cur)]
+                if waiting or noops:  # the plan's own state above p: kept, or run here
+                    cur = inputs[p + 1] if inputs is not None else [self.stack.run(layer, x, kw[b])
+                                                                     for b, x in enumerate(cur)]
             for q in [q for q in held if not any(t[2] == q for t in waiting.values())]:
                 del held[q]
         for key, *_ in noops:

@@ -155,7 +155,8 @@ class Reference:
             if influence is not None:
                 start = 0
                 for x, y in zip(h, out):
-                    cos = F.cosine_similarity(x.float(), y.float(), dim=-1)  # (b, T)
+                    # a device map leaves each layer's output on that layer's GPU
+                    cos = F.cosine_similarity(x.float(), y.to(x.device).float(), dim=-1)  # (b, T)
                     influence[start : start + x.shape[0], i] = (1 - cos).double().sum(1).cpu().numpy()
                     start += x.shape[0]
             h = out
@@ -177,9 +178,9 @@ class Reference:
         if last is not None:
             stats.angular = np.concatenate([_angular(states) for states in last]) if last else None
         if grams:
-            from swm_ray.compute.similarity import hsic_matrix
+            from swm_ray.compute.similarity import hsic_matrix, stack_on_one_device
 
-            stats.hsic = {b: hsic_matrix(torch.stack(g)) for b, g in grams.items()}
+            stats.hsic = {b: hsic_matrix(stack_on_one_device(g)) for b, g in grams.items()}
         if self.val_chunks:
             parts = [row_nll(s, s.final(x), c) for x, c in zip(v, self.val_chunks)]
             stats.val_nll = np.concatenate([p[0] for p in parts])

@@ -36,6 +36,12 @@ def gram(x: torch.Tensor, kernel: str = "linear") -> torch.Tensor:
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
+def stack_on_one_device(grams: list[torch.Tensor]) -> torch.Tensor:
+    """Gram matrices of successive layers stacked on the first one's device (a device map leaves each layer's
+    output, and so its Gram matrix, on that layer's GPU)."""
+    return torch.stack([g.to(grams[0].device) for g in grams])
+
+
 def hsic_matrix(grams: torch.Tensor) -> np.ndarray:
     """(n, b, b) Gram matrices of n representations -> (n, n) unbiased HSIC for all pairs (float64)."""
     g = grams.to(torch.float64).clone()

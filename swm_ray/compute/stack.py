@@ -257,9 +257,15 @@ class StreamingStack(LayerStack):
 
     def state(self, low: int, high: int, method: str) -> State:
         keys = [self.ckpt.layer_keys(k) for k in range(low, high + 1)]
-        self.layer_loads += high - low + 1
-        return {n: merge_tensor(n, lambda k, n=n: self.ckpt.read(keys[k][n], self.dtype), len(keys), method,
-                                keys[0]) for n in keys[0]}
+        touched: set[int] = set()  # the window's layers the merge reads a tensor of (keep-first: its first only)
+
+        def read(k: int, n: str) -> torch.Tensor:
+            touched.add(k)
+            return self.ckpt.read(keys[k][n], self.dtype)
+
+        state = {n: merge_tensor(n, lambda k, n=n: read(k, n), len(keys), method, keys[0]) for n in keys[0]}
+        self.layer_loads += len(touched)
+        return state
 
     def build(self, anchor: int, state: State, position: int | None = None) -> nn.Module:
         layer = copy_layer(self.templates[anchor])

@@ -134,7 +134,7 @@ def packable(stack, width: int) -> bool:
 @torch.inference_mode()
 def plans_logliks(stack, rows: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]],
                   plans: Sequence[tuple[Sequence[Sequence[int]], str, Mapping | None]], attention: str,
-                  batch_rows: int = 32, pack: bool = True) -> list[np.ndarray]:
+                  batch_rows: int = 32, pack: bool = True, part: tuple[int, int] | None = None) -> list[np.ndarray]:
     """`plan_logliks` of several plans (windows, merge, fits) in one walk per batch: the original layers below a
     plan's lowest window are the plan's own, so they run once for every plan, and each plan goes on from its
     lowest window (the same tensors as a walk of its own).
@@ -144,7 +144,11 @@ def plans_logliks(stack, rows: Sequence[Sequence[int]], spans: Sequence[tuple[in
     log-likelihood is the same up to float rounding. Where the stack cannot take a custom mask (`packable`),
     every row is its own pack with a plain causal mask (as with `pack` False). Packs are batched by length (at
     most `batch_rows` of them, about `batch_rows` × 128 tokens) and padded on the right. Only the positions that
-    predict a scored token go through the final norm and the LM head."""
+    predict a scored token go through the final norm and the LM head.
+
+    `part` (j, k): only batches j, j + k, j + 2k, ... of that batching, the other rows left at 0. The batches do
+    not depend on `part`, so k callers given every row and parts 0..k-1 run exactly the batches of one caller,
+    and the sum of their arrays is its result, bit for bit (`pool.RayBackend.task_logliks`)."""
     runners = [PlanRunner(stack, w, m, attention, f) for w, m, f in plans]
     original = PlanRunner(stack, [], "reference", attention)
     by_start = sorted(range(len(runners)), key=lambda k: (runners[k].first_change(), k))
@@ -162,6 +166,9 @@ def plans_logliks(stack, rows: Sequence[Sequence[int]], spans: Sequence[tuple[in
             batches[-1].append(k)
         else:
             batches.append([k])
+    if part is not None:
+        j, k = part
+        batches = batches[j::k]
     for batch in batches:
         group = [packs[k] for k in batch]
         if custom:

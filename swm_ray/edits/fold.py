@@ -72,7 +72,7 @@ def tensor_name(window: Sequence[int]) -> str:
 def fold(rest: str, tensor: torch.Tensor, fit: Fit, site: Site) -> torch.Tensor:
     """The compensated value of the layer tensor `rest` (a name inside the layer; `site.names`), computed in
     float64 and cast back to its dtype. Every executor folds with this, so all give the same bytes."""
-    t = fit.tensor.to(torch.float64)
+    t = fit.tensor.to(device=tensor.device, dtype=torch.float64)
     w = tensor.to(torch.float64)
     if site.module == "mlp":  # rows of W (and b) are the d output channels: Tᵀ·W, Tᵀ·b
         if fit.kind == "matrix":

@@ -117,10 +117,10 @@ def merge_tensor(name: str, read: Callable[[int], torch.Tensor], n: int, method:
     acc = base.float().clone()
     if method == "paper":
         for k in range(1, n):
-            acc += read(k).float() - base.float()
+            acc += read(k).to(acc.device).float() - base.float()  # a device map: layers on several GPUs
     elif method == "mean":
         for k in range(1, n):
-            acc += read(k).float()
+            acc += read(k).to(acc.device).float()
         acc /= n
     else:
         raise ValueError(f"no combination rule for merge method {method!r}")

@@ -143,9 +143,12 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
             chosen = run_auto(cfg, scoring, n_layers, n_remove, report=lambda msg: con.print(f"  auto: {msg}"),
                               layer_names=facts.layer_names, tasks=tasks, tasks_note=why)
             planned, comp = chosen.chosen.planned, chosen.chosen.compensation
-            con.print(f"[bold]auto chose[/] {chosen.chosen.name} (validation NLL {chosen.chosen.val_nll:.4f}, "
-                      f"original {chosen.original_nll:.4f}; {chosen.seconds:.0f} s, {chosen.rounds} rounds; "
-                      f"{chosen.decided})")
+            rows = len(chosen.original.values)
+            more = (f", {chosen.chosen.val_nll:.4f} on all its {len(chosen.chosen.losses.values)} rows"
+                    if len(chosen.chosen.losses.values) > rows else "")
+            con.print(f"[bold]auto chose[/] {chosen.chosen.name} (validation NLL {chosen.chosen_on_original_rows:.4f}, "
+                      f"original {chosen.original_nll:.4f} on the same {rows} rows{more}; {chosen.seconds:.0f} s, "
+                      f"{chosen.rounds} rounds; {chosen.decided})")
         else:
             label = f"nll after {compensate}" if aware else criterion
             planned = plan_windows(cfg, scoring, n_layers, n_remove, _reporter(label))

@@ -425,15 +425,16 @@ class RayBackend:
         return [RowLosses.from_parts([part for got in per_actor for part in got[i]]) for i in range(len(plans))]
 
     def task_logliks(self, rows, plans) -> list:
-        """Per plan, every task row's log-likelihood: rows split over the actors in contiguous ranges."""
+        """Per plan, every task row's log-likelihood. Every actor gets every row and runs its share of one
+        batching of them (`plans_logliks`'s `part`): the items are packed and batched as in one process, so the
+        values do not depend on the number of actors; each row is scored by one actor, the others give 0."""
         pool = self.pool
         plans = [(list(w), m, dict(f or {})) for w, m, f in plans]
-        shards = [(a, b) for a, b in row_shards(len(rows.rows), pool.k) if b > a]
-        refs = [pool.actors[j].task_logliks.remote(rows.rows[a:b], rows.spans[a:b], plans, self.attention)
-                for j, (a, b) in enumerate(shards)]
-        got = gather(refs, f"task-style items of {len(plans)} plan(s)", pool=pool, owners=range(len(shards)),
-                     transient=True)
-        return [np.concatenate([g[i] for g in got]) for i in range(len(plans))]
+        k = max(1, min(pool.k, len(rows.rows)))
+        refs = [pool.actors[j].task_logliks.remote(rows.rows, rows.spans, plans, self.attention, (j, k))
+                for j in range(k)]
+        got = gather(refs, f"task-style items of {len(plans)} plan(s)", pool=pool, owners=range(k), transient=True)
+        return [np.sum([g[i] for g in got], axis=0) for i in range(len(plans))]
 
     def plan_loss(self, windows, merge: str, fits=None) -> float:
         from swm_ray.compute.validation import mean_nll

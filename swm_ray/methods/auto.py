@@ -57,6 +57,11 @@ from swm_ray.errors import UserError
 from swm_ray.methods.candidates import candidate_config, compensation_config, planners_and_fits
 
 
+def _rank(loss: float) -> float:
+    """A loss as a sort key: a non-finite one (a plan that overflows in the compute dtype) ranks last."""
+    return loss if math.isfinite(loss) else math.inf
+
+
 # -- outcomes ------------------------------------------------------------------------------------------------
 @dataclass
 class Outcome:
@@ -116,11 +121,18 @@ class AutoResult:
     def original_nll(self) -> float:
         return self.original.mean
 
+    @property
+    def chosen_on_original_rows(self) -> float:
+        """The chosen plan's mean loss on the rows the original was scored on (the race's rows; a close call
+        appends further rows to its contenders only, so their `val_nll` is on more rows than the original's)."""
+        return RowLosses(self.chosen.losses.values[: len(self.original.values)]).mean
+
     def record(self) -> dict:
         """plan.json's `extra.auto`: every candidate's validation loss, what was chosen and why, what auto cost."""
         return {"chosen": self.chosen.name, "decided_by": self.decided,
                 "original_validation_nll": round(self.original_nll, 6),
                 "original_validation_ppl": round(math.exp(self.original_nll), 4),
+                "chosen_validation_nll_on_original_rows": round(self.chosen_on_original_rows, 6),
                 "validation_rows": self.validation_rows, "validation_tokens": self.validation_tokens,
                 "seconds": round(self.seconds, 2), "rounds": self.rounds, "same_as": self.same,
                 "passes": {**self.passes, "by_phase": self.phases},
@@ -146,7 +158,7 @@ class _Runner:
         self.started = self.done = self.stop = False
         self.stopped: dict | None = None
         self.level = 0
-        self.asked = 0  # candidate checks it asked for that were not in the memo when asked
+        self.asked = 0  # candidate checks it asked for that were not in the memo when asked (and that ran)
         self.thread = threading.Thread(target=self._main, daemon=True, name=f"auto:{spec}")
 
     def _main(self) -> None:
@@ -201,6 +213,7 @@ def run_auto(cfg, scoring, n_layers: int, n_remove: int, report: Callable[[str],
     z = s.auto_margin
     z_stop = s.auto_stop_margin if s.auto_stop_margin is not None else z
     t_all = time.perf_counter()
+    at_start = scoring.counters()  # a grid trial races every target on one scoring: count this race's own
     spent = _Spent(scoring)
     scoring.prepare(method_needs(cfg))
     original = scoring.original_validation()
@@ -215,7 +228,11 @@ def run_auto(cfg, scoring, n_layers: int, n_remove: int, report: Callable[[str],
             for c in comps:
                 if c != "none":
                     say(f"{spec}+{c}: left out (select.then_width follows the depth plan; it takes no fitted map)")
-        fits = {k: ["none"] for k in fits}
+        fits = {k: ["none"] for k, v in fits.items() if "none" in v}  # a planner listed only fitted: no contender
+        if not fits:
+            raise UserError("select.then_width takes no fitted map, and every select.auto_candidates entry is a "
+                            "fitted one: list a plain candidate too (e.g. replaceme beside replaceme+lstsq)")
+        specs = [spec for spec in specs if spec in fits]
     val_memo: dict = {}
 
     def validate(plans) -> list[RowLosses]:
@@ -290,15 +307,27 @@ def run_auto(cfg, scoring, n_layers: int, n_remove: int, report: Callable[[str],
             if requests:
                 scoring.memo.run(requests)
             for r in [r for r in live if r.stop]:
+                r.asked -= sum(len(q.candidates) for q in (r.requests or []))  # its last questions never ran
                 r.step()  # it raises Stopped inside its planner and ends
             spent.charge("searches: candidate checks")
             live = [r for r in live if not r.done]
     outcomes = _finish(cfg, scoring, runners, n_remove, validate, say, fits)
     spent.charge("finished plans: fits and held-out rows")
     chosen, decided = _choose(outcomes, scoring, z, s.auto_validation_max, say, tasks, tasks_note, spent)
-    counters = scoring.counters()
+    counters = _since(scoring.counters(), at_start)
     return AutoResult(chosen, outcomes, original, time.perf_counter() - t_all, len(original.values),
                       scoring.validation_tokens(), decided, same, rounds, counters, spent.record(counters), trajectory)
+
+
+def _since(now: dict, before: dict) -> dict:
+    """Run counters (`session.run_counters`, plus `checks`) of what ran between two readings."""
+    out = dict(now)
+    for k in ("reference_passes", "layer_reads", "layer_tokens", "checks"):
+        if isinstance(now.get(k), int) and isinstance(before.get(k), int):
+            out[k] = max(0, now[k] - before[k])  # an actor restarted by Ray counts again from 0
+    per = now["forward_passes"] / now["layer_tokens"] if now.get("layer_tokens") else 0.0
+    out["forward_passes"] = round(out["layer_tokens"] * per, 2)
+    return out
 
 
 class _Spent:
@@ -361,7 +390,8 @@ def stop_decision(rule: str, name: str, level: int, losses: RowLosses, n_remove:
                   z: float) -> dict | None:
     """Where a search stops, or None: its partial plan (`level` layers removed, `losses`) behind the best of its
     rivals (`stop_rivals`) by more than `z` standard errors of the paired per-row difference."""
-    rivals = stop_rivals(rule, name, level, n_remove, partial, finals)
+    rivals = [(n, lo) for n, lo in stop_rivals(rule, name, level, n_remove, partial, finals)
+              if math.isfinite(lo.mean)]  # a rival whose rows overflowed bounds nothing
     if not rivals:
         return None
     best_name, best = min(rivals, key=lambda t: (t[1].mean, t[0]))
@@ -402,7 +432,7 @@ def _finish(cfg, scoring, runners, n_remove: int, validate, say, fits: dict[str,
         planned = r.result
         windows = [tuple(w) for w in planned.selection.windows]
         removed = sum(h - lo for lo, h in windows)
-        checks = getattr(planned.evaluator, "misses", 0) if planned.evaluator is not None else 0
+        checks = r.asked  # its own (an evaluator is shared by the planners of one criterion and merge)
         planned.evaluator = None  # the outcome keeps the windows, not the checks' states
         for comp_spec in fits[r.spec]:
             name = r.spec if comp_spec == "none" else f"{r.spec}+{comp_spec}"
@@ -424,6 +454,9 @@ def _finish(cfg, scoring, runners, n_remove: int, validate, say, fits: dict[str,
                     (o.losses,) = scoring.validate([(windows, planned.merge, o.compensation.fits)])
             except UserError as e:
                 o.error = str(e)
+            if o.error is None and not math.isfinite(o.val_nll):
+                o.error = ("its held-out loss is not finite (a numerical overflow in the compute dtype; "
+                           "--set model.dtype=float32 avoids it)")
             say(f"{name}: windows {', '.join(f'{a}-{b}' for a, b in windows) or '-'}: "
                 + (f"validation NLL {o.val_nll:.4f} (ppl {math.exp(o.val_nll):.2f})" if o.error is None
                    else f"skipped ({o.error})"))
@@ -457,7 +490,7 @@ def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, task
             decided += ("; fit gate: no plan without a fit to check it against" if tasks is not None else
                         f"; fit gate not run (task-style signal {tasks_note or 'off'})")
             break
-        rival = min(plain, key=lambda o: (float(np.mean(o.losses.values[:rows])), o.name))
+        rival = min(plain, key=lambda o: (_rank(float(np.mean(o.losses.values[:rows]))), o.name))
         d = _fit_gate(best, rival, scoring, tasks, z, say)
         if spent is not None:
             spent.charge("fit gate: task-style items")
@@ -478,7 +511,7 @@ def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, task
 
 def _decide(scored: list[Outcome], scoring, z: float, max_rows: int, say, tasks, tasks_note, spent):
     """Lowest loss, then the close call's further rows, then the task-style items (`_choose`)."""
-    pick = lambda pool: min(pool, key=lambda o: (o.losses.mean, o.name))  # noqa: E731
+    pick = lambda pool: min(pool, key=lambda o: (_rank(o.losses.mean), o.name))  # noqa: E731
     best = pick(scored)
     twins = sorted(o.name for o in scored if o is not best and _same_model(o, best))
     still = [o for o in scored if o is not best and o.name not in twins

@@ -197,6 +197,9 @@ def check_method_target(cfg) -> None:
                         f"default) fits what select.auto_compensate lists (now {', '.join(s.auto_compensate)}): "
                         f"set that, e.g. --set 'select.auto_compensate=[none,{cfg.merge.compensate}]', or give "
                         f"--method")
+    if s.method == "auto" and s.then_width is not None and all("+" in c for c in s.auto_candidates):
+        raise UserError("select.then_width takes no fitted map, and every select.auto_candidates entry is a fitted "
+                        "one: list a plain candidate too (e.g. replaceme beside replaceme+lstsq)")
     if s.method == "auto" and s.threshold is not None:
         raise UserError("--method auto (the default) compares methods at one size: give --layers or --ratio, or "
                         "--method swm to merge to a threshold")

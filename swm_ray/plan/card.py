@@ -3,6 +3,7 @@ entry and the metrics table."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from swm_ray.edits.merge import DROP_ONLY_METHODS, METHOD_DESCRIPTIONS
@@ -162,11 +163,22 @@ def _auto_text(plan: Plan) -> list[str]:
             name = str(c.get("candidate"))
             name = f"**{name}** (chosen)" if name == rec["chosen"] else name
             windows = ", ".join(f"[{w[0]}, {w[1]}]" for w in c.get("windows") or []) or "-"
-            result = fmt_cell(c.get("validation_ppl"), 2) if c.get("error") is None else f"not scored: {c['error']}"
+            result = (fmt_cell(_race_rows_ppl(c, rec.get("validation_rows")), 2) if c.get("error") is None
+                      else f"not scored: {c['error']}")
             rows.append(f"| {name} | {c.get('merge') or '-'} | {c.get('compensate') or '-'} | {windows} | "
                         f"{result.replace('|', '/')} |")
         parts.append("\n".join(rows) + "\n")
     return parts
+
+
+def _race_rows_ppl(cand: dict, rows) -> float | None:
+    """A candidate's validation perplexity on the race's rows, the rows the original and every candidate were
+    scored on (a close call's contenders carry further rows in `row_nll`; their `validation_ppl` is on all of
+    them)."""
+    per_row = cand.get("row_nll")
+    if isinstance(rows, int) and isinstance(per_row, list) and len(per_row) > rows > 0:
+        return math.exp(math.fsum(per_row[:rows]) / rows)
+    return cand.get("validation_ppl")
 
 
 def _method_text(plan: Plan) -> list[str]:
