@@ -229,9 +229,10 @@ def run_auto(cfg, scoring, n_layers: int, n_remove: int, report: Callable[[str],
                 if c != "none":
                     say(f"{spec}+{c}: left out (select.then_width follows the depth plan; it takes no fitted map)")
         fits = {k: ["none"] for k, v in fits.items() if "none" in v}  # a planner listed only fitted: no contender
-        if not fits:
-            raise UserError("select.then_width takes no fitted map, and every select.auto_candidates entry is a "
-                            "fitted one: list a plain candidate too (e.g. replaceme beside replaceme+lstsq)")
+        if not fits:  # refused before any model loads (`check_method_target`); here for direct callers
+            from swm_ray.methods.planners import THEN_WIDTH_FITTED_ONLY
+
+            raise UserError(THEN_WIDTH_FITTED_ONLY)
         specs = [spec for spec in specs if spec in fits]
     val_memo: dict = {}
 

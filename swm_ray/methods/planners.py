@@ -180,6 +180,10 @@ def may_compensate(cfg) -> bool:
     return method_compensation(cfg) != "none"
 
 
+THEN_WIDTH_FITTED_ONLY = ("select.then_width takes no fitted map, and every select.auto_candidates entry is a fitted "
+                          "one: list a plain candidate too (e.g. replaceme beside replaceme+lstsq)")
+
+
 def check_method_target(cfg) -> None:
     """One-line errors for a target a method cannot take (checked before any model loads)."""
     s = cfg.select
@@ -198,8 +202,7 @@ def check_method_target(cfg) -> None:
                         f"set that, e.g. --set 'select.auto_compensate=[none,{cfg.merge.compensate}]', or give "
                         f"--method")
     if s.method == "auto" and s.then_width is not None and all("+" in c for c in s.auto_candidates):
-        raise UserError("select.then_width takes no fitted map, and every select.auto_candidates entry is a fitted "
-                        "one: list a plain candidate too (e.g. replaceme beside replaceme+lstsq)")
+        raise UserError(THEN_WIDTH_FITTED_ONLY)
     if s.method == "auto" and s.threshold is not None:
         raise UserError("--method auto (the default) compares methods at one size: give --layers or --ratio, or "
                         "--method swm to merge to a threshold")
