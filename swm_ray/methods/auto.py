@@ -76,6 +76,7 @@ class Outcome:
     error: str | None = None
     stopped: dict | None = None  # where the race stopped it: level, its loss, the best's, the difference
     checks: int = 0  # candidate checks it asked for that were not yet in the memo
+    checks_shared: int = 0  # of these, checks another planner asked for in the same round (they ran once)
     planned: object = None  # planners.PlannedWindows
     compensation: object = None  # compensation.Compensation
     versus: dict | None = None  # paired difference to the chosen plan
@@ -99,7 +100,7 @@ class Outcome:
                 "validation_rows": None if self.losses is None else len(self.losses.values),
                 "row_nll": None if self.losses is None else [round(float(v), 6) for v in self.losses.values],
                 "versus_chosen": self.versus, "task_signal": self.task, "fit_gate": self.gate, "checks": self.checks,
-                "stopped": self.stopped, "error": self.error}
+                "checks_shared": self.checks_shared, "stopped": self.stopped, "error": self.error}
 
 
 @dataclass
@@ -159,6 +160,7 @@ class _Runner:
         self.stopped: dict | None = None
         self.level = 0
         self.asked = 0  # candidate checks it asked for that were not in the memo when asked (and that ran)
+        self.shared = 0  # of these, the ones another planner asked for in the same round (run once for both)
         self.thread = threading.Thread(target=self._main, daemon=True, name=f"auto:{spec}")
 
     def _main(self) -> None:
@@ -305,6 +307,7 @@ def run_auto(cfg, scoring, n_layers: int, n_remove: int, report: Callable[[str],
             for r in [r for r in live if r.spec in partial]:
                 _maybe_stop(r, partial, finals, z_stop, s.auto_stop_rule, n_remove, say)
             requests = [q for r in live if not r.stop for q in (r.requests or [])]
+            _count_shared([r for r in live if not r.stop])
             if requests:
                 scoring.memo.run(requests)
             for r in [r for r in live if r.stop]:
@@ -318,6 +321,15 @@ def run_auto(cfg, scoring, n_layers: int, n_remove: int, report: Callable[[str],
     counters = _since(scoring.counters(), at_start)
     return AutoResult(chosen, outcomes, original, time.perf_counter() - t_all, len(original.values),
                       scoring.validation_tokens(), decided, same, rounds, counters, spent.record(counters), trajectory)
+
+
+def _count_shared(runners: list[_Runner]) -> None:
+    """Count, per runner, its questions of this round that another runner asked too: the memo runs such a check
+    once, so it is in both runners' `asked` (the sum of the candidates' checks exceeds the run's by these)."""
+    keys = {id(r): {(q.merge, q.groups, c) for q in (r.requests or []) for c in q.candidates} for r in runners}
+    for r in runners:
+        others = set().union(*(k for i, k in keys.items() if i != id(r)))
+        r.shared += len(keys[id(r)] & others)
 
 
 def _since(now: dict, before: dict) -> dict:
@@ -428,7 +440,8 @@ def _finish(cfg, scoring, runners, n_remove: int, validate, say, fits: dict[str,
             say(f"{r.spec}: {r.error}")
             continue
         if r.result is None:  # stopped by the race
-            outcomes.append(Outcome(r.spec, method, "none", stopped=r.stopped, checks=r.asked))
+            outcomes.append(Outcome(r.spec, method, "none", stopped=r.stopped, checks=r.asked,
+                                    checks_shared=r.shared))
             continue
         planned = r.result
         windows = [tuple(w) for w in planned.selection.windows]
@@ -437,7 +450,8 @@ def _finish(cfg, scoring, runners, n_remove: int, validate, say, fits: dict[str,
         planned.evaluator = None  # the outcome keeps the windows, not the checks' states
         for comp_spec in fits[r.spec]:
             name = r.spec if comp_spec == "none" else f"{r.spec}+{comp_spec}"
-            o = Outcome(name, method, comp_spec, windows, planned.merge, planned=planned, checks=checks)
+            o = Outcome(name, method, comp_spec, windows, planned.merge, planned=planned, checks=checks,
+                        checks_shared=r.shared)
             outcomes.append(o)
             if removed != n_remove:
                 o.missed_by = abs(removed - n_remove)
