@@ -158,7 +158,8 @@ def _race(plan: dict) -> dict:
     rec = dict(plan["extra"]["auto"])
     for k in ("seconds", "passes"):
         rec.pop(k)
-    rec["candidates"] = [{k: v for k, v in c.items() if k != "checks"} for c in rec["candidates"]]
+    rec["candidates"] = [{k: v for k, v in c.items() if k not in ("checks", "checks_shared")}
+                         for c in rec["candidates"]]
     rec["trajectory"] = {n: [{k: v for k, v in e.items() if k != "checks"} for e in ev]
                          for n, ev in rec["trajectory"].items()}
     return rec

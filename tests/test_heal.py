@@ -243,6 +243,66 @@ def test_schedule_splits_each_global_batch_over_the_workers():
     assert sorted(epoch) == list(range(50))  # one epoch sees every example once
 
 
+def _lora_run(compressed_dir, text_jsonl, world: int, dropout: float) -> tuple[list[float], dict]:
+    """The LoRA trainer's steps with `world` workers, each in a thread of this process, their gradients summed by
+    an in-process all-reduce (what Ray Train's workers do over the network)."""
+    import copy
+    import threading
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from swm_ray.heal.lora import LoraTrainer, adapter_state
+
+    h = build_config(flags={"heal.lora_dropout": dropout, "heal.lr": 1e-2, "heal.batch_size": 8,
+                            "heal.micro_batch_size": 2, "heal.warmup_steps": 0, "heal.cutoff": 16}).heal
+    tok = AutoTokenizer.from_pretrained(compressed_dir)
+    examples = load_examples(str(text_jsonl), tok, cutoff=16)
+    schedule = Schedule.of(len(examples), 8, 1, 3, 0, h.seed)
+    base = AutoModelForCausalLM.from_pretrained(compressed_dir, dtype=torch.float32)
+    base.config.use_cache = False
+    peft = apply_lora(base, h, seed=h.seed)
+    models = [peft] + [copy.deepcopy(peft) for _ in range(world - 1)]
+    barrier, slots = threading.Barrier(world), [None] * world
+    turn = threading.Lock()  # one worker computes at a time: torch's random generator is one per process
+
+    def reducer(rank):
+        def all_reduce(t):
+            slots[rank] = t.clone()
+            turn.release()
+            barrier.wait()
+            t.copy_(sum(slots))
+            barrier.wait()
+            turn.acquire()
+        return all_reduce
+
+    trainers = [LoraTrainer(m, examples, schedule, h, device="cpu", pad_id=tok.pad_token_id or 0, rank=r,
+                            world=world, all_reduce=reducer(r) if world > 1 else None) for r, m in enumerate(models)]
+    losses: list[list[float]] = [[] for _ in range(world)]
+
+    def work(r):
+        with turn:
+            for step in range(schedule.total_steps):
+                losses[r].append(trainers[r].step(step)["loss"])
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return losses[0], adapter_state(models[0])
+
+
+def test_lora_with_dropout_does_not_depend_on_the_worker_count(compressed_dir, text_jsonl):
+    """Dropout masks are drawn per micro-batch of the global batch, not per worker: with the default dropout, 1 and
+    2 workers give the same losses and the same adapter (up to the order of float sums)."""
+    one_loss, one = _lora_run(compressed_dir, text_jsonl, 1, 0.05)
+    two_loss, two = _lora_run(compressed_dir, text_jsonl, 2, 0.05)
+    assert len(one_loss) == 3 and one_loss[-1] < one_loss[0]
+    assert np.allclose(one_loss, two_loss, rtol=1e-5, atol=1e-6), (one_loss, two_loss)
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5
+    assert max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k) > 1e-4  # it trained
+
+
 # -- user mistakes -----------------------------------------------------------------------------------------------------
 def _error(*args: str) -> str:
     res = runner.invoke(app, ["heal", *args])
@@ -264,6 +324,41 @@ def test_user_mistakes_are_one_line_errors(tiny_llama_dir, compressed_dir, text_
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x", "completion": "y"}) + "\n")
     assert "instruction and output" in _error(str(compressed_dir), "--data", str(bad), "--out", out)
+
+
+def test_apply_refuses_a_healed_models_plan_and_a_folder_or_binary_given_as_plan(compressed_dir, tmp_path):
+    """A healed folder's plan.json replays the un-healed model: refused in one line, as are a model folder and a
+    weights file given where the plan file belongs."""
+    from swm_ray.plan.plan import Plan
+
+    plan = Plan.load(compressed_dir / "plan.json")
+    plan.extra = {**plan.extra, "heal": {"mode": "local", "steps": 4}}
+    plan.save(tmp_path / "healed.json")
+    out = str(tmp_path / "o")
+    for given, message in ((tmp_path / "healed.json", "healed model"), (compressed_dir, "is a folder"),
+                           (compressed_dir / "model.safetensors", "not a text file")):
+        res = runner.invoke(app, ["apply", str(given), "--out", out])
+        lines = [line for line in res.output.splitlines() if line.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and message in lines[0], res.output
+        assert not Path(out).exists()
+
+
+def test_a_healed_width_pruned_models_card_still_describes_its_pruning():
+    """Only a model swm-ray did not compress loses the plan's description; a width-only plan (no windows) keeps it."""
+    from swm_ray.heal.folder import HealRecord, healed_card
+    from swm_ray.plan.plan import Plan
+
+    width = {"method": "flap", "kv_groups": [[0]] * 6, "channels": [list(range(32))] * 6, "kv_heads_after": 1,
+             "intermediate_after": 32}
+    record = HealRecord("lora", "/home/someone/runs/flap", "/home/someone/data.jsonl",
+                        {"lora_r": 8, "target_modules": ["q_proj"]}, steps=2)
+    plan = Plan(windows=[], num_layers_before=6, merge="none", source_model="builtin:smollm2-135m", method="flap",
+                width=width, params_before=100_000, params_after=80_000)
+    card = healed_card(plan, record, metrics=None, resolved_yaml="", name="h")
+    assert "Produced by **swm-ray**" in card and "flap" in card and "## Healing" in card
+    assert "/home/someone" not in card  # a card is published: local paths are scrubbed
+    none = Plan(windows=[], num_layers_before=6, merge="none", source_model="x", method="none")
+    assert "Healed by **swm-ray** from" in healed_card(none, record, metrics=None, resolved_yaml="", name="h")
 
 
 def test_an_unclaimed_checkpoint_folder_needs_resume(compressed_dir, text_jsonl, tmp_path):

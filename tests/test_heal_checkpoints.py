@@ -96,7 +96,7 @@ def test_runs_share_a_folder_and_each_removes_only_its_own(shared, tiny_llama_di
         _claim_checkpoints(cfg, out)
     assert _claim_checkpoints(cfg.model_copy(update={"resume": True}), out) == own
 
-    _release_checkpoints(cfg, out)
+    _release_checkpoints(cfg, out, own)
     assert _tree(shared) == before  # the other runs' files, byte for byte; nothing of this run
     assert storage.exists(f"{other}/{MARKER}") and not _interrupted(cfg, out)
 
@@ -140,3 +140,50 @@ def test_refused_folder_is_a_one_line_error(tiny_llama_dir, text_jsonl, tmp_path
     assert res.exit_code == 2 and len(lines) == 1, res.output
     assert lines[0].startswith("error: --checkpoints") and "older-run" in lines[0]
     assert (root / "older-run" / "adapter.safetensors").read_bytes() == b"not ours"
+
+
+def _fake_fit(monkeypatch):
+    """Ray Train left out: `fit_lora` writes a checkpoint into the run's folder and returns the fresh adapter (B
+    zero), as a run would after its last step; `init_ray` does nothing."""
+    from transformers import AutoModelForCausalLM
+
+    import swm_ray.jobs.heal as job
+    from swm_ray.heal.lora import adapter_state, apply_lora
+
+    def fit(cfg, path, examples, schedule, root, *args, **kwargs):
+        storage.replace_file(f"{root}/{job.RUN_NAME}/checkpoint_000001/adapter.safetensors", b"step 1")
+        base = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+        return {"adapter": adapter_state(apply_lora(base, cfg.heal, seed=cfg.heal.seed)),
+                "state": {"history": [{"loss": 1.0, "tokens": 1, "seconds": 1.0}]}}
+
+    monkeypatch.setattr(job, "fit_lora", fit)
+    monkeypatch.setattr("swm_ray.jobs.runtime.init_ray", lambda *a, **k: None)
+    return job
+
+
+def test_a_heal_written_onto_its_own_folder_removes_its_checkpoints(tiny_llama_dir, text_jsonl, tmp_path,
+                                                                    monkeypatch):
+    """`heal M --out M --overwrite`: the run's checkpoint folder is named by M's weights, which the write changes;
+    the folder it claimed is the one removed, so nothing is left and the same command runs again."""
+    job = _fake_fit(monkeypatch)
+    m = str(tmp_path / "m")
+    job.run_heal(_cfg(tiny_llama_dir, text_jsonl, m, "", **{"heal.steps": 1, "heal.workers": 1}))
+    for _ in range(2):
+        cfg = _cfg(Path(m), text_jsonl, m, "", **{"heal.steps": 1, "heal.workers": 1, "overwrite": True})
+        job.run_heal(cfg)
+        assert not (tmp_path / ".m.heal").exists(), sorted(p.name for p in tmp_path.rglob("*"))
+
+
+def test_checkpoints_inside_the_output_are_refused_before_anything_loads(tiny_llama_dir, text_jsonl, tmp_path,
+                                                                          monkeypatch):
+    job = _fake_fit(monkeypatch)
+    out = tmp_path / "h"
+    for inside in (str(out / "ckpt"), str(out)):
+        with pytest.raises(UserError, match="inside --out") as e:
+            job.run_heal(_cfg(tiny_llama_dir, text_jsonl, str(out), inside, **{"heal.steps": 1}))
+        assert "\n" not in str(e.value) and not out.exists()
+    cfg = _cfg(tiny_llama_dir, text_jsonl, str(out), str(out / "ckpt"),
+               **{"heal.after_compress": "lora", "heal.steps": 1})
+    with pytest.raises(UserError, match="inside --out"):
+        job.run_compress_and_heal(cfg)
+    assert not out.exists() and not (tmp_path / ".h.unhealed").exists()

@@ -149,7 +149,36 @@ def test_per_layer_sizes_and_bad_widths_are_refused_in_one_line(tiny_llama_dir, 
         write({"kv_groups": [[0]] * 4, "channels": [list(range(32))] * 4})
     with pytest.raises(UserError, match="at least one must stay"):
         write({"kv_groups": [[]] * 6, "channels": [list(range(32))] * 6})
+    for bad in ("a", 1.5, True):  # a hand edit: an index that is not an integer
+        with pytest.raises(UserError, match="lists of integers"):
+            write({"kv_groups": [[0, bad]] * 6, "channels": [list(range(32))] * 6})
     assert not (tmp_path / "o").exists()
+
+
+def test_a_compensated_plan_forced_onto_a_model_of_another_size_is_one_line(tiny_llama_dir, tokens_parquet,
+                                                                             tmp_path):
+    """`apply --force` onto another model: a FLAP bias or a fitted map of another hidden size is refused in one
+    line, and nothing is written."""
+    from tiny_models import _COMMON, tiny_tokenizer
+    from transformers import AutoConfig
+
+    from swm_ray.recipes.pipeline import compress_here
+
+    other = tmp_path / "h48"
+    config = AutoConfig.for_model("llama", num_hidden_layers=6, **{**_COMMON, "hidden_size": 48, "head_dim": 8})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(other)
+    tiny_tokenizer(other)
+    base = {"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet), "data.samples": 8,
+            "data.seq_len": 16, "data.batch_size": 4}
+    for name, flags in (("flap", {"select.method": "flap", "select.ratio": 0.2, "select.width_bias": True}),
+                        ("lstsq", {"select.method": "swm", "select.layers": 2, "merge.compensate": "lstsq"})):
+        plan = Plan.load(compress_here(build_config(flags={**base, **flags, "out": str(tmp_path / name)}))["out"]
+                         + "/plan.json")
+        assert plan.tensors, name
+        with pytest.raises(UserError, match="another size") as e:
+            write_model_folder(str(other), plan, str(tmp_path / f"{name}-o"), raw_yaml="", resolved_yaml="")
+        assert "\n" not in str(e.value) and not (tmp_path / f"{name}-o").exists()
 
 
 def _calib(n=8, t=12, seed=0):

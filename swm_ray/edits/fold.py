@@ -74,6 +74,11 @@ def fold(rest: str, tensor: torch.Tensor, fit: Fit, site: Site) -> torch.Tensor:
     float64 and cast back to its dtype. Every executor folds with this, so all give the same bytes."""
     t = fit.tensor.to(device=tensor.device, dtype=torch.float64)
     w = tensor.to(torch.float64)
+    d = w.shape[0]
+    if (fit.kind == "matrix" and tuple(t.shape) != (d, d)) or (fit.kind == "diagonal" and tuple(t.shape) != (d,)):
+        raise UserError(f"the plan's compensation {tensor_name(fit.window)} has shape {tuple(t.shape)} but {rest} "
+                        f"has {d} channels: the plan was fitted on a model of another size (--force cannot apply "
+                        f"a compensated plan to it)")
     if site.module == "mlp":  # rows of W (and b) are the d output channels: Tᵀ·W, Tᵀ·b
         if fit.kind == "matrix":
             out = t.T @ w

@@ -5,6 +5,7 @@ width entry and how it is chosen)."""
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -76,6 +77,20 @@ def bias_flags(model_type: str) -> tuple[str | None, str | None]:
 
 
 # -- the plan's width entry applied to tensors (used by the executor) ------------------------------------------
+def _index(v) -> int:
+    """An index of a hand-edited plan: an integer (a bool, a float or a string is a mistake, not an index)."""
+    if isinstance(v, bool):
+        raise TypeError(v)
+    return operator.index(v)  # int or numpy integer; a float or a string raises TypeError
+
+
+def _same_shape(delta: torch.Tensor, shape, rest: str) -> None:
+    if tuple(delta.shape) != tuple(shape):
+        raise UserError(f"the plan's width compensation for {rest} has shape {tuple(delta.shape)}, the model's "
+                        f"tensor {tuple(shape)}: the plan was made for a model of another size (--force cannot "
+                        f"apply a compensated width plan to it)")
+
+
 class WidthEdit:
     """A plan's width entry over the depth-edited stack: new shapes, sliced tensors, added biases, config."""
 
@@ -90,8 +105,11 @@ class WidthEdit:
         if len(groups) != num_layers or len(channels) != num_layers:
             raise UserError(f"plan width lists {len(groups)} / {len(channels)} layers but the model has {num_layers} "
                             f"after the plan's windows: width indices refer to the layers after depth merging")
-        self.groups = [sorted({int(g) for g in gs}) for gs in groups]
-        self.channels = [sorted({int(c) for c in cs}) for cs in channels]
+        try:
+            self.groups = [sorted({_index(g) for g in gs}) for gs in groups]
+            self.channels = [sorted({_index(c) for c in cs}) for cs in channels]
+        except (TypeError, ValueError):
+            raise UserError("plan width: kv_groups and channels must be per-layer lists of integers") from None
         for what, lists, n in (("kv_groups", self.groups, self.geo.kv_heads),
                                ("channels", self.channels, self.geo.intermediate)):
             for pos, kept in enumerate(lists):
@@ -167,6 +185,7 @@ class WidthEdit:
             t = t.index_select(dim, self.indices(pos)[kind]).contiguous()
         d = self.delta(pos, rest)
         if d is not None:
+            _same_shape(d, t.shape, rest)
             t = (t.to(torch.float32) + d.to(torch.float32)).to(t.dtype)
         return t
 
@@ -174,6 +193,8 @@ class WidthEdit:
         """A bias the edit creates: zeros, plus the compensation where the plan has one."""
         t = torch.zeros(self.added[rest], dtype=torch.float32)
         d = self.delta(pos, rest)
+        if d is not None:
+            _same_shape(d, t.shape, rest)
         return (t + d.to(torch.float32) if d is not None else t).to(dtype)
 
     def edit_config(self, tcfg) -> None:

@@ -67,12 +67,15 @@ def render_heal_section(record: HealRecord) -> str:
         if record.loss_first is not None:
             lines.append(f"Training loss: {record.loss_first:.4f} (first step) → {record.loss_last:.4f} (last).")
     lines.append("\nThe full training record is in `heal.json`.\n")
-    return "## Healing\n\n" + "\n".join(lines) + "\n"
+    from swm_ray.plan.sources import scrub_local_paths
+
+    return scrub_local_paths("## Healing\n\n" + "\n".join(lines) + "\n")  # a card is published: no local paths
 
 
 def healed_card(plan, record: HealRecord, *, metrics: dict | None, resolved_yaml: str, name: str) -> str:
     """The model card of a healed folder: `compress`'s card with a Healing section before its Metrics."""
     from swm_ray.plan.card import render_model_card
+    from swm_ray.plan.sources import scrub_local_paths
 
     card = render_model_card(plan, metrics=metrics, resolved_yaml=resolved_yaml, name=name)
     section = render_heal_section(record)
@@ -80,8 +83,9 @@ def healed_card(plan, record: HealRecord, *, metrics: dict | None, resolved_yaml
     if anchor is None:
         return card + "\n" + section
     head, tail = card[:card.index(anchor)], card[card.index(anchor):]
-    if not plan.windows:  # a model swm-ray did not compress: no merge plan to describe
-        head = head[:head.index("Produced by")] + f"Healed by **swm-ray** from `{record.source_folder}`.\n\n"
+    if plan.method == "none":  # a model swm-ray did not compress (`jobs/heal._read_plan`): no plan to describe
+        head = head[:head.index("Produced by")] + scrub_local_paths(f"Healed by **swm-ray** from "
+                                                                      f"`{record.source_folder}`.\n\n")
     return head + section + "\n" + tail
 
 

@@ -165,16 +165,17 @@ class LoraTrainer:
         """Optimizer step `step`; returns the global batch's mean loss and its token counts."""
         idx = self.schedule.batch(step)
         n_loss = self.examples.loss_tokens(idx)
-        mine = idx[self.rank::self.world]
         lr = self.base_lr * self.schedule.lr_factor(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        torch.manual_seed(hash((self.schedule.seed, self.rank, step)) % 2**31)  # dropout: same on a resumed run
         total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, input tokens
         mb = self.h.micro_batch_size
-        for start in range(0, len(mine), mb):
-            batch = collate(self.examples, mine[start:start + mb], self.pad_id, self.device)
+        # the global batch in fixed micro-batches, dealt round-robin to the workers, each with its own dropout
+        # seed: the same micro-batches and masks whatever the number of workers, and on a resumed run
+        for j in range(self.rank, -(-len(idx) // mb), self.world):
+            torch.manual_seed(hash((self.schedule.seed, step, j)) % 2**31)
+            batch = collate(self.examples, idx[j * mb:(j + 1) * mb], self.pad_id, self.device)
             loss = nll_sum(self.model, batch)
             (loss / max(1, n_loss)).backward()
             total[0] += loss.detach().double()

@@ -71,6 +71,8 @@ def _plain_category(exc: BaseException, path: str) -> str | None:
         return "bucket" if "bucket does not exist" in str(exc) else "missing"
     if isinstance(exc, PermissionError):
         return "denied"
+    if isinstance(exc, IsADirectoryError):
+        return "folder"
     if isinstance(exc, (TimeoutError, ConnectionError)):
         return "unreachable"
     return None
@@ -99,7 +101,9 @@ def error_message(category: str, path: str, doing: str, missing: str | None, exc
     if not is_remote(path):
         return {"denied": f"permission denied while {doing} {path}: check the permissions of "
                           f"{getattr(exc, 'filename', None) or path}",
-                "missing": missing or f"not found: {path}"}.get(category, f"{doing} {path} failed: {detail}")
+                "missing": missing or f"not found: {path}",
+                "folder": f"{path} is a folder where a file is expected: give the file (a plan: "
+                          f"{path.rstrip('/')}/plan.json)"}.get(category, f"{doing} {path} failed: {detail}")
     ep = _endpoint_label()
     vars_ = "SWM_RAY_S3_ENDPOINT / AWS_ENDPOINT_URL"
     return {

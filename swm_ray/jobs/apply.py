@@ -28,6 +28,9 @@ def run_apply(cfg: RunConfig, plan_path: str, model: str | None = None, force: b
                                                           else None)
     if not source:
         raise UserError(f"plan {plan_path} names no source model: give the MODEL to apply it to")
+    if (plan.extra or {}).get("heal"):
+        raise UserError(f"plan {plan_path} is a healed model's: apply would write it unhealed (healing trains "
+                        f"weights a plan does not hold); apply the plan, then run `swm-ray heal` on the result")
     out = cfg.out or "swm-ray-applied"
     check_run_paths(out, cfg.overwrite, [source])
     path = resolve_model_path(source, revision, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)

@@ -30,7 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from swm_ray.compute.memory import return_freed
-from swm_ray.config import RunConfig, dump_yaml
+from swm_ray.config import WIDTH_METHODS, RunConfig, dump_yaml
 from swm_ray.errors import UserError, find_user_error
 from swm_ray.io import fs as storage
 from swm_ray.io.probes import check_run_paths
@@ -50,23 +50,26 @@ def run_heal(cfg: RunConfig, raw_yaml: str = "") -> dict:
     out = cfg.out or "swm-ray-healed"
     data = h.data or cfg.data.source
     check_run_paths(out, cfg.overwrite, [cfg.model.source, data])
+    if h.mode == "lora":
+        _check_checkpoints_outside(cfg, out)
     m = cfg.model
     path = resolve_model_path(m.source, m.revision, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)
     plan = _read_plan(path, m.source, required=h.mode == "local")
     t0 = time.perf_counter()
+    own = None  # a LoRA run's checkpoint folder, claimed before it trains (named by the source's weights)
     with tempfile.TemporaryDirectory(prefix="swm-ray-adapter-") as tmp:
         adapter_dir = Path(tmp) if h.mode == "lora" and h.keep_adapter else None
         if h.mode == "local":
             model, tok, record = _heal_local(cfg, path, plan, data)
         else:
-            model, tok, record = _heal_lora(cfg, path, data, out, adapter_dir)
+            model, tok, record, own = _heal_lora(cfg, path, data, out, adapter_dir)
         record.seconds = round(time.perf_counter() - t0, 2)
         _cast_to_saved_dtype(model, path)
         written = _write(model, tok, out, plan, record, raw_yaml, cfg, adapter_dir)
         del model  # written: the evaluation loads the folder, not this copy
         return_freed()
-    if h.mode == "lora":
-        _release_checkpoints(cfg, out)  # the run is complete: nothing to resume
+    if own is not None:  # the run is complete: nothing to resume. The folder claimed, not one named now: a
+        _release_checkpoints(cfg, out, own)  # heal written onto its own source changed the source's weights
     metrics = None
     if cfg.eval.enabled:
         metrics = _evaluate(cfg, written, plan, record)
@@ -199,7 +202,7 @@ def _heal_lora(cfg: RunConfig, path: str, data: str, out: str, adapter_dir: Path
                         loss_last=history[-1]["loss"] if history else None,
                         tokens_per_s=round(tps, 1) if tps else None, workers=workers,
                         resumed_from_step=fit["state"].get("resumed_from"), history=history)
-    return model, tok, record
+    return model, tok, record, root
 
 
 def _check_targets(config, h, trust_remote_code: bool) -> None:
@@ -314,9 +317,22 @@ def _interrupted(cfg: RunConfig, out: str) -> bool:
     return storage.exists(f"{run_folder(cfg, out)}/{MARKER}")
 
 
-def _release_checkpoints(cfg: RunConfig, out: str) -> None:
-    """The run is complete: remove its own folder (nothing else), and the default root once it is empty."""
-    storage.remove_tree(run_folder(cfg, out))
+def _check_checkpoints_outside(cfg: RunConfig, out: str) -> None:
+    """--checkpoints at or inside --out would make --out a folder swm-ray did not write, refused only after the
+    run trained: refused here, before anything loads."""
+    root = cfg.heal.checkpoints
+    if not root:
+        return
+    a, b = (p.rstrip("/") if is_remote(p) else str(Path(p).resolve()) for p in (root, out))
+    if a == b or a.startswith(b + "/"):
+        raise UserError(f"--checkpoints {root} is inside --out {out}: the output folder is written whole at the "
+                        f"end; keep checkpoints elsewhere (or leave --checkpoints out: beside the output)")
+
+
+def _release_checkpoints(cfg: RunConfig, out: str, own: str) -> None:
+    """The run is complete: remove its own folder `own` (nothing else), and the default root once it is
+    empty."""
+    storage.remove_tree(own)
     root = _checkpoint_root(cfg, out)
     if not cfg.heal.checkpoints and not is_remote(root):
         with contextlib.suppress(OSError):
@@ -462,6 +478,11 @@ def run_compress_and_heal(cfg: RunConfig, raw_yaml: str = "") -> dict:
     check_run_paths(out, cfg.overwrite, [cfg.heal.data])
     staging = storage.sibling(out, ".unhealed")
     mode = cfg.heal.after_compress
+    if mode == "lora":
+        _check_checkpoints_outside(cfg, out)
+    if mode == "local" and cfg.select.method in WIDTH_METHODS:  # refused before the compress, not after it
+        raise UserError(f"--heal local refits merged layers, and --method {cfg.select.method} merges none: use "
+                        f"--heal lora")
     compress_cfg = cfg.model_copy(update={"out": staging, "overwrite": True,
                                           "eval": cfg.eval.model_copy(update={"enabled": False})})
     heal_cfg = cfg.model_copy(update={

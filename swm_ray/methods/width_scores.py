@@ -122,13 +122,13 @@ def taylor_scores(model, input_ids: np.ndarray, batches: Sequence[tuple[int, int
                 parts[name] = t + b.reshape(heads, geo.head_dim).sum(1) if b is not None else t
             q, k, v, o = parts["q"], parts["k"], parts["v"], parts["o"]
             per_group = (q + o).reshape(geo.kv_heads, geo.group).sum(1) + k + v
-            group_s.append(per_group.abs().numpy())
+            group_s.append(per_group.abs().cpu().numpy())
             ch = wg(mlp.gate_proj).sum(1) + wg(mlp.up_proj).sum(1) + wg(mlp.down_proj).sum(0)
             for lin in (mlp.gate_proj, mlp.up_proj):
                 b = wg(lin, bias=True)
                 if b is not None:
                     ch = ch + b
-            chan_s.append(ch.abs().numpy())
+            chan_s.append(ch.abs().cpu().numpy())
     finally:
         for p, w in zip(params, was):
             p.grad = None

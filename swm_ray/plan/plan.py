@@ -129,6 +129,8 @@ class Plan:
             data = json.loads(raw)
         except json.JSONDecodeError as e:
             raise UserError(f"plan {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"plan {path} is not a text file: give the plan.json a run wrote") from None
         if not isinstance(data, dict):
             raise UserError(f"plan {path}: expected a JSON object")
         plan = cls.from_dict(data)
