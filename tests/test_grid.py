@@ -242,3 +242,73 @@ def test_every_local_path_a_trial_opens_is_made_absolute(tmp_path, monkeypatch):
     assert got.grid.models == (str(tmp_path / "m"), "builtin:smollm2-135m", "s3://b/m")
     assert (got.data.source, got.eval.ppl_data) == (str(tmp_path / "calib.jsonl"), str(tmp_path / "ppl.txt"))
     assert (got.heal.data, got.heal.source) == (str(tmp_path / "heal.jsonl"), str(tmp_path / "src"))
+
+
+def test_a_row_cut_by_a_killed_driver_is_skipped_and_the_next_row_starts_its_own_line(tmp_path):
+    from swm_ray.jobs.grid import _collector, _rows_from_file
+
+    rows_file = tmp_path / "rows.jsonl"
+    rows_file.write_text(json.dumps({"model": "m", "method": "original", "target": 0, "ppl": 3.0}) + "\n"
+                         + '{"model": "m", "method": "swm", "target": 1, "pp')  # the driver died mid-line
+    _collector(rows_file).on_trial_result(0, [], None, {"model": "m", "method": "shortgpt", "target": 2, "ppl": 5.0})
+    rows = _rows_from_file(rows_file)
+    assert sorted((r["method"], r["target"]) for r in rows) == [("original", 0), ("shortgpt", 2)]
+
+
+def test_two_models_of_the_same_folder_name_get_their_own_labels_and_plots(tmp_path):
+    from swm_ray.recipes.results import finalize_rows, write_results
+
+    rows = []
+    for model, ppl in (("/x/a/tiny", 10.0), ("/x/b/tiny", 50.0)):
+        rows += [{"model": model, "method": "original", "target": 0, "removed_layers": 0, "ppl": ppl, "status": "ok"},
+                 {"model": model, "method": "shortgpt", "target": 1, "removed_layers": 1, "ppl": 2 * ppl,
+                  "status": "ok"}]
+    files = write_results(tmp_path, finalize_rows(rows))
+    plots = [f for f in files if f.startswith("plots/")]
+    assert len(plots) == len(set(plots)) == 2 and all((tmp_path / f).exists() for f in plots)
+    table = (tmp_path / "results.md").read_text()
+    assert "| /x/a/tiny |" in table and "| /x/b/tiny |" in table
+
+
+def _small_grid(tiny_llama_dir, tokens_parquet, text_jsonl, out, **sets):
+    return build_config(flags={"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet),
+                               "data.samples": 8, "data.seq_len": 16, "data.batch_size": 4, "eval.tasks": [],
+                               "eval.ppl_data": str(text_jsonl), "eval.ppl_chunk": 16, "eval.ppl_max_tokens": 64,
+                               "out": str(out)},
+                        sets={"grid.criteria": ["output"], "grid.layers": [1], "grid.baselines": [], **sets})
+
+
+def test_a_grid_that_tune_ended_early_writes_no_table(ray_session, tiny_llama_dir, tokens_parquet, text_jsonl,
+                                                       tmp_path, monkeypatch):
+    """On Ctrl-C Tune stops its trials and returns: the grid says so (exit 130, how to resume) and writes no
+    table, and an earlier complete output given with --overwrite is kept as it was."""
+    from ray import tune
+
+    from swm_ray.jobs.grid import run_grid
+
+    out = tmp_path / "grid"
+    out.mkdir()
+    (out / "results.md").write_text("complete\n")
+    (out / ".swm-ray").write_text("")
+
+    class Stopped:
+        num_terminated, num_errors = 1, 0
+
+        def __len__(self):
+            return 2
+
+    monkeypatch.setattr(tune.Tuner, "fit", lambda self: Stopped())
+    with pytest.raises(UserError, match=r"1 of 2 trials did not finish.*--resume") as e:
+        run_grid(_small_grid(tiny_llama_dir, tokens_parquet, text_jsonl, out).model_copy(update={"overwrite": True}))
+    assert e.value.exit_code == 130
+    assert (out / "results.md").read_text() == "complete\n"
+
+
+def test_a_trial_asking_more_cpus_than_this_machine_has_is_one_line(ray_session, tiny_llama_dir, tokens_parquet,
+                                                                     text_jsonl, tmp_path):
+    from swm_ray.jobs.grid import run_grid
+
+    cfg = _small_grid(tiny_llama_dir, tokens_parquet, text_jsonl, tmp_path / "g", **{"grid.cpus_per_trial": 64})
+    with pytest.raises(UserError, match="--cpus-per-trial 64: this machine's Ray has 2 CPU") as e:
+        run_grid(cfg)
+    assert "\n" not in str(e.value) and not (tmp_path / "g").exists()

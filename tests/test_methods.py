@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 from tiny_models import tiny_model
+from typer.testing import CliRunner
 
+from swm_ray.cli import app
 from swm_ray.config import BASELINES, build_config
 from swm_ray.errors import UserError
 from swm_ray.jobs.apply import run_apply
@@ -166,6 +168,43 @@ def test_zoo_errors_are_one_line(tmp_path, tokens_parquet, text_jsonl):
     (tmp_path / "z2.yaml").write_text("models: [{source: a, select: {layers: 0}}]\n")
     with pytest.raises(UserError, match=r"model 1 \(a\): config select.layers"):
         load_zoo(str(tmp_path / "z2.yaml"), str(tmp_path / "o"))
+
+
+def test_zoo_options_of_the_wrong_kind_are_one_line(tmp_path, tokens_parquet, text_jsonl):
+    from swm_ray.jobs.zoo import load_zoo
+
+    zoo = _zoo(tmp_path, [{"source": "a", "name": "x"}], tokens_parquet, text_jsonl)
+    data = yaml.safe_load(zoo.read_text())
+    for key, value, message in (("concurrency", "2", "concurrency must be"), ("concurrency", 0, "concurrency must"),
+                                ("gpu_memory_gb", "80GB", "gpu_memory_gb must"), ("gpu_memory_gb", -1, "positive")):
+        zoo.write_text(yaml.safe_dump({**data, key: value}))
+        with pytest.raises(UserError, match=message) as e:
+            load_zoo(str(zoo), str(tmp_path / "o"))
+        assert "\n" not in str(e.value)
+    zoo.write_text(yaml.safe_dump({**data, "concurrency": 2, "gpu_memory_gb": None}))
+    assert load_zoo(str(zoo), str(tmp_path / "o"))[1] == {"concurrency": 2, "gpu_memory_gb": 80.0}
+    for flag, value in (("--concurrency", "-1"), ("--cpus-per-model", "0")):
+        res = CliRunner().invoke(app, ["zoo", str(zoo), flag, value, "--out", str(tmp_path / "o")])
+        lines = [line for line in res.output.splitlines() if line.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and flag in lines[0], res.output
+
+
+def test_zoo_builds_again_an_entry_whose_model_folder_was_rewritten(tiny_llama_dir, tokens_parquet, text_jsonl,
+                                                                   tmp_path):
+    """Same settings, but the local model folder holds other weights now: the entry is not kept."""
+    from swm_ray.jobs.zoo import BUILD, KEEP, _state, load_zoo
+    from swm_ray.recipes.pipeline import compress_here
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    zoo = _zoo(tmp_path, [{"source": str(model), "name": "llama"}], tokens_parquet, text_jsonl)
+    (entry,), _ = load_zoo(str(zoo), str(tmp_path / "out"))
+    entry.cfg = entry.cfg.model_copy(update={"eval": entry.cfg.eval.model_copy(update={"enabled": False})})
+    compress_here(entry.cfg)
+    assert _state(entry)[0] == KEEP
+    other, _ = tiny_model("llama", n_layers=6, seed=7)
+    other.save_pretrained(model)
+    assert _state(entry)[:2] == (BUILD, "model folder rewritten")
 
 
 def _manifest(prefix: Path) -> dict[str, dict]:

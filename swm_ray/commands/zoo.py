@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from swm_ray.commands.common import echo, resolve_config_file, user_errors
+from swm_ray.errors import UserError
 
 
 @user_errors
@@ -30,6 +31,10 @@ def zoo_command(
     models whose output is complete and whose settings are unchanged."""
     from swm_ray.jobs.zoo import markdown_manifest, run_zoo
 
+    if concurrency is not None and concurrency < 1:
+        raise UserError(f"--concurrency {concurrency}: models at once must be at least 1")
+    if cpus_per_model is not None and cpus_per_model <= 0:
+        raise UserError(f"--cpus-per-model {cpus_per_model:g}: give a positive number of CPUs")
     res = run_zoo(resolve_config_file(zoo), out or "swm-ray-zoo", retry_failed=bool(retry_failed),
                   concurrency=concurrency, cpus_per_model=cpus_per_model or 1.0, address=address)
     echo("")

@@ -8,6 +8,8 @@ recomputes statistics. Rows arrive through a Tune callback as trials report them
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import time
 from pathlib import Path
 
@@ -73,9 +75,12 @@ def _collector(rows_file: Path | None):
         def on_trial_result(self, iteration, trials, trial, result, **info):
             row = {k: v for k, v in result.items() if k in ROW_KEYS or k.startswith(("task_", "split_"))}
             self.rows.append(row)
-            if rows_file is not None:
-                with open(rows_file, "a") as f:
-                    f.write(json.dumps(row, default=str) + "\n")
+            if rows_file is not None:  # one write of a whole line; a line cut by a killed driver is ended first
+                line = json.dumps(row, default=str) + "\n"
+                with open(rows_file, "ab") as f:
+                    if f.tell() and _last_byte(rows_file) != b"\n":
+                        line = "\n" + line
+                    f.write(line.encode())
             ppl = f"PPL {row['ppl']:.2f}" if row.get("ppl") is not None else row.get("status", "")
             console().print(f"  {model_label(str(row.get('model')))} · {method_label(row)} · "
                              f"{row.get('target_kind')} {row.get('target')}: {row.get('layers_before')} → "
@@ -115,12 +120,22 @@ def _saved_grid(resume: str) -> tuple[Path, RunConfig, str]:
     return exp, RunConfig.model_validate(saved["config"]), saved.get("raw", "")
 
 
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
+
+
 def _rows_from_file(path: Path) -> list[dict]:
-    """Rows as streamed; a trial restarted after an interruption reports its targets again: keep the last."""
+    """Rows as streamed; a trial restarted after an interruption reports its targets again: keep the last. A
+    line cut short by a killed driver is skipped: its trial did not finish, and a resume runs it again."""
     keyed: dict = {}
     for line in path.read_text().splitlines():
         if line.strip():
-            r = json.loads(line)
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
             keyed[tuple(str(r.get(k)) for k in ("model", "method", "criterion", "search", "merge", "compensate",
                                                  "heal", "then_width", "target"))] = r
     return list(keyed.values())
@@ -132,7 +147,7 @@ def run_grid(cfg: RunConfig, raw_yaml: str = "", resume: str | None = None) -> d
     import ray
     from ray import tune
 
-    from swm_ray.jobs.runtime import init_ray
+    from swm_ray.jobs.runtime import init_ray, joined_cluster
 
     exp = None
     if resume:
@@ -166,14 +181,20 @@ def run_grid(cfg: RunConfig, raw_yaml: str = "", resume: str | None = None) -> d
         con.print(f"  {model_label(m)}: {ctx['num_layers']} decoder layers, {calib.input_ids.shape[0]}×"
                   f"{calib.input_ids.shape[1]} calibration tokens")
     gpus = g.gpus_per_trial
+    have = ray.cluster_resources()
     if gpus is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        gpus = 1 if have.get("GPU", 0) >= 1 else 0
+    for what, want, flag in (("CPU", g.cpus_per_trial, "--cpus-per-trial"), ("GPU", gpus, "--gpus-per-trial")):
+        if want > have.get(what, 0) and not joined_cluster(cfg.ray):  # a cluster may grow; this machine will not
+            raise UserError(f"{flag} {want:g}: this machine's Ray has {have.get(what, 0):g} {what}(s), so no trial "
+                            f"could start; ask for at most that many")
     threads = max(1, int(g.cpus_per_trial))
     trainable = tune.with_resources(
         tune.with_parameters(_trial, context=context, cfg_json=cfg.model_dump(mode="json"), threads=threads),
         {"cpu": g.cpus_per_trial, "gpu": gpus},
     )
-    name = exp.name if exp else f"grid-{time.strftime('%Y%m%d-%H%M%S')}"
+    # unique: two grids started in the same second never share an experiment (its rows, its grid.json)
+    name = exp.name if exp else f"grid-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     if exp:
         fs, spath, where = None, str(exp.parent), str(exp)
         rows_file = exp / "rows.jsonl"
@@ -183,7 +204,7 @@ def run_grid(cfg: RunConfig, raw_yaml: str = "", resume: str | None = None) -> d
     else:  # on this machine, outside the output folder: it survives an interrupted or failed grid
         fs, spath = None, str(cache_root() / "grids")
         where = str(Path(spath, name))
-        Path(where).mkdir(parents=True, exist_ok=True)
+        Path(where).mkdir(parents=True, exist_ok=False)
         rows_file = Path(where, "rows.jsonl")
         Path(where, "grid.json").write_text(json.dumps({"config": cfg.model_dump(mode="json"), "raw": raw_yaml}))
     con.print(f"  Tune experiment: {where}" + (f" (rows also go to {rows_file} as they arrive)" if rows_file else ""))
@@ -201,6 +222,11 @@ def run_grid(cfg: RunConfig, raw_yaml: str = "", resume: str | None = None) -> d
                 run_config=run_cfg,
             )
         results = tuner.fit()
+        unfinished = len(results) - results.num_terminated - results.num_errors
+        if unfinished:  # Tune ends its run on Ctrl-C and returns: what it left unfinished is no table yet
+            resumable = f"; finish it with `swm-ray grid --resume {where}`" if rows_file is not None else ""
+            raise UserError(f"interrupted: {unfinished} of {len(results)} trials did not finish, so no table was "
+                            f"written{resumable}", exit_code=130)
         errors = []
         for i in range(len(results)):
             res = results[i]

@@ -105,7 +105,13 @@ def load_zoo(path: str, prefix: str) -> tuple[list[Entry], dict]:
         names.add(name)
         cfg = cfg.model_copy(update={"out": f"{prefix.rstrip('/')}/{name}", "overwrite": True})
         entries.append(Entry(name, cfg, yaml.safe_dump({"zoo": path, **item}, sort_keys=False)))
-    opts = {"concurrency": data.get("concurrency"), "gpu_memory_gb": float(data.get("gpu_memory_gb") or 80)}
+    conc = data.get("concurrency")
+    gpu_gb = 80 if data.get("gpu_memory_gb") is None else data["gpu_memory_gb"]
+    if conc is not None and (isinstance(conc, bool) or not isinstance(conc, int) or conc < 1):
+        raise UserError(f"zoo {path}: concurrency must be a whole number of models of at least 1, not {conc!r}")
+    if isinstance(gpu_gb, bool) or not isinstance(gpu_gb, (int, float)) or gpu_gb <= 0:
+        raise UserError(f"zoo {path}: gpu_memory_gb must be a positive number (GB of one GPU), not {gpu_gb!r}")
+    opts = {"concurrency": conc, "gpu_memory_gb": float(gpu_gb)}
     return entries, opts
 
 
@@ -183,6 +189,7 @@ def _state(entry: Entry) -> tuple[str, str, dict | None]:
       `metrics.json` records the current evaluation settings;
     - EVALUATE: complete with the same model settings, but its evaluation differs or never finished;
     - BUILD: anything else (no complete output, other settings, an unreadable plan.json)."""
+    from swm_ray.io.checkpoint import local_weights_identity
     from swm_ray.io.runstate import fingerprint
     from swm_ray.recipes.pipeline import EVAL_RECORD, eval_record
 
@@ -194,6 +201,9 @@ def _state(entry: Entry) -> tuple[str, str, dict | None]:
         return BUILD, "unreadable plan.json", None
     if plan["extra"].get("settings") != fingerprint(entry.cfg):
         return BUILD, "settings changed", None
+    ident = local_weights_identity(entry.cfg.model.source)
+    if ident is not None and plan["extra"].get("source_weights") != ident:
+        return BUILD, "model folder rewritten", None
     if not entry.cfg.eval.enabled:
         return KEEP, "complete, evaluation off", {"plan": plan, "metrics": None}
     metrics = _read_json(f"{out}/metrics.json") if storage.exists(f"{out}/metrics.json") else None

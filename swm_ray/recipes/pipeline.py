@@ -87,7 +87,7 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
         raise UserError(f"no window passed (method {s.method}, threshold {sel.threshold}): nothing to merge")
     plan = planned.plan(n_layers, m.source, m.revision, s.method, cfg.merge.attention, params_before,
                         extra={"candidate_evaluations": counters["checks"], "passes": counters,
-                               "note": sel.note, "settings": fingerprint(cfg),
+                               "note": sel.note, "settings": fingerprint(cfg), **_weights(m.source),
                                **({"auto": chosen.record()} if chosen else {}),
                                "calibration": sets.record(fitted=comp is not None)})
     if comp is not None:
@@ -106,6 +106,15 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
     return _finish(cfg, written["out"], plan, device, t0)
 
 
+def _weights(source: str) -> dict:
+    """{"source_weights": identity} of a model given as a local folder (`local_weights_identity`): a zoo rerun
+    builds again an entry whose folder was rewritten in place; {} for other sources."""
+    from swm_ray.io.checkpoint import local_weights_identity
+
+    ident = local_weights_identity(source)
+    return {} if ident is None else {"source_weights": ident}
+
+
 def width_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None) -> dict:
     """`compress_here` for the width pruners (`select.method` flap or taylor): calibration -> width-only plan ->
     writer -> evaluation, in this process (FLAP's statistics on a layer stack, Taylor's gradients on the model
@@ -122,7 +131,7 @@ def width_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None) ->
     t0 = time.perf_counter()
     path, calib, n_layers = calibration_for(cfg)
     plan = width_only_plan(cfg, path, n_layers, calib)
-    plan.extra["settings"] = fingerprint(cfg)
+    plan.extra.update(settings=fingerprint(cfg), **_weights(m.source))
     plan_width(cfg, plan, path, calib, s.ratio, s.method, stack_stats(cfg, path, calib, device),
                device=device or _width_device(m.device))
     written = write_model_folder(path, plan, cfg.out, raw_yaml=raw_yaml, resolved_yaml=dump_yaml(cfg),

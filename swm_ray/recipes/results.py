@@ -8,7 +8,7 @@ from pathlib import Path
 
 from swm_ray.config import BASELINES, WIDTH_METHODS
 from swm_ray.io.artifacts import fmt_cell
-from swm_ray.recipes.specs import method_label, model_label
+from swm_ray.recipes.specs import method_label, model_labels
 
 ROW_KEYS = (
     "model", "method", "criterion", "search", "merge", "compensate", "target_kind", "target", "status", "threshold",
@@ -43,12 +43,13 @@ def markdown_table(rows: list[dict]) -> str:
     head = "| model | method | target | layers | windows | params removed | PPL | × original | zero-shot |" + \
         (" tokens/s | latency (s) | TTFT (s) |" if latency else "") + " status |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    label = model_labels(r["model"] for r in rows)
     for r in rows:
         layers = f"{r['layers_before']} → {r['layers_after']}" if r.get("layers_after") is not None else ""
         timing = f"{fmt_cell(r.get('tokens_per_s'), 1)} | {fmt_cell(r.get('latency_s'), 3)} | " \
             f"{fmt_cell(r.get('ttft_s'), 4)} | " if latency else ""
         lines.append(
-            f"| {model_label(str(r['model']))} | {method_label(r)} | {fmt_cell(r['target'], 4)} | {layers} | "
+            f"| {label[str(r['model'])]} | {method_label(r)} | {fmt_cell(r['target'], 4)} | {layers} | "
             f"{r['windows'] or ''} | "
             f"{fmt_cell(100 * r['params_removed'], 1) + '%' if r.get('params_removed') is not None else ''} | "
             f"{fmt_cell(r['ppl'])} | {fmt_cell(r['ppl_ratio'])} | {fmt_cell(r['zeroshot_mean'], 3)} | {timing}"
@@ -67,10 +68,11 @@ def write_results(folder: Path, rows: list[dict]) -> list[str]:
 
     names: list[str] = []
     rows = [dict(r) for r in rows]
+    label = model_labels(r["model"] for r in rows)
     for i, r in enumerate(rows):
         tensors = r.pop("plan_tensors", None)
         if r.get("plan"):
-            name = f"plans/{i:03d}-{_slug(model_label(str(r['model'])))}-{_slug(method_label(r))}-{r['target']}.json"
+            name = f"plans/{i:03d}-{_slug(label[str(r['model'])])}-{_slug(method_label(r))}-{r['target']}.json"
             side = name.removesuffix(".json") + ".tensors"
             text = r["plan"]
             if tensors:  # the records name their side file (`Plan.load` reads a width plan's tensors by it)
@@ -111,11 +113,12 @@ def plot_results(folder: Path, rows: list[dict]) -> list[str]:
 
     folder.mkdir(parents=True, exist_ok=True)
     names = []
+    label = model_labels(r["model"] for r in rows)
     for model in sorted({r["model"] for r in rows}):
         mine = [r for r in rows if r["model"] == model and r["status"] == "ok"]
         by_params = any(r.get("width") for r in mine)
         x = {id(r): 100 * r["params_removed"] if by_params else r["removed_layers"] for r in mine}
-        for metric, label, log in (("ppl", "perplexity", True), ("zeroshot_mean", "zero-shot mean", False)):
+        for metric, what, log in (("ppl", "perplexity", True), ("zeroshot_mean", "zero-shot mean", False)):
             if not any(r.get(metric) is not None for r in mine if r["method"] != "original"):
                 continue
             fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -132,11 +135,11 @@ def plot_results(folder: Path, rows: list[dict]) -> list[str]:
             if not by_params:
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("parameters removed (%)" if by_params else "decoder layers removed")
-            ax.set_ylabel(label)
-            ax.set_title(f"{model_label(model)}: {label}")
+            ax.set_ylabel(what)
+            ax.set_title(f"{label[str(model)]}: {what}")
             ax.legend(fontsize=8)
             fig.tight_layout()
-            name = f"{metric}_{_slug(model_label(model))}.png"
+            name = f"{metric}_{_slug(label[str(model)])}.png"
             fig.savefig(folder / name, dpi=110)
             plt.close(fig)
             names.append(f"plots/{name}")

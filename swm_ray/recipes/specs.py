@@ -32,6 +32,14 @@ def model_label(source: str) -> str:
     return source.rstrip("/").rsplit("/", 1)[-1] or source
 
 
+def model_labels(sources) -> dict[str, str]:
+    """`model_label` of each source, unique among `sources`: two whose short names are the same (/a/tiny and
+    /b/tiny, s3://b/v1/model and s3://b/v2/model) are named by their whole source."""
+    short = {str(s): model_label(str(s)) for s in sources}
+    taken = list(short.values())
+    return {s: v if taken.count(v) == 1 else s.rstrip("/") for s, v in short.items()}
+
+
 def method_label(row: dict) -> str:
     """How tables and plots name a row's method: "output / best-first / reference + lstsq + width flap 15% + heal
     local", "shortgpt", "flap"."""
