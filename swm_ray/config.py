@@ -352,8 +352,9 @@ class GridConfig(_Section):
     concurrency: int | None = Field(None, ge=1, description="trials at once (default: as resources allow)")
     cpus_per_trial: float = Field(1.0, gt=0, description="CPUs (and torch threads) per trial")
     gpus_per_trial: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs, else 0")
-    tune_storage: str | None = Field(None, description="where Tune keeps its experiment (default: inside OUT; "
-                                     "give s3://... when trials run on several nodes)")
+    tune_storage: str | None = Field(None, description="where Tune keeps its experiment (default: this machine's "
+                                     "cache, CACHE/grids/NAME, with rows.jsonl and grid.json, so that --resume can "
+                                     "finish it; give s3://... when trials run on several nodes: no --resume then)")
 
     @model_validator(mode="after")
     def _targets(self) -> GridConfig:

@@ -34,9 +34,10 @@ HELP = "\n\n".join([
     "(select.width_method, flap by default) until that further fraction of the original's parameters is gone. "
     "With --set eval.latency=true every row also gets tokens/s, latency and time to first token.",
     "Writes OUT/results.parquet, results.csv, results.md, plots/ppl_<model>.png (and zero-shot plots when "
-    "tasks are evaluated) and the configs. Tune's experiment folder stays in the swm-ray cache (or at --set "
-    "grid.tune_storage=s3://...), where every row is also appended as it arrives, so an interrupted grid keeps "
-    "what it measured.",
+    "tasks are evaluated) and the configs. Tune's experiment folder stays in the swm-ray cache, where every row "
+    "is also appended as it arrives, so an interrupted grid keeps what it measured and --resume finishes it "
+    "(--set grid.tune_storage=s3://... keeps the experiment there instead, for trials on several nodes, without "
+    "--resume).",
 ])
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import secrets
 import time
 
 import numpy as np
@@ -77,9 +79,9 @@ def similarity_matrix(cfg: RunConfig, calib: Calibration, pool=None, reuse: bool
         "bos_prepended": calib.bos_prepended, "pretokenized": calib.pretokenized,
     }
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
+    tmp = cache.with_suffix(f".{os.getpid()}-{secrets.token_hex(3)}.tmp.npz")  # two runs of one key: two files
     np.savez(tmp, cka=cka, sums=sums, info=json.dumps(info))
-    tmp.rename(cache)
+    os.replace(tmp, cache)
     return cka, {**info, "cached": False}
 
 
