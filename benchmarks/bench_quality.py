@@ -1,7 +1,8 @@
 """Quality of `compress --layers N` on SmolLM2 for every criterion × search, next to the original and ShortGPT.
 
 Held-out perplexity on Wikipedia prose (builtin:boolq-passages, 16,384 tokens, 128-token chunks, no BOS;
-the protocol of METHOD.md §6). Calibration: the defaults (10 × 128 tokens of builtin:lambada, seed 1234).
+the protocol of the quality tables in BENCHMARKS.md). Calibration: the defaults (10 × 128 tokens of
+builtin:lambada, seed 1234).
 
     .venv/bin/python benchmarks/bench_quality.py [--layers 6] [--out runs/quality.json]
 """

@@ -7,6 +7,7 @@ Precedence: defaults < YAML file (`--config`) < CLI flags (each flag is a shortc
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Literal
 
 import yaml
@@ -69,6 +70,13 @@ class ModelConfig(_Section):
         None, description="memory budget of one actor (or of this process), e.g. 2GB or 512MiB; default: the "
         "free memory of its device(s) (a share of host RAM on the CPU)")
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"{v!r} is not a device: give auto, cpu, cuda or cuda:N")
+        return v
+
 
 class DataConfig(_Section):
     """Calibration text."""
@@ -103,9 +111,11 @@ class StatsConfig(_Section):
 class RayConfig(_Section):
     """Ray: the actors holding model replicas, and the cluster to join."""
 
-    actors: int | None = Field(None, ge=1, description="default: one per visible GPU, else 1")
+    actors: int | None = Field(None, ge=1, description="default: the cluster's GPUs / gpus_per_actor (at most one "
+                               "per calibration row), else 1")
     address: str | None = Field(
-        None, description="null: an embedded local Ray; auto or ray://HOST:10001 to join a cluster")
+        None, description="null: $RAY_ADDRESS when set, else an embedded local Ray; auto or ray://HOST:10001 to "
+        "join a cluster")
     cpus_per_actor: float | None = Field(
         None, gt=0, description="CPUs reserved by each model-holding actor (default: on the embedded local Ray "
         "this machine's CPUs shared among the actors; on a cluster 1)")
@@ -151,7 +161,9 @@ class SelectConfig(_Section):
         True, description="top-down only: true = the authors' loop exactly (the last layer is never merged, "
         "whatever protect_last; a window pending at the bottom is dropped); false = the fixes (no no-op re-test, "
         "the pending window is committed, protect_last is honoured)")
-    protect_last: bool = Field(True, description="never merge the last decoder layer away (the paper's rule)")
+    protect_last: bool = Field(True, description="never merge the last decoder layer away (the paper's rule; "
+                               "sleb and shortened-ppl follow their own published rules instead, and sleb, an auto "
+                               "candidate, may remove the last layer)")
     protected_layers: tuple[int, ...] = Field((), description="0-based original layers that are never merged away")
     max_steps: int = Field(10_000, ge=1, description="guard against an endless top-down loop (window tests)")
     auto_candidates: tuple[str, ...] = Field(
@@ -291,12 +303,13 @@ class EvalConfig(_Section):
     """Evaluation (`eval`, `compress --eval`, grid trials): zero-shot tasks, perplexity, latency."""
 
     tasks: tuple[str, ...] = Field(PAPER_TASKS, description="zero-shot tasks (lm-eval); [] for none")
-    limit: int | None = Field(None, description="items per task (quick runs)")
+    limit: int | None = Field(None, description="items per task (quick runs; PIQA, HellaSwag and WinoGrande never "
+                              "past item 1000, where auto's held-out slice begins)")
     batch_size: int = Field(16, ge=1, description="lm-eval batch size")
     ppl_data: str | None = Field("builtin:boolq-passages", description="perplexity text: builtin:boolq-passages, "
                                  "wikitext2 or ptb (hub), a .parquet/.jsonl/.txt file; null for none")
     ppl_chunk: int = Field(128, ge=2, description="tokens per perplexity chunk")
-    ppl_max_tokens: int | None = Field(16384, description="perplexity tokens used at most (null: all)")
+    ppl_max_tokens: int | None = Field(16384, ge=1, description="perplexity tokens used at most (null: all)")
     ppl_bos: Literal["stream", "chunk", "none"] = Field(
         "stream", description="BOS for perplexity: stream (once), chunk (every chunk) or none")
     ppl_batch_size: int = Field(8, ge=1, description="perplexity chunks per forward")

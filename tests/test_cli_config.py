@@ -214,7 +214,7 @@ def _other_value(value):
     """A YAML value different from the flag's (and valid for the same path)."""
     table = {True: False, "always": "never", "chunk": "stream", "nll": "output", "best-first": "top-down",
              "keep-last": "reference", "linear": "rbf", "bfloat16": "float32", "laco": "shortgpt", "local": "lora",
-             "lstsq": "none"}
+             "lstsq": "none", "cuda:1": "cuda:2"}
     if isinstance(value, bool) or isinstance(value, str) and value in table:
         return table[value]
     if isinstance(value, list):
@@ -412,6 +412,11 @@ def test_config_command_prints_the_resolved_tree_with_help(tmp_path):
     shown = runner.invoke(app, ["config", "paper", "--show-defaults"])
     assert shown.exit_code == 0 and "top-down  # " in shown.output
     assert "(default: 1234)" in shown.output and "shipped configs" in shown.output
+    listed = next(ln for ln in shown.output.splitlines() if ln.startswith("# shipped configs"))
+    zoos = next(ln for ln in shown.output.splitlines() if ln.startswith("# shipped zoo files"))
+    assert "zoo-smollm2" not in listed and "zoo-smollm2" in zoos and "cka" in listed
+    cka = runner.invoke(app, ["config", "cka"])
+    assert cka.exit_code == 0 and "method: swm" in cka.output and "criterion: cka" in cka.output
     bad = runner.invoke(app, ["config", "--set", "select.nope=1"])
     assert bad.exit_code == 2 and "`swm-ray config` lists the valid keys" in bad.output
 

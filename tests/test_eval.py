@@ -448,3 +448,48 @@ def test_smollm2_real_accuracy():
                          offline=True)
     assert res["tasks"]["piqa"]["value"] > 0.55 and res["tasks"]["arc_easy"]["value"] > 0.35
     assert 5 < res["ppl"]["ppl"] < 200
+
+
+def test_the_models_revision_is_not_the_baselines(monkeypatch):
+    """`eval MODEL --revision R --baseline B`: R is MODEL's revision; B loads without one (also for latency)."""
+    import swm_ray.jobs.eval as job
+
+    seen = {}
+    monkeypatch.setattr(job, "evaluate_source",
+                        lambda source, model_cfg, opts: seen.setdefault(source, model_cfg["revision"]) and {} or {})
+    lat = {}
+
+    def latency(sources, model_cfg, opts, revisions=None):
+        lat.update(revisions)
+        return {}
+
+    monkeypatch.setattr(job, "latency_of_sources", latency)
+    monkeypatch.setattr(job, "merge_parts", lambda parts, tasks: {})
+    cfg = build_config(flags={"model.source": "org/model", "model.revision": "v2", "eval.baseline": "org/base",
+                              "eval.tasks": [], "eval.latency": True})
+    run_eval(cfg, ["org/model", "org/base"], use_ray=False)
+    assert seen == {"org/model": "v2", "org/base": None} and lat == seen
+
+
+def test_perplexity_text_is_loaded_before_the_tasks(monkeypatch):
+    """The zero-shot tasks put the process offline: the perplexity text (a hub set among them) is read first,
+    so a text that cannot be read fails before any task is scored."""
+    import swm_ray.evaluation.zeroshot as zeroshot_mod
+
+    order = []
+    monkeypatch.setattr(ppl_mod, "load_ppl_texts", lambda source: order.append("texts") or ["a b c"])
+    monkeypatch.setattr(ppl_mod, "perplexity", lambda *a, **k: order.append("ppl") or {"ppl": 1.0})
+    monkeypatch.setattr(zeroshot_mod, "zeroshot", lambda *a, **k: order.append("tasks") or
+                        {"tasks": {}, "mean": None, "mode": "x", "task_source": "x", "splits": {}, "raw": {}})
+    evaluate_model(torch.nn.Linear(2, 2), None, tasks=("piqa",), ppl_data="wikitext2")
+    assert order == ["texts", "tasks", "ppl"]
+
+
+def test_eval_settings_of_the_wrong_kind_are_one_line(monkeypatch):
+    for sets, message in ((["model.device=gpu"], "is not a device"), (["eval.ppl_max_tokens=-1"], "greater than")):
+        with pytest.raises(UserError, match=message):
+            build_config(sets=dict(s.split("=") for s in sets))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub cannot be reached: --online is one line, before any model
+    cfg = build_config(flags={"model.source": "org/model", "eval.tasks": ["piqa"], "eval.offline": False})
+    with pytest.raises(UserError, match="--online: the Hugging Face hub is unreachable"):
+        run_eval(cfg, ["org/model"], use_ray=False)

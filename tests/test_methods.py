@@ -202,6 +202,8 @@ def test_zoo_builds_again_an_entry_whose_model_folder_was_rewritten(tiny_llama_d
     entry.cfg = entry.cfg.model_copy(update={"eval": entry.cfg.eval.model_copy(update={"enabled": False})})
     compress_here(entry.cfg)
     assert _state(entry)[0] == KEEP
+    (model / "eval.json").write_text("{}")  # an evaluation's report beside the weights is no other model
+    assert _state(entry)[0] == KEEP
     other, _ = tiny_model("llama", n_layers=6, seed=7)
     other.save_pretrained(model)
     assert _state(entry)[:2] == (BUILD, "model folder rewritten")

@@ -51,6 +51,26 @@ def test_a_job_must_write_where_its_output_outlives_it(tmp_path):
     assert res.exit_code == 2 and "temporary folder" in res.output and "Traceback" not in res.output
 
 
+def test_the_output_checked_is_the_one_the_job_writes_to():
+    """--set out=... wins over --out wherever it stands (as the config's precedence has it), in every spelling of
+    --set; and a -c config file is read like --config."""
+    for args in (["compress", "m", "--set", "out=runs/rel", "--out", "/abs/keep"],
+                 ["eval", "m", "--out", "/abs/keep", "--set=out=runs/rel"],
+                 ["compress", "m", "--out", "/abs/keep", "--set", "out = rel"]):
+        with pytest.raises(UserError, match="temporary folder on the cluster"):
+            entrypoint(args, COMMANDS)
+    entrypoint(["compress", "m", "--out", "runs/rel", "--set", "out=/abs/keep"], COMMANDS)
+
+
+def test_submit_mistakes_name_no_credentials_and_are_one_line(tmp_path):
+    res = runner.invoke(app, ["submit", "--address", "http://alice:s3cr3t@127.0.0.1:9", "--", "version"])
+    assert res.exit_code == 2 and "s3cr3t" not in res.output and "127.0.0.1:9" in res.output, res.output
+    res = runner.invoke(app, ["submit", "--address", "http://127.0.0.1:9", "--working-dir", str(tmp_path / "none"),
+                              "--", "version"])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "--working-dir" in lines[0], res.output
+
+
 def test_token_header_comes_from_env_then_path_then_home(tmp_path, monkeypatch):
     """The client sends the cluster token itself, whatever Ray decided about auth earlier in this process."""
     for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
@@ -213,6 +233,14 @@ def test_submit_runs_a_job_and_streams_its_logs(ray_head, capsys):
     import swm_ray
 
     assert swm_ray.__version__ in capsys.readouterr().out
+
+
+@pytest.mark.cluster
+def test_an_unknown_job_id_is_one_line(ray_head):
+    for flag in ("--status", "--stop"):
+        res = runner.invoke(app, ["submit", "--address", ray_head.url, flag, "raysubmit_nosuchjob"])
+        lines = [line for line in res.output.splitlines() if line.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and "raysubmit_nosuchjob" in lines[0], res.output
 
 
 def _job_env() -> dict[str, str]:

@@ -346,6 +346,7 @@ def test_depth_then_width_in_process(tiny_llama_dir, tokens_parquet, tmp_path):
     ({"select.method": "flap", "select.layers": 2}, "prunes width to a parameter ratio: give --ratio"),
     ({"select.method": "taylor", "select.ratio": 0.2, "select.width_bias": True}, "bias compensation is FLAP's"),
     ({"select.layers": 1, "select.then_width": 0.1, "merge.compensate": "lstsq"}, "compensated depth plan"),
+    ({"select.method": "flap", "select.ratio": 0.2, "resume": True}, "keeps no partial state"),
 ])
 def test_unsupported_combinations_are_one_line_errors(tiny_llama_dir, tokens_parquet, tmp_path, flags, message):
     from swm_ray.jobs.compress import run_compress

@@ -24,8 +24,9 @@ class EvalActor:
 
         return evaluate_source(source, model_cfg, options)
 
-    def latency(self, sources: list[str], model_cfg: dict, options: dict) -> dict[str, dict]:
+    def latency(self, sources: list[str], model_cfg: dict, options: dict,
+                revisions: dict | None = None) -> dict[str, dict]:
         """Latency of several models, one after another on this actor's device."""
         from swm_ray.evaluation.suite import latency_of_sources
 
-        return latency_of_sources(sources, model_cfg, options)
+        return latency_of_sources(sources, model_cfg, options, revisions)

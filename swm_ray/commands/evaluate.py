@@ -93,7 +93,8 @@ def eval_command(
                                  "uncompressed source)"),
     tasks: str = typer.Option(None, "--tasks", help="comma list of boolq,piqa,hellaswag,winogrande,arc_easy,"
                               "arc_challenge,openbookqa (default: all seven), or none"),
-    limit: int = typer.Option(None, "--limit", help="items per task (quick runs; default all)"),
+    limit: int = typer.Option(None, "--limit", help="items per task (quick runs; default all, but PIQA, HellaSwag and "
+                               "WinoGrande never past item 1000: the rest is auto's held-out slice)"),
     batch_size: int = typer.Option(None, "--batch-size", help="lm-eval batch size (default 16)"),
     ppl_data: str = typer.Option(None, "--ppl-data", help="perplexity text: builtin:boolq-passages (default), "
                                  "wikitext2 or ptb (hub), a .parquet/.jsonl/.txt file, or none"),

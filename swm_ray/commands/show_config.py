@@ -60,7 +60,11 @@ def config_command(
     """
     cfg, _ = make_config(file, {}, set_)
     echo(render(cfg, bool(show_defaults)))
-    names = ", ".join(shipped_configs())
+    shipped = list(shipped_configs())
+    names = ", ".join(n for n in shipped if not n.startswith("zoo-"))
     if names:
         echo(f"# shipped configs (--config NAME): {names}")
+    zoos = ", ".join(n for n in shipped if n.startswith("zoo-"))
+    if zoos:
+        echo(f"# shipped zoo files (swm-ray zoo NAME): {zoos}")
 

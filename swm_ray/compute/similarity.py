@@ -1,4 +1,4 @@
-"""Minibatch CKA as additive statistics (METHOD.md §1).
+"""Minibatch CKA as additive statistics.
 
 For each minibatch of b sequences and each representation l (0 = embedding output, l = decoder layer l's
 output) we form the b×b Gram matrix K_l, then the unbiased HSIC (Song et al. 2012) for every pair:

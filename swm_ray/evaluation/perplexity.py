@@ -165,13 +165,16 @@ def load_hub_text(name: str) -> list[str]:
     from swm_ray.evaluation.zeroshot import hub_reachable
 
     repo, config, split, column, joiner = HUB_SETS[name]
-    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or not hub_reachable():
-        raise UserError(
-            f"perplexity data {name!r} comes from the Hugging Face hub, which is unreachable (or offline mode is "
-            f"set): use --ppl-data builtin:boolq-passages or a local file"
-        )
     import datasets
 
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or not hub_reachable():
+        try:  # offline (the zero-shot tasks set it) or no hub: a copy loaded before is in the datasets cache
+            return [joiner.join(datasets.load_dataset(repo, config, split=split)[column])]
+        except Exception:  # noqa: BLE001 - not cached: the one-line error below
+            raise UserError(
+                f"perplexity data {name!r} comes from the Hugging Face hub, which is unreachable (or offline mode "
+                f"is set) and has no copy in the datasets cache: use --ppl-data builtin:boolq-passages or a local "
+                f"file") from None
     try:
         rows = datasets.load_dataset(repo, config, split=split)[column]
     except Exception as e:  # noqa: BLE001 - any hub/dataset failure is the user's data source

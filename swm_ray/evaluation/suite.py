@@ -101,6 +101,7 @@ def evaluate_model(model, tok, cfg: Any = None, **overrides: Any) -> dict:
     else:
         params = count_parameters(model)
     out: dict = {"tasks": {}, "mean": None, "limit": opts.limit, "params": params}
+    texts = load_ppl_texts(opts.ppl_data) if opts.ppl_data else None  # before the tasks (which go offline)
     if opts.tasks:
         from swm_ray.evaluation.zeroshot import zeroshot
 
@@ -110,8 +111,7 @@ def evaluate_model(model, tok, cfg: Any = None, **overrides: Any) -> dict:
                    splits=zs["splits"], raw=zs["raw"])
         if opts.per_item:
             out["items"] = zs["items"]
-    if opts.ppl_data:
-        texts = load_ppl_texts(opts.ppl_data)
+    if texts is not None:
         res = perplexity(model, tok, texts, chunk=opts.ppl_chunk, max_tokens=opts.ppl_max_tokens,
                          bos=opts.ppl_bos, batch_size=opts.ppl_batch_size)
         out["ppl"] = {"data": opts.ppl_data, **res}
@@ -170,12 +170,16 @@ def evaluate_source(source: str, model_cfg: dict | None = None, options: Any = N
         _free(model)
 
 
-def latency_of_sources(sources: list[str], model_cfg: dict | None = None, options: Any = None) -> dict[str, dict]:
-    """Latency of several models one after another in this process (same device, same conditions)."""
+def latency_of_sources(sources: list[str], model_cfg: dict | None = None, options: Any = None,
+                       revisions: dict[str, str | None] | None = None) -> dict[str, dict]:
+    """Latency of several models one after another in this process (same device, same conditions);
+    `revisions`: each source's hub revision, where it differs from `model_cfg`'s."""
     opts = options_from(options)
     out: dict[str, dict] = {}
     for source in sources:
-        model, tok = _load(source, model_cfg, opts)
+        mine = model_cfg if revisions is None or source not in revisions else \
+            {**(model_cfg or {}), "revision": revisions[source]}
+        model, tok = _load(source, mine, opts)
         try:
             out[source] = _latency(model, tok, opts)
         finally:

@@ -294,7 +294,11 @@ def weights_stamp(path: str | Path) -> list[tuple[str, int, int]]:
     its contents (no byte is read) that changes when the folder is rewritten, e.g. by `compress --overwrite`."""
     p = Path(path)
     files = sorted({*p.glob("*.safetensors"), *p.glob("*.bin"), *p.glob("*.pt"), *p.glob("*.json")})
-    return [(f.name, (st := f.stat()).st_size, st.st_mtime_ns) for f in files if f.is_file()]
+    return [(f.name, (st := f.stat()).st_size, st.st_mtime_ns) for f in files
+            if f.is_file() and f.name not in REPORTS]
+
+
+REPORTS = ("eval.json", "eval.raw.json", "metrics.json")  # what an evaluation writes beside the weights
 
 
 def local_weights_identity(source: str) -> str | None:

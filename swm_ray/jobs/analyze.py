@@ -101,7 +101,7 @@ def run_analyze(cfg: RunConfig, raw_yaml: str = "") -> dict:
     stats = {"model": cfg.model.source, "model_path": path, "num_layers": n_layers, "data": cfg.data.source, **info}
     if skip == 0:
         stats["note"] = ("first position kept: in real models the attention-sink token can dominate the "
-                         "flattened features (METHOD.md §1); --skip-first-tokens 1 gives a graded matrix")
+                         "flattened features; --skip-first-tokens 1 gives a graded matrix")
     with atomic_output_dir(out, cfg.overwrite) as folder:
         write_similarity(folder, cka, title)
         write_json(folder / "stats.json", stats)

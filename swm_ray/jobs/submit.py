@@ -8,6 +8,7 @@ import shlex
 import sys
 import time
 from collections.abc import Collection
+from pathlib import Path
 
 from swm_ray.errors import UserError
 
@@ -36,7 +37,7 @@ def job_output(args: list[str]) -> str | None:
     `out:`), None when it gives none, "" when a --config only the cluster can read might."""
     import yaml
 
-    out, config = None, None
+    out, config, set_out = None, None, None
     for i, a in enumerate(args):
         nxt = args[i + 1] if i + 1 < len(args) else None
         if a in ("--out", "-o") and nxt is not None:
@@ -45,10 +46,14 @@ def job_output(args: list[str]) -> str | None:
             out = a.split("=", 1)[1]
         elif a.startswith("-o") and not a.startswith("--") and len(a) > 2:
             out = a[2:]
-        elif a == "--set" and nxt is not None and nxt.startswith("out="):
-            out = nxt.split("=", 1)[1]
-        elif a == "--config" and nxt is not None:
+        elif (a == "--set" and nxt is not None) or a.startswith("--set="):
+            key, sep, value = (nxt if a == "--set" else a.split("=", 1)[1]).partition("=")
+            if sep and key.strip() == "out":
+                set_out = value.strip()  # as `parse_set` reads it
+        elif a in ("--config", "-c") and nxt is not None:
             config = nxt
+    if set_out is not None:  # --set comes last in a config's precedence, wherever it stands on the line
+        out = set_out
     if out is None and config is not None:
         from pathlib import Path
 
@@ -112,6 +117,11 @@ def _token_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+def _public(address: str) -> str:
+    """The address for messages, without any user:password part."""
+    return re.sub(r"//[^/@]*@", "//", address)
+
+
 def _client(address: str):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
@@ -119,10 +129,19 @@ def _client(address: str):
     try:
         return JobSubmissionClient(address, headers=_token_headers())
     except AuthenticationError:
-        raise UserError(f"the Ray cluster at {address} requires a token: set RAY_AUTH_TOKEN (or "
+        raise UserError(f"the Ray cluster at {_public(address)} requires a token: set RAY_AUTH_TOKEN (or "
                         f"RAY_AUTH_TOKEN_PATH) to the cluster's token") from None
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise UserError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0][:160]}") from None
+        raise UserError(f"cannot reach the Ray cluster at {_public(address)}: "
+                        f"{_public(str(e).splitlines()[0][:160])}") from None
+
+
+def _asked(what: str, call):
+    """A Jobs API call whose refusal (an unknown job id: Ray's RuntimeError of a 404) is one line."""
+    try:
+        return call()
+    except RuntimeError as e:
+        raise UserError(f"{what}: {_public(str(e).splitlines()[0][:200])}") from None
 
 
 def runtime_env(working_dir: str | None, pip: list[str] | None, env: dict[str, str]) -> dict:
@@ -140,6 +159,9 @@ def run_submit(address: str, args: list[str], *, commands: Collection[str], work
     """Submit `swm-ray ARGS` (ARGS[0] one of `commands`); with `wait`, stream the job's logs to stdout and
     return its final status. A cluster that has just started gets `ready_s` seconds to accept the job."""
     cmd = entrypoint(args, commands)
+    if working_dir and "://" not in working_dir and not Path(working_dir).expanduser().exists():
+        raise UserError(f"--working-dir {working_dir}: not found here (give a local folder or zip file, or the URL "
+                        f"of a zip the cluster can fetch)")
     client = _client(address)
     job_id = _submit_when_ready(client, cmd, runtime_env(working_dir, pip, env or {}), ready_s)
     print(f"submitted {job_id}: {cmd}", file=sys.stderr, flush=True)
@@ -149,7 +171,7 @@ def run_submit(address: str, args: list[str], *, commands: Collection[str], work
         asyncio.run(_tail(client, job_id))
     except KeyboardInterrupt:
         raise UserError(f"stopped following job {job_id}; it keeps running on the cluster: swm-ray submit "
-                        f"--address {address} --stop {job_id} stops it", exit_code=130) from None
+                        f"--address {_public(address)} --stop {job_id} stops it", exit_code=130) from None
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     status = str(client.get_job_status(job_id).value)
     while status not in TERMINAL and (deadline is None or time.monotonic() < deadline):
@@ -177,8 +199,10 @@ async def _tail(client, job_id: str) -> None:
 
 
 def job_status(address: str, job_id: str) -> str:
-    return str(_client(address).get_job_status(job_id).value)
+    client = _client(address)
+    return str(_asked(f"--status {job_id}", lambda: client.get_job_status(job_id)).value)
 
 
 def stop_job(address: str, job_id: str) -> bool:
-    return bool(_client(address).stop_job(job_id))
+    client = _client(address)
+    return bool(_asked(f"--stop {job_id}", lambda: client.stop_job(job_id)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from swm_ray.config import RunConfig, dump_yaml
+from swm_ray.errors import UserError
 from swm_ray.io.probes import check_run_paths
 from swm_ray.jobs.console import console
 
@@ -62,6 +63,9 @@ def run_width(cfg: RunConfig, raw_yaml: str = "") -> dict:
 
     s, m = cfg.select, cfg.model
     check_width_settings(cfg, s.method)
+    if cfg.resume:
+        raise UserError(f"--resume: --method {s.method} keeps no partial state (one statistics pass, then the "
+                        f"writer): run the command without --resume")
     out = cfg.out or "swm-ray-compressed"
     check_run_paths(out, cfg.overwrite, [m.source, cfg.data.source])
     from swm_ray.recipes.preflight import check_targets

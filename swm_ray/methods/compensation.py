@@ -1,6 +1,6 @@
 """Compensation: a linear correction fitted on calibration rows and folded into the compressed model's weights,
 so the output is still a plain model of the same architecture (ReplaceMe, arXiv 2505.02819; Prune&Comp,
-arXiv 2507.18212; see METHOD.md §7).
+arXiv 2507.18212).
 
 For every window [low, high] of a plan (a merged window, or, for the drop baselines, the kept layer `low`
 below the cut) the new layer at `low`'s position is fitted. On calibration tokens (row vectors of width d):

@@ -126,7 +126,7 @@ def top_down(
     protected: Sequence[int] = (),
     on_event: Callable[[str, Group, float | None], None] | None = None,
 ) -> Selection:
-    """The authors' loop over current-model positions (METHOD.md §2).
+    """The authors' loop over current-model positions (README.md, `--paper`).
 
     A window that would merge a `protected` original layer away fails without being evaluated.
 
