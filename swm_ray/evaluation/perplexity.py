@@ -182,11 +182,19 @@ def load_hub_text(name: str) -> list[str]:
     return [joiner.join(rows)]
 
 
-def load_ppl_texts(source: str, text_column: str = "text") -> list[str]:
-    """Texts for perplexity: `wikitext2` / `ptb` (hub), or any source `swm_ray.io.data.load_texts` reads."""
+def hub_text_name(source: str) -> str | None:
+    """`wikitext2` or `ptb` when `source` names one of the hub's perplexity sets, else None."""
     key = source.strip().lower().replace("-", "")
     if key in {"wikitext2", "wikitext", "ptb"}:
-        return load_hub_text("wikitext2" if key.startswith("wikitext") else "ptb")
+        return "wikitext2" if key.startswith("wikitext") else "ptb"
+    return None
+
+
+def load_ppl_texts(source: str, text_column: str = "text") -> list[str]:
+    """Texts for perplexity: `wikitext2` / `ptb` (hub), or any source `swm_ray.io.data.load_texts` reads."""
+    hub = hub_text_name(source)
+    if hub is not None:
+        return load_hub_text(hub)
     from swm_ray.io import data
 
     return data.load_texts(source, text_column=text_column)

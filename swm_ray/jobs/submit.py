@@ -11,6 +11,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from swm_ray.errors import UserError
+from swm_ray.io.faults import without_userinfo
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIAL", "PRIVATE")  # inside a word
@@ -55,8 +56,6 @@ def job_output(args: list[str]) -> str | None:
     if set_out is not None:  # --set comes last in a config's precedence, wherever it stands on the line
         out = set_out
     if out is None and config is not None:
-        from pathlib import Path
-
         local = Path(config).expanduser()
         if local.is_file():
             try:
@@ -117,11 +116,6 @@ def _token_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _public(address: str) -> str:
-    """The address for messages, without any user:password part."""
-    return re.sub(r"//[^/@]*@", "//", address)
-
-
 def _client(address: str):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
@@ -129,11 +123,11 @@ def _client(address: str):
     try:
         return JobSubmissionClient(address, headers=_token_headers())
     except AuthenticationError:
-        raise UserError(f"the Ray cluster at {_public(address)} requires a token: set RAY_AUTH_TOKEN (or "
+        raise UserError(f"the Ray cluster at {without_userinfo(address)} requires a token: set RAY_AUTH_TOKEN (or "
                         f"RAY_AUTH_TOKEN_PATH) to the cluster's token") from None
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise UserError(f"cannot reach the Ray cluster at {_public(address)}: "
-                        f"{_public(str(e).splitlines()[0][:160])}") from None
+        raise UserError(f"cannot reach the Ray cluster at {without_userinfo(address)}: "
+                        f"{without_userinfo(str(e).splitlines()[0][:160])}") from None
 
 
 def _asked(what: str, call):
@@ -141,7 +135,7 @@ def _asked(what: str, call):
     try:
         return call()
     except RuntimeError as e:
-        raise UserError(f"{what}: {_public(str(e).splitlines()[0][:200])}") from None
+        raise UserError(f"{what}: {without_userinfo(str(e).splitlines()[0][:200])}") from None
 
 
 def runtime_env(working_dir: str | None, pip: list[str] | None, env: dict[str, str]) -> dict:
@@ -171,7 +165,7 @@ def run_submit(address: str, args: list[str], *, commands: Collection[str], work
         asyncio.run(_tail(client, job_id))
     except KeyboardInterrupt:
         raise UserError(f"stopped following job {job_id}; it keeps running on the cluster: swm-ray submit "
-                        f"--address {_public(address)} --stop {job_id} stops it", exit_code=130) from None
+                        f"--address {without_userinfo(address)} --stop {job_id} stops it", exit_code=130) from None
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     status = str(client.get_job_status(job_id).value)
     while status not in TERMINAL and (deadline is None or time.monotonic() < deadline):
