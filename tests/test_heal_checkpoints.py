@@ -187,3 +187,13 @@ def test_checkpoints_inside_the_output_are_refused_before_anything_loads(tiny_ll
     with pytest.raises(UserError, match="inside --out"):
         job.run_compress_and_heal(cfg)
     assert not out.exists() and not (tmp_path / ".h.unhealed").exists()
+
+
+def test_a_local_heal_after_width_pruning_is_refused_before_the_compress(tiny_llama_dir, text_jsonl, tmp_path):
+    import swm_ray.jobs.heal as job
+
+    cfg = _cfg(tiny_llama_dir, text_jsonl, str(tmp_path / "h"), "",
+               **{"heal.after_compress": "local", "select.method": "flap", "select.ratio": 0.2, "select.layers": None})
+    with pytest.raises(UserError, match="merges none") as e:
+        job.run_compress_and_heal(cfg)
+    assert "\n" not in str(e.value) and not (tmp_path / "h").exists() and not (tmp_path / ".h.unhealed").exists()
