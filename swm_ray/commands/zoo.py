@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 
 from swm_ray.commands.common import echo, resolve_config_file, user_errors
-from swm_ray.errors import UserError
 
 
 @user_errors
@@ -31,12 +30,9 @@ def zoo_command(
     models whose output is complete and whose settings are unchanged."""
     from swm_ray.jobs.zoo import markdown_manifest, run_zoo
 
-    if concurrency is not None and concurrency < 1:
-        raise UserError(f"--concurrency {concurrency}: models at once must be at least 1")
-    if cpus_per_model is not None and cpus_per_model <= 0:
-        raise UserError(f"--cpus-per-model {cpus_per_model:g}: give a positive number of CPUs")
     res = run_zoo(resolve_config_file(zoo), out or "swm-ray-zoo", retry_failed=bool(retry_failed),
-                  concurrency=concurrency, cpus_per_model=cpus_per_model or 1.0, address=address)
+                  concurrency=concurrency, cpus_per_model=1.0 if cpus_per_model is None else cpus_per_model,
+                  address=address)
     echo("")
     echo(markdown_manifest(res["rows"]))
     again = f" ({len(res['reevaluated'])} only evaluated again)" if res.get("reevaluated") else ""

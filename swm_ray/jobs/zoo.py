@@ -275,6 +275,10 @@ def run_zoo(zoo_path: str, prefix: str, *, retry_failed: bool = False, concurren
     from swm_ray.config import RayConfig
     from swm_ray.jobs.runtime import init_ray
 
+    if concurrency is not None and concurrency < 1:  # a limit below 1 would start no model and wait forever
+        raise UserError(f"--concurrency {concurrency}: models at once must be at least 1")
+    if cpus_per_model <= 0:
+        raise UserError(f"--cpus-per-model {cpus_per_model:g}: give a positive number of CPUs")
     entries, opts = load_zoo(zoo_path, prefix)
     order = [e.name for e in entries]
     previous = read_manifest(prefix)
