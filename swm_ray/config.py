@@ -11,7 +11,7 @@ import re
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from swm_ray.errors import UserError
 
@@ -225,11 +225,17 @@ class SelectConfig(_Section):
 
     @field_validator("auto_candidates", "auto_compensate")
     @classmethod
-    def _auto(cls, v: tuple) -> tuple:
+    def _auto(cls, v: tuple, info: ValidationInfo) -> tuple:
         if not v:
             raise ValueError("auto needs at least one entry")
         if len(set(v)) != len(v):
             raise ValueError("entries repeat")
+        if info.field_name == "auto_compensate":
+            for spec in v:
+                if spec != "none" and not is_fit(str(spec)):
+                    raise ValueError(f"{spec!r} is not a compensation: use none, scale, lstsq or lstsq:RIDGE "
+                                     f"(RIDGE >= 0)")
+            return v
         for spec in v:
             planner, plus, fit = str(spec).partition("+")  # PLANNER+COMP: a candidate with its own fit
             if plus and not is_fit(fit):
@@ -239,19 +245,10 @@ class SelectConfig(_Section):
             if plus and method not in AUTO_METHODS:
                 raise ValueError(f"auto candidate {spec!r}: {method!r} is not a method auto can run; choose "
                                  f"among {', '.join(AUTO_METHODS)} (swm may name a merge: swm/keep-first)")
-            comp, colon, ridge = str(spec).partition(":")
-            if comp in COMPENSATIONS and (not colon or comp == "lstsq"):
-                if colon:
-                    try:
-                        if float(ridge) < 0:
-                            raise ValueError
-                    except ValueError:
-                        raise ValueError(f"{spec!r}: the ridge after lstsq: must be a number >= 0") from None
-                continue
             if method not in AUTO_METHODS or (merge and (method != "swm" or merge not in MERGE_METHODS)):
                 raise ValueError(f"{spec!r} is not a candidate: use a method of {', '.join(AUTO_METHODS)} or "
-                                 f"swm/MERGE with MERGE in {', '.join(MERGE_METHODS)} (compensations: none, scale, "
-                                 f"lstsq, lstsq:RIDGE; a candidate with its own fit: PLANNER+COMP)")
+                                 f"swm/MERGE with MERGE in {', '.join(MERGE_METHODS)}; a compensation goes in "
+                                 f"select.auto_compensate, or after the planner: PLANNER+COMP, e.g. replaceme+lstsq")
         return v
 
     @model_validator(mode="after")

@@ -489,6 +489,16 @@ def test_auto_needs_a_size_not_a_threshold(tiny_llama_dir, tokens_parquet, tmp_p
     assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
     with pytest.raises(UserError, match="is not a candidate"):
         build_config(flags={"select.auto_candidates": ["shortgpt/mean"]})
+    # a compensation is not a planner, and a planner is not a compensation: refused when the config is read
+    for bad in (["none"], ["swm", "lstsq:0.5"], ["scale"]):
+        with pytest.raises(UserError, match="is not a candidate.*auto_compensate"):
+            build_config(flags={"select.auto_candidates": bad})
+    for bad in (["swm"], ["lstsq:-1"], ["none", "keep-first"]):
+        with pytest.raises(UserError, match="is not a compensation"):
+            build_config(flags={"select.auto_compensate": bad})
+    ok = build_config(flags={"select.auto_compensate": ["none", "lstsq:0.5", "scale"],
+                             "select.auto_candidates": ["swm", "replaceme+lstsq:2"]})
+    assert ok.select.auto_compensate == ("none", "lstsq:0.5", "scale")
 
 
 def test_auto_on_actors_equals_one_process(ray_session, tiny_llama_dir, tokens_parquet, tmp_path):
