@@ -494,12 +494,12 @@ def test_eval_checks_its_report_path_first_and_shows_the_numbers_if_the_write_fa
         assert capture == {}  # refused before the job ran
     result = {"model": "builtin:smollm2-135m", "ppl": {"ppl": 27.6, "data": "t", "chunk": 128}, "params": 1e8}
 
-    def fail(path, text):
-        raise PermissionError(13, "Permission denied", path)
+    def fail(files):
+        raise PermissionError(13, "Permission denied", files[-1][0])
 
     monkeypatch.setitem(sys.modules, "swm_ray.jobs.eval",
                         types.SimpleNamespace(run_eval=lambda cfg, sources: {cfg.model.source: result}))
-    monkeypatch.setattr("swm_ray.evaluation.report.write_text_atomic", fail)
+    monkeypatch.setattr("swm_ray.evaluation.report.write_texts_atomic", fail)
     res = runner.invoke(app, ["eval", "--tasks", "none", "--out", "r.json"])
     assert res.exit_code == 2 and "27.60" in res.output and "Traceback" not in res.output, res.output
     assert "r.json" in res.output.strip().splitlines()[-1] and not (tmp_path / "r.json").exists()

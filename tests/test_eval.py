@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -314,6 +315,34 @@ def test_report_json_and_table(tmp_path):
     assert "PIQA (acc, n=10)" in table and "65.00" in table and "speed-up x2.000" in table and "-5.00" in table
     alone = report_mod.format_table(report_mod.build_report(model))
     assert "baseline" not in alone and "60.00" in alone
+
+
+def test_report_and_raw_file_are_one_pair(tmp_path, monkeypatch):
+    """eval.json names the digest of its raw file, and a failure while the two are written leaves the earlier
+    pair as it was (the raw file was replaced first, so a failure before the report left another run's raw
+    results beside the old report)."""
+    import hashlib
+
+    out = tmp_path / "eval.json"
+    first = report_mod.write_report(str(out), _fake("small", 0.6, 0.7, 20.0, 1.0))
+    raw = (tmp_path / "eval.raw.json").read_bytes()
+    assert first["raw_sha256"] == hashlib.sha256(raw).hexdigest() == json.loads(out.read_text())["raw_sha256"]
+    before = (out.read_bytes(), raw)
+    real = os.fdopen
+    calls = []
+
+    def fail_second(fd, *a, **k):  # the report's temporary file cannot be written (disk full)
+        calls.append(fd)
+        if len(calls) == 2:
+            os.close(fd)
+            raise OSError(28, "No space left on device")
+        return real(fd, *a, **k)
+
+    monkeypatch.setattr(report_mod.os, "fdopen", fail_second)
+    with pytest.raises(OSError, match="No space"):
+        report_mod.write_report(str(out), _fake("other", 0.1, 0.2, 90.0, 1.0))
+    assert (out.read_bytes(), (tmp_path / "eval.raw.json").read_bytes()) == before
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporaries left
 
 
 def test_report_file_mode_and_s3(tmp_path, monkeypatch):

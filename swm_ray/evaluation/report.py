@@ -4,7 +4,8 @@
 `hub`: lm-eval's standard tasks), `splits` ({task: split}), `limit`, `tasks.<task>.{metric, value, stderr, n,
 split, source}` (values are fractions in [0, 1]), `mean` (plain mean over tasks), `ppl` and `latency` when
 measured, a `baseline` block with the same fields when a baseline was evaluated, and `comparison` (deltas and
-ratios). lm-eval's raw results go to a sibling file (`eval.raw.json`), named in `raw_file`.
+ratios). lm-eval's raw results go to a sibling file (`eval.raw.json`), named in `raw_file`, its SHA-256 in
+`raw_sha256`; both are written in full before either replaces an earlier pair.
 
 `accuracy_table` prints accuracies with standard errors and paired differences (`evaluation.accuracy`) as
 markdown, for `benchmarks/bench_accuracy.py`.
@@ -12,6 +13,7 @@ markdown, for `benchmarks/bench_accuracy.py`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -91,20 +93,36 @@ def _umask() -> int:
 
 def write_text_atomic(path: str, text: str) -> None:
     """Write a file completely or not at all: a temporary sibling renamed over `path` (S3: one PUT)."""
-    if is_remote(path):
-        s3fs_filesystem().pipe(path, text.encode("utf-8"))
-        return
-    target = Path(path).expanduser().resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    write_texts_atomic([(path, text)])
+
+
+def write_texts_atomic(files: list[tuple[str, str]]) -> None:
+    """Write several files, each completely or not at all: every temporary sibling is written in full before
+    the first is renamed over its target, in the order given, so a failure while writing changes none of them
+    (S3: one PUT each, in order)."""
+    staged: list[tuple[str, Path]] = []
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, target)
+        for path, text in files:
+            if is_remote(path):
+                continue
+            target = Path(path).expanduser().resolve()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            staged.append((tmp, target))
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        local = iter(staged)
+        for path, text in files:
+            if is_remote(path):
+                s3fs_filesystem().pipe(path, text.encode("utf-8"))
+            else:
+                tmp, target = next(local)
+                os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def report_for(out: str, result: dict, baseline: dict | None = None) -> dict:
@@ -116,9 +134,11 @@ def write_report(out: str, result: dict, baseline: dict | None = None, report: d
     """Write `eval.json` at `out` and lm-eval's raw results beside it; returns the report written (`report`:
     the one `report_for` built already)."""
     raw_out = raw_path(out)
-    report = report or report_for(out, result, baseline)
-    write_text_atomic(raw_out, json.dumps(raw_results(result, baseline), indent=1, default=str))
-    write_text_atomic(out, json.dumps(report, indent=2, default=str) + "\n")
+    raw = json.dumps(raw_results(result, baseline), indent=1, default=str)
+    # the report names its raw file's digest: a raw file left by another run (a failure between the two
+    # renames) does not pass for this report's
+    report = {**(report or report_for(out, result, baseline)), "raw_sha256": hashlib.sha256(raw.encode()).hexdigest()}
+    write_texts_atomic([(raw_out, raw), (out, json.dumps(report, indent=2, default=str) + "\n")])
     return report
 
 
