@@ -1,6 +1,7 @@
 """`swm-ray grid`: the trial list, bad input, and a real Ray Tune grid on a tiny model."""
 
 import json
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -198,6 +199,46 @@ def test_an_interrupted_grid_resumes(ray_session, tiny_llama_dir, tokens_parquet
     assert all(r["status"] == "ok" and r["ppl"] > 0 for r in rows)
     with pytest.raises(UserError, match="not a local swm-ray grid experiment"):
         run_grid(again, resume=str(tmp_path))
+
+
+def test_a_resumed_grid_refuses_changed_models_or_data(tmp_path):
+    """A resume keeps the finished trials' rows: a model with rows whose folder was rewritten, or whose
+    calibration rows differ, is refused in one line (its new rows would sit beside rows of other weights); a
+    model with no rows yet (every trial failed) may have been mended."""
+    import shutil
+
+    from swm_ray.jobs import grid as grid_mod
+
+    class Calib:
+        def __init__(self, ids):
+            self.input_ids = np.asarray(ids, dtype=np.int64)
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for m in (a, b):
+        m.mkdir()
+        (m / "model.safetensors").write_bytes(b"x" * 8)
+    ctx = {str(a): {"calib": Calib([[1, 2, 3]])}, str(b): {"calib": Calib([[4, 5, 6]])}}
+    saved = grid_mod._identities(ctx)
+    assert saved[str(a)]["weights"] and saved[str(a)]["calibration"] != saved[str(b)]["calibration"]
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "rows.jsonl").write_text(json.dumps({"model": str(a), "method": "original", "ppl": 1.0}) + "\n")
+    grid_mod._check_unchanged(exp, saved, grid_mod._identities(ctx))  # nothing changed
+    shutil.rmtree(b)  # b has no rows: rewriting it is allowed
+    b.mkdir()
+    (b / "model.safetensors").write_bytes(b"y" * 9)
+    grid_mod._check_unchanged(exp, saved, grid_mod._identities(ctx))
+    (a / "model.safetensors").write_bytes(b"z" * 9)  # a has rows: refused
+    with pytest.raises(UserError, match="model folder .* was rewritten since the grid started") as e:
+        grid_mod._check_unchanged(exp, saved, grid_mod._identities(ctx))
+    assert "\n" not in str(e.value)
+    (a / "model.safetensors").write_bytes(b"x" * 8)
+    changed = {**ctx, str(a): {"calib": Calib([[1, 2, 4]])}}
+    os.utime(a / "model.safetensors", ns=(0, 0))  # the stamp includes the time: make a's identity the saved one
+    saved = grid_mod._identities(ctx)
+    with pytest.raises(UserError, match="calibration rows of a differ"):
+        grid_mod._check_unchanged(exp, saved, grid_mod._identities(changed))
+    grid_mod._check_unchanged(exp, None, grid_mod._identities(changed))  # a grid of a release that saved none
 
 
 def test_a_trial_plans_on_its_own_models_calibration_rows(tmp_path, monkeypatch, tiny_llama_dir, text_jsonl):

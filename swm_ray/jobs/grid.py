@@ -63,6 +63,36 @@ def _prepare(cfg: RunConfig, models: list[str]) -> dict:
     return context
 
 
+def _identities(context: dict) -> dict:
+    """{model: what its rows were computed from}: the calibration rows' digest, and for a model given as a local
+    folder its files' identity (`local_weights_identity`). A resume compares them with the experiment's."""
+    import hashlib
+
+    import numpy as np
+
+    from swm_ray.io.checkpoint import local_weights_identity
+
+    return {m: {"calibration": hashlib.sha256(np.ascontiguousarray(ctx["calib"].input_ids).tobytes()).hexdigest()[:16],
+                "weights": local_weights_identity(m)} for m, ctx in context.items()}
+
+
+def _check_unchanged(exp: Path, saved: dict | None, now: dict) -> None:
+    """A resumed grid keeps its finished trials' rows, so a model with rows must be the same model on the same
+    calibration rows for the trials that run again (a model whose trials all failed may have been mended)."""
+    rows = exp / "rows.jsonl"
+    kept = {str(r.get("model")) for r in _rows_from_file(rows)} if rows.is_file() else set()
+    for m, was in (saved or {}).items():
+        if m not in kept:
+            continue
+        is_ = now.get(m, {})
+        if was.get("weights") is not None and was["weights"] != is_.get("weights"):
+            raise UserError(f"--resume {exp}: the model folder {m} was rewritten since the grid started, so its "
+                            f"finished rows describe other weights; start a new grid")
+        if was.get("calibration") != is_.get("calibration"):
+            raise UserError(f"--resume {exp}: the calibration rows of {model_label(m)} differ from the grid's (the "
+                            f"data source or the model's tokenizer changed); start a new grid")
+
+
 def _collector(rows_file: Path | None):
     """A Tune callback that keeps every reported row, prints it, and appends it to `rows_file` at once (so an
     interrupted grid keeps what it measured). Built here: Tune pickles callbacks, so it holds no stream."""
@@ -108,8 +138,8 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     })
 
 
-def _saved_grid(resume: str) -> tuple[Path, RunConfig, str]:
-    """(experiment folder, its config, its raw YAML) of an earlier grid to resume."""
+def _saved_grid(resume: str) -> tuple[Path, RunConfig, str, dict | None]:
+    """(experiment folder, its config, its raw YAML, its models' identities) of an earlier grid to resume."""
     from ray import tune
 
     exp = Path(resume).expanduser().resolve()
@@ -117,7 +147,7 @@ def _saved_grid(resume: str) -> tuple[Path, RunConfig, str]:
         raise UserError(f"--resume {resume}: not a local swm-ray grid experiment (give the folder printed as "
                         f"'Tune experiment:' by the grid to resume)")
     saved = json.loads((exp / "grid.json").read_text())
-    return exp, RunConfig.model_validate(saved["config"]), saved.get("raw", "")
+    return exp, RunConfig.model_validate(saved["config"]), saved.get("raw", ""), saved.get("identities")
 
 
 def _last_byte(path: Path) -> bytes:
@@ -149,9 +179,9 @@ def run_grid(cfg: RunConfig, raw_yaml: str = "", resume: str | None = None) -> d
 
     from swm_ray.jobs.runtime import init_ray, joined_cluster
 
-    exp = None
+    exp = identities = None
     if resume:
-        exp, saved, raw_yaml = _saved_grid(resume)
+        exp, saved, raw_yaml, identities = _saved_grid(resume)
         cfg = saved.model_copy(update={"out": cfg.out, "overwrite": cfg.overwrite})
     check_grid(cfg)
     g = cfg.grid
@@ -167,6 +197,8 @@ def run_grid(cfg: RunConfig, raw_yaml: str = "", resume: str | None = None) -> d
     models = list(g.models)
     specs = trial_specs(cfg)
     context = _prepare(cfg, models)
+    if exp:
+        _check_unchanged(exp, identities, _identities(context))
     con.print(f"[bold]grid[/]: {len(specs)} trials ({len(models)} model(s)), targets {g.target_kind()} "
               f"{list(g.targets())}")
     init_ray(cfg.ray)
@@ -206,7 +238,8 @@ def run_grid(cfg: RunConfig, raw_yaml: str = "", resume: str | None = None) -> d
         where = str(Path(spath, name))
         Path(where).mkdir(parents=True, exist_ok=False)
         rows_file = Path(where, "rows.jsonl")
-        Path(where, "grid.json").write_text(json.dumps({"config": cfg.model_dump(mode="json"), "raw": raw_yaml}))
+        Path(where, "grid.json").write_text(json.dumps({"config": cfg.model_dump(mode="json"), "raw": raw_yaml,
+                                                        "identities": _identities(context)}))
     con.print(f"  Tune experiment: {where}" + (f" (rows also go to {rows_file} as they arrive)" if rows_file else ""))
     collect = _collector(rows_file)
     run_cfg = tune.RunConfig(name=name, storage_path=spath, storage_filesystem=fs, verbose=0, callbacks=[collect],
