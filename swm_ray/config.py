@@ -433,6 +433,11 @@ class HealConfig(_Section):
         "hidden state after the window (its own path from the embeddings, so drift from below is corrected too); "
         "window = the original window's layers run on the same input")
     skip_first_tokens: int = Field(1, ge=0, description="local: positions left out of the MSE (attention sink)")
+    local_layers: Literal["merged", "above"] = Field(
+        "merged", description="local: which layers are refit: merged = each merged layer alone; above = also every "
+        "layer above the lowest merged one, each to the original model's hidden state after its original layer "
+        "(with local_target original; the drift a merge leaves is corrected by the layers above it too; about one "
+        "merged layer's fit per layer)")
 
 
 class RunConfig(_Section):

@@ -212,6 +212,46 @@ def test_local_window_target_fits_the_window_on_the_same_input(tiny_llama_dir):
     assert len(fits) == 1 and fits[0].window == [2, 4] and fits[0].error_after < 0.8 * fits[0].error_before
 
 
+def test_local_above_refits_every_layer_over_the_lowest_merge(tiny_llama_dir):
+    """layers=above: the merged layer and each layer above it are fitted (layers below are not); the top
+    layer's output comes closer to the original's last hidden state than with the merged layers alone; a window
+    target is refused with it."""
+    from transformers import AutoModelForCausalLM
+
+    from swm_ray.compute.stack import InMemoryStack
+    from swm_ray.edits.merge import apply_windows
+    from swm_ray.heal.local import heal_local
+    from swm_ray.plan.plan import Plan
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    plan = Plan(windows=[[1, 3]], num_layers_before=6, merge="mean")
+    ids = torch.randint(4, 300, (8, 12), generator=torch.Generator().manual_seed(1))
+
+    def healed(layers):
+        model = apply_windows(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval(),
+                              [[1, 3]], "mean")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        fits = heal_local(model, InMemoryStack(original), plan, ids, steps=40, lr=3e-3, rows=4, skip=1,
+                          layers=layers)
+        changed = {int(k.split(".")[2]) for k, v in model.state_dict().items()
+                   if k.startswith("model.layers.") and not torch.equal(v, before[k])}
+        return model, fits, changed
+
+    merged, fits_m, changed_m = healed("merged")
+    above, fits_a, changed_a = healed("above")
+    assert [f.position for f in fits_m] == [1] and changed_m == {1}
+    assert [f.position for f in fits_a] == [1, 2, 3] and changed_a == {1, 2, 3}  # 6 layers, 1-3 merged: 4 left
+    assert [f.window for f in fits_a] == [[1, 3], [4, 4], [5, 5]]
+    assert all(f.error_after < f.error_before for f in fits_a[1:])
+    with torch.no_grad():
+        want = original(ids, output_hidden_states=True).hidden_states[-1]
+        got = {n: m(ids, output_hidden_states=True).hidden_states[-1] for n, m in (("m", merged), ("a", above))}
+    assert _relative_error(got["a"], want) < 0.8 * _relative_error(got["m"], want)
+    with pytest.raises(UserError, match="local_target original"):
+        heal_local(merged, InMemoryStack(original), plan, ids, steps=1, lr=1e-3, rows=4, skip=1, target="window",
+                   layers="above")
+
+
 # -- data and schedule ---------------------------------------------------------------------------------------------
 def test_instruction_records_mask_the_prompt(tmp_path):
     from tiny_models import tiny_tokenizer

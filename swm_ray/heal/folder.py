@@ -53,8 +53,10 @@ def render_heal_section(record: HealRecord) -> str:
     """The model card's `## Healing` section."""
     s = record.settings
     if record.mode == "local":
-        lines = [f"Each merged layer was refit alone to the original model's output over its window "
-                 f"(`swm-ray heal --mode local`): {record.steps} Adam steps per layer at lr {s.get('lr')}, "
+        which = ("Each merged layer, and every layer above the lowest one, was refit alone to the original model's "
+                 "hidden state at its place" if s.get("local_layers") == "above" else
+                 "Each merged layer was refit alone to the original model's output over its window")
+        lines = [f"{which} (`swm-ray heal --mode local`): {record.steps} Adam steps per layer at lr {s.get('lr')}, "
                  f"MSE of hidden states (target: {s.get('local_target')}), calibration text `{record.data}`.\n",
                  "| window (original layers) | relative error before | after |", "|---|---|---|"]
         lines += [f"| [{f['window'][0]}, {f['window'][1]}] | {f['error_before']:.4f} | {f['error_after']:.4f} |"

@@ -103,9 +103,12 @@ class LocalFit:
 
 
 def heal_local(model: nn.Module, source, plan, input_ids: torch.Tensor, *, steps: int, lr: float, rows: int,
-               skip: int, target: str = "original", seed: int = 0,
+               skip: int, target: str = "original", seed: int = 0, layers: str = "merged",
                on_fit: Callable[[LocalFit], None] | None = None) -> list[LocalFit]:
     """Refit every merged layer of `model` (the compressed model, in memory, trained in place) bottom-up.
+
+    `layers="above"` (with `target="original"`) also refits every layer above the lowest merged one, each to the
+    original model's hidden state after its original layer, from the compressed model's (healed) states below it.
 
     `source`: a `LayerStack` of the original model (in memory or streaming); `plan`: the compressed model's
     plan; `input_ids` (N, T): calibration rows, run in minibatches of `rows`. A merged layer at position p of
@@ -126,6 +129,12 @@ def heal_local(model: nn.Module, source, plan, input_ids: torch.Tensor, *, steps
     merged = [p for p, (low, high) in enumerate(pos) if high > low]
     if not merged:
         return []
+    if layers not in ("merged", "above"):
+        raise UserError(f"heal.local_layers {layers!r}: choose merged or above")
+    if layers == "above" and target != "original":
+        raise UserError("heal.local_layers above refits the unmerged layers to the original model's hidden states: "
+                        "set heal.local_target original")
+    fitted = set(merged) if layers == "merged" else set(range(merged[0], len(pos)))
     model.requires_grad_(False)
     chunks = [input_ids[i:i + rows] for i in range(0, len(input_ids), rows)]
     pro_c = [comp.prologue(c) for c in chunks]
@@ -145,11 +154,11 @@ def heal_local(model: nn.Module, source, plan, input_ids: torch.Tensor, *, steps
         return out
 
     fits: list[LocalFit] = []
-    for p in range(merged[-1] + 1):
+    for p in range(max(fitted) + 1):
         low, high = pos[p]
         layer = comp.layers[p]
         kw = [k[p] for k in kw_c]
-        if high == low:
+        if p not in fitted:
             if target == "original":
                 ho = advance(ho, low, low)
             with torch.no_grad():
@@ -185,14 +194,17 @@ class LocalSettings:
     skip: int
     target: str
     seed: int
+    layers: str = "merged"
 
     def run(self, model: nn.Module, source, plan, on_fit: Callable[[LocalFit], None] | None = None) -> list[LocalFit]:
         return heal_local(model, source, plan, torch.from_numpy(self.calib.input_ids), steps=self.steps, lr=self.lr,
-                          rows=self.rows, skip=self.skip, target=self.target, seed=self.seed, on_fit=on_fit)
+                          rows=self.rows, skip=self.skip, target=self.target, seed=self.seed, layers=self.layers,
+                          on_fit=on_fit)
 
     def record(self, source: str) -> dict:
         """The settings as kept in heal.json."""
-        return {"lr": self.lr, "steps": self.steps, "local_target": self.target, "skip_first_tokens": self.skip,
+        return {"lr": self.lr, "steps": self.steps, "local_target": self.target, "local_layers": self.layers,
+                "skip_first_tokens": self.skip,
                 "samples": int(self.calib.input_ids.shape[0]), "seq_len": int(self.calib.input_ids.shape[1]),
                 "rows_per_step": self.rows, "source": source}
 
@@ -205,5 +217,8 @@ def local_settings(cfg, tokenizer, model_type: str | None, data: str) -> LocalSe
     h, d = cfg.heal, cfg.data
     calib = build_calibration(data, tokenizer, samples=h.local_samples, seq_len=h.local_seq_len, batch_size=4,
                               seed=h.seed, mode=d.mode, bos=d.bos, model_type=model_type, text_column=d.text_column)
+    if h.local_layers == "above" and h.local_target != "original":
+        raise UserError("heal.local_layers above refits the unmerged layers to the original model's hidden states: "
+                        "set heal.local_target original")
     return LocalSettings(calib, h.steps or DEFAULT_LOCAL_STEPS, h.lr or DEFAULT_LR["local"], h.micro_batch_size,
-                         h.skip_first_tokens, h.local_target, h.seed)
+                         h.skip_first_tokens, h.local_target, h.seed, h.local_layers)
