@@ -223,6 +223,14 @@ class SelectConfig(_Section):
         "attention and MLP; Qwen3, Gemma 2/3: attention), true = required (refused where it cannot be stored), "
         "false = none")
 
+    @field_validator("protected_layers")
+    @classmethod
+    def _protected(cls, v: tuple) -> tuple:
+        if any(i < 0 for i in v):
+            raise ValueError(f"protected layers are 0-based indices of the original model's layers, >= 0 (got "
+                             f"{list(v)})")
+        return v
+
     @field_validator("auto_candidates", "auto_compensate")
     @classmethod
     def _auto(cls, v: tuple, info: ValidationInfo) -> tuple:
@@ -327,6 +335,19 @@ class EvalConfig(_Section):
             raise ValueError("limit must be at least 1")
         return v
 
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: tuple) -> tuple:
+        """Unknown task names are refused when the config is read, not after a compress or a grid's trials."""
+        from swm_ray.evaluation.zeroshot import TASKS
+
+        names = [str(t).strip().lower() for t in v if str(t).strip()]
+        unknown = [t for t in names if t not in TASKS] if names != ["none"] else []
+        if unknown:
+            raise ValueError(f"unknown task(s) {', '.join(unknown)}: valid names are {', '.join(TASKS)} ([] or "
+                             f"none for no tasks)")
+        return v
+
 
 
 
@@ -414,7 +435,8 @@ class HealConfig(_Section):
     lora_r: int = Field(8, ge=1, description="LoRA rank")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r)")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
-    target_modules: tuple[str, ...] = Field(LORA_TARGETS, description="linear layers that get adapters")
+    target_modules: tuple[str, ...] = Field(LORA_TARGETS, min_length=1, description="linear layers that get "
+                                            "adapters (at least one)")
     max_examples: int | None = Field(None, ge=1, description="lora: use at most this many training examples")
     workers: int | None = Field(None, ge=1, description="lora: Ray Train workers (data parallel; default: one per "
                                 "GPU of the cluster, else 1)")
@@ -456,6 +478,13 @@ class RunConfig(_Section):
     resume: bool = Field(False, description="continue an interrupted analyze/compress/heal of the same output "
                          "from the state (heal: the checkpoints) it left beside it")
 
+    @field_validator("out")
+    @classmethod
+    def _out(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("the output path is empty: give a folder, or omit --out for the command's default")
+        return v
+
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
@@ -486,7 +515,11 @@ def load_yaml_text(path: str) -> tuple[str, dict]:
     """Read a YAML config file (local or s3://); returns (raw text, mapping)."""
     from swm_ray.io import fs as storage
 
-    raw = storage.read_bytes(path).decode("utf-8")
+    try:
+        raw = storage.read_bytes(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text (saved as UTF-16 or binary?): save it as UTF-8 "
+                        f"YAML") from None
     try:
         data = yaml.safe_load(raw) or {}
     except yaml.YAMLError as e:
@@ -516,6 +549,8 @@ def build_config(
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (`swm-ray config` lists the valid keys with their help)"
+        elif err["type"] in ("tuple_type", "list_type"):
+            msg += f" (write a list, e.g. {where}=[{err.get('input')}] with --set, or [a, b] in YAML)"
         raise UserError(f"config {where}: {msg}") from None
 
 

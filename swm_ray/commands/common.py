@@ -54,7 +54,7 @@ def shipped_configs() -> dict[str, Path]:
             if f.name.endswith(".yaml")}
 
 
-def resolve_config_file(name: str) -> str:
+def resolve_config_file(name: str, kind: str = "config") -> str:
     """`--config` value -> a readable path: a file path (local or s3://) as given, or a bare NAME (no folder, no
     .yaml suffix) that is not a local file -> the shipped config NAME (`best`, `paper`, ...); so is
     `configs/NAME.yaml` when no such file exists here (the shipped configs' place in a source checkout)."""
@@ -66,10 +66,16 @@ def resolve_config_file(name: str) -> str:
         return str(shipped[legacy.stem])
     if is_path or Path(name).expanduser().is_file():
         return name
+    zoo = kind == "zoo"
+    if name in shipped and name.startswith("zoo-") != zoo:
+        raise UserError(f"{name} is a shipped zoo file: run `swm-ray zoo {name}`" if not zoo else
+                        f"{name} is a shipped config, not a zoo file: give it as --config {name}")
     if name in shipped:
         return str(shipped[name])
-    raise UserError(f"config {name}: no such file and no shipped config of that name; shipped configs: "
-                    f"{', '.join(shipped) or 'none'} (or give the path of a YAML file)")
+    names = [n for n in shipped if n.startswith("zoo-") == zoo]
+    raise UserError(f"{kind} {name}: no such file and no shipped {kind} {'file ' if zoo else ''}of that name; "
+                    f"shipped {'zoo files' if zoo else 'configs'}: {', '.join(names) or 'none'} (or give the path "
+                    f"of a YAML file)")
 
 
 def one_target(flags: dict[str, Any], paths: tuple[str, ...], cleared: Any = EXPLICIT_NONE) -> dict[str, Any]:

@@ -65,6 +65,19 @@ def paper_settings(flags: dict, sets: list[str] | None) -> dict:
     return dict(PAPER)
 
 
+def refuse_ignored_flags(cfg, given: dict, heal_data: str | None = None) -> None:
+    """A flag the chosen method would not use is refused, not silently dropped (`given`: flag -> value, None
+    when not given)."""
+    method = cfg.select.method
+    if method not in ("swm", "auto"):
+        for flag, value in given.items():
+            if value is not None:
+                raise UserError(f"{flag} is a setting of --method swm (and of auto's swm candidates); --method "
+                                f"{method} scores and merges its own way: drop {flag}")
+    if heal_data is not None and not cfg.heal.after_compress:
+        raise UserError("--heal-data is the training text of --heal: give --heal local|lora, or drop --heal-data")
+
+
 @user_errors
 def compress_command(
     model: str = ModelArg,
@@ -127,6 +140,8 @@ def compress_command(
     if paper:
         flags.update(paper_settings(flags, set_))
     cfg, raw = make_config(config, flags, set_)
+    refuse_ignored_flags(cfg, {"--criterion": criterion, "--search": search, "--merge": merge},
+                         heal_data=heal_data)
     if cfg.heal.after_compress:
         from swm_ray.jobs.heal import run_compress_and_heal as run_compress
     else:

@@ -17,6 +17,7 @@ from swm_ray.commands.common import (
     scale_flags,
     user_errors,
 )
+from swm_ray.errors import UserError
 
 HELP = "\n\n".join([
     "Heal a compressed model folder by a short recovery training and write it as a new model folder (same "
@@ -74,6 +75,10 @@ def heal_command(
         "model.trust_remote_code": trust_remote_code, **scale_flags(stream_layers, max_memory, None),
     }
     cfg, raw = make_config(config, flags, set_)
+    refuse_other_mode_flags(cfg.heal.mode, {
+        "local": {"--workers": workers, "--epochs": epochs, "--batch-size": batch_size, "--keep-adapter": keep_adapter,
+                  "--checkpoints": checkpoints, "--resume": resume},
+        "lora": {"--source": source}})
     from swm_ray.jobs.heal import run_heal
 
     res = run_heal(cfg, raw)
@@ -81,6 +86,15 @@ def heal_command(
     echo(heal_summary(res["record"]))
     print_metrics(res.get("metrics"))
     echo(f"wrote {res['out']} ({res['seconds']:.0f} s)")
+
+
+def refuse_other_mode_flags(mode: str, others: dict[str, dict]) -> None:
+    """A flag of the other --mode is refused, not silently dropped (`others[mode]`: the flags this mode does not
+    read -> their values, None when not given)."""
+    for flag, value in others[mode].items():
+        if value not in (None, False):
+            raise UserError(f"{flag} is a setting of --mode {'lora' if mode == 'local' else 'local'}; this heal runs "
+                            f"--mode {mode}: drop {flag}")
 
 
 def heal_summary(record) -> str:

@@ -30,7 +30,7 @@ def zoo_command(
     models whose output is complete and whose settings are unchanged."""
     from swm_ray.jobs.zoo import markdown_manifest, run_zoo
 
-    res = run_zoo(resolve_config_file(zoo), out or "swm-ray-zoo", retry_failed=bool(retry_failed),
+    res = run_zoo(resolve_config_file(zoo, "zoo"), out or "swm-ray-zoo", retry_failed=bool(retry_failed),
                   concurrency=concurrency, cpus_per_model=1.0 if cpus_per_model is None else cpus_per_model,
                   address=address)
     echo("")

@@ -4,6 +4,7 @@ classified (missing, denied, unreachable, credentials) and named with its path, 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator
 
@@ -107,8 +108,9 @@ def error_message(category: str, path: str, doing: str, missing: str | None, exc
         return {"denied": f"permission denied while {doing} {path}: check the permissions of "
                           f"{getattr(exc, 'filename', None) or path}",
                 "missing": missing or f"not found: {path}",
-                "folder": f"{path} is a folder where a file is expected: give the file (a plan: "
-                          f"{path.rstrip('/')}/plan.json)"}.get(category, f"{doing} {path} failed: {detail}")
+                "folder": f"{path} is a folder where a file is expected while {doing} it: give the file in it"
+                          + (f" (a plan: {plan})" if os.path.isfile(plan := os.path.join(path, "plan.json")) else "")
+                }.get(category, f"{doing} {path} failed: {detail}")
     ep = _endpoint_label()
     vars_ = "SWM_RAY_S3_ENDPOINT / AWS_ENDPOINT_URL"
     return {

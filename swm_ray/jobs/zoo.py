@@ -78,6 +78,9 @@ def load_zoo(path: str, prefix: str) -> tuple[list[Entry], dict]:
         raise UserError(f"zoo {path}: unknown top-level keys {sorted(unknown)}: use defaults, models, concurrency, "
                         f"gpu_memory_gb")
     defaults = data.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise UserError(f"zoo {path}: defaults must be a mapping of config sections (defaults: {{select: ...}}), "
+                        f"not a {type(defaults).__name__}")
     models = data.get("models")
     if not isinstance(models, list) or not models:
         raise UserError(f"zoo {path}: give a list of models (models: [{{source: ...}}, ...])")
@@ -92,6 +95,7 @@ def load_zoo(path: str, prefix: str) -> tuple[list[Entry], dict]:
         tree = _merge(tree, {"model": {"source": str(item["source"]), "revision": item.get("revision")}})
         try:
             cfg = build_config(tree)
+            _check_entry(cfg)
         except UserError as e:
             raise UserError(f"zoo {path}: model {i} ({item['source']}): {e}") from None
         name = _slug(str(item.get("name") or _default_name(cfg)))
@@ -113,6 +117,22 @@ def load_zoo(path: str, prefix: str) -> tuple[list[Entry], dict]:
         raise UserError(f"zoo {path}: gpu_memory_gb must be a positive number (GB of one GPU), not {gpu_gb!r}")
     opts = {"concurrency": conc, "gpu_memory_gb": float(gpu_gb)}
     return entries, opts
+
+
+def _check_entry(cfg: RunConfig) -> None:
+    """What an entry's compress would refuse from its settings alone, checked before any entry runs."""
+    from swm_ray.config import WIDTH_METHODS
+    from swm_ray.methods.planners import check_method_target
+    from swm_ray.methods.width_targets import check_width_settings
+
+    s = cfg.select
+    if s.method in WIDTH_METHODS or s.then_width is not None:
+        check_width_settings(cfg, s.method if s.method in WIDTH_METHODS else s.width_method)
+    if s.method in WIDTH_METHODS:
+        return
+    if s.threshold is None and s.ratio is None and s.layers is None:
+        raise UserError("give a target: layers, ratio or threshold (in the entry's select: or in defaults:)")
+    check_method_target(cfg)
 
 
 def _default_name(cfg: RunConfig) -> str:
@@ -282,6 +302,9 @@ def run_zoo(zoo_path: str, prefix: str, *, retry_failed: bool = False, concurren
     entries, opts = load_zoo(zoo_path, prefix)
     order = [e.name for e in entries]
     previous = read_manifest(prefix)
+    if retry_failed and not previous:
+        raise UserError(f"--retry-failed: no earlier zoo run at {prefix} (no manifest.json) to retry: run without "
+                        f"--retry-failed, or give the --out of that run")
     rows: dict[str, dict] = {}
     todo: list[Entry] = []
     evaluate: set[str] = set()  # entries of `todo` whose folder is only evaluated again

@@ -67,10 +67,14 @@ class Plan:
         self.windows = [[int(low), int(high)] for low, high in self.windows]
         self.num_layers_before = int(self.num_layers_before)
         self.similarities = [float(s) for s in self.similarities]
-        if not self.removed_layers:
-            self.removed_layers = removed_from_windows(self.windows)
-        if self.num_layers_after is None:
-            self.num_layers_after = self.num_layers_before - len(self.removed_layers)
+        for name in ("compensation", "width", "extra"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"{name} must be a JSON object, not {type(value).__name__}")
+        # what is removed follows from the windows, which are what a replay applies: a hand-edited window with
+        # stale counts beside it is described by its windows
+        self.removed_layers = removed_from_windows(self.windows)
+        self.num_layers_after = self.num_layers_before - len(self.removed_layers)
         self.tensors: dict[str, Any] = {}  # compensation name -> torch tensor (not part of the JSON)
         if self.width and self.version < WIDTH_PLAN_VERSION:
             self.version = WIDTH_PLAN_VERSION

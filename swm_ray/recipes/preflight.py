@@ -163,6 +163,9 @@ def check_targets(cfg, facts: ModelFacts | None = None) -> int | None:
         return None
     facts = facts or model_facts(cfg)
     L = facts.n_layers
+    beyond = [i for i in s.protected_layers if i >= L]
+    if beyond:
+        raise UserError(f"select.protected_layers {beyond}: the model has {L} decoder layers (0-{L - 1})")
     n_remove = target_layers(cfg, facts.params, facts.per_layer, L)
     if s.method == "auto":
         errors = []
