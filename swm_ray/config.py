@@ -338,14 +338,13 @@ class EvalConfig(_Section):
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v: tuple) -> tuple:
-        """Unknown task names are refused when the config is read, not after a compress or a grid's trials."""
-        from swm_ray.evaluation.zeroshot import TASKS
-
+        """Unknown task names are refused when the config is read, not after a compress or a grid's trials (the
+        tasks swm-ray scores are the paper's, `evaluation.zeroshot.TASKS`)."""
         names = [str(t).strip().lower() for t in v if str(t).strip()]
-        unknown = [t for t in names if t not in TASKS] if names != ["none"] else []
+        unknown = [t for t in names if t not in PAPER_TASKS] if names != ["none"] else []
         if unknown:
-            raise ValueError(f"unknown task(s) {', '.join(unknown)}: valid names are {', '.join(TASKS)} ([] or "
-                             f"none for no tasks)")
+            raise ValueError(f"unknown task(s) {', '.join(unknown)}: valid names are {', '.join(PAPER_TASKS)} ([] "
+                             f"or none for no tasks)")
         return v
 
 

@@ -43,6 +43,10 @@ def test_a_list_given_as_a_scalar_says_how_to_write_a_list():
 
 
 def test_unknown_tasks_are_refused_when_the_config_is_read(tmp_path):
+    from swm_ray.config import PAPER_TASKS
+    from swm_ray.evaluation.zeroshot import TASKS
+
+    assert tuple(TASKS) == PAPER_TASKS  # the config checks names against the tasks the evaluation has
     with pytest.raises(UserError, match="unknown task.*nosuch"):
         build_config(sets={"eval.tasks": ["piqa", "nosuch"]})
     assert build_config(sets={"eval.tasks": ["none"]}).eval.tasks == ("none",)
