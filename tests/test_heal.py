@@ -252,6 +252,30 @@ def test_local_above_refits_every_layer_over_the_lowest_merge(tiny_llama_dir):
                    layers="above")
 
 
+def test_a_fit_that_makes_a_layer_worse_keeps_its_weights(tiny_llama_dir):
+    """A refit that ends with a larger error on its own rows than it started with (here: a step size far too
+    large) leaves the layer as it was; the record says so (error after = error before)."""
+    from transformers import AutoModelForCausalLM
+
+    from swm_ray.compute.stack import InMemoryStack
+    from swm_ray.edits.merge import apply_windows
+    from swm_ray.heal.local import heal_local
+    from swm_ray.plan.plan import Plan
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    model = apply_windows(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval(),
+                          [[1, 3]], "mean")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(4, 300, (8, 12), generator=torch.Generator().manual_seed(1))
+    fits = heal_local(model, InMemoryStack(original), Plan(windows=[[1, 3]], num_layers_before=6, merge="mean"),
+                      ids, steps=5, lr=10.0, rows=4, skip=1, layers="above")
+    assert len(fits) == 3
+    for f in fits:
+        assert f.error_after <= f.error_before * (1 + 1e-6), f
+        assert f.last_loss > f.first_loss  # the steps did diverge
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 # -- data and schedule ---------------------------------------------------------------------------------------------
 def test_instruction_records_mask_the_prompt(tmp_path):
     from tiny_models import tiny_tokenizer

@@ -171,8 +171,12 @@ def heal_local(model: nn.Module, source, plan, input_ids: torch.Tensor, *, steps
         else:
             goal = [h.to(comp.device) for h in advance([h.to(source.device) for h in hc], low, high)]
         before = fit_error(layer, hc, goal, kw, skip)
+        saved = {k: v.detach().clone() for k, v in layer.state_dict().items()}
         losses = fit_layer(layer, hc, goal, kw, steps=steps, lr=lr, skip=skip, seed=seed + p)
         after = fit_error(layer, hc, goal, kw, skip)
+        if after > before:  # the fit made the layer worse on its own rows: it keeps the weights it had
+            layer.load_state_dict(saved)
+            after = fit_error(layer, hc, goal, kw, skip)
         fit = LocalFit([low, high], p, before, after, steps, losses[0] if losses else float("nan"),
                        losses[-1] if losses else float("nan"), round(time.perf_counter() - t0, 2))
         fits.append(fit)
