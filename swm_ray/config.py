@@ -460,6 +460,13 @@ class HealConfig(_Section):
         "(with local_target original; the drift a merge leaves is corrected by the layers above it too; about one "
         "merged layer's fit per layer)")
 
+    @model_validator(mode="after")
+    def _above_needs_original(self) -> HealConfig:
+        if self.local_layers == "above" and self.local_target != "original":
+            raise ValueError("local_layers above refits the unmerged layers to the original model's hidden states: "
+                             "set heal.local_target original")
+        return self
+
 
 class RunConfig(_Section):
     model: ModelConfig = ModelConfig()

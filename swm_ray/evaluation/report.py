@@ -100,7 +100,7 @@ def write_texts_atomic(files: list[tuple[str, str]]) -> None:
     """Write several files, each completely or not at all: every temporary sibling is written in full before
     the first is renamed over its target, in the order given, so a failure while writing changes none of them
     (S3: one PUT each, in order)."""
-    staged: list[tuple[str, Path]] = []
+    staged: dict[str, tuple[str, Path]] = {}  # local path -> (its temporary sibling, the target)
     try:
         for path, text in files:
             if is_remote(path):
@@ -108,19 +108,17 @@ def write_texts_atomic(files: list[tuple[str, str]]) -> None:
             target = Path(path).expanduser().resolve()
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            staged.append((tmp, target))
+            staged[path] = (tmp, target)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        local = iter(staged)
         for path, text in files:
-            if is_remote(path):
-                s3fs_filesystem().pipe(path, text.encode("utf-8"))
+            if path in staged:
+                os.replace(*staged[path])
             else:
-                tmp, target = next(local)
-                os.replace(tmp, target)
+                s3fs_filesystem().pipe(path, text.encode("utf-8"))
     finally:
-        for tmp, _ in staged:
+        for tmp, _ in staged.values():
             if os.path.exists(tmp):
                 os.unlink(tmp)
 

@@ -176,7 +176,7 @@ def heal_local(model: nn.Module, source, plan, input_ids: torch.Tensor, *, steps
         after = fit_error(layer, hc, goal, kw, skip)
         if after > before:  # the fit made the layer worse on its own rows: it keeps the weights it had
             layer.load_state_dict(saved)
-            after = fit_error(layer, hc, goal, kw, skip)
+            after = before
         fit = LocalFit([low, high], p, before, after, steps, losses[0] if losses else float("nan"),
                        losses[-1] if losses else float("nan"), round(time.perf_counter() - t0, 2))
         fits.append(fit)
@@ -221,8 +221,5 @@ def local_settings(cfg, tokenizer, model_type: str | None, data: str) -> LocalSe
     h, d = cfg.heal, cfg.data
     calib = build_calibration(data, tokenizer, samples=h.local_samples, seq_len=h.local_seq_len, batch_size=4,
                               seed=h.seed, mode=d.mode, bos=d.bos, model_type=model_type, text_column=d.text_column)
-    if h.local_layers == "above" and h.local_target != "original":
-        raise UserError("heal.local_layers above refits the unmerged layers to the original model's hidden states: "
-                        "set heal.local_target original")
     return LocalSettings(calib, h.steps or DEFAULT_LOCAL_STEPS, h.lr or DEFAULT_LR["local"], h.micro_batch_size,
                          h.skip_first_tokens, h.local_target, h.seed, h.local_layers)

@@ -105,12 +105,13 @@ def error_message(category: str, path: str, doing: str, missing: str | None, exc
     if category == "local":
         return f"{doing} {path} failed on local disk: {detail}"
     if not is_remote(path):
+        if category == "folder":
+            plan = os.path.join(path, "plan.json")
+            hint = f" (a plan: {plan})" if os.path.isfile(plan) else ""
+            return f"{path} is a folder where a file is expected while {doing} it: give the file in it{hint}"
         return {"denied": f"permission denied while {doing} {path}: check the permissions of "
                           f"{getattr(exc, 'filename', None) or path}",
-                "missing": missing or f"not found: {path}",
-                "folder": f"{path} is a folder where a file is expected while {doing} it: give the file in it"
-                          + (f" (a plan: {plan})" if os.path.isfile(plan := os.path.join(path, "plan.json")) else "")
-                }.get(category, f"{doing} {path} failed: {detail}")
+                "missing": missing or f"not found: {path}"}.get(category, f"{doing} {path} failed: {detail}")
     ep = _endpoint_label()
     vars_ = "SWM_RAY_S3_ENDPOINT / AWS_ENDPOINT_URL"
     return {

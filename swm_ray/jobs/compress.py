@@ -17,7 +17,7 @@ from swm_ray.io.data import calibration_sets
 from swm_ray.io.probes import check_run_paths
 from swm_ray.io.runstate import RunState
 from swm_ray.jobs.console import console
-from swm_ray.methods.selection import check_threshold, target_layers
+from swm_ray.methods.selection import target_layers
 from swm_ray.methods.session import Scoring
 
 MEMO_VERSION = 2  # memo.json: checks keyed by (merge, groups, candidate), every signal of a check
@@ -69,7 +69,6 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
     from swm_ray.edits.fold import checkpoint_site
     from swm_ray.methods.planners import (
         check_method_count,
-        check_method_target,
         compensate_plan,
         may_compensate,
         method_compensation,
@@ -86,18 +85,11 @@ def run_compress(cfg: RunConfig, raw_yaml: str = "") -> dict:
         from swm_ray.jobs.width import run_width
 
         return run_width(cfg, raw_yaml)
-    if s.then_width is not None:
-        from swm_ray.methods.width_targets import check_width_settings
+    from swm_ray.recipes.preflight import check_settings, check_targets, model_facts
 
-        check_width_settings(cfg, s.width_method)
-    if s.threshold is None and s.ratio is None and s.layers is None:
-        raise UserError("give a target: --threshold T, --ratio R or --layers N")
+    check_settings(cfg)
     criterion, _ = method_signals(cfg)
-    if s.threshold is not None and s.method == "swm" and not s.compensate_aware:
-        check_threshold(s.criterion, s.threshold)
-    check_method_target(cfg)
     check_run_paths(out, cfg.overwrite, [cfg.model.source, cfg.data.source])
-    from swm_ray.recipes.preflight import check_targets, model_facts
 
     facts = model_facts(cfg)  # the checkpoint's headers, read once for every check and size below
     check_targets(cfg, facts)

@@ -71,6 +71,7 @@ def _slug(text: str) -> str:
 def load_zoo(path: str, prefix: str) -> tuple[list[Entry], dict]:
     """Every entry's validated config (one-line errors name the entry), and the file's zoo options."""
     from swm_ray.config import load_yaml_text
+    from swm_ray.recipes.preflight import check_settings
 
     _, data = load_yaml_text(path)
     unknown = set(data) - {"defaults", "models", "concurrency", "gpu_memory_gb"}
@@ -95,7 +96,7 @@ def load_zoo(path: str, prefix: str) -> tuple[list[Entry], dict]:
         tree = _merge(tree, {"model": {"source": str(item["source"]), "revision": item.get("revision")}})
         try:
             cfg = build_config(tree)
-            _check_entry(cfg)
+            check_settings(cfg)  # what the entry's compress would refuse, before any entry runs
         except UserError as e:
             raise UserError(f"zoo {path}: model {i} ({item['source']}): {e}") from None
         name = _slug(str(item.get("name") or _default_name(cfg)))
@@ -117,22 +118,6 @@ def load_zoo(path: str, prefix: str) -> tuple[list[Entry], dict]:
         raise UserError(f"zoo {path}: gpu_memory_gb must be a positive number (GB of one GPU), not {gpu_gb!r}")
     opts = {"concurrency": conc, "gpu_memory_gb": float(gpu_gb)}
     return entries, opts
-
-
-def _check_entry(cfg: RunConfig) -> None:
-    """What an entry's compress would refuse from its settings alone, checked before any entry runs."""
-    from swm_ray.config import WIDTH_METHODS
-    from swm_ray.methods.planners import check_method_target
-    from swm_ray.methods.width_targets import check_width_settings
-
-    s = cfg.select
-    if s.method in WIDTH_METHODS or s.then_width is not None:
-        check_width_settings(cfg, s.method if s.method in WIDTH_METHODS else s.width_method)
-    if s.method in WIDTH_METHODS:
-        return
-    if s.threshold is None and s.ratio is None and s.layers is None:
-        raise UserError("give a target: layers, ratio or threshold (in the entry's select: or in defaults:)")
-    check_method_target(cfg)
 
 
 def _default_name(cfg: RunConfig) -> str:

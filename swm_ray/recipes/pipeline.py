@@ -23,32 +23,23 @@ def compress_here(cfg: RunConfig, raw_yaml: str = "", device: str | None = None)
     from swm_ray.io.runstate import fingerprint
     from swm_ray.methods.planners import (
         check_method_count,
-        check_method_target,
         compensate_plan,
         may_compensate,
         method_compensation,
         method_needs,
         plan_windows,
     )
-    from swm_ray.methods.selection import check_threshold, target_layers
+    from swm_ray.methods.selection import target_layers
     from swm_ray.methods.session import LocalScoring, split_validation
     from swm_ray.plan.writer import write_model_folder
-    from swm_ray.recipes.preflight import check_targets, model_facts
+    from swm_ray.recipes.preflight import check_settings, check_targets, model_facts
 
+    check_settings(cfg)
     facts = model_facts(cfg)  # the checkpoint's headers, read once for every check and size below
     check_targets(cfg, facts)  # every target against the headers before anything loads (the width pruners' too)
     s, m = cfg.select, cfg.model
     if s.method in WIDTH_METHODS:  # width pruning: the same stages, no depth planner (`width.py`)
         return width_here(cfg, raw_yaml, device)
-    if s.then_width is not None:
-        from swm_ray.methods.width_targets import check_width_settings
-
-        check_width_settings(cfg, s.width_method)
-    if s.threshold is None and s.ratio is None and s.layers is None:
-        raise UserError("give a target: layers, ratio or threshold")
-    if s.threshold is not None and s.method == "swm" and not s.compensate_aware:
-        check_threshold(s.criterion, s.threshold)
-    check_method_target(cfg)
     t0 = time.perf_counter()
     auto = s.method == "auto"
     sets = calibration_sets(cfg, s.auto_validation_max if auto else 0, fit=may_compensate(cfg))

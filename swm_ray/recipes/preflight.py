@@ -143,6 +143,26 @@ def _with_method(cfg, spec: str):
     return cfg.model_copy(update={"select": cfg.select.model_copy(update={"method": parse_candidate(spec)[0]})})
 
 
+def check_settings(cfg) -> None:
+    """What a compress run refuses from its settings alone, before any file is read (compress, the in-process
+    pipeline, and every zoo entry when the zoo file is read): width settings, a missing target, a threshold out
+    of range for the criterion, a target the method cannot take."""
+    from swm_ray.methods.planners import check_method_target
+    from swm_ray.methods.selection import check_threshold
+    from swm_ray.methods.width_targets import check_width_settings
+
+    s = cfg.select
+    if s.method in WIDTH_METHODS or s.then_width is not None:
+        check_width_settings(cfg, s.method if s.method in WIDTH_METHODS else s.width_method)
+    if s.method in WIDTH_METHODS:
+        return
+    if s.threshold is None and s.ratio is None and s.layers is None:
+        raise UserError("give a target: --threshold T, --ratio R or --layers N (select.threshold, ratio or layers)")
+    if s.threshold is not None and s.method == "swm" and not s.compensate_aware:
+        check_threshold(s.criterion, s.threshold)
+    check_method_target(cfg)
+
+
 def check_targets(cfg, facts: ModelFacts | None = None) -> int | None:
     """Refuse, with one line, a target the run of `cfg` cannot reach on its model, before anything loads.
 
