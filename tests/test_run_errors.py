@@ -286,3 +286,29 @@ def test_resume_refuses_a_model_folder_rewritten_since_the_run_started(tmp_path)
         RunState.open(cfg.out, "compress", cfg, True, dtype="float32")
     assert "\n" not in str(e.value)
     assert heal_fingerprint(cfg) != healed
+
+
+def test_a_run_killed_while_writing_its_first_work_is_still_told_to_resume(tmp_path, monkeypatch):
+    """The state's mark is written before the first work file: a run killed between the two leaves a state the
+    next run refuses to remove without --resume (and --resume continues it, with nothing to replay), never a work
+    file without its mark, which a fresh run would silently delete."""
+    cfg = build_config(flags={"model.source": "/m", "data.source": "/d.parquet", "out": str(tmp_path / "o")})
+    calib = np.arange(12).reshape(3, 4)
+    state = RunState.open(cfg.out, "compress", cfg, False, dtype="float32")
+    state.start(calib)
+    real = RunState._replace
+
+    def killed_at_the_work(self, name, data):
+        if name == "memo.json":
+            raise KeyboardInterrupt  # the process dies here
+        real(self, name, data)
+
+    monkeypatch.setattr(RunState, "_replace", killed_at_the_work)
+    with pytest.raises(KeyboardInterrupt):
+        state.save_json("memo.json", {"checks": [1, 2, 3]})
+    monkeypatch.setattr(RunState, "_replace", real)
+    with pytest.raises(UserError, match="add --resume"):
+        RunState.open(cfg.out, "compress", cfg, False, dtype="float32")
+    resumed = RunState.open(cfg.out, "compress", cfg, True, dtype="float32")
+    resumed.start(calib)
+    assert resumed.load_json("memo.json") is None

@@ -162,15 +162,15 @@ class RunState:
         self._save_work(name, _npy_bytes(arr))
 
     def _save_work(self, name: str, data: bytes) -> None:
-        """Write one file of work; a fresh run's first also writes its calibration before it and `state.json`
-        (the mark that a state exists) after it."""
-        fresh = self._unsaved is not None
-        if fresh:
+        """Write one file of work; a fresh run's first also writes, before it, its calibration and then
+        `state.json` (the mark that a state exists). In that order a run killed at any point either left no
+        mark (and nothing worth resuming) or left one, so the next run is told to --resume and never silently
+        removes finished work."""
+        if self._unsaved is not None:
             self._replace("calibration.npy", _npy_bytes(self._unsaved))
-        self._replace(name, data)
-        if fresh:
             self._save_state()
             self._unsaved = None
+        self._replace(name, data)
 
     def _replace(self, name: str, data: bytes) -> None:
         storage.replace_file(self._path(name), data)
