@@ -70,6 +70,17 @@ class ModelConfig(_Section):
         None, description="memory budget of one actor (or of this process), e.g. 2GB or 512MiB; default: the "
         "free memory of its device(s) (a share of host RAM on the CPU)")
 
+    @field_validator("max_memory")
+    @classmethod
+    def _max_memory(cls, v: str | None) -> str | None:
+        from swm_ray.io.sizes import parse_size
+
+        try:
+            parse_size(v, what="")
+        except UserError as e:
+            raise ValueError(str(e).strip()) from None
+        return v
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:

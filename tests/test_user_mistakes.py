@@ -154,3 +154,24 @@ def test_eval_refuses_a_missing_or_empty_perplexity_text_before_any_model(tmp_pa
         cfg = build_config(sets={"eval.tasks": [], "eval.ppl_data": str(text)})
         with pytest.raises(UserError, match=said):  # the model does not exist: it was never opened
             run_eval(cfg, [str(tmp_path / "no-model")], use_ray=False)
+
+
+def test_a_malformed_memory_size_is_refused_when_the_settings_are_read(tmp_path):
+    """It was found only once a job had started its actors."""
+    for value, said in (("abc", "expected a size such as 2GB"), ("0GB", "must be more than zero")):
+        with pytest.raises(UserError, match=said):
+            build_config(sets={"model.max_memory": value})
+        _refused(["compress", "--layers", "2", "--max-memory", value, "--out", tmp_path / "o"], said, tmp_path / "o")
+    assert build_config(sets={"model.max_memory": "1.5GiB"}).model.max_memory == "1.5GiB"
+
+
+def test_heal_without_a_model_folder(tmp_path):
+    """It trained the builtin original model, which is not a compressed folder."""
+    _refused(["heal", "--out", tmp_path / "h"], "no model folder given", tmp_path / "h")
+    _refused(["heal", "--mode", "local", "--out", tmp_path / "h"], "no model folder given", tmp_path / "h")
+
+
+def test_an_empty_task_list_is_not_taken_for_none(tmp_path):
+    """`--tasks ""` (an unset variable) ran no zero-shot task without a word; `none` says that."""
+    _refused(["eval", "--tasks", "", "--out", tmp_path / "e.json"], "names no task", tmp_path / "e.json")
+    _refused(["grid", "--layers", "2", "--tasks", " , ", "--out", tmp_path / "g"], "names no task", tmp_path / "g")

@@ -146,3 +146,10 @@ def _find_user_error(e: BaseException) -> UserError | None:
 def echo(msg: str) -> None:
     typer.echo(msg, err=False)
     sys.stdout.flush()
+
+
+def refuse_empty_tasks(tasks: str | None) -> None:
+    """`--tasks ""` (an unset shell variable, most often) is not taken to mean no tasks: `none` says that."""
+    if tasks is not None and not tasks.replace(",", "").strip():
+        raise UserError(f"--tasks {tasks!r} names no task: give a comma list such as piqa,boolq, or none for no "
+                        f"zero-shot tasks")

@@ -18,6 +18,7 @@ from swm_ray.commands.common import (
     TrustRemoteCodeOpt,
     echo,
     make_config,
+    refuse_empty_tasks,
     scale_flags,
     user_errors,
 )
@@ -32,6 +33,7 @@ def _flags(model, baseline, tasks, limit, batch_size, ppl_data, ppl_bos, latency
     """Flag values as dotted config paths (None = not given: the config's value stands)."""
     from swm_ray.evaluation.suite import parse_tasks
 
+    refuse_empty_tasks(tasks)
     return {
         "model.source": model, "eval.baseline": baseline,
         "eval.tasks": parse_tasks(tasks) if tasks is not None else None,

@@ -18,6 +18,7 @@ from swm_ray.commands.common import (
     echo,
     make_config,
     one_target,
+    refuse_empty_tasks,
     scale_flags,
     user_errors,
 )
@@ -97,6 +98,7 @@ def grid_command(
     config: str = ConfigOpt,
     set_: list[str] = SetOpt,
 ) -> None:
+    refuse_empty_tasks(tasks)
     flags = {
         "grid.models": models or None, "data.source": data, "grid.criteria": _split(criteria),
         "grid.searches": _split(searches), "grid.merges": _split(merges),

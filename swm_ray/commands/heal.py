@@ -75,6 +75,9 @@ def heal_command(
         "model.trust_remote_code": trust_remote_code, **scale_flags(stream_layers, max_memory, None),
     }
     cfg, raw = make_config(config, flags, set_)
+    if "source" not in cfg.model.model_fields_set:  # not the argument, the config file or --set
+        raise UserError("heal: no model folder given: name the compressed folder to heal, e.g. swm-ray heal "
+                        "./swm-ray-out (or model.source in --config)")
     refuse_other_mode_flags(cfg.heal.mode, {
         "local": {"--workers": workers, "--epochs": epochs, "--batch-size": batch_size, "--keep-adapter": keep_adapter,
                   "--checkpoints": checkpoints, "--resume": resume},

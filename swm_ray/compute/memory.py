@@ -8,27 +8,12 @@ budget: the free memory of the actor's GPU(s), or on the CPU its share of the ho
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 from swm_ray.errors import UserError
+from swm_ray.io.sizes import parse_size  # noqa: F401  (re-exported: the budgets' callers read it here)
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
-          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 IN_MEMORY_HEADROOM = 0.8  # a model is held whole when its weights take at most this much of the budget
-
-
-def parse_size(text: str | int | None) -> int | None:
-    """'2GB', '512MiB', '1.5g', '1000000' -> bytes (GB = 10^9, GiB = 2^30); None stays None."""
-    if text is None or isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m[2].lower() not in _UNITS:
-        raise UserError(f"--max-memory {text!r}: expected a size such as 2GB, 512MiB or 1.5GiB")
-    value = int(float(m[1]) * _UNITS[m[2].lower()])
-    if value <= 0:
-        raise UserError(f"--max-memory {text!r}: must be more than zero")
-    return value
 
 
 def fmt_bytes(n: float) -> str:
