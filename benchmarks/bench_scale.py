@@ -141,8 +141,8 @@ def bench_rss() -> dict:
     (host RAM: every candidate's stream alive at once), streaming under --max-memory 470MB (the scorer runs
     as many candidates per pass as the budget allows), and in memory. The 32-layer model under 470MB is the
     budget target: fp32 weights 4x the budget, compressed under it, windows compared with the in-memory run."""
-    from swm_ray.compute.memory import parse_size
     from swm_ray.io.checkpoint import Checkpoint
+    from swm_ray.io.sizes import parse_size
 
     model_dir(8), model_dir(32)
     variants = {"stream": ("--stream", "always"), "budget": ("--stream", "auto", "--max-memory", BUDGET),

@@ -73,12 +73,10 @@ class ModelConfig(_Section):
     @field_validator("max_memory")
     @classmethod
     def _max_memory(cls, v: str | None) -> str | None:
-        from swm_ray.io.sizes import parse_size
+        from swm_ray.io.sizes import size_bytes
 
-        try:
-            parse_size(v, what="")
-        except UserError as e:
-            raise ValueError(str(e).strip()) from None
+        if v is not None:
+            size_bytes(v)  # its ValueError names the size and what is expected
         return v
 
     @field_validator("device")

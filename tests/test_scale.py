@@ -16,13 +16,14 @@ from tiny_models import ARCHS, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from swm_ray.compute.capture import compute_hsic_sums
-from swm_ray.compute.memory import Footprint, choose_mode, parse_size
+from swm_ray.compute.memory import Footprint, choose_mode
 from swm_ray.compute.stack import InMemoryStack, StackSpec, StreamingStack, open_stack
 from swm_ray.config import build_config
 from swm_ray.edits.merge import apply_windows
 from swm_ray.errors import UserError
 from swm_ray.io.checkpoint import Checkpoint, weights_checksum
 from swm_ray.io.models import load_config
+from swm_ray.io.sizes import parse_size
 from swm_ray.jobs.analyze import run_analyze
 from swm_ray.jobs.compress import run_compress
 from swm_ray.plan.executor import PlanView, materialize

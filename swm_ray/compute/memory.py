@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from swm_ray.errors import UserError
-from swm_ray.io.sizes import parse_size  # noqa: F401  (re-exported: the budgets' callers read it here)
+from swm_ray.io.sizes import parse_size
 
 IN_MEMORY_HEADROOM = 0.8  # a model is held whole when its weights take at most this much of the budget
 

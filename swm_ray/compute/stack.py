@@ -296,8 +296,9 @@ class StackSpec:
 def open_stack(spec: StackSpec, rows: int = 0, seq_len: int = 0,
                on_mode: Callable[[dict], None] | None = None) -> LayerStack:
     """Open `spec.path` in memory or streaming, as its size, the budget and `spec.stream` decide."""
-    from swm_ray.compute.memory import choose_mode, device_budget, footprint, parse_size
+    from swm_ray.compute.memory import choose_mode, device_budget, footprint
     from swm_ray.io.models import load_config, load_model, pick_device, pick_dtype
+    from swm_ray.io.sizes import parse_size
 
     dev = pick_device(spec.device)
     dtype = pick_dtype(spec.dtype, dev)

@@ -198,7 +198,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def shard_bytes(size: str | int) -> int:
-    from swm_ray.compute.memory import parse_size
+    from swm_ray.io.sizes import parse_size
 
     return parse_size(size) if isinstance(size, str) else int(size)
 
