@@ -182,6 +182,37 @@ def test_a_candidate_with_its_own_fit_is_its_planners_plan_fitted():
     assert want[res.chosen.name][0] == pytest.approx(min(v[0] for v in want.values()), abs=1e-9)
 
 
+def test_two_planners_with_the_same_plan_share_its_fit_and_its_further_rows(monkeypatch):
+    """SLEB and swm/keep-first often end at the same plan: with a compensation listed, that plan is fitted once
+    (the twin reuses the map and its held-out losses, equal to an independent fit), and in a close call the same
+    model draws the further held-out rows once."""
+    import swm_ray.methods.planners as planners
+
+    model, _ = tiny_model("llama", n_layers=8, seed=2)
+    fits, further = [], []
+    real_fit = planners.compensate_plan
+    monkeypatch.setattr(planners, "compensate_plan", lambda *a, **k: fits.append(a[2]) or real_fit(*a, **k))
+    scoring = _scoring(model)
+    real_validate = scoring.validate
+
+    def validate(plans, extra=False):
+        if extra:
+            further.extend(sorted(tuple(w) for w in p[0]) + [p[2] is not None] for p in plans)
+        return real_validate(plans, extra=extra)
+
+    scoring.validate = validate
+    cfg = _auto_cfg(**{"select.auto_candidates": ["swm/keep-first", "sleb"], "select.auto_compensate":
+                       ["none", "lstsq"], "select.auto_margin": 1e9, "select.layers": 1})
+    res = run_auto(cfg, scoring, 8, 1, layer_names=list(model.model.layers[0].state_dict()))
+    by = {o.name: o for o in res.outcomes}
+    assert by["sleb"].windows == by["swm/keep-first"].windows == [(5, 6)]  # the same plan: the case under test
+    assert fits == [[(5, 6)]]  # one fit for both planners
+    want = _independent_losses(model, ["sleb"], ["lstsq"], n_remove=1)["sleb+lstsq"][0]
+    for name in ("sleb+lstsq", "swm/keep-first+lstsq"):
+        assert float(np.mean(by[name].losses.values[:8])) == pytest.approx(want, abs=2e-5)
+    assert len(further) == len({tuple(map(str, f)) for f in further}) == 2  # the plain and the fitted model once
+
+
 def test_the_fit_gate_checks_a_fitted_plan_on_the_task_items_text_computed_by_hand():
     """With task items given, a fitted plan that wins on held-out loss is checked on the task items' text against
     the plan without a fit: the gate's paired difference equals the one computed from transformers' logits on the

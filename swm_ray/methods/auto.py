@@ -431,6 +431,7 @@ def _finish(cfg, scoring, runners, n_remove: int, validate, say, fits: dict[str,
 
     site = None
     outcomes: list[Outcome] = []
+    fitted: dict = {}  # (windows, merge, compensation, fit settings) -> (compensation, losses, name): fitted once
     for r in runners:
         method = r.cfg.select.method
         if r.error is not None:
@@ -463,10 +464,18 @@ def _finish(cfg, scoring, runners, n_remove: int, validate, say, fits: dict[str,
             try:
                 if comp_method == "none":
                     (o.losses,) = validate([(windows, planned.merge)])
-                else:
-                    site = site or scoring.site_for()
-                    o.compensation = compensate_plan(ridge_cfg, scoring, windows, planned.merge, site, comp_method)
-                    (o.losses,) = scoring.validate([(windows, planned.merge, o.compensation.fits)])
+                else:  # two planners that found the same plan share its fit (SLEB and swm/keep-first often do)
+                    key = (tuple(sorted(windows)), planned.merge, comp_spec,
+                           ridge_cfg.merge.model_dump_json(exclude={"method"}))
+                    if key in fitted:
+                        o.compensation, o.losses, first = fitted[key]
+                        say(f"{name}: the same plan and fit as {first}, not fitted again")
+                    else:
+                        site = site or scoring.site_for()
+                        o.compensation = compensate_plan(ridge_cfg, scoring, windows, planned.merge, site,
+                                                         comp_method)
+                        (o.losses,) = scoring.validate([(windows, planned.merge, o.compensation.fits)])
+                        fitted[key] = (o.compensation, o.losses, name)
             except UserError as e:
                 o.error = str(e)
             if o.error is None and not math.isfinite(o.val_nll):
@@ -510,9 +519,10 @@ def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, task
         if spent is not None:
             spent.charge("fit gate: task-style items")
         if not best.gate["passed"]:
-            aside.append(f"{best.name} set aside: on the task items' text it is {d.diff:+.4f} ± {d.se:.4f} nats "
-                         f"per byte behind {rival.name}")
-            scored = [o for o in scored if o is not best]
+            twins = sorted(o.name for o in scored if o is not best and _same_model(o, best))
+            aside.append(f"{best.name}{''.join(f' (and {t}, the same model)' for t in twins)} set aside: on the "
+                         f"task items' text it is {d.diff:+.4f} ± {d.se:.4f} nats per byte behind {rival.name}")
+            scored = [o for o in scored if o is not best and not _same_model(o, best)]
             continue
         decided += (f"; fit gate passed: on the task items' text {d.diff:+.4f} ± {d.se:.4f} nats per byte against "
                     f"{rival.name}")
@@ -529,8 +539,8 @@ def _decide(scored: list[Outcome], scoring, z: float, max_rows: int, say, tasks,
     pick = lambda pool: min(pool, key=lambda o: (_rank(o.losses.mean), o.name))  # noqa: E731
     best = pick(scored)
     twins = sorted(o.name for o in scored if o is not best and _same_model(o, best))
-    still = [o for o in scored if o is not best and o.name not in twins
-             and not paired(o.losses, best.losses).resolved(z)]
+    still = _one_per_model([o for o in scored if o is not best and o.name not in twins
+                            and not paired(o.losses, best.losses).resolved(z)])
     decided = f"lowest mean validation loss on {len(best.losses.values)} rows" + (
         f" ({', '.join(twins)}: the same model)" if twins else "")
     extra_rows = getattr(scoring.backend, "extra_rows", 0)
@@ -547,8 +557,8 @@ def _decide(scored: list[Outcome], scoring, z: float, max_rows: int, say, tasks,
         for o in contenders:
             o.losses = o.losses.extended(o.more)
         best = pick(contenders)
-        still = [o for o in contenders if o is not best and not _same_model(o, best)
-                 and not paired(o.losses, best.losses).resolved(z)]
+        still = _one_per_model([o for o in contenders if o is not best and not _same_model(o, best)
+                                and not paired(o.losses, best.losses).resolved(z)])
         decided = f"close call ({len(contenders)} within {z:g} standard errors): lowest loss on " \
                   f"{len(best.losses.values)} rows"
         say(f"close call between {', '.join(o.name for o in contenders)}: {len(contenders[0].more.values)} more "
@@ -568,6 +578,16 @@ def _same_model(a: Outcome, b: Outcome) -> bool:
     accuracy, nothing to decide between them."""
     return (sorted(tuple(w) for w in a.windows), a.merge, a.compensate) == \
         (sorted(tuple(w) for w in b.windows), b.merge, b.compensate)
+
+
+def _one_per_model(outcomes: list[Outcome]) -> list[Outcome]:
+    """`outcomes` less the twins (`_same_model`) of one listed before them by name: the same model is scored on
+    further rows and task items once."""
+    kept: list[Outcome] = []
+    for o in sorted(outcomes, key=lambda o: o.name):
+        if not any(_same_model(o, k) for k in kept):
+            kept.append(o)
+    return kept
 
 
 def _by_task_signal(best: Outcome, close: list[Outcome], scoring, tasks, z: float, decided: str, say):
