@@ -183,9 +183,11 @@ class SelectConfig(_Section):
         "chosen only if it also holds on the task items' text (the fit gate: the held-out calibration rows favour a "
         "fit on the same text even where it loses on other text; BENCHMARKS.md, 'The fit gate')")
     auto_compensate: tuple[str, ...] = Field(
-        ("none",), description="auto: every candidate plan is tried with each of these compensations: none, scale, "
-        "lstsq, or lstsq:RIDGE (the ridge λ of that fit; plain lstsq uses merge.ridge). Default none only: a fit "
-        "on the calibration text wins on held-out rows of that text but can lose on other text (BENCHMARKS.md)")
+        ("none", "lstsq"), description="auto: every finished candidate plan is tried with each of these "
+        "compensations: none, scale, lstsq, or lstsq:RIDGE (the ridge λ of that fit; plain lstsq uses merge.ridge). "
+        "A fitted plan is chosen only if it passes the fit gate (a fit on the calibration text wins on held-out "
+        "rows of that text but can lose on other text); [none] fits only the PLANNER+COMP candidates "
+        "(BENCHMARKS.md, 'Every finished plan fitted')")
     auto_validation: int = Field(8, ge=2, description="auto: calibration rows drawn beyond data.samples and held "
                                  "out from every planner and fit; the plan with the lowest NLL on them wins")
     auto_validation_max: int = Field(32, ge=2, description="auto: held-out rows at most: a close call (candidates "

@@ -186,12 +186,12 @@ def test_two_planners_with_the_same_plan_share_its_fit_and_its_further_rows(monk
     """SLEB and swm/keep-first often end at the same plan: with a compensation listed, that plan is fitted once
     (the twin reuses the map and its held-out losses, equal to an independent fit), and in a close call the same
     model draws the further held-out rows once."""
-    import swm_ray.methods.planners as planners
+    import swm_ray.methods.compensation as compensation
 
     model, _ = tiny_model("llama", n_layers=8, seed=2)
     fits, further = [], []
-    real_fit = planners.compensate_plan
-    monkeypatch.setattr(planners, "compensate_plan", lambda *a, **k: fits.append(a[2]) or real_fit(*a, **k))
+    real_fit = compensation.fit_plan
+    monkeypatch.setattr(compensation, "fit_plan", lambda *a, **k: fits.append(a[1]) or real_fit(*a, **k))
     scoring = _scoring(model)
     real_validate = scoring.validate
 
@@ -206,11 +206,39 @@ def test_two_planners_with_the_same_plan_share_its_fit_and_its_further_rows(monk
     res = run_auto(cfg, scoring, 8, 1, layer_names=list(model.model.layers[0].state_dict()))
     by = {o.name: o for o in res.outcomes}
     assert by["sleb"].windows == by["swm/keep-first"].windows == [(5, 6)]  # the same plan: the case under test
-    assert fits == [[(5, 6)]]  # one fit for both planners
+    assert fits == ["lstsq"]  # one fit for both planners
     want = _independent_losses(model, ["sleb"], ["lstsq"], n_remove=1)["sleb+lstsq"][0]
     for name in ("sleb+lstsq", "swm/keep-first+lstsq"):
         assert float(np.mean(by[name].losses.values[:8])) == pytest.approx(want, abs=2e-5)
     assert len(further) == len({tuple(map(str, f)) for f in further}) == 2  # the plain and the fitted model once
+
+
+def test_the_fits_of_several_plans_share_one_climb_up_the_original_model():
+    """auto fits every finished plan: below its lowest window a plan is the original model, so one climb runs
+    those layers once for all plans and each fit forks from it. The fits equal a pass per plan bit for bit, and the
+    layer runs saved are exactly those below each plan's lowest window but the highest (both models of a pass run
+    them: 2 × (5 + 2 + 3 − 5) layers over the fit rows)."""
+    from swm_ray.methods.auto import _fit_key, _fit_plans
+
+    model, _ = tiny_model("llama", n_layers=8, seed=2)
+    cfg = build_config(flags={"merge.skip_first": 0})
+    plans = [([(5, 7)], "keep-first"), ([(2, 4), (6, 7)], "reference"), ([(3, 6)], "keep-first")]
+    plan, val, extra = _calibs()
+    stack = InMemoryStack(model)
+    scoring = LocalScoring(stack, plan, validation=val, extra=extra)
+    jobs = {_fit_key(w, m, "lstsq", cfg): (f"p{i}", cfg, "lstsq", w, m) for i, (w, m) in enumerate(plans)}
+    runs0 = stack.token_runs
+    made = _fit_plans(scoring, jobs, lambda msg: None)
+    shared = stack.token_runs - runs0
+    alone = 0
+    for key, (_, c, method, windows, merge) in jobs.items():
+        runs0 = stack.token_runs
+        own = compensate_plan(c, scoring, windows, merge, scoring.site_for(), method)
+        alone += stack.token_runs - runs0
+        assert sorted(own.fits) == sorted(made[key].fits) == sorted(windows)
+        for w in windows:
+            assert torch.equal(own.fits[w].tensor, made[key].fits[w].tensor)
+    assert alone - shared == 2 * (5 + 2 + 3 - 5) * plan.input_ids.size
 
 
 def test_the_fit_gate_checks_a_fitted_plan_on_the_task_items_text_computed_by_hand():
@@ -457,6 +485,7 @@ def test_with_a_width_pass_a_planner_listed_only_fitted_is_no_contender():
     """select.then_width takes no fitted map: `replaceme+lstsq` is left out, and plain ReplaceMe, not listed, does
     not come in in its place."""
     from swm_ray.methods.planners import check_method_target
+    from swm_ray.methods.width_targets import check_width_settings
 
     model, _ = tiny_model("llama", n_layers=6, seed=3)
     cfg = _auto_cfg(**{"select.auto_candidates": ["swm/keep-first", "replaceme+lstsq"], "select.then_width": 0.1})
@@ -465,6 +494,15 @@ def test_with_a_width_pass_a_planner_listed_only_fitted_is_no_contender():
     only_fitted = _auto_cfg(**{"select.auto_candidates": ["replaceme+lstsq"], "select.then_width": 0.1})
     with pytest.raises(UserError, match="then_width takes no fitted map"):
         check_method_target(only_fitted)
+    # fits listed in select.auto_compensate are left out the same way, not refused; with no plain entry, refused
+    fitted_too = _auto_cfg(**{"select.auto_candidates": ["swm/keep-first"], "select.then_width": 0.1,
+                              "select.auto_compensate": ["none", "lstsq"]})
+    check_method_target(fitted_too)
+    check_width_settings(fitted_too, fitted_too.select.width_method)
+    res = run_auto(fitted_too, _scoring(model), 6, 2)
+    assert [o.name for o in res.outcomes] == ["swm/keep-first"]
+    with pytest.raises(UserError, match="then_width takes no fitted map.*none in select.auto_compensate"):
+        check_method_target(_auto_cfg(**{"select.auto_compensate": ["lstsq"], "select.then_width": 0.1}))
 
 
 @pytest.mark.parametrize("criterion", ["output", "nll"])
@@ -474,7 +512,8 @@ def test_each_candidate_records_the_checks_it_ran(criterion):
     model, _ = tiny_model("llama", n_layers=8, seed=2)
     sc = _scoring(model)
     res = run_auto(_auto_cfg(**{"select.auto_candidates": ["swm/keep-first", "sleb"], "select.criterion": criterion,
-                                "select.auto_stop_margin": 1e9, "select.layers": 3}), sc, 8, 3)
+                                "select.auto_stop_margin": 1e9, "select.layers": 3,
+                                "select.auto_compensate": ["none"]}), sc, 8, 3)  # the plans, not their fits
     for o in res.outcomes:
         assert o.checks == res.trajectory[o.name][-1]["checks"] > 0
     # a check both asked for in one round ran once: it counts for each, and each says it was shared

@@ -31,9 +31,9 @@ HELP = "\n\n".join([
     "Merge runs of consecutive similar decoder layers into one layer each and write an HF model folder.",
     "The default method, auto, does not trust settings tuned on one model family: it runs sliding-window "
     "merging (best-first under the output criterion, with the reference, consistent and keep-first merges) and "
-    "the ShortGPT, SLEB and ReplaceMe pruners to the target (each plan also with the compensations of "
-    "select.auto_compensate, none by default), and keeps the plan of lowest loss on calibration rows that none "
-    "of them saw (plan.json lists them all). "
+    "the ShortGPT, SLEB and ReplaceMe pruners to the target (each plan also with the least-squares map of "
+    "select.auto_compensate), and keeps the plan of lowest loss on calibration rows that none of them saw, a "
+    "fitted plan only if it also holds on other text (plan.json lists them all). "
     "--method swm runs sliding-window merging alone (criterion output, search best-first, merge reference); "
     "--paper selects the authors' exact procedure (criterion output, search "
     "top-down, their loop semantics) for reproduction; its top-down search commits the most expensive window "

@@ -112,15 +112,20 @@ class FitPass:
         self.pending: tuple | None = None  # (window, its input, its plain output) awaiting its fit
         self.done: list[Group] = []  # target windows whose sums were returned, in order
 
-    def fork(self, windows: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> FitPass:
+    def fork(self, windows: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
+             merge: str | None = None) -> FitPass:
         """A pass of another plan that agrees with this one below where this one stands (its edited stack has the
         same layers there): it starts from this pass's hidden states instead of the embeddings. Known fits below
-        are kept; `targets` are the other plan's windows to fit."""
+        are kept; `targets` are the other plan's windows to fit; `merge` its merge method (default this pass's:
+        below where this one stands the two have no window, or the same ones)."""
         from swm_ray.compute.planrun import PlanRunner
 
         if self.pending is not None:
             raise RuntimeError("a pass awaiting a fit cannot be forked")
-        runner = PlanRunner(self.stack, windows, self.runner.merge, self.runner.attention)
+        merge = merge or self.runner.merge
+        if merge != self.runner.merge and any(lo != hi for lo, hi, _ in self.runner.sources[: self.next]):
+            raise ValueError("a fork with another merge method must start below the first window")
+        runner = PlanRunner(self.stack, windows, merge, self.runner.attention)
         if runner.sources[: self.next] != self.runner.sources[: self.next]:
             raise ValueError("the forked plan differs from this pass below where it stands")
         new = copy.copy(self)

@@ -509,6 +509,6 @@ class RemoteFitPass:
             raise RuntimeError(f"the actors' fit passes disagree ({sorted(windows)})")
         return got[0][0], add_sums([g[1] for g in got])
 
-    def fork(self, windows, targets) -> RemoteFitPass:
-        spec = {"windows": [tuple(w) for w in windows], "targets": [tuple(t) for t in targets]}
+    def fork(self, windows, targets, merge: str | None = None) -> RemoteFitPass:
+        spec = {"windows": [tuple(w) for w in windows], "targets": [tuple(t) for t in targets], "merge": merge}
         return RemoteFitPass(self.backend, spec, parent=self)

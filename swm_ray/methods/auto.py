@@ -426,12 +426,21 @@ def _maybe_stop(r: _Runner, partial: dict, finals: dict, z: float, rule: str, n_
 
 def _finish(cfg, scoring, runners, n_remove: int, validate, say, fits: dict[str, list[str]]) -> list[Outcome]:
     """Every candidate's outcome: its plan at the target size, fitted with each of its compensations (`fits`:
-    planner -> compensations, `candidates.planners_and_fits`), scored."""
-    from swm_ray.methods.planners import compensate_plan
-
-    site = None
+    planner -> compensations, `candidates.planners_and_fits`), scored. The fits are made first, all of them on one
+    climb up the original model (`_fit_plans`)."""
+    finished = [r for r in runners if r.error is None and r.result is not None
+                and sum(h - lo for lo, h in r.result.selection.windows) == n_remove]
+    jobs: dict = {}  # key -> (first name, run config, compensation method, windows, merge)
+    for r in finished:
+        windows = [tuple(w) for w in r.result.selection.windows]
+        for comp_spec in fits[r.spec]:
+            comp_method, ridge_cfg = compensation_config(r.cfg, comp_spec)
+            if comp_method != "none":
+                jobs.setdefault(_fit_key(windows, r.result.merge, comp_spec, ridge_cfg),
+                                (f"{r.spec}+{comp_spec}", ridge_cfg, comp_method, windows, r.result.merge))
+    made = _fit_plans(scoring, jobs, say)
     outcomes: list[Outcome] = []
-    fitted: dict = {}  # (windows, merge, compensation, fit settings) -> (compensation, losses, name): fitted once
+    fitted: dict = {}  # fit key -> (losses, name): two planners that found the same plan share its fit
     for r in runners:
         method = r.cfg.select.method
         if r.error is not None:
@@ -464,18 +473,18 @@ def _finish(cfg, scoring, runners, n_remove: int, validate, say, fits: dict[str,
             try:
                 if comp_method == "none":
                     (o.losses,) = validate([(windows, planned.merge)])
-                else:  # two planners that found the same plan share its fit (SLEB and swm/keep-first often do)
-                    key = (tuple(sorted(windows)), planned.merge, comp_spec,
-                           ridge_cfg.merge.model_dump_json(exclude={"method"}))
+                else:
+                    key = _fit_key(windows, planned.merge, comp_spec, ridge_cfg)
+                    got = made[key]
+                    if isinstance(got, UserError):
+                        raise got
+                    o.compensation = got
                     if key in fitted:
-                        o.compensation, o.losses, first = fitted[key]
+                        o.losses, first = fitted[key]
                         say(f"{name}: the same plan and fit as {first}, not fitted again")
                     else:
-                        site = site or scoring.site_for()
-                        o.compensation = compensate_plan(ridge_cfg, scoring, windows, planned.merge, site,
-                                                         comp_method)
                         (o.losses,) = scoring.validate([(windows, planned.merge, o.compensation.fits)])
-                        fitted[key] = (o.compensation, o.losses, name)
+                        fitted[key] = (o.losses, name)
             except UserError as e:
                 o.error = str(e)
             if o.error is None and not math.isfinite(o.val_nll):
@@ -485,6 +494,40 @@ def _finish(cfg, scoring, runners, n_remove: int, validate, say, fits: dict[str,
                 + (f"validation NLL {o.val_nll:.4f} (ppl {math.exp(o.val_nll):.2f})" if o.error is None
                    else f"skipped ({o.error})"))
     return outcomes
+
+
+def _fit_key(windows, merge: str, comp_spec: str, cfg) -> tuple:
+    """What a fit depends on: the plan's windows and merge, the compensation, the fit settings (`merge.*` but its
+    method, which the plan's merge already says)."""
+    return tuple(sorted(tuple(w) for w in windows)), merge, comp_spec, cfg.merge.model_dump_json(exclude={"method"})
+
+
+def _fit_plans(scoring, jobs: dict, say) -> dict:
+    """Every job's fit (`_finish`: key -> (name, config, method, windows, merge)), or the `UserError` it raised.
+    Below its lowest window a plan is the original model, so one pass of the original climbs the fit rows once,
+    from the lowest plan's bottom to the highest's, and each plan's fit forks from it where its first window
+    starts (`FitPass.fork`) instead of running those layers again from the embeddings; equal to a pass per plan."""
+    from swm_ray.methods.compensation import fit_plan
+
+    made: dict = {}
+    groups: dict = {}
+    for key, job in jobs.items():  # plans that share the fit's input and skipped positions share the climb
+        m = job[1].merge
+        groups.setdefault((m.compensate_input, m.skip_first), []).append(key)
+    site = scoring.site_for() if jobs else None
+    for (source, skip_first), keys in sorted(groups.items()):
+        keys.sort(key=lambda k: (min(lo for lo, _ in jobs[k][3]), jobs[k][0]))
+        climb = None
+        for key in keys:
+            name, cfg, method, windows, merge = jobs[key]
+            try:
+                if climb is None:
+                    climb = scoring.fit_pass([], merge, source=source, skip_first=skip_first, targets=[])
+                climb.advance(stop=min(lo for lo, _ in windows))
+                made[key] = fit_plan(cfg, method, site, climb.fork(windows, windows, merge=merge).advance)
+            except UserError as e:
+                made[key] = e
+    return made
 
 
 def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, tasks=None,

@@ -180,8 +180,9 @@ def may_compensate(cfg) -> bool:
     return method_compensation(cfg) != "none"
 
 
-THEN_WIDTH_FITTED_ONLY = ("select.then_width takes no fitted map, and every select.auto_candidates entry is a fitted "
-                          "one: list a plain candidate too (e.g. replaceme beside replaceme+lstsq)")
+THEN_WIDTH_FITTED_ONLY = ("select.then_width takes no fitted map, and every auto candidate is a fitted one: list a "
+                          "plain candidate in select.auto_candidates (e.g. replaceme beside replaceme+lstsq) and "
+                          "none in select.auto_compensate")
 
 
 def check_method_target(cfg) -> None:
@@ -201,7 +202,8 @@ def check_method_target(cfg) -> None:
                         f"default) fits what select.auto_compensate lists (now {', '.join(s.auto_compensate)}): "
                         f"set that, e.g. --set 'select.auto_compensate=[none,{cfg.merge.compensate}]', or give "
                         f"--method")
-    if s.method == "auto" and s.then_width is not None and all("+" in c for c in s.auto_candidates):
+    if s.method == "auto" and s.then_width is not None and ("none" not in s.auto_compensate
+                                                            or all("+" in c for c in s.auto_candidates)):
         raise UserError(THEN_WIDTH_FITTED_ONLY)
     if s.method == "auto" and s.threshold is not None:
         raise UserError("--method auto (the default) compares methods at one size: give --layers or --ratio, or "

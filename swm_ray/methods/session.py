@@ -79,7 +79,7 @@ class ShardSession:
         from swm_ray.compute.fitpass import FitPass
 
         if parent is not None:
-            return parent.fork(spec["windows"], spec["targets"])
+            return parent.fork(spec["windows"], spec["targets"], spec.get("merge"))
         return FitPass(self.stack, self.fit_ids, self.fit_batches, spec["windows"], spec["merge"], self.attention,
                        source=spec["source"], skip_first=spec["skip_first"], fits=spec.get("fits"),
                        targets=spec.get("targets"))

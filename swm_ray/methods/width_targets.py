@@ -64,10 +64,9 @@ def check_width_settings(cfg, method: str) -> None:
         if s.then_width is not None:
             raise UserError(f"--method {s.method} already prunes width: select.then_width combines width with a "
                             f"depth method (swm, shortgpt, ...)")
-    if s.then_width is not None and (cfg.merge.compensate not in (None, "none") or (
-            s.method == "auto" and any(c != "none" for c in s.auto_compensate))):
+    if s.then_width is not None and cfg.merge.compensate not in (None, "none"):  # auto leaves its fits out
         raise UserError("select.then_width after a compensated depth plan is not supported: set merge.compensate "
-                        "(and select.auto_compensate) to none, or drop then_width")
+                        "to none, or drop then_width")
 
 
 def check_width_target(cfg, config, layer_names: Sequence[str], method: str, fraction: float, num_layers: int,
