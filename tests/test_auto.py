@@ -228,7 +228,7 @@ def test_the_fits_of_several_plans_share_one_climb_up_the_original_model():
     scoring = LocalScoring(stack, plan, validation=val, extra=extra)
     jobs = {_fit_key(w, m, "lstsq", cfg): (f"p{i}", cfg, "lstsq", w, m) for i, (w, m) in enumerate(plans)}
     runs0 = stack.token_runs
-    made = _fit_plans(scoring, jobs, lambda msg: None)
+    made = _fit_plans(scoring, jobs)
     shared = stack.token_runs - runs0
     alone = 0
     for key, (_, c, method, windows, merge) in jobs.items():

@@ -427,20 +427,10 @@ def _maybe_stop(r: _Runner, partial: dict, finals: dict, z: float, rule: str, n_
 def _finish(cfg, scoring, runners, n_remove: int, validate, say, fits: dict[str, list[str]]) -> list[Outcome]:
     """Every candidate's outcome: its plan at the target size, fitted with each of its compensations (`fits`:
     planner -> compensations, `candidates.planners_and_fits`), scored. The fits are made first, all of them on one
-    climb up the original model (`_fit_plans`)."""
-    finished = [r for r in runners if r.error is None and r.result is not None
-                and sum(h - lo for lo, h in r.result.selection.windows) == n_remove]
-    jobs: dict = {}  # key -> (first name, run config, compensation method, windows, merge)
-    for r in finished:
-        windows = [tuple(w) for w in r.result.selection.windows]
-        for comp_spec in fits[r.spec]:
-            comp_method, ridge_cfg = compensation_config(r.cfg, comp_spec)
-            if comp_method != "none":
-                jobs.setdefault(_fit_key(windows, r.result.merge, comp_spec, ridge_cfg),
-                                (f"{r.spec}+{comp_spec}", ridge_cfg, comp_method, windows, r.result.merge))
-    made = _fit_plans(scoring, jobs, say)
+    climb up the original model (`_fit_plans`); two planners that found the same plan share its fit."""
     outcomes: list[Outcome] = []
-    fitted: dict = {}  # fit key -> (losses, name): two planners that found the same plan share its fit
+    jobs: dict = {}  # fit key -> (first name, run config, compensation method, windows, merge)
+    keys: dict[int, tuple] = {}  # id(outcome) -> its fit key (fitted outcomes only)
     for r in runners:
         method = r.cfg.select.method
         if r.error is not None:
@@ -470,29 +460,36 @@ def _finish(cfg, scoring, runners, n_remove: int, validate, say, fits: dict[str,
                 say(f"{name}: left out: {o.error}")
                 break
             comp_method, ridge_cfg = compensation_config(r.cfg, comp_spec)
-            try:
-                if comp_method == "none":
-                    (o.losses,) = validate([(windows, planned.merge)])
-                else:
-                    key = _fit_key(windows, planned.merge, comp_spec, ridge_cfg)
-                    got = made[key]
-                    if isinstance(got, UserError):
-                        raise got
-                    o.compensation = got
-                    if key in fitted:
-                        o.losses, first = fitted[key]
-                        say(f"{name}: the same plan and fit as {first}, not fitted again")
-                    else:
-                        (o.losses,) = scoring.validate([(windows, planned.merge, o.compensation.fits)])
-                        fitted[key] = (o.losses, name)
-            except UserError as e:
-                o.error = str(e)
-            if o.error is None and not math.isfinite(o.val_nll):
-                o.error = ("its held-out loss is not finite (a numerical overflow in the compute dtype; "
-                           "--set model.dtype=float32 avoids it)")
-            say(f"{name}: windows {', '.join(f'{a}-{b}' for a, b in windows) or '-'}: "
-                + (f"validation NLL {o.val_nll:.4f} (ppl {math.exp(o.val_nll):.2f})" if o.error is None
-                   else f"skipped ({o.error})"))
+            if comp_method != "none":
+                keys[id(o)] = _fit_key(windows, planned.merge, comp_spec, ridge_cfg)
+                jobs.setdefault(keys[id(o)], (name, ridge_cfg, comp_method, windows, planned.merge))
+    made = _fit_plans(scoring, jobs)
+    first: dict[tuple, Outcome] = {}  # fit key -> the outcome scored for it
+    for o in outcomes:
+        if o.error is not None or o.planned is None:  # left out, failed or stopped by the race
+            continue
+        key = keys.get(id(o))
+        try:
+            if key is None:
+                (o.losses,) = validate([(o.windows, o.merge)])
+            elif key in first:
+                twin = first[key]
+                o.compensation, o.losses, o.error = twin.compensation, twin.losses, twin.error
+                say(f"{o.name}: the same plan and fit as {twin.name}, not fitted again")
+            else:
+                first[key] = o
+                if isinstance(made[key], UserError):
+                    raise made[key]
+                o.compensation = made[key]
+                (o.losses,) = scoring.validate([(o.windows, o.merge, o.compensation.fits)])
+        except UserError as e:
+            o.error = str(e)
+        if o.error is None and not math.isfinite(o.val_nll):
+            o.error = ("its held-out loss is not finite (a numerical overflow in the compute dtype; "
+                       "--set model.dtype=float32 avoids it)")
+        say(f"{o.name}: windows {', '.join(f'{a}-{b}' for a, b in o.windows) or '-'}: "
+            + (f"validation NLL {o.val_nll:.4f} (ppl {math.exp(o.val_nll):.2f})" if o.error is None
+               else f"skipped ({o.error})"))
     return outcomes
 
 
@@ -502,7 +499,7 @@ def _fit_key(windows, merge: str, comp_spec: str, cfg) -> tuple:
     return tuple(sorted(tuple(w) for w in windows)), merge, comp_spec, cfg.merge.model_dump_json(exclude={"method"})
 
 
-def _fit_plans(scoring, jobs: dict, say) -> dict:
+def _fit_plans(scoring, jobs: dict) -> dict:
     """Every job's fit (`_finish`: key -> (name, config, method, windows, merge)), or the `UserError` it raised.
     Below its lowest window a plan is the original model, so one pass of the original climbs the fit rows once,
     from the lowest plan's bottom to the highest's, and each plan's fit forks from it where its first window
