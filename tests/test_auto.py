@@ -213,13 +213,21 @@ def test_two_planners_with_the_same_plan_share_its_fit_and_its_further_rows(monk
     assert len(further) == len({tuple(map(str, f)) for f in further}) == 2  # the plain and the fitted model once
 
 
-def test_the_fits_of_several_plans_share_one_climb_up_the_original_model():
+@pytest.mark.parametrize("keep", [True, False])
+def test_the_fits_of_several_plans_share_one_climb_up_the_original_model(keep, monkeypatch):
     """auto fits every finished plan: below its lowest window a plan is the original model, so one climb runs
-    those layers once for all plans and each fit forks from it. The fits equal a pass per plan bit for bit, and the
-    layer runs saved are exactly those below each plan's lowest window but the highest (both models of a pass run
-    them: 2 × (5 + 2 + 3 − 5) layers over the fit rows)."""
+    those layers once for all plans and each fit forks from it; above, the climb keeps the original's layer outputs
+    for every fork. The fits equal a pass per plan bit for bit. Layer runs over the fit rows, plans with lowest
+    windows 2, 3, 5 and tops 7, 6, 7: alone, each runs the original from the embeddings to its top (both models
+    share the layers below its first window) = (2 + 6) + (3 + 4) + (5 + 3); shared, the original runs once from the
+    embeddings to the highest top, 8, when its outputs are kept (a saving of 15 layers), and without room to keep
+    them each fork runs it again above its window: 5 + 13 (a saving of 5). The compressed model's runs are the
+    same either way."""
+    from swm_ray.compute import fitpass
     from swm_ray.methods.auto import _fit_key, _fit_plans
 
+    if not keep:
+        monkeypatch.setattr(fitpass, "TRACK_LIMIT", 0)
     model, _ = tiny_model("llama", n_layers=8, seed=2)
     cfg = build_config(flags={"merge.skip_first": 0})
     plans = [([(5, 7)], "keep-first"), ([(2, 4), (6, 7)], "reference"), ([(3, 6)], "keep-first")]
@@ -238,7 +246,7 @@ def test_the_fits_of_several_plans_share_one_climb_up_the_original_model():
         assert sorted(own.fits) == sorted(made[key].fits) == sorted(windows)
         for w in windows:
             assert torch.equal(own.fits[w].tensor, made[key].fits[w].tensor)
-    assert alone - shared == 2 * (5 + 2 + 3 - 5) * plan.input_ids.size
+    assert alone - shared == (15 if keep else 5) * plan.input_ids.size
 
 
 def test_the_fit_gate_checks_a_fitted_plan_on_the_task_items_text_computed_by_hand():
@@ -435,6 +443,10 @@ def test_a_close_call_is_decided_on_more_rows():
     spent = rec["passes"]["by_phase"]
     assert spent["searches: candidate checks"] > 0 and spent["close call: further held-out rows"] > 0
     assert sum(spent.values()) == pytest.approx(rec["passes"]["forward_passes"], abs=0.05)  # all of it, once
+    # and the seconds of each phase, within the race's own
+    secs = rec["passes"]["seconds_by_phase"]
+    assert set(spent) <= set(secs) and all(v >= 0 for v in secs.values())
+    assert 0 < sum(secs.values()) <= rec["seconds"] + 0.05
 
 
 def test_after_a_close_call_the_chosen_and_the_original_are_compared_on_the_same_rows():

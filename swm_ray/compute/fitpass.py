@@ -107,6 +107,7 @@ class FitPass:
         self.top = max((h for _, h in self.targets), default=-1)
         self.pros = [stack.prologue(torch.tensor(np.asarray(input_ids[a:b])).to(stack.device)) for a, b in batches]
         self.h_o = [p.hidden for p in self.pros]  # the original model
+        self.track = OriginalTrack(stack, self.h_o)  # its layer outputs, shared with the forks of this pass
         self.h_c = list(self.h_o) if source == "compressed" else None  # the compressed one
         self.next = 0  # index of the next source of the edited stack
         self.pending: tuple | None = None  # (window, its input, its plain output) awaiting its fit
@@ -128,6 +129,7 @@ class FitPass:
         runner = PlanRunner(self.stack, windows, merge, self.runner.attention)
         if runner.sources[: self.next] != self.runner.sources[: self.next]:
             raise ValueError("the forked plan differs from this pass below where it stands")
+        self.track.on = True
         new = copy.copy(self)
         new.runner = runner
         new.fits = {w: f for w, f in self.fits.items() if w in set(runner.windows)}
@@ -136,6 +138,11 @@ class FitPass:
         new.h_o, new.h_c = list(self.h_o), None if self.h_c is None else list(self.h_c)
         new.done = []
         return new
+
+    def close(self) -> None:
+        """Drop the original's layer outputs this pass and its forks keep (call when none of them advances again;
+        a pass that does advances correctly, running those layers again)."""
+        self.track.clear()
 
     @torch.inference_mode()
     def advance(self, fit: Fit | None = None, stop: int | None = None) -> tuple[Group, CompSums] | None:
@@ -164,10 +171,19 @@ class FitPass:
             self.next += 1
             x_o = self.h_o
             for i in range(low, high + 1):
-                with s.layer(i) as layer:
-                    self.h_o = [s.run(layer, x, p.kwargs[i]) for x, p in zip(self.h_o, self.pros)]
-                    if low == high and self.h_c is not None:  # a kept layer: the same in both models
-                        self.h_c = [s.run(layer, x, p.kwargs[i]) for x, p in zip(self.h_c, self.pros)]
+                # a kept layer is the same in both models; below the first window their inputs are the same too
+                same = self.h_c is not None and all(a is b for a, b in zip(self.h_c, self.h_o))
+                both = low == high and self.h_c is not None and not same
+                out = self.track.get(i)
+                if out is None or both:
+                    with s.layer(i) as layer:
+                        if out is None:
+                            out = self.track.put(i, [s.run(layer, x, p.kwargs[i]) for x, p in zip(self.h_o, self.pros)])
+                        if both:
+                            self.h_c = [s.run(layer, x, p.kwargs[i]) for x, p in zip(self.h_c, self.pros)]
+                self.h_o = out
+                if low == high and same:
+                    self.h_c = list(out)
             if low == high:
                 continue
             window = (low, high)
@@ -190,6 +206,45 @@ class FitPass:
             self.done.append(window)
             return window, sums
         return None
+
+
+class OriginalTrack:
+    """The original model's output of every layer on a pass's fit rows, kept once the pass is forked: the
+    original above a fork's first window is the same for the pass and every fork, so each layer of it runs once
+    whatever the number of forks. Kept while the total stays within `limit` bytes (default: a quarter of what the
+    stack's budget leaves beside its weights); a layer past it runs again where asked."""
+
+    def __init__(self, stack, first: Sequence[torch.Tensor], limit: int | None = None):
+        self.outputs: dict[int, list[torch.Tensor]] = {}
+        self.bytes = 0
+        per = sum(t.numel() * t.element_size() for t in first)
+        if limit is None:
+            budget = getattr(stack, "budget", None)
+            fp = getattr(stack, "footprint", None)
+            if budget is None or fp is None:
+                limit = TRACK_LIMIT
+            else:
+                held = fp.weights if getattr(stack, "max_streams", None) is None else fp.streaming_floor
+                limit = max(0, int(budget) - int(held)) // 4
+        self.limit = max(0, int(limit))
+        self.per = per
+        self.on = False  # a pass keeps nothing until it is first forked
+
+    def get(self, i: int) -> list[torch.Tensor] | None:
+        return self.outputs.get(i)
+
+    def put(self, i: int, out: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.on and i not in self.outputs and self.bytes + self.per <= self.limit:
+            self.outputs[i] = out
+            self.bytes += self.per
+        return out
+
+    def clear(self) -> None:
+        self.outputs.clear()
+        self.bytes = 0
+
+
+TRACK_LIMIT = 2 << 30  # bytes of the original's layer outputs a fit pass keeps where the stack has no budget
 
 
 def compensation_sums(stack, input_ids: np.ndarray, batches: Sequence[tuple[int, int]],

@@ -512,3 +512,9 @@ class RemoteFitPass:
     def fork(self, windows, targets, merge: str | None = None) -> RemoteFitPass:
         spec = {"windows": [tuple(w) for w in windows], "targets": [tuple(t) for t in targets], "merge": merge}
         return RemoteFitPass(self.backend, spec, parent=self)
+
+    def close(self) -> None:
+        """Drop this pass on the actors, with what it keeps for its forks (`FitPass.close`); nothing to wait for."""
+        pool = self.backend.pool
+        for j in self.owners:
+            pool.actors[j].fit_close.remote(self.backend.jobs[j], [self.id])

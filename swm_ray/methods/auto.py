@@ -116,6 +116,7 @@ class AutoResult:
     rounds: int = 0
     passes: dict = field(default_factory=dict)
     phases: dict = field(default_factory=dict)  # forward-pass equivalents by what they were spent on
+    phase_seconds: dict = field(default_factory=dict)  # and the seconds each took
     trajectory: dict = field(default_factory=dict)  # per candidate: its partial plan's rows at every level reached
 
     @property
@@ -136,7 +137,7 @@ class AutoResult:
                 "chosen_validation_nll_on_original_rows": round(self.chosen_on_original_rows, 6),
                 "validation_rows": self.validation_rows, "validation_tokens": self.validation_tokens,
                 "seconds": round(self.seconds, 2), "rounds": self.rounds, "same_as": self.same,
-                "passes": {**self.passes, "by_phase": self.phases},
+                "passes": {**self.passes, "by_phase": self.phases, "seconds_by_phase": self.phase_seconds},
                 "candidates": [o.record() for o in self.outcomes], "trajectory": self.trajectory}
 
 
@@ -320,7 +321,8 @@ def run_auto(cfg, scoring, n_layers: int, n_remove: int, report: Callable[[str],
     chosen, decided = _choose(outcomes, scoring, z, s.auto_validation_max, say, tasks, tasks_note, spent)
     counters = _since(scoring.counters(), at_start)
     return AutoResult(chosen, outcomes, original, time.perf_counter() - t_all, len(original.values),
-                      scoring.validation_tokens(), decided, same, rounds, counters, spent.record(counters), trajectory)
+                      scoring.validation_tokens(), decided, same, rounds, counters, spent.record(counters),
+                      phase_seconds=spent.seconds(), trajectory=trajectory)
 
 
 def _count_shared(runners: list[_Runner]) -> None:
@@ -349,12 +351,21 @@ class _Spent:
     def __init__(self, scoring):
         self.scoring = scoring
         self.tokens: dict[str, int] = {}
+        self.secs: dict[str, float] = {}
         self.last = scoring.counters()["layer_tokens"]
+        self.clock = time.perf_counter()
 
     def charge(self, phase: str) -> None:
         now = self.scoring.counters()["layer_tokens"]  # an actor restarted by Ray counts again from 0: never < 0
         self.tokens[phase] = self.tokens.get(phase, 0) + max(0, now - self.last)
         self.last = now
+        t = time.perf_counter()
+        self.secs[phase] = self.secs.get(phase, 0.0) + t - self.clock
+        self.clock = t
+
+    def seconds(self) -> dict:
+        """Each phase's wall-clock seconds (`passes.seconds_by_phase`)."""
+        return {k: round(v, 2) for k, v in self.secs.items() if self.tokens.get(k) or v >= 0.01}
 
     def record(self, counters: dict) -> dict:
         """Each phase as forward passes over the planning rows (the unit of `passes.forward_passes`)."""
@@ -503,7 +514,8 @@ def _fit_plans(scoring, jobs: dict) -> dict:
     """Every job's fit (`_finish`: key -> (name, config, method, windows, merge)), or the `UserError` it raised.
     Below its lowest window a plan is the original model, so one pass of the original climbs the fit rows once,
     from the lowest plan's bottom to the highest's, and each plan's fit forks from it where its first window
-    starts (`FitPass.fork`) instead of running those layers again from the embeddings; equal to a pass per plan."""
+    starts (`FitPass.fork`) instead of running those layers again from the embeddings; above it, the original's
+    layer outputs are kept by the climb for every fork (`fitpass.OriginalTrack`). Equal to a pass per plan."""
     from swm_ray.methods.compensation import fit_plan
 
     made: dict = {}
@@ -514,16 +526,21 @@ def _fit_plans(scoring, jobs: dict) -> dict:
     site = scoring.site_for() if jobs else None
     for (source, skip_first), keys in sorted(groups.items()):
         keys.sort(key=lambda k: (min(lo for lo, _ in jobs[k][3]), jobs[k][0]))
-        climb = None
-        for key in keys:
-            name, cfg, method, windows, merge = jobs[key]
-            try:
-                if climb is None:
-                    climb = scoring.fit_pass([], merge, source=source, skip_first=skip_first, targets=[])
-                climb.advance(stop=min(lo for lo, _ in windows))
-                made[key] = fit_plan(cfg, method, site, climb.fork(windows, windows, merge=merge).advance)
-            except UserError as e:
-                made[key] = e
+        passes: list = []
+        try:
+            for key in keys:
+                name, cfg, method, windows, merge = jobs[key]
+                try:
+                    if not passes:
+                        passes.append(scoring.fit_pass([], merge, source=source, skip_first=skip_first, targets=[]))
+                    passes[0].advance(stop=min(lo for lo, _ in windows))
+                    passes.append(passes[0].fork(windows, windows, merge=merge))
+                    made[key] = fit_plan(cfg, method, site, passes[-1].advance)
+                except UserError as e:
+                    made[key] = e
+        finally:  # the climb keeps the original's layer outputs for its forks (`fitpass.OriginalTrack`)
+            for fp in passes:
+                fp.close()
     return made
 
 

@@ -114,19 +114,26 @@ class CompensatedEvaluator:
         main = self.scoring.fit_pass(current, self.merge, source=m.compensate_input, skip_first=m.skip_first,
                                      fits=fits, targets=[w for w in current if w not in fits])
         out: dict = {}
-        for c in sorted((tuple(c) for c in candidates), key=lambda c: c[0]):
-            self._fit(main, current, fits, stop=c[0])  # the current fitted model up to the candidate's bottom
-            windows = windows_with(groups, c)
-            below = {w: f for w, f in fits.items() if w[1] < c[0]}
-            mine = dict(below)
-            todo = [w for w in windows if w[0] >= c[0]]
-            cached = {w: self.fit_cache[self._key(windows, w)] for w in todo if self._key(windows, w) in self.fit_cache}
-            if len(cached) == len(todo):
-                mine.update(cached)
-            else:
-                self._fit(main.fork(windows, todo), windows, mine)
-            out[c] = float(self.scoring.plan_loss(windows, self.merge, mine))
-            self.misses += 1
+        forks = [main]
+        try:
+            for c in sorted((tuple(c) for c in candidates), key=lambda c: c[0]):
+                self._fit(main, current, fits, stop=c[0])  # the current fitted model up to the candidate's bottom
+                windows = windows_with(groups, c)
+                below = {w: f for w, f in fits.items() if w[1] < c[0]}
+                mine = dict(below)
+                todo = [w for w in windows if w[0] >= c[0]]
+                cached = {w: self.fit_cache[self._key(windows, w)] for w in todo
+                          if self._key(windows, w) in self.fit_cache}
+                if len(cached) == len(todo):
+                    mine.update(cached)
+                else:
+                    forks.append(main.fork(windows, todo))
+                    self._fit(forks[-1], windows, mine)
+                out[c] = float(self.scoring.plan_loss(windows, self.merge, mine))
+                self.misses += 1
+        finally:  # the main pass keeps the original's layer outputs for its forks
+            for fp in forks:
+                fp.close()
         return [out[tuple(c)] for c in candidates]
 
     def commit(self, groups, window) -> None:  # the candidates' groups say everything: no state to move

@@ -118,7 +118,9 @@ class ShardSession:
 
     def fit_close(self, pass_ids) -> None:
         for p in pass_ids:
-            self.passes.pop(p, None)
+            got = self.passes.pop(p, None)
+            if got is not None:
+                got[0].close()
 
 
 class LocalBackend:
