@@ -153,6 +153,53 @@ def test_sums_over_one_and_two_actors_agree(ray_session, tiny_llama_dir, tokens_
             assert np.abs(x - y).max() <= 1e-9 * np.abs(x).max()
 
 
+def test_several_plans_fitted_on_actors_equal_in_process_and_every_pass_is_dropped(ray_session, tiny_llama_dir,
+                                                                                    tokens_parquet, monkeypatch):
+    """auto's fits of several plans (one climb, forks that share the original's layer outputs) over two actors
+    equal the in-process fits, and when they are done every pass is dropped on the actors (with what the climb
+    kept): the next step of each is then 'missing' there, where a pass still held would take it."""
+    import ray
+
+    from swm_ray.compute.refpass import Needs
+    from swm_ray.io.data import calibration_for
+    from swm_ray.jobs import pool as pool_mod
+    from swm_ray.methods.auto import _fit_plans
+    from swm_ray.methods.session import LocalScoring, Scoring
+
+    cfg = build_config(flags={"model.source": str(tiny_llama_dir), "data.source": str(tokens_parquet),
+                              "data.samples": 16, "data.seq_len": 16, "data.batch_size": 4, "ray.actors": 2})
+    _, calib, _ = calibration_for(cfg)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).eval()
+    site = stack_site(InMemoryStack(model))
+    jobs = {i: (f"p{i}", cfg, "lstsq", w, m) for i, (w, m) in
+            enumerate([([(3, 4)], "keep-first"), ([(1, 2)], "reference"), ([(1, 3)], "keep-first")])}
+    closed = []
+    real_close = pool_mod.RemoteFitPass.close
+
+    def spy(self):
+        closed.append((self, len(self.ops)))
+        real_close(self)
+
+    monkeypatch.setattr(pool_mod.RemoteFitPass, "close", spy)
+    backend = pool_mod.RayBackend(cfg, calib)
+    try:
+        backend.reference(Needs())
+        scoring = Scoring(backend)
+        scoring.site_for = lambda: site
+        made = _fit_plans(scoring, jobs)
+        assert len(closed) == 1 + len(jobs)  # the climb and a fork per plan
+        for fp, step in closed:
+            got = ray.get([backend.pool.actors[j].fit_step.remote(backend.jobs[j], fp.id, step, ("advance", None, None))
+                           for j in fp.owners])
+            assert got == ["missing"] * len(fp.owners)
+    finally:
+        backend.shutdown()
+    here = _fit_plans(LocalScoring(InMemoryStack(model), calib), jobs)
+    for k in jobs:
+        for w, f in here[k].fits.items():
+            torch.testing.assert_close(made[k].fits[w].tensor, f.tensor, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_one_bottom_up_pass_fits_like_a_pass_per_window(tmp_path, arch):
     """All windows fitted in one pass from the embeddings to the top equal the fits of a pass per window

@@ -146,7 +146,10 @@ class ModelActor:
 
     @_one_line
     def fit_close(self, job: dict, pass_ids: list) -> None:
-        self._session(job).fit_close(pass_ids)
+        """Drop fit passes of `job`'s session; a session not held (restarted, or another job's) has none to drop,
+        and is not built for it."""
+        if self.session is not None and self.session_key == job["key"]:
+            self.session.fit_close(pass_ids)
 
     def _session(self, job: dict):
         """The session of `job` (built, with its reference pass, on first use or after a restart)."""
