@@ -217,7 +217,7 @@ class OriginalTrack:
     def __init__(self, stack, first: Sequence[torch.Tensor], limit: int | None = None):
         self.outputs: dict[int, list[torch.Tensor]] = {}
         self.bytes = 0
-        per = sum(t.numel() * t.element_size() for t in first)
+        self.per = sum(t.numel() * t.element_size() for t in first)  # one layer's output: the shape of its input
         if limit is None:
             budget = getattr(stack, "budget", None)
             fp = getattr(stack, "footprint", None)
@@ -227,7 +227,6 @@ class OriginalTrack:
                 held = fp.weights if getattr(stack, "max_streams", None) is None else fp.streaming_floor
                 limit = max(0, int(budget) - int(held)) // 4
         self.limit = max(0, int(limit))
-        self.per = per
         self.on = False  # a pass keeps nothing until it is first forked
 
     def get(self, i: int) -> list[torch.Tensor] | None:

@@ -365,7 +365,7 @@ class _Spent:
 
     def seconds(self) -> dict:
         """Each phase's wall-clock seconds (`passes.seconds_by_phase`)."""
-        return {k: round(v, 2) for k, v in self.secs.items() if self.tokens.get(k) or v >= 0.01}
+        return {k: round(v, 2) for k, v in self.secs.items()}
 
     def record(self, counters: dict) -> dict:
         """Each phase as forward passes over the planning rows (the unit of `passes.forward_passes`)."""
@@ -526,20 +526,20 @@ def _fit_plans(scoring, jobs: dict) -> dict:
     site = scoring.site_for() if jobs else None
     for (source, skip_first), keys in sorted(groups.items()):
         keys.sort(key=lambda k: (min(lo for lo, _ in jobs[k][3]), jobs[k][0]))
-        passes: list = []
+        climb, forks = None, []
         try:
             for key in keys:
                 name, cfg, method, windows, merge = jobs[key]
                 try:
-                    if not passes:
-                        passes.append(scoring.fit_pass([], merge, source=source, skip_first=skip_first, targets=[]))
-                    passes[0].advance(stop=min(lo for lo, _ in windows))
-                    passes.append(passes[0].fork(windows, windows, merge=merge))
-                    made[key] = fit_plan(cfg, method, site, passes[-1].advance)
+                    if climb is None:
+                        climb = scoring.fit_pass([], merge, source=source, skip_first=skip_first, targets=[])
+                    climb.advance(stop=min(lo for lo, _ in windows))
+                    forks.append(climb.fork(windows, windows, merge=merge))
+                    made[key] = fit_plan(cfg, method, site, forks[-1].advance)
                 except UserError as e:
                     made[key] = e
         finally:  # the climb keeps the original's layer outputs for its forks (`fitpass.OriginalTrack`)
-            for fp in passes:
+            for fp in [climb, *forks] if climb is not None else forks:
                 fp.close()
     return made
 
