@@ -198,6 +198,14 @@ class SelectConfig(_Section):
         "of their validation splits that no reported accuracy reads) that decide between candidates the held-out "
         "loss cannot tell apart, and whose text checks a fitted plan before it is chosen (the fit gate); 0 = the "
         "loss alone, no gate")
+    auto_gate_items: int = Field(
+        576, ge=0, description="auto: task-style items the fit gate reads in all when its verdict is near its margin "
+        "(auto_gate_band): the pair is scored on this many minus auto_task_items further items of the same held-out "
+        "slices and judged on all of them; at most auto_task_items: never")
+    auto_gate_band: float = Field(
+        1.0, ge=0, description="auto: standard errors on either side of the fit gate's margin within which its "
+        "verdict on auto_task_items is read again on auto_gate_items (0: never; BENCHMARKS.md, 'The fit gate near "
+        "its margin')")
     auto_margin: float = Field(2.0, gt=0, description="auto: standard errors of the paired per-row difference in "
                                "held-out loss that count as resolved between finished plans: finalists within it "
                                "of the best are a close call; the fit gate sets aside a fitted plan behind by "

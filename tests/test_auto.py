@@ -249,35 +249,42 @@ def test_the_fits_of_several_plans_share_one_climb_up_the_original_model(keep, m
     assert alone - shared == (15 if keep else 5) * plan.input_ids.size
 
 
-def test_the_fit_gate_checks_a_fitted_plan_on_the_task_items_text_computed_by_hand():
+@pytest.mark.parametrize("further", [0, 12])
+def test_the_fit_gate_checks_a_fitted_plan_on_the_task_items_text_computed_by_hand(further):
     """With task items given, a fitted plan that wins on held-out loss is checked on the task items' text against
     the plan without a fit: the gate's paired difference equals the one computed from transformers' logits on the
-    fitted and plain models, and the choice follows it."""
+    fitted and plain models, and the choice follows it. With further items and a band wide enough to read them
+    (`select.auto_gate_band`), the difference is the one on all the items."""
     from swm_ray.methods.tasksignal import ChoiceItem, task_rows, text_losses
 
     model, _ = tiny_model("llama", n_layers=6, seed=3)
     rng = np.random.default_rng(5)
     items = [ChoiceItem("piqa", i, (tuple(rng.integers(4, 256, 6).tolist()),) * 2,
                         tuple(tuple(rng.integers(4, 256, int(rng.integers(1, 4))).tolist()) for _ in range(2)),
-                        int(rng.integers(0, 2)), (1.0, 1.0), (3, 5)) for i in range(24)]
-    tasks = task_rows(items)
+                        int(rng.integers(0, 2)), (1.0, 1.0), (3, 5)) for i in range(24 + further)]
+    tasks = task_rows(items[:24], items[24:])
     cfg = _auto_cfg(**{"select.auto_candidates": ["replaceme", "replaceme+lstsq"],
-                       "select.auto_validation_max": 8})
+                       "select.auto_validation_max": 8, "select.auto_gate_band": 100.0})
     res = run_auto(cfg, _scoring(model), 6, 2, layer_names=list(model.model.layers[0].state_dict()), tasks=tasks)
     fitted = next(o for o in res.outcomes if o.name == "replaceme+lstsq")
     assert fitted.losses.mean < next(o for o in res.outcomes if o.name == "replaceme").losses.mean
-    assert fitted.gate is not None and fitted.gate["versus"] == "replaceme" and fitted.gate["items"] == 24
+    assert fitted.gate is not None and fitted.gate["versus"] == "replaceme" and fitted.gate["items"] == 24 + further
+    assert ("first_items" in fitted.gate) is bool(further)
 
     def by_hand(edited):
         lls = []
-        for ids, (a, b) in zip(tasks.rows, tasks.spans):
+        for ids, (a, b) in zip(task_rows(items).rows, task_rows(items).spans):
             with torch.no_grad():
                 logp = F.log_softmax(edited(torch.tensor([ids])).logits[0].float(), dim=-1)
             lls.append(float(logp[a - 1 : b - 1].gather(-1, torch.tensor(ids[a:b])[:, None]).sum()))
-        return text_losses(tasks, lls)
+        return text_losses(task_rows(items), lls)
 
     models = _independent_models(model, ["replaceme"], ["none", "lstsq"])
     d = by_hand(models["replaceme+lstsq"][0]) - by_hand(models["replaceme"][0])
+    if further:
+        first = d[:24]
+        assert fitted.gate["first_items"]["text_loss_diff"] == pytest.approx(first.mean(), abs=1e-4)
+        assert fitted.gate["first_items"]["items"] == 24
     assert fitted.gate["text_loss_diff"] == pytest.approx(d.mean(), abs=1e-4)
     assert fitted.gate["se"] == pytest.approx(d.std(ddof=1) / math.sqrt(len(d)), abs=1e-4)
     passed = d.mean() <= 2.0 * d.std(ddof=1) / math.sqrt(len(d))

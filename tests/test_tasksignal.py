@@ -15,7 +15,16 @@ from swm_ray.compute.planrun import PlanRunner
 from swm_ray.compute.stack import InMemoryStack
 from swm_ray.compute.validation import RowLosses, plan_logliks, plans_logliks
 from swm_ray.methods.auto import Outcome, _by_task_signal, _choose
-from swm_ray.methods.tasksignal import TASKS, ChoiceItem, accuracy, build_items, item_scores, task_rows, text_losses
+from swm_ray.methods.tasksignal import (
+    TASKS,
+    ChoiceItem,
+    accuracy,
+    build_items,
+    further_items,
+    item_scores,
+    task_rows,
+    text_losses,
+)
 
 
 def test_items_come_from_the_held_out_slice_only(tmp_path):
@@ -29,6 +38,24 @@ def test_items_come_from_the_held_out_slice_only(tmp_path):
         assert it.doc >= REPORTED_LIMIT
         assert len(it.contexts) == len(it.continuations) >= 2 and 0 <= it.label < len(it.contexts)
     assert [it.doc for it in build_items(tok, 30, seed=3)] == [it.doc for it in items]  # fixed for every model
+
+
+def test_the_fit_gates_further_items_leave_the_first_draw_as_it_was_and_repeat_none_of_it(tmp_path):
+    """The near-margin items of the fit gate: drawn from what the first draw left of each held-out slice, spread
+    over the tasks as the first are, fixed per seed; the first draw does not change when they are drawn."""
+    from swm_ray.evaluation.zeroshot import held_out_items
+
+    tok = tiny_tokenizer(tmp_path)
+    first = build_items(tok, 30, seed=3)
+    more = further_items(tok, first, 60, seed=3)
+    assert len(more) == 60 and [sum(it.task == t for it in more) for t in TASKS] == [20, 20, 20]
+    assert not {(it.task, it.doc) for it in first} & {(it.task, it.doc) for it in more}
+    assert all(it.doc in held_out_items(it.task) for it in more)
+    assert [(it.task, it.doc) for it in further_items(tok, first, 60, seed=3)] == [(it.task, it.doc) for it in more]
+    assert [it.doc for it in build_items(tok, 30, seed=3)] == [it.doc for it in first]
+    assert [it.doc for it in further_items(tok, first, 60, seed=4)] != [it.doc for it in more]
+    rows = task_rows(first, more)
+    assert rows.n_items == 30 and rows.further.n_items == 60 and task_rows(first).further is None
 
 
 def test_plan_logliks_of_padded_rows_equal_each_row_alone():
@@ -313,3 +340,91 @@ def test_a_fitted_plan_that_holds_on_the_task_items_text_is_chosen():
     fit, plain = _fitted("replaceme+lstsq", [(2, 8)], 3.0), _outcome("sleb", [(3, 4)], 4.0)
     chosen, why = _choose([plain, fit], _NoMoreWork(), 2.0, 4, lambda m: None, tasks_note="off (0 items)")
     assert chosen is fit and "fit gate not run (task-style signal off (0 items))" in why and fit.gate is None
+
+
+class _FurtherScoring(_GateScoring):
+    """Per plan, one text loss per first item and another per further item (told apart by the rows asked)."""
+
+    def __init__(self, text, further):
+        super().__init__(text)
+        self.further, self.asked_further = further, []
+
+    def task_signals(self, rows, plans):
+        if rows.further is None and rows.n_items:  # the further items' own rows
+            self.asked_further += [tuple(map(tuple, w)) for w, _, _ in plans]
+            return [(np.ones(len(self.further[tuple(map(tuple, w))])), np.asarray(self.further[tuple(map(tuple, w))]))
+                    for w, _, _ in plans]
+        return super().task_signals(rows, plans)
+
+
+def _items(n, start=0):
+    return [ChoiceItem("piqa", start + i, ((1,), (1,)), ((2,), (3,)), 0, (1.0, 1.0)) for i in range(n)]
+
+
+def _shifted(noise, z_target):
+    """`noise` recentred so that its paired mean over its standard error is `z_target`."""
+    noise = noise - noise.mean()
+    se = noise.std(ddof=1) / np.sqrt(len(noise))
+    return noise + z_target * se
+
+
+@pytest.mark.parametrize("first_z,band,reads_further", [(2.3, 1.0, True), (1.4, 1.0, True), (3.4, 1.0, False),
+                                                        (0.5, 1.0, False), (2.3, 0.0, False)])
+def test_a_fit_gate_verdict_near_its_margin_is_read_again_on_the_further_items(first_z, band, reads_further):
+    """Within `band` standard errors of the margin (2), the fitted plan and its rival are scored on the further
+    items too and judged on all of them; further from the margin, or with band 0, the first items decide.
+    Here the first items put the fitted plan `first_z` standard errors behind; on the further items it is level,
+    so where they are read the verdict on all the items is 'passed'."""
+    rng = np.random.default_rng(2)
+    base, base_more = rng.normal(0.9, 0.05, 64), rng.normal(0.9, 0.05, 128)
+    text = {((2, 8),): base + _shifted(rng.normal(0, 0.01, 64), first_z), ((3, 4),): base}
+    further = {((2, 8),): base_more + _shifted(rng.normal(0, 0.01, 128), 0.0), ((3, 4),): base_more}
+    fit, plain = _fitted("replaceme+lstsq", [(2, 8)], 3.0), _outcome("sleb", [(3, 4)], 4.0)
+    scoring = _FurtherScoring(text, further)
+    tasks = task_rows(_items(64), _items(128, start=64))
+    chosen, why = _choose([plain, fit], scoring, 2.0, 32, lambda m: None, tasks=tasks, band=band)
+    if reads_further:
+        assert sorted(scoring.asked_further) == [((2, 8),), ((3, 4),)]
+        assert fit.gate["items"] == 192 and fit.gate["first_items"]["items"] == 64
+        assert fit.gate["first_items"]["passed"] is (first_z <= 2.0)
+        assert fit.gate["passed"] is True and chosen is fit
+    else:
+        assert scoring.asked_further == [] and fit.gate["items"] == 64 and "first_items" not in fit.gate
+        assert fit.gate["passed"] is (first_z <= 2.0) and (chosen is fit) is (first_z <= 2.0)
+
+
+def test_two_fitted_plans_near_the_margin_score_their_rivals_further_items_once():
+    """The gate sets aside the first fitted plan on all the items and checks the next one against the same rival:
+    the rival's further items are scored once."""
+    rng = np.random.default_rng(3)
+    base, base_more = rng.normal(0.9, 0.05, 64), rng.normal(0.9, 0.05, 128)
+    text = {((2, 8),): base + _shifted(rng.normal(0, 0.01, 64), 2.5), ((3, 4),): base,
+            ((1, 7),): base + _shifted(rng.normal(0, 0.01, 64), 2.2)}
+    further = {((2, 8),): base_more + _shifted(rng.normal(0, 0.01, 128), 4.0), ((3, 4),): base_more,
+               ((1, 7),): base_more + _shifted(rng.normal(0, 0.01, 128), 0.5)}
+    first, second = _fitted("replaceme+lstsq", [(2, 8)], 3.0), _fitted("sleb+lstsq", [(1, 7)], 3.1)
+    plain = _outcome("sleb", [(3, 4)], 4.0)
+    scoring = _FurtherScoring(text, further)
+    chosen, why = _choose([plain, first, second], scoring, 2.0, 32, lambda m: None,
+                          tasks=task_rows(_items(64), _items(128, start=64)), band=1.0)
+    assert first.gate["passed"] is False and second.gate["passed"] is True and chosen is second
+    assert sorted(scoring.asked_further) == [((1, 7),), ((2, 8),), ((3, 4),)]
+    assert why.startswith("replaceme+lstsq set aside") and "fit gate passed" in why
+
+
+def test_auto_task_rows_carry_the_gates_further_items_as_configured(tiny_llama_dir):
+    from swm_ray.config import build_config
+    from swm_ray.methods.tasksignal import auto_task_rows
+
+    def rows(**flags):
+        cfg = build_config(flags={"model.source": str(tiny_llama_dir), "select.auto_task_items": 30, **flags})
+        got, why = auto_task_rows(cfg, str(tiny_llama_dir))
+        assert why is None
+        return got
+
+    got = rows(**{"select.auto_gate_items": 90})
+    assert got.n_items == 30 and got.further.n_items == 60
+    assert [it.doc for it in got.items] == [it.doc for it in rows(**{"select.auto_gate_items": 0}).items]
+    assert rows(**{"select.auto_gate_items": 30}).further is None
+    assert rows(**{"select.auto_gate_items": 90, "select.auto_gate_band": 0.0}).further is None
+    assert rows().further.n_items == 576 - 30  # the default: 576 items in all

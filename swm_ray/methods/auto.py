@@ -34,7 +34,9 @@ own model and text. At the cost of one search, not of a queue of them:
    other text. So before a fitted plan is chosen it is checked on the task-style items as text: per item, the
    loss of the correct continuation per byte, paired with the plan without a fit of lowest held-out loss. When
    it is behind that plan by more than `select.auto_margin` standard errors it is set aside and the choice is
-   made again without it. (The rule was fixed before its signal was measured on any plan.)
+   made again without it. (The rule was fixed before its signal was measured on any plan.) A verdict within
+   `select.auto_gate_band` standard errors of that margin is read again on `select.auto_gate_items` items (the
+   first ones and further ones of the same slices) and decided on all of them.
 
 Order does not matter: candidates are deduplicated by what they compute (their effective merge method on
 this architecture) and run, compared and tie-broken by name. `plan.json` records under `extra.auto` every
@@ -86,6 +88,7 @@ class Outcome:
     text_values: object = None  # per item, the loss of the correct continuation per byte (same forward)
     more: RowLosses | None = None  # the close call's further held-out rows, once scored
     gate: dict | None = None  # a fitted plan's check on the task items' text (`_fit_gate`)
+    further_text: object = None  # per further item of the fit gate, the same text loss, once scored
 
     @property
     def val_nll(self) -> float | None:
@@ -318,7 +321,8 @@ def run_auto(cfg, scoring, n_layers: int, n_remove: int, report: Callable[[str],
             live = [r for r in live if not r.done]
     outcomes = _finish(cfg, scoring, runners, n_remove, validate, say, fits)
     spent.charge("finished plans: fits and held-out rows")
-    chosen, decided = _choose(outcomes, scoring, z, s.auto_validation_max, say, tasks, tasks_note, spent)
+    chosen, decided = _choose(outcomes, scoring, z, s.auto_validation_max, say, tasks, tasks_note, spent,
+                              s.auto_gate_band)
     counters = _since(scoring.counters(), at_start)
     return AutoResult(chosen, outcomes, original, time.perf_counter() - t_all, len(original.values),
                       scoring.validation_tokens(), decided, same, rounds, counters, spent.record(counters),
@@ -545,7 +549,7 @@ def _fit_plans(scoring, jobs: dict) -> dict:
 
 
 def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, tasks=None,
-            tasks_note: str | None = None, spent: _Spent | None = None) -> tuple[Outcome, str]:
+            tasks_note: str | None = None, spent: _Spent | None = None, band: float = 0.0) -> tuple[Outcome, str]:
     """The outcome of lowest mean validation loss (ties by name). A close call (others within `z` standard errors
     of it) is scored on further held-out rows; if still close, the task-style signal decides between the close
     ones (the most accurate on the task-style items). A fitted plan so chosen must pass the fit gate
@@ -572,9 +576,7 @@ def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, task
                         f"; fit gate not run (task-style signal {tasks_note or 'off'})")
             break
         rival = min(plain, key=lambda o: (_rank(float(np.mean(o.losses.values[:rows]))), o.name))
-        d = _fit_gate(best, rival, scoring, tasks, z, say)
-        if spent is not None:
-            spent.charge("fit gate: task-style items")
+        d = _fit_gate(best, rival, scoring, tasks, z, say, band, spent)
         if not best.gate["passed"]:
             twins = sorted(o.name for o in scored if o is not best and _same_model(o, best))
             aside.append(f"{best.name}{''.join(f' (and {t}, the same model)' for t in twins)} set aside: on the "
@@ -662,28 +664,49 @@ def _by_task_signal(best: Outcome, close: list[Outcome], scoring, tasks, z: floa
                  f"({tasks.n_items}) chose {top.name} (accuracy +{d.diff:.3f} ± {d.se:.3f} over {best.name})")
 
 
-def _task_signals(outcomes: list[Outcome], scoring, tasks) -> None:
-    """The task-style items' accuracy and text loss of every outcome that has none yet (one forward each)."""
-    need = [o for o in outcomes if o.task_values is None]
+def _task_signals(outcomes: list[Outcome], scoring, tasks, further: bool = False) -> None:
+    """The task-style items' accuracy and text loss of every outcome that has none yet (one forward each); with
+    `further`, the text loss on the fit gate's further items (`tasks` is then `TaskRows.further`)."""
+    need = [o for o in outcomes if (o.further_text if further else o.task_values) is None]
     if need:
         got = scoring.task_signals(tasks, [(o.windows, o.merge, o.compensation.fits if o.compensation else None)
                                            for o in need])
         for o, (acc, text) in zip(need, got):
+            if further:
+                o.further_text = text
+                continue
             o.task_values, o.text_values = acc, text
             o.task = {"accuracy": round(float(np.mean(acc)), 6), "text_loss": round(float(np.mean(text)), 6),
                       "items": len(acc)}
 
 
-def _fit_gate(fitted: Outcome, rival: Outcome, scoring, tasks, z: float, say):
+def _fit_gate(fitted: Outcome, rival: Outcome, scoring, tasks, z: float, say, band: float = 0.0,
+              spent: _Spent | None = None):
     """A fitted plan's map was fitted on calibration text and is judged on held-out rows of the same text, which
     cannot tell a map that carries to other text from one that does not. So before a fitted plan is chosen it is
     checked on other text: per task-style item, the loss of the correct continuation per byte, paired with the
     plan without a fit of lowest held-out loss (`rival`). It fails when it is behind by more than `z` standard
-    errors. Returns the paired difference (fitted − rival)."""
+    errors. When that verdict lies within `band` standard errors of `z` and `tasks` has further items
+    (`tasksignal.TaskRows.further`), both are scored on those too and the verdict is the one on all the items.
+    Returns the paired difference (fitted − rival) the verdict was read from."""
     _task_signals([fitted, rival], scoring, tasks)
     d = paired(RowLosses(fitted.text_values), RowLosses(rival.text_values))
+    if spent is not None:
+        spent.charge("fit gate: task-style items")
+    first = {"text_loss_diff": round(d.diff, 6), "se": round(d.se, 6), "items": d.rows,
+             "passed": not d.diff > z * d.se}
+    near = band > 0 and d.se > 0 and abs(d.diff / d.se - z) < band and getattr(tasks, "further", None) is not None
+    if near:
+        _task_signals([fitted, rival], scoring, tasks.further, further=True)
+        if spent is not None:
+            spent.charge("fit gate: further items near its margin")
+        say(f"fit gate: {fitted.name} against {rival.name}: {d.diff:+.4f} ± {d.se:.4f} nats per byte on "
+            f"{d.rows} items is within {band:g} standard errors of the margin; {tasks.further.n_items} more items")
+        d = paired(RowLosses(np.concatenate([fitted.text_values, fitted.further_text])),
+                   RowLosses(np.concatenate([rival.text_values, rival.further_text])))
     fitted.gate = {"versus": rival.name, "text_loss_diff": round(d.diff, 6), "se": round(d.se, 6), "items": d.rows,
-                   "passed": not d.diff > z * d.se}
+                   "passed": not d.diff > z * d.se, **({"first_items": first} if near else {})}
     say(f"fit gate: {fitted.name} against {rival.name} on the task items' text: {d.diff:+.4f} ± {d.se:.4f} nats per "
-        f"byte ({'passed' if fitted.gate['passed'] else 'set aside'})")
+        f"byte on {d.rows} items ({'passed' if fitted.gate['passed'] else 'set aside'})")
     return d
+

@@ -50,6 +50,7 @@ class TaskRows:
     spans: tuple[tuple[int, int], ...]  # [a, b): positions of the continuation's tokens in the row
     owner: tuple[int, ...]  # the item of each row
     items: tuple[ChoiceItem, ...]
+    further: TaskRows | None = None  # items the fit gate reads too when its verdict is near its margin
 
     @property
     def n_items(self) -> int:
@@ -82,37 +83,63 @@ def _format(task: str, doc: dict) -> tuple[list[str], list[str], int, bool]:
     raise ValueError(f"no task-style signal for task {task!r}")
 
 
+def _item(tokenizer, task: str, doc: dict, i: int, prefix: list[int]) -> ChoiceItem:
+    contexts, conts, label, normed = _format(task, doc)
+    ctx_ids = [prefix + tokenizer(c, add_special_tokens=False)["input_ids"] for c in contexts]
+    cont_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in conts]
+    size = tuple(len(c.encode("utf-8")) for c in conts)
+    norm = tuple(float(n) if normed else 1.0 for n in size)
+    return ChoiceItem(task, i, tuple(map(tuple, ctx_ids)), tuple(map(tuple, cont_ids)), label, norm, size)
+
+
+def _per_task(n: int) -> list[int]:
+    return [n // len(TASKS) + (1 if i < n % len(TASKS) else 0) for i in range(len(TASKS))]
+
+
 def build_items(tokenizer, n_items: int, seed: int = 1234, bos: bool = False) -> list[ChoiceItem]:
     """`n_items` items spread evenly over TASKS, drawn (seeded) from each task's held-out slice."""
     from swm_ray.evaluation.zeroshot import held_out_items
 
-    per = [n_items // len(TASKS) + (1 if i < n_items % len(TASKS) else 0) for i in range(len(TASKS))]
     prefix = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []
     items: list[ChoiceItem] = []
-    for task, n in zip(TASKS, per):
+    for task, n in zip(TASKS, _per_task(n_items)):
         pool = list(held_out_items(task))
         if not n or not pool:
             continue
         docs = _docs(task)
-        for i in sorted(random.Random(seed).sample(pool, min(n, len(pool)))):
-            contexts, conts, label, normed = _format(task, docs[i])
-            ctx_ids = [prefix + tokenizer(c, add_special_tokens=False)["input_ids"] for c in contexts]
-            cont_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in conts]
-            size = tuple(len(c.encode("utf-8")) for c in conts)
-            norm = tuple(float(n) if normed else 1.0 for n in size)
-            items.append(ChoiceItem(task, i, tuple(map(tuple, ctx_ids)), tuple(map(tuple, cont_ids)), label, norm,
-                                    size))
+        items += [_item(tokenizer, task, docs[i], i, prefix)
+                  for i in sorted(random.Random(seed).sample(pool, min(n, len(pool))))]
     return items
 
 
-def task_rows(items: Sequence[ChoiceItem]) -> TaskRows:
+def further_items(tokenizer, first: Sequence[ChoiceItem], n_more: int, seed: int = 1234,
+                  bos: bool = False) -> list[ChoiceItem]:
+    """`n_more` items beyond `first` (a `build_items` draw), spread the same way over TASKS and drawn (seeded) from
+    what `first` left of each held-out slice: the fit gate's further items when its verdict is near its margin.
+    The first draw is the same whether or not these are drawn."""
+    from swm_ray.evaluation.zeroshot import held_out_items
+
+    prefix = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []
+    taken = {(it.task, it.doc) for it in first}
+    items: list[ChoiceItem] = []
+    for task, n in zip(TASKS, _per_task(n_more)):
+        pool = [i for i in held_out_items(task) if (task, i) not in taken]
+        if not n or not pool:
+            continue
+        docs = _docs(task)
+        items += [_item(tokenizer, task, docs[i], i, prefix)
+                  for i in sorted(random.Random(f"further-{seed}").sample(pool, min(n, len(pool))))]
+    return items
+
+
+def task_rows(items: Sequence[ChoiceItem], further: Sequence[ChoiceItem] = ()) -> TaskRows:
     rows, spans, owner = [], [], []
     for k, it in enumerate(items):
         for ctx, cont in zip(it.contexts, it.continuations):
             rows.append(ctx + cont)
             spans.append((len(ctx), len(ctx) + len(cont)))
             owner.append(k)
-    return TaskRows(tuple(rows), tuple(spans), tuple(owner), tuple(items))
+    return TaskRows(tuple(rows), tuple(spans), tuple(owner), tuple(items), task_rows(further) if further else None)
 
 
 def item_scores(rows: TaskRows, logliks: Sequence[float]) -> np.ndarray:
@@ -144,7 +171,8 @@ def accuracy(rows: TaskRows, logliks: Sequence[float]) -> float:
 
 def auto_task_rows(cfg, path: str) -> tuple[TaskRows | None, str | None]:
     """The items of `select.auto_task_items` for the model at `path` (its tokenizer, the calibration's BOS policy),
-    or (None, why) when the signal is off or its data is not installed."""
+    with the fit gate's further items (`select.auto_gate_items` in all) as `further`, or (None, why) when the signal
+    is off or its data is not installed."""
     from swm_ray.errors import UserError
     from swm_ray.io.data import wants_bos
     from swm_ray.io.models import load_config, load_tokenizer
@@ -156,6 +184,9 @@ def auto_task_rows(cfg, path: str) -> tuple[TaskRows | None, str | None]:
     tok = load_tokenizer(path, m.trust_remote_code)
     bos = wants_bos(tok, getattr(load_config(path, m.trust_remote_code), "model_type", None), cfg.data.bos)
     try:
-        return task_rows(build_items(tok, n, seed=cfg.data.seed, bos=bos)), None
+        items = build_items(tok, n, seed=cfg.data.seed, bos=bos)
+        more = max(0, cfg.select.auto_gate_items - n) if cfg.select.auto_gate_band > 0 else 0
+        further = further_items(tok, items, more, seed=cfg.data.seed, bos=bos) if more else []
+        return task_rows(items, further), None
     except UserError as e:
         return None, f"unavailable: {e}"
