@@ -241,28 +241,60 @@ def test_accuracy_counts_the_argmax_of_normalized_logliks():
 
 
 class _Scoring:
-    def __init__(self, hits):
-        self.hits = hits
+    def __init__(self, hits, text=None):
+        self.hits, self.text = hits, text or {}
 
     def task_signals(self, rows, plans):
-        return [(np.asarray(self.hits[tuple(map(tuple, w))], dtype=float), np.zeros(len(self.hits[tuple(map(
-            tuple, w))]))) for w, _, _ in plans]
+        out = []
+        for w, _, _ in plans:
+            key = tuple(map(tuple, w))
+            out.append((np.asarray(self.hits[key], dtype=float),
+                        np.asarray(self.text.get(key, np.zeros(len(self.hits[key]))), dtype=float)))
+        return out
 
 
 def _outcome(name, windows, loss):
     return Outcome(name, "x", "none", windows, "keep-first", losses=RowLosses(np.full(4, loss)))
 
 
-def test_ties_on_loss_go_to_the_most_accurate_and_ties_on_accuracy_to_the_lower_loss():
+def test_by_accuracy_ties_on_loss_go_to_the_most_accurate_and_ties_on_accuracy_to_the_lower_loss():
+    """`select.auto_close_signal: accuracy`: the close call's rule before the text loss decided it."""
     a, b, c = _outcome("a", [(1, 2)], 4.0), _outcome("b", [(3, 4)], 4.01), _outcome("c", [(5, 6)], 4.02)
     rows = task_rows([])
     scoring = _Scoring({((1, 2),): [1, 0, 0, 0], ((3, 4),): [1, 1, 1, 0], ((5, 6),): [1, 1, 0, 0]})
-    chosen, why = _by_task_signal(a, [b, c], scoring, rows, 2.0, "close", lambda m: None)
+    chosen, why = _by_task_signal(a, [b, c], scoring, rows, 2.0, "close", lambda m: None, "accuracy")
     assert chosen is b and "chose b" in why and a.task["accuracy"] == 0.25
     scoring = _Scoring({((1, 2),): [1, 1, 0, 0], ((3, 4),): [1, 1, 0, 0], ((5, 6),): [0, 0, 0, 0]})
     a, b, c = _outcome("a", [(1, 2)], 4.0), _outcome("b", [(3, 4)], 4.01), _outcome("c", [(5, 6)], 4.02)
-    chosen, why = _by_task_signal(a, [b, c], scoring, rows, 2.0, "close", lambda m: None)
+    chosen, why = _by_task_signal(a, [b, c], scoring, rows, 2.0, "close", lambda m: None, "accuracy")
     assert chosen is a and "agree with the lowest loss" in why
+
+
+def test_a_close_call_goes_to_the_lowest_loss_on_the_items_text_unless_another_is_resolvably_more_accurate():
+    """The default close call (`select.auto_close_signal: text`): the lowest loss on the task items' text wins,
+    whatever accuracy differences the items cannot resolve; a close one more accurate by more than 2 standard
+    errors (paired) wins instead; ties of text loss go to the lower held-out loss."""
+    rng = np.random.default_rng(4)
+    n = 64
+    hits = rng.integers(0, 2, n)
+    flip = hits.copy()
+    flip[np.flatnonzero(hits == 0)[:3]] = 1  # three items more: +0.047, well within the noise of 64 items
+    base = rng.normal(0.9, 0.05, n)
+    text = {((1, 2),): base + 0.02, ((3, 4),): base, ((5, 6),): base + 0.01}
+    a, b, c = _outcome("a", [(1, 2)], 4.0), _outcome("b", [(3, 4)], 4.01), _outcome("c", [(5, 6)], 4.02)
+    scoring = _Scoring({((1, 2),): flip, ((3, 4),): hits, ((5, 6),): hits}, text)
+    chosen, why = _by_task_signal(a, [b, c], scoring, task_rows(_items(n)), 2.0, "close", lambda m: None)
+    assert chosen is b and "b has the lowest loss on their text" in why and a.task["accuracy"] > b.task["accuracy"]
+    # resolvably more accurate: every item b misses, a gets right
+    a, b, c = _outcome("a", [(1, 2)], 4.0), _outcome("b", [(3, 4)], 4.01), _outcome("c", [(5, 6)], 4.02)
+    scoring = _Scoring({((1, 2),): np.ones(n), ((3, 4),): hits, ((5, 6),): hits}, text)
+    chosen, why = _by_task_signal(a, [b, c], scoring, task_rows(_items(n)), 2.0, "close", lambda m: None)
+    assert chosen is a and "a is more accurate than b, of lowest text loss" in why
+    # the same text loss: the lower held-out loss; and the lowest held-out loss agreeing
+    a, b, c = _outcome("a", [(1, 2)], 4.0), _outcome("b", [(3, 4)], 4.01), _outcome("c", [(5, 6)], 4.02)
+    scoring = _Scoring({k: hits for k in text}, {k: base for k in text})
+    chosen, why = _by_task_signal(a, [b, c], scoring, task_rows(_items(n)), 2.0, "close", lambda m: None)
+    assert chosen is a and "agrees with the lowest held-out loss" in why
 
 
 class _NoMoreWork:

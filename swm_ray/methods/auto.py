@@ -26,9 +26,11 @@ own model and text. At the cost of one search, not of a queue of them:
    loss wins. When others are within `select.auto_margin` standard errors of it (a close call), the close ones are
    scored on up to `select.auto_validation_max` further held-out rows before deciding.
 5. If the loss still cannot tell them apart, a task-style signal decides between those (`tasksignal.py`):
-   accuracy on multiple-choice items from the held-out slice of PIQA, HellaSwag and WinoGrande that no
-   reported accuracy reads (`select.auto_task_items`). The most accurate wins; a tie of accuracy goes to the
-   lower loss. The rule was fixed before any table of BENCHMARKS.md was measured with it.
+   multiple-choice items from the held-out slice of PIQA, HellaSwag and WinoGrande that no reported accuracy
+   reads (`select.auto_task_items`). The one of lowest loss on the items' text (the correct continuation per
+   byte) wins, unless another is more accurate on the items by more than `select.auto_margin` standard errors
+   (`select.auto_close_signal: text`; with `accuracy`, the most accurate wins, a tie going to the lower loss:
+   the rule before, fixed before any table of BENCHMARKS.md was measured with it).
 6. The fit gate. A fitted plan (a `PLANNER+COMP` candidate, or a fit of `select.auto_compensate`) is fitted on
    calibration text and judged on held-out rows of that same text, which favour a map that does not carry to
    other text. So before a fitted plan is chosen it is checked on the task-style items as text: per item, the
@@ -322,7 +324,7 @@ def run_auto(cfg, scoring, n_layers: int, n_remove: int, report: Callable[[str],
     outcomes = _finish(cfg, scoring, runners, n_remove, validate, say, fits)
     spent.charge("finished plans: fits and held-out rows")
     chosen, decided = _choose(outcomes, scoring, z, s.auto_validation_max, say, tasks, tasks_note, spent,
-                              s.auto_gate_band)
+                              s.auto_gate_band, s.auto_close_signal)
     counters = _since(scoring.counters(), at_start)
     return AutoResult(chosen, outcomes, original, time.perf_counter() - t_all, len(original.values),
                       scoring.validation_tokens(), decided, same, rounds, counters, spent.record(counters),
@@ -549,7 +551,8 @@ def _fit_plans(scoring, jobs: dict) -> dict:
 
 
 def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, tasks=None,
-            tasks_note: str | None = None, spent: _Spent | None = None, band: float = 0.0) -> tuple[Outcome, str]:
+            tasks_note: str | None = None, spent: _Spent | None = None, band: float = 0.0,
+            close_signal: str = "text") -> tuple[Outcome, str]:
     """The outcome of lowest mean validation loss (ties by name). A close call (others within `z` standard errors
     of it) is scored on further held-out rows; if still close, the task-style signal decides between the close
     ones (the most accurate on the task-style items). A fitted plan so chosen must pass the fit gate
@@ -567,7 +570,7 @@ def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, task
     while True:
         for o in scored:
             o.losses = RowLosses(o.losses.values[:rows])
-        best, decided = _decide(scored, scoring, z, max_rows, say, tasks, tasks_note, spent)
+        best, decided = _decide(scored, scoring, z, max_rows, say, tasks, tasks_note, spent, close_signal)
         if best.compensate == "none":
             break
         plain = [o for o in scored if o.compensate == "none"]
@@ -593,7 +596,8 @@ def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, task
     return best, "; ".join([*aside, decided])
 
 
-def _decide(scored: list[Outcome], scoring, z: float, max_rows: int, say, tasks, tasks_note, spent):
+def _decide(scored: list[Outcome], scoring, z: float, max_rows: int, say, tasks, tasks_note, spent,
+            close_signal: str = "text"):
     """Lowest loss, then the close call's further rows, then the task-style items (`_choose`)."""
     pick = lambda pool: min(pool, key=lambda o: (_rank(o.losses.mean), o.name))  # noqa: E731
     best = pick(scored)
@@ -623,7 +627,7 @@ def _decide(scored: list[Outcome], scoring, z: float, max_rows: int, say, tasks,
         say(f"close call between {', '.join(o.name for o in contenders)}: {len(contenders[0].more.values)} more "
             f"held-out rows")
     if still and tasks is not None:
-        best, decided = _by_task_signal(best, still, scoring, tasks, z, decided, say)
+        best, decided = _by_task_signal(best, still, scoring, tasks, z, decided, say, close_signal)
         if spent is not None:
             spent.charge("close call: task-style items")
     elif still:
@@ -649,19 +653,38 @@ def _one_per_model(outcomes: list[Outcome]) -> list[Outcome]:
     return kept
 
 
-def _by_task_signal(best: Outcome, close: list[Outcome], scoring, tasks, z: float, decided: str, say):
-    """The held-out loss cannot tell `best` from the `close` ones: of these, the one of highest accuracy on the
-    task-style items wins (a tie of accuracy goes to the lower loss)."""
+def _by_task_signal(best: Outcome, close: list[Outcome], scoring, tasks, z: float, decided: str, say,
+                    signal: str = "text"):
+    """The held-out loss cannot tell `best` from the `close` ones: the task-style items decide between them.
+    `signal` "text": the one of lowest loss on the items' text (the correct continuation per byte, text the
+    calibration was not drawn from) wins, unless another is more accurate on the items by more than `z` standard
+    errors (paired), in which case the most accurate of those wins. "accuracy": the one of highest accuracy wins
+    (a tie of accuracy goes to the lower loss)."""
     contenders = [best, *close]
     _task_signals(contenders, scoring, tasks)
-    top = min(contenders, key=lambda o: (-o.task["accuracy"], o.losses.mean, o.name))
-    say("task-style items (accuracy): " + ", ".join(f"{o.name} {o.task['accuracy']:.3f}" for o in contenders))
-    d = paired(RowLosses(top.task_values), RowLosses(best.task_values))
-    if top is best:
-        return best, (f"{decided}; {len(contenders)} still within {z:g} standard errors: the task-style items "
-                      f"({tasks.n_items}) agree with the lowest loss")
-    return top, (f"{decided}; {len(contenders)} still within {z:g} standard errors: the task-style items "
-                 f"({tasks.n_items}) chose {top.name} (accuracy +{d.diff:.3f} ± {d.se:.3f} over {best.name})")
+    say("task-style items (accuracy, text loss): " + ", ".join(
+        f"{o.name} {o.task['accuracy']:.3f}, {o.task['text_loss']:.4f}" for o in contenders))
+    head = f"{decided}; {len(contenders)} still within {z:g} standard errors: the task-style items ({tasks.n_items})"
+    if signal == "accuracy":
+        top = min(contenders, key=lambda o: (-o.task["accuracy"], o.losses.mean, o.name))
+        d = paired(RowLosses(top.task_values), RowLosses(best.task_values))
+        if top is best:
+            return best, f"{head} agree with the lowest loss"
+        return top, f"{head} chose {top.name} (accuracy +{d.diff:.3f} ± {d.se:.3f} over {best.name})"
+    text = min(contenders, key=lambda o: (float(np.mean(o.text_values)), o.losses.mean, o.name))
+    gaps = {o.name: paired(RowLosses(o.task_values), RowLosses(text.task_values)) for o in contenders if o is not text}
+    ahead = [o for o in contenders if o is not text and gaps[o.name].diff > 0
+             and gaps[o.name].diff > z * gaps[o.name].se]
+    if ahead:
+        top = min(ahead, key=lambda o: (-o.task["accuracy"], float(np.mean(o.text_values)), o.name))
+        d = gaps[top.name]
+        return top, (f"{head}: {top.name} is more accurate than {text.name}, of lowest text loss, by "
+                     f"{d.diff:+.3f} ± {d.se:.3f}")
+    if text is best:
+        return best, f"{head}: the lowest loss on their text agrees with the lowest held-out loss"
+    d = paired(RowLosses(text.text_values), RowLosses(best.text_values))
+    return text, (f"{head}: {text.name} has the lowest loss on their text ({d.diff:+.4f} ± {d.se:.4f} against "
+                  f"{best.name})")
 
 
 def _task_signals(outcomes: list[Outcome], scoring, tasks, further: bool = False) -> None:
