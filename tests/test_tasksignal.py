@@ -258,7 +258,7 @@ def _outcome(name, windows, loss):
 
 
 def test_by_accuracy_ties_on_loss_go_to_the_most_accurate_and_ties_on_accuracy_to_the_lower_loss():
-    """`select.auto_close_signal: accuracy`: the close call's rule before the text loss decided it."""
+    """`select.auto_close_signal: accuracy` (the default)."""
     a, b, c = _outcome("a", [(1, 2)], 4.0), _outcome("b", [(3, 4)], 4.01), _outcome("c", [(5, 6)], 4.02)
     rows = task_rows([])
     scoring = _Scoring({((1, 2),): [1, 0, 0, 0], ((3, 4),): [1, 1, 1, 0], ((5, 6),): [1, 1, 0, 0]})
@@ -271,7 +271,7 @@ def test_by_accuracy_ties_on_loss_go_to_the_most_accurate_and_ties_on_accuracy_t
 
 
 def test_a_close_call_goes_to_the_lowest_loss_on_the_items_text_unless_another_is_resolvably_more_accurate():
-    """The default close call (`select.auto_close_signal: text`): the lowest loss on the task items' text wins,
+    """`select.auto_close_signal: text` (not the default): the lowest loss on the task items' text wins,
     whatever accuracy differences the items cannot resolve; a close one more accurate by more than 2 standard
     errors (paired) wins instead; ties of text loss go to the lower held-out loss."""
     rng = np.random.default_rng(4)
@@ -283,17 +283,17 @@ def test_a_close_call_goes_to_the_lowest_loss_on_the_items_text_unless_another_i
     text = {((1, 2),): base + 0.02, ((3, 4),): base, ((5, 6),): base + 0.01}
     a, b, c = _outcome("a", [(1, 2)], 4.0), _outcome("b", [(3, 4)], 4.01), _outcome("c", [(5, 6)], 4.02)
     scoring = _Scoring({((1, 2),): flip, ((3, 4),): hits, ((5, 6),): hits}, text)
-    chosen, why = _by_task_signal(a, [b, c], scoring, task_rows(_items(n)), 2.0, "close", lambda m: None)
+    chosen, why = _by_task_signal(a, [b, c], scoring, task_rows(_items(n)), 2.0, "close", lambda m: None, "text")
     assert chosen is b and "b has the lowest loss on their text" in why and a.task["accuracy"] > b.task["accuracy"]
     # resolvably more accurate: every item b misses, a gets right
     a, b, c = _outcome("a", [(1, 2)], 4.0), _outcome("b", [(3, 4)], 4.01), _outcome("c", [(5, 6)], 4.02)
     scoring = _Scoring({((1, 2),): np.ones(n), ((3, 4),): hits, ((5, 6),): hits}, text)
-    chosen, why = _by_task_signal(a, [b, c], scoring, task_rows(_items(n)), 2.0, "close", lambda m: None)
+    chosen, why = _by_task_signal(a, [b, c], scoring, task_rows(_items(n)), 2.0, "close", lambda m: None, "text")
     assert chosen is a and "a is more accurate than b, of lowest text loss" in why
     # the same text loss: the lower held-out loss; and the lowest held-out loss agreeing
     a, b, c = _outcome("a", [(1, 2)], 4.0), _outcome("b", [(3, 4)], 4.01), _outcome("c", [(5, 6)], 4.02)
     scoring = _Scoring({k: hits for k in text}, {k: base for k in text})
-    chosen, why = _by_task_signal(a, [b, c], scoring, task_rows(_items(n)), 2.0, "close", lambda m: None)
+    chosen, why = _by_task_signal(a, [b, c], scoring, task_rows(_items(n)), 2.0, "close", lambda m: None, "text")
     assert chosen is a and "agrees with the lowest held-out loss" in why
 
 
@@ -460,3 +460,20 @@ def test_auto_task_rows_carry_the_gates_further_items_as_configured(tiny_llama_d
     assert rows(**{"select.auto_gate_items": 30}).further is None
     assert rows(**{"select.auto_gate_items": 90, "select.auto_gate_band": 0.0}).further is None
     assert rows().further.n_items == 576 - 30  # the default: 576 items in all
+
+
+@pytest.mark.parametrize("signal", ["accuracy", "text"])
+def test_the_close_call_reads_the_signal_it_is_given(signal):
+    """`_choose` hands `select.auto_close_signal` to the close call: the more accurate plan, or the one of lower
+    loss on the items' text."""
+    rng = np.random.default_rng(6)
+    hits = rng.integers(0, 2, 64)
+    more = hits.copy()
+    more[np.flatnonzero(hits == 0)[:2]] = 1
+    base = rng.normal(0.9, 0.05, 64)
+    scoring = _Scoring({((1, 2),): more, ((3, 4),): hits}, {((1, 2),): base + 0.01, ((3, 4),): base})
+    scoring.backend = type("B", (), {"extra_rows": 0})()
+    a = Outcome("a", "x", "none", [(1, 2)], "keep-first", losses=RowLosses(np.array([4.0, 4.1, 3.9, 4.0])))
+    b = Outcome("b", "x", "none", [(3, 4)], "keep-first", losses=RowLosses(np.array([4.0, 4.12, 3.91, 4.0])))
+    chosen, why = _choose([a, b], scoring, 2.0, 4, lambda m: None, tasks=task_rows(_items(64)), close_signal=signal)
+    assert chosen is (a if signal == "accuracy" else b)

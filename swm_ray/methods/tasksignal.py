@@ -16,8 +16,7 @@ with a fixed seed, the same for every model, so candidates are compared item by 
 The same forward also gives a text loss: per item, the negative log-likelihood of its correct continuation per
 byte (`text_losses`). `auto` asks it of a fitted plan before choosing it (the fit gate, `methods/auto.py`): a
 map fitted on calibration text is judged on held-out rows of that same text, and these items are other text.
-It also decides a close call by default (`select.auto_close_signal`), accuracy only where it resolves a
-difference: at 192 items a difference of accuracy is resolved only past about 0.06.
+With `select.auto_close_signal: text` it also decides a close call (not the default).
 """
 
 from __future__ import annotations
