@@ -353,6 +353,10 @@ def test_a_fitted_plan_behind_on_the_task_items_text_is_set_aside():
     assert fit.gate["passed"] is False and fit.gate["versus"] == "sleb" and fit.gate["text_loss_diff"] > 0.02
     assert sorted(scoring.asked) == [((2, 8),), ((3, 4),)]  # the rival of lowest loss, not the lower text loss
     assert fit.record()["fit_gate"] == fit.gate and fit.versus is not None
+    items = fit.record()["task_items"]  # per item, so a rule over them can be replayed from plan.json
+    np.testing.assert_allclose(items["text_loss"], scoring.text[((2, 8),)], atol=1e-5)
+    assert items["correct"] == [1] * 64 and items["further_text_loss"] is None
+    assert worse.record()["task_items"] is None  # never scored on the items
 
 
 def test_a_fitted_plan_that_holds_on_the_task_items_text_is_chosen():
@@ -420,6 +424,7 @@ def test_a_fit_gate_verdict_near_its_margin_is_read_again_on_the_further_items(f
         assert fit.gate["items"] == 192 and fit.gate["first_items"]["items"] == 64
         assert fit.gate["first_items"]["passed"] is (first_z <= 2.0)
         assert fit.gate["passed"] is True and chosen is fit
+        np.testing.assert_allclose(plain.record()["task_items"]["further_text_loss"], further[((3, 4),)], atol=1e-5)
     else:
         assert scoring.asked_further == [] and fit.gate["items"] == 64 and "first_items" not in fit.gate
         assert fit.gate["passed"] is (first_z <= 2.0) and (chosen is fit) is (first_z <= 2.0)

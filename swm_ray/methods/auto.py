@@ -91,6 +91,16 @@ class Outcome:
     gate: dict | None = None  # a fitted plan's check on the task items' text (`_fit_gate`)
     further_text: object = None  # per further item of the fit gate, the same text loss, once scored
 
+    def _items(self) -> dict | None:
+        """Per task item, as scored (the first items, then the fit gate's further ones where it read them): whether
+        the correct choice won, and the correct continuation's loss per byte; so a rule over them can be replayed
+        from `plan.json`."""
+        if self.task_values is None:
+            return None
+        text = [round(float(v), 5) for v in self.text_values]
+        further = None if self.further_text is None else [round(float(v), 5) for v in self.further_text]
+        return {"correct": [int(v) for v in self.task_values], "text_loss": text, "further_text_loss": further}
+
     @property
     def val_nll(self) -> float | None:
         return None if self.losses is None else self.losses.mean
@@ -103,7 +113,8 @@ class Outcome:
                 "validation_ppl": None if v is None else round(math.exp(v), 4),
                 "validation_rows": None if self.losses is None else len(self.losses.values),
                 "row_nll": None if self.losses is None else [round(float(v), 6) for v in self.losses.values],
-                "versus_chosen": self.versus, "task_signal": self.task, "fit_gate": self.gate, "checks": self.checks,
+                "versus_chosen": self.versus, "task_signal": self.task, "task_items": self._items(),
+                "fit_gate": self.gate, "checks": self.checks,
                 "checks_shared": self.checks_shared, "stopped": self.stopped, "error": self.error}
 
 
