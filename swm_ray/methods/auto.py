@@ -728,7 +728,7 @@ def _fit_gate(fitted: Outcome, rival: Outcome, scoring, tasks, z: float, say, ba
         spent.charge("fit gate: task-style items")
     first = {"text_loss_diff": round(d.diff, 6), "se": round(d.se, 6), "items": d.rows,
              "passed": not d.diff > z * d.se}
-    near = band > 0 and d.se > 0 and abs(d.diff / d.se - z) < band and getattr(tasks, "further", None) is not None
+    near = band > 0 and d.se > 0 and abs(d.diff / d.se - z) < band and tasks.further is not None
     if near:
         _task_signals([fitted, rival], scoring, tasks.further, further=True)
         if spent is not None:

@@ -22,7 +22,7 @@ With `select.auto_close_signal: text` it also decides a close call (not the defa
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,20 +97,26 @@ def _per_task(n: int) -> list[int]:
     return [n // len(TASKS) + (1 if i < n % len(TASKS) else 0) for i in range(len(TASKS))]
 
 
-def build_items(tokenizer, n_items: int, seed: int = 1234, bos: bool = False) -> list[ChoiceItem]:
-    """`n_items` items spread evenly over TASKS, drawn (seeded) from each task's held-out slice."""
+def _draw(tokenizer, n_items: int, rng_seed, bos: bool, taken: Collection[tuple[str, int]] = ()) -> list[ChoiceItem]:
+    """`n_items` items spread evenly over TASKS, drawn with `rng_seed` from each task's held-out slice less the
+    (task, document) pairs `taken`."""
     from swm_ray.evaluation.zeroshot import held_out_items
 
     prefix = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []
     items: list[ChoiceItem] = []
     for task, n in zip(TASKS, _per_task(n_items)):
-        pool = list(held_out_items(task))
+        pool = [i for i in held_out_items(task) if (task, i) not in taken]
         if not n or not pool:
             continue
         docs = _docs(task)
         items += [_item(tokenizer, task, docs[i], i, prefix)
-                  for i in sorted(random.Random(seed).sample(pool, min(n, len(pool))))]
+                  for i in sorted(random.Random(rng_seed).sample(pool, min(n, len(pool))))]
     return items
+
+
+def build_items(tokenizer, n_items: int, seed: int = 1234, bos: bool = False) -> list[ChoiceItem]:
+    """`n_items` items spread evenly over TASKS, drawn (seeded) from each task's held-out slice."""
+    return _draw(tokenizer, n_items, seed, bos)
 
 
 def further_items(tokenizer, first: Sequence[ChoiceItem], n_more: int, seed: int = 1234,
@@ -118,19 +124,7 @@ def further_items(tokenizer, first: Sequence[ChoiceItem], n_more: int, seed: int
     """`n_more` items beyond `first` (a `build_items` draw), spread the same way over TASKS and drawn (seeded) from
     what `first` left of each held-out slice: the fit gate's further items when its verdict is near its margin.
     The first draw is the same whether or not these are drawn."""
-    from swm_ray.evaluation.zeroshot import held_out_items
-
-    prefix = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []
-    taken = {(it.task, it.doc) for it in first}
-    items: list[ChoiceItem] = []
-    for task, n in zip(TASKS, _per_task(n_more)):
-        pool = [i for i in held_out_items(task) if (task, i) not in taken]
-        if not n or not pool:
-            continue
-        docs = _docs(task)
-        items += [_item(tokenizer, task, docs[i], i, prefix)
-                  for i in sorted(random.Random(f"further-{seed}").sample(pool, min(n, len(pool))))]
-    return items
+    return _draw(tokenizer, n_more, f"further-{seed}", bos, {(it.task, it.doc) for it in first})
 
 
 def task_rows(items: Sequence[ChoiceItem], further: Sequence[ChoiceItem] = ()) -> TaskRows:
