@@ -3,15 +3,15 @@ perplexity): is the gate's verdict a matter of its 192 items?
 
     .venv/bin/python benchmarks/gate_replay.py RUN FITTED RIVAL [--items 192,576] [--ppl] [--threads 2]
 
-RUN is a compress output folder whose `plan.json` has `extra.auto`; FITTED and RIVAL are two of its candidates
-(e.g. `sleb+lstsq` and `sleb`). The run's own config (`config.resolved.yaml`: model, calibration seed, fit
-settings) gives the same calibration draw, so FITTED's map is refitted on the run's own fit rows
-(`io.data.calibration_sets`, as `compress` draws them) and equals the run's. For each item count the items are
-drawn as `auto` draws them (`methods.tasksignal.auto_task_rows` with that count: the run's seed, tokenizer and
-BOS policy, the held-out slices only), and the paired difference of the correct continuation's loss per byte
-(FITTED − RIVAL) is printed with its standard error and the gate's verdict at `select.auto_margin`. With `--ppl`,
-FITTED's model is built (windows merged, map folded) and its perplexity on `eval.ppl_data` printed, as
-`compress --eval` measures it. In process, the model in memory; no Ray.
+RUN is a compress output folder whose `plan.json` has `extra.auto`; FITTED and RIVAL are two of its candidates (e.g.
+`sleb+lstsq` and `sleb`; a fitted RIVAL is refitted too, so two close fitted plans can be compared). The run's own
+config (`config.resolved.yaml`: model, calibration seed, fit settings) gives the same calibration draw, so FITTED's
+map is refitted on the run's own fit rows (`io.data.calibration_sets`, as `compress` draws them) and equals the
+run's. For each item count the items are drawn as `auto` draws them (`methods.tasksignal.auto_task_rows` with that
+count: the run's seed, tokenizer and BOS policy, the held-out slices only), and the paired difference of the correct
+continuation's loss per byte (FITTED − RIVAL) is printed with its standard error and the gate's verdict at
+`select.auto_margin`. With `--ppl`, FITTED's model is built (windows merged, map folded) and its perplexity on
+`eval.ppl_data` printed, as `compress --eval` measures it. In process, the model in memory; no Ray.
 """
 
 from __future__ import annotations
@@ -60,7 +60,10 @@ def main() -> None:
     scoring = LocalScoring(stack, sets.plan, fit_calib=sets.fit)
     windows = [tuple(w) for w in fitted["windows"]]
     comp = compensate_plan(cfg, scoring, windows, fitted["merge"], scoring.site_for(), fitted["compensate"])
-    plans = [(windows, fitted["merge"], comp.fits), ([tuple(w) for w in rival["windows"]], rival["merge"], None)]
+    rwin = [tuple(w) for w in rival["windows"]]
+    rcomp = None if rival["compensate"] == "none" else compensate_plan(
+        cfg, scoring, rwin, rival["merge"], scoring.site_for(), rival["compensate"]).fits  # a fitted rival: its map
+    plans = [(windows, fitted["merge"], comp.fits), (rwin, rival["merge"], rcomp)]
     z = cfg.select.auto_margin
     path = resolve_model_path(src)
     for n in [int(x) for x in args.items.split(",")]:

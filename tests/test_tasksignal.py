@@ -14,7 +14,7 @@ from tiny_models import tiny_model, tiny_tokenizer
 from swm_ray.compute.planrun import PlanRunner
 from swm_ray.compute.stack import InMemoryStack
 from swm_ray.compute.validation import RowLosses, plan_logliks, plans_logliks
-from swm_ray.methods.auto import Outcome, _by_task_signal, _choose
+from swm_ray.methods.auto import Outcome, _by_task_signal, _choose, replay_close_call
 from swm_ray.methods.tasksignal import (
     TASKS,
     ChoiceItem,
@@ -467,10 +467,10 @@ def test_auto_task_rows_carry_the_gates_further_items_as_configured(tiny_llama_d
     assert rows().further.n_items == 576 - 30  # the default: 576 items in all
 
 
-@pytest.mark.parametrize("signal", ["accuracy", "text"])
+@pytest.mark.parametrize("signal", ["accuracy", "text", "resolved"])
 def test_the_close_call_reads_the_signal_it_is_given(signal):
     """`_choose` hands `select.auto_close_signal` to the close call: the more accurate plan, or the one of lower
-    loss on the items' text."""
+    loss on the items' text (for `resolved`, lower on every item: resolved at any margin)."""
     rng = np.random.default_rng(6)
     hits = rng.integers(0, 2, 64)
     more = hits.copy()
@@ -482,3 +482,91 @@ def test_the_close_call_reads_the_signal_it_is_given(signal):
     b = Outcome("b", "x", "none", [(3, 4)], "keep-first", losses=RowLosses(np.array([4.0, 4.12, 3.91, 4.0])))
     chosen, why = _choose([a, b], scoring, 2.0, 4, lambda m: None, tasks=task_rows(_items(64)), close_signal=signal)
     assert chosen is (a if signal == "accuracy" else b)
+
+
+def test_a_resolved_close_call_keeps_the_lowest_held_out_loss_unless_the_items_resolve_another_ahead():
+    """`select.auto_close_signal: resolved`: `a` (lowest held-out loss) stands against differences the 64 items
+    cannot resolve, on text or accuracy; a plan ahead on the text by more than 2 standard errors (paired) wins,
+    before one ahead on accuracy; one ahead on accuracy only wins where nothing is ahead on the text. Whatever
+    the order the close ones come in."""
+    rng = np.random.default_rng(11)
+    n = 64
+    hits = rng.integers(0, 2, n)
+    more = hits.copy()
+    more[np.flatnonzero(hits == 0)[:3]] = 1  # three items more: within the noise of 64 items
+    base = rng.normal(0.9, 0.05, n)
+    noisy = base + _shifted(rng.normal(0, 0.02, n), -1.5)  # 1.5 standard errors lower: not resolved
+
+    def pick(hits_by, text_by, order=("b", "c")):
+        outs = {"a": _outcome("a", [(1, 2)], 4.0), "b": _outcome("b", [(3, 4)], 4.01),
+                "c": _outcome("c", [(5, 6)], 4.02)}
+        scoring = _Scoring({tuple(outs[k].windows): v for k, v in hits_by.items()},
+                           {tuple(outs[k].windows): v for k, v in text_by.items()})
+        return _by_task_signal(outs["a"], [outs[k] for k in order], scoring, task_rows(_items(n)), 2.0, "close",
+                               lambda m: None, "resolved")
+
+    # unresolved both ways: the lowest held-out loss stands, though b is more accurate and c lower on the text
+    chosen, why = pick({"a": hits, "b": more, "c": hits}, {"a": base, "b": base, "c": noisy})
+    assert chosen.name == "a" and "resolve no other ahead" in why
+    # c ahead on the text beyond 2 standard errors; b only more accurate by noise
+    ahead = base + _shifted(rng.normal(0, 0.02, n), -3.0)
+    for order in (("b", "c"), ("c", "b")):
+        chosen, why = pick({"a": hits, "b": more, "c": hits}, {"a": base, "b": base, "c": ahead}, order)
+        assert chosen.name == "c" and "c is ahead of a" in why
+    # b resolvably more accurate (every item right) and nothing ahead on the text: b
+    chosen, why = pick({"a": hits, "b": np.ones(n), "c": hits}, {"a": base, "b": base + 0.001, "c": noisy})
+    assert chosen.name == "b" and "b is more accurate than a" in why
+    # resolvably ahead on the text wins over resolvably more accurate
+    chosen, why = pick({"a": hits, "b": np.ones(n), "c": hits}, {"a": base, "b": base, "c": ahead}, ("c", "b"))
+    assert chosen.name == "c"
+
+
+class _MoreRows(_Scoring):
+    """Task items as `_Scoring`, and 8 further held-out rows per plan for a close call."""
+
+    backend = type("B", (), {"extra_rows": 8})()
+
+    def __init__(self, hits, text, more_rows):
+        super().__init__(hits, text)
+        self.more_rows = more_rows
+
+    def validate(self, plans, extra=False):
+        assert extra
+        return [RowLosses(self.more_rows[tuple(map(tuple, w))]) for w, _, _ in plans]
+
+
+@pytest.mark.parametrize("further", [False, True])
+@pytest.mark.parametrize("signal", ["accuracy", "text", "resolved"])
+def test_a_close_call_replayed_from_the_record_chooses_as_the_run_did(signal, further):
+    """`replay_close_call` reads a run's `extra.auto` candidates (row losses, with a close call's further rows;
+    per-item values) and decides its close call again: by the rule the run used, it names the plan the run
+    chose, for each rule; a twin of a contender is no second contender, and a plan the held-out loss resolves is
+    none."""
+    rng = np.random.default_rng(5)
+    n = 64
+    rows = rng.normal(4.4, 0.2, 8)
+    hits = rng.integers(0, 2, n)
+    more = hits.copy()
+    more[np.flatnonzero(hits == 0)[:2]] = 1
+    base = rng.normal(0.9, 0.05, n)
+    text = {((1, 2),): base, ((3, 4),): base - 0.01, ((5, 6),): base - 0.02}
+    if further:
+        extra = rng.normal(4.4, 0.2, 8)
+        scoring = _MoreRows({((1, 2),): more, ((3, 4),): hits, ((5, 6),): hits}, text,
+                            {((1, 2),): extra, ((3, 4),): extra + _shifted(rng.normal(0, 0.02, 8), 0.3),
+                             ((5, 6),): extra + 0.3 + rng.normal(0, 0.02, 8)})  # resolves c: behind on 16 rows
+    else:
+        scoring = _Scoring({((1, 2),): more, ((3, 4),): hits, ((5, 6),): hits}, text)
+        scoring.backend = type("B", (), {"extra_rows": 0})()
+    near, nearer = rows + _shifted(rng.normal(0, 0.02, 8), 1.0), rows + _shifted(rng.normal(0, 0.02, 8), 0.5)
+    outs = [Outcome("a", "x", "none", [(1, 2)], "keep-first", losses=RowLosses(rows.copy())),
+            Outcome("b", "x", "none", [(3, 4)], "keep-first", losses=RowLosses(nearer)),
+            Outcome("b-twin", "y", "none", [(3, 4)], "keep-first", losses=RowLosses(nearer.copy())),
+            Outcome("far", "x", "none", [(7, 8)], "keep-first", losses=RowLosses(rows + 0.5)),
+            Outcome("c", "x", "none", [(5, 6)], "keep-first", losses=RowLosses(near))]
+    chosen, _ = _choose(outs, scoring, 2.0, 16, lambda m: None, tasks=task_rows(_items(n)), close_signal=signal)
+    record = {"candidates": [o.record() for o in outs]}
+    assert {len(c["row_nll"]) for c in record["candidates"] if c["candidate"] in "abc"} == {16 if further else 8}
+    got = replay_close_call(record, signal, 2.0)
+    assert got["chosen"] == chosen.name and sorted(got["contenders"]) == (["a", "b"] if further else ["a", "b", "c"])
+    assert chosen.name == ("a" if signal == "accuracy" else "b" if further else "c")

@@ -29,7 +29,8 @@ own model and text. At the cost of one search, not of a queue of them:
    accuracy on multiple-choice items from the held-out slice of PIQA, HellaSwag and WinoGrande that no
    reported accuracy reads (`select.auto_task_items`). The most accurate wins; a tie of accuracy goes to the
    lower loss. The rule was fixed before any table of BENCHMARKS.md was measured with it.
-   (`select.auto_close_signal: text` decides by the loss on the items' text instead; it is not the default.)
+   (`select.auto_close_signal: text` decides by the loss on the items' text instead, and `resolved` keeps the
+   lower loss unless the items resolve another ahead of it; neither is the default.)
 6. The fit gate. A fitted plan (a `PLANNER+COMP` candidate, or a fit of `select.auto_compensate`) is fitted on
    calibration text and judged on held-out rows of that same text, which favour a map that does not carry to
    other text. So before a fitted plan is chosen it is checked on the task-style items as text: per item, the
@@ -665,28 +666,57 @@ def _one_per_model(outcomes: list[Outcome]) -> list[Outcome]:
 
 def _by_task_signal(best: Outcome, close: list[Outcome], scoring, tasks, z: float, decided: str, say,
                     signal: str = "accuracy"):
-    """The held-out loss cannot tell `best` from the `close` ones: the task-style items decide between them.
-    `signal` "text": the one of lowest loss on the items' text (the correct continuation per byte, text the
-    calibration was not drawn from) wins, unless another is more accurate on the items by more than `z` standard
-    errors (paired), in which case the most accurate of those wins. "accuracy": the one of highest accuracy wins
-    (a tie of accuracy goes to the lower loss)."""
+    """The held-out loss cannot tell `best` from the `close` ones: the task-style items decide between them
+    (`_close_pick`)."""
     contenders = [best, *close]
     _task_signals(contenders, scoring, tasks)
     say("task-style items (accuracy, text loss): " + ", ".join(
         f"{o.name} {o.task['accuracy']:.3f}, {o.task['text_loss']:.4f}" for o in contenders))
     head = f"{decided}; {len(contenders)} still within {z:g} standard errors: the task-style items ({tasks.n_items})"
+    return _close_pick(best, close, z, signal, head)
+
+
+def _close_pick(best: Outcome, close: list[Outcome], z: float, signal: str, head: str = "the task-style items"):
+    """Which of `best` (lowest held-out loss) and the `close` ones the task-style items' per-item values
+    (`task_values`: chose right or not; `text_values`: the correct continuation's loss per byte) pick, by `signal`:
+    - "accuracy": the most accurate (a tie of accuracy goes to the lower held-out loss);
+    - "text": the lowest loss on the items' text, unless another is more accurate by more than `z` standard errors
+      (paired), in which case the most accurate of those;
+    - "resolved": `best` stands unless another is ahead of it by more than `z` standard errors (paired over the
+      items): first on the text loss (of those ahead, the lowest text loss), else on accuracy (the most accurate).
+    Pure: `benchmarks/close_replay.py` replays a run's close call from its `plan.json` through it."""
+    contenders = [best, *close]
+    acc = lambda o: float(np.mean(o.task_values))  # noqa: E731
+    txt = lambda o: float(np.mean(o.text_values))  # noqa: E731
     if signal == "accuracy":
-        top = min(contenders, key=lambda o: (-o.task["accuracy"], o.losses.mean, o.name))
+        top = min(contenders, key=lambda o: (-acc(o), o.losses.mean, o.name))
         d = paired(RowLosses(top.task_values), RowLosses(best.task_values))
         if top is best:
             return best, f"{head} agree with the lowest loss"
         return top, f"{head} chose {top.name} (accuracy +{d.diff:.3f} ± {d.se:.3f} over {best.name})"
-    text = min(contenders, key=lambda o: (float(np.mean(o.text_values)), o.losses.mean, o.name))
+    if signal == "resolved":
+        text = {o.name: paired(RowLosses(best.text_values), RowLosses(o.text_values)) for o in close}
+        ahead = [o for o in close if text[o.name].diff > 0 and text[o.name].diff > z * text[o.name].se]
+        if ahead:
+            top = min(ahead, key=lambda o: (txt(o), o.losses.mean, o.name))
+            d = text[top.name]
+            return top, (f"{head}: {top.name} is ahead of {best.name}, of lowest held-out loss, on their text by "
+                         f"{d.diff:.4f} ± {d.se:.4f} nats per byte")
+        right = {o.name: paired(RowLosses(o.task_values), RowLosses(best.task_values)) for o in close}
+        ahead = [o for o in close if right[o.name].diff > 0 and right[o.name].diff > z * right[o.name].se]
+        if ahead:
+            top = min(ahead, key=lambda o: (-acc(o), txt(o), o.losses.mean, o.name))
+            d = right[top.name]
+            return top, (f"{head}: {top.name} is more accurate than {best.name}, of lowest held-out loss, by "
+                         f"{d.diff:+.3f} ± {d.se:.3f}")
+        return best, (f"{head} resolve no other ahead of the lowest held-out loss (by {z:g} standard errors, "
+                      f"text loss then accuracy)")
+    text = min(contenders, key=lambda o: (txt(o), o.losses.mean, o.name))
     gaps = {o.name: paired(RowLosses(o.task_values), RowLosses(text.task_values)) for o in contenders if o is not text}
     ahead = [o for o in contenders if o is not text and gaps[o.name].diff > 0
              and gaps[o.name].diff > z * gaps[o.name].se]
     if ahead:
-        top = min(ahead, key=lambda o: (-o.task["accuracy"], float(np.mean(o.text_values)), o.name))
+        top = min(ahead, key=lambda o: (-acc(o), txt(o), o.name))
         d = gaps[top.name]
         return top, (f"{head}: {top.name} is more accurate than {text.name}, of lowest text loss, by "
                      f"{d.diff:+.3f} ± {d.se:.3f}")
@@ -695,6 +725,45 @@ def _by_task_signal(best: Outcome, close: list[Outcome], scoring, tasks, z: floa
     d = paired(RowLosses(text.text_values), RowLosses(best.text_values))
     return text, (f"{head}: {text.name} has the lowest loss on their text ({d.diff:+.4f} ± {d.se:.4f} against "
                   f"{best.name})")
+
+
+def replay_close_call(auto: dict, signal: str, z: float) -> dict:
+    """A finished run's close call decided again from its record (`plan.json`'s `extra.auto`) by `signal`
+    (`_close_pick`), as `_decide` makes it: the lowest mean loss on the race's rows, the close ones (not resolved
+    from it by `z` standard errors, one per model), the lowest on the further rows they were scored on, and, if
+    still close, the task items' per-item values (`task_items`). Plans the run's fit gate set aside are left out,
+    as the run left them out. Returns the choice before the fit gate (`chosen`; its gate was read only if the run
+    chose it), the contenders the items decided between (empty when the held-out loss decided) and why."""
+    def outcome(c: dict) -> Outcome:
+        o = Outcome(c["candidate"], c["method"], c["compensate"], [tuple(w) for w in c["windows"]], c["merge"],
+                    losses=RowLosses(np.asarray(c["row_nll"], dtype=float)))
+        if c.get("task_items"):
+            o.task_values = np.asarray(c["task_items"]["correct"], dtype=float)
+            o.text_values = np.asarray(c["task_items"]["text_loss"], dtype=float)
+        return o
+
+    every = [outcome(c) for c in auto["candidates"] if c.get("row_nll") and not c.get("error")]
+    aside = [o for o, c in zip(every, [c for c in auto["candidates"] if c.get("row_nll") and not c.get("error")])
+             if (c.get("fit_gate") or {}).get("passed") is False]
+    scored = [o for o in every if not any(_same_model(o, a) for a in aside)]
+    rows = min(len(o.losses.values) for o in scored)
+    cut = {o.name: RowLosses(o.losses.values[:rows]) for o in scored}
+    pick = lambda pool, ls: min(pool, key=lambda o: (_rank(ls[o.name].mean), o.name))  # noqa: E731
+    best = pick(scored, cut)
+    still = _one_per_model([o for o in scored if o is not best and not _same_model(o, best)
+                            and not paired(cut[o.name], cut[best.name]).resolved(z)])
+    if still and any(len(o.losses.values) > rows for o in [best, *still]):
+        full = {o.name: o.losses for o in [best, *still]}
+        contenders = [best, *still]
+        best = pick(contenders, full)
+        still = _one_per_model([o for o in contenders if o is not best and not _same_model(o, best)
+                                and not paired(full[o.name], full[best.name]).resolved(z)])
+    if not still:
+        return {"chosen": best.name, "contenders": [], "why": "the held-out loss"}
+    if any(o.task_values is None for o in [best, *still]):
+        raise ValueError("the record has no per-item task values for every close contender (runs before e0cd59a)")
+    chosen, why = _close_pick(best, still, z, signal)
+    return {"chosen": chosen.name, "contenders": [o.name for o in [best, *still]], "why": why}
 
 
 def _task_signals(outcomes: list[Outcome], scoring, tasks, further: bool = False) -> None:
