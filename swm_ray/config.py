@@ -155,6 +155,10 @@ class SelectConfig(_Section):
         "width pruners (--ratio only): flap (FLAP, training-free, bias-compensated) or taylor (first-order "
         "Taylor importance, LLM-Pruner style), which remove whole KV head groups and MLP channels, the same "
         "number in every layer")
+    replaceme_tokens: Literal["last", "all"] = Field(
+        "last", description="replaceme: the positions the angular distance is read at: last = the last token of "
+        "each calibration row (as published); all = every position but the first, averaged per row (a steadier "
+        "estimate on few rows; holds rows × tokens × (layers+1) × hidden floats until the reference pass ends)")
     laco_layers: int = Field(4, ge=2, description="LaCo: layers merged into one per accepted window (C)")
     laco_interval: int = Field(2, ge=1, description="LaCo: layers to move down after an accepted window (I)")
     criterion: Criterion = Field(

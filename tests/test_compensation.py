@@ -288,7 +288,11 @@ def test_lstsq_fit_reduces_the_window_error(tmp_path):
     assert fit.error_after <= ridge.error_after  # the plain least squares is the minimum on the fit rows
 
 
-def test_replaceme_picks_the_hand_computed_block(tmp_path):
+@pytest.mark.parametrize("tokens", ["last", "all"])
+def test_replaceme_picks_the_hand_computed_block(tmp_path, tokens):
+    """ReplaceMe's block from the angular distance at the last token (as published), or (`select.replaceme_tokens:
+    all`) per row the mean over every position but the first, then over rows: the distances transformers' hidden
+    states give by hand."""
     from swm_ray.io.data import Calibration
     from swm_ray.methods.planners import plan_windows
     from swm_ray.methods.session import LocalScoring
@@ -296,18 +300,22 @@ def test_replaceme_picks_the_hand_computed_block(tmp_path):
     model = _saved("llama", tmp_path, n_layers=8)
     with torch.no_grad():
         hs = model(torch.tensor(IDS), output_hidden_states=True).hidden_states  # hs[8] is after the final norm
-    last = torch.stack([h[:, -1, :].double() for h in hs[:8]], dim=1)  # states 0..7 at the last token
+    at = (lambda h: h[:, -1, :]) if tokens == "last" else (lambda h: h[:, 1:, :])
+    states = [at(h).double() for h in hs[:8]]  # states 0..7
     n = 2
     dist = {}
     for s in range(1, 8 - n):  # state s+n <= 7: the last layer stays (protect_last)
-        cos = torch.nn.functional.cosine_similarity(last[:, s], last[:, s + n], dim=-1).clamp(-1, 1)
-        dist[s] = float((torch.arccos(cos) / np.pi).mean())
+        cos = torch.nn.functional.cosine_similarity(states[s], states[s + n], dim=-1).clamp(-1, 1)
+        ang = torch.arccos(cos) / np.pi
+        dist[s] = float(ang.mean() if tokens == "last" else ang.mean(1).mean())
     best = min(dist, key=lambda s: (dist[s], s))
-    cfg = build_config(flags={"select.method": "replaceme", "select.layers": n})
+    cfg = build_config(flags={"select.method": "replaceme", "select.layers": n, "select.replaceme_tokens": tokens})
     calib = Calibration(IDS, BATCHES, bos_prepended=False, pretokenized=True, source="test")
     planned = plan_windows(cfg, LocalScoring(InMemoryStack(model), calib), 8, n)
     assert planned.selection.windows == [(best - 1, best + n - 1)] and planned.merge == "keep-first"
     assert planned.selection.scores[0] == pytest.approx(dist[best], abs=1e-6)
+    if tokens == "all":  # the distances differ from the last token's, so a pass of one does not cover the other
+        assert dist != pytest.approx(_last_token_dists(hs, n))
     from swm_ray.methods.planners import method_compensation
 
     assert method_compensation(cfg) == "lstsq"
@@ -616,3 +624,18 @@ def test_auto_refuses_a_compensation_it_would_not_fit():
         check_method_target(build_config(flags={"select.layers": 2, "merge.compensate": "lstsq"}))
     check_method_target(build_config(flags={"select.layers": 2, "select.auto_compensate": ["none", "lstsq"]}))
     check_method_target(build_config(flags={"select.layers": 2, "select.method": "swm", "merge.compensate": "lstsq"}))
+
+
+def _last_token_dists(hs, n):
+    last = [h[:, -1, :].double() for h in hs[:8]]
+    return {s: float((torch.arccos(torch.nn.functional.cosine_similarity(last[s], last[s + n], dim=-1)
+                                   .clamp(-1, 1)) / np.pi).mean()) for s in range(1, 8 - n)}
+
+
+def test_a_reference_pass_at_the_last_token_does_not_cover_angular_distances_over_all_tokens():
+    from swm_ray.compute.refpass import Needs
+
+    last, every = Needs(angular=True), Needs(angular=True, angular_tokens="all")
+    assert not last.covers(every) and not every.covers(last) and every.covers(Needs(influence=False))
+    assert (Needs(hsic=True) | every).angular_tokens == "all" and (every | Needs(hsic=True)).angular_tokens == "all"
+    assert (every | Needs(influence=True)).covers(every) and Needs(influence=True).covers(Needs())

@@ -9,7 +9,8 @@ once), over a shard of calibration rows, and keeps what the planners and `auto` 
   (kl criterion, within a memory budget);
 - `influence`: per row and layer the sum over tokens of 1 − cos(layer input, layer output) (ShortGPT's Block
   Influence);
-- `angular`: per row the angular distances arccos(cos)/π between all hidden states at the last token
+- `angular`: per row the angular distances arccos(cos)/π between all hidden states at the last token (or, with
+  `angular_tokens` "all", their mean over every position but the first)
   (ReplaceMe's signal);
 - `hsic`: the (L+1)² HSIC sums of every calibration minibatch that lies inside the shard (CKA);
 - `val_nll`: per held-out validation row the original's next-token NLL sum (auto), and with `inputs` the
@@ -46,22 +47,26 @@ class Needs:
     final: bool = False  # the original's final hidden states (output and kl criteria)
     logp: bool = False  # the original's log-probabilities (kl criterion)
     influence: bool = False  # Block Influence
-    angular: bool = False  # last-token angular distances
+    angular: bool = False  # angular distances between the layers' hidden states (ReplaceMe)
     hsic: bool = False  # CKA sums
     kernel: str = "linear"
     skip_first_tokens: int = 1
+    angular_tokens: str = "last"  # the positions they are read at: "last" token, or "all" but the first
 
     def __or__(self, other: Needs) -> Needs:
         merged = {f.name: getattr(self, f.name) or getattr(other, f.name)
                   for f in fields(self) if isinstance(getattr(self, f.name), bool)}
         hsic_from = self if self.hsic else other
-        return Needs(**merged, kernel=hsic_from.kernel, skip_first_tokens=hsic_from.skip_first_tokens)
+        angular_from = self if self.angular else other
+        return Needs(**merged, kernel=hsic_from.kernel, skip_first_tokens=hsic_from.skip_first_tokens,
+                     angular_tokens=angular_from.angular_tokens)
 
     def covers(self, other: Needs) -> bool:
         """True when everything `other` asks for is already computed here."""
         return all(getattr(self, f.name) or not getattr(other, f.name)
                    for f in fields(self) if isinstance(getattr(self, f.name), bool)) and (
-            not other.hsic or (self.kernel, self.skip_first_tokens) == (other.kernel, other.skip_first_tokens))
+            not other.hsic or (self.kernel, self.skip_first_tokens) == (other.kernel, other.skip_first_tokens)) and (
+            not other.angular or self.angular_tokens == other.angular_tokens)
 
     def record(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is True]
@@ -146,7 +151,7 @@ class Reference:
         inputs = [h] if self.cache else None
         val_inputs = [v] if self.cache_val and v else None
         influence = np.zeros((self.rows, s.num_layers)) if n.influence else None
-        last = [[x[:, -1, :].double().cpu()] for x in h] if n.angular else None
+        last = [[_angular_state(x, n.angular_tokens)] for x in h] if n.angular else None
         grams = {b: [self._gram(h, b)] for b in self.hsic_batches} if n.hsic else {}
         for i in range(s.num_layers):
             with s.layer(i) as layer:
@@ -166,7 +171,7 @@ class Reference:
                 val_inputs.append(v)
             if last is not None:
                 for k, x in enumerate(h):
-                    last[k].append(x[:, -1, :].double().cpu())
+                    last[k].append(_angular_state(x, n.angular_tokens))
             for b in grams:
                 grams[b].append(self._gram(h, b))
         self.inputs, self.val_inputs = inputs, val_inputs
@@ -194,11 +199,25 @@ class Reference:
         return gram(features(rows_of(hidden, a, b), self.needs.skip_first_tokens), self.needs.kernel)
 
 
+def _angular_state(x: torch.Tensor, tokens: str) -> torch.Tensor:
+    """What the angular distances keep of one layer's hidden states (b, T, d): the last token's (b, d) in float64
+    (ReplaceMe as published), or for "all" every position but the first, the attention sink (b, T−1, d), in
+    float32 (rows × T × (L+1) × d × 4 bytes held until the pass ends)."""
+    if tokens == "last":
+        return x[:, -1, :].double().cpu()
+    return x[:, 1:, :].float().cpu()
+
+
 def _angular(states: list[torch.Tensor]) -> np.ndarray:
-    """(b, L+1, L+1) angular distances arccos(cos)/π between the last-token states of one chunk."""
-    unit = F.normalize(torch.stack(states, dim=1), dim=-1)  # (b, L+1, d)
-    cos = (unit @ unit.transpose(1, 2)).clamp(-1.0, 1.0)
-    return (torch.arccos(cos) / np.pi).numpy()
+    """(b, L+1, L+1) angular distances arccos(cos)/π between the states of one chunk (`_angular_state`): at the
+    last token, or per row the mean over its positions."""
+    if states[0].dim() == 2:
+        unit = F.normalize(torch.stack(states, dim=1), dim=-1)  # (b, L+1, d)
+        cos = (unit @ unit.transpose(1, 2)).clamp(-1.0, 1.0)
+        return (torch.arccos(cos) / np.pi).numpy()
+    unit = F.normalize(torch.stack(states, dim=2), dim=-1)  # (b, T−1, L+1, d)
+    cos = (unit @ unit.transpose(2, 3)).clamp(-1.0, 1.0)  # (b, T−1, L+1, L+1)
+    return (torch.arccos(cos) / np.pi).mean(1).double().numpy()
 
 
 def add_row_stats(parts: Sequence[RefStats], n_layers: int) -> dict:

@@ -253,10 +253,11 @@ def plan_windows(cfg, scoring, n_layers: int, n_remove: int | None,
     if s.method == "replaceme":
         from swm_ray.methods.baselines import replaceme_windows
 
-        windows, dist = replaceme_windows(scoring.angular_distances(), n_remove,
+        windows, dist = replaceme_windows(scoring.angular_distances(s.replaceme_tokens), n_remove,
                                           protected=protected_set(s, n_layers))
+        at = "the last token" if s.replaceme_tokens == "last" else "every token but the first"
         sel = Selection(windows=list(windows), scores=[dist],
-                        note="ReplaceMe: the block whose input and output are closest in angle at the last token")
+                        note=f"ReplaceMe: the block whose input and output are closest in angle at {at}")
         return PlannedWindows(sel, merge, None, criterion, "rank")
     ev = scoring.evaluator(criterion, merge)
     if s.method == "sleb":
@@ -322,7 +323,7 @@ def method_needs(cfg, method: str | None = None):
     if method == "shortgpt":
         return Needs(influence=True, **stats)
     if method == "replaceme":
-        return Needs(angular=True, **stats)
+        return Needs(angular=True, angular_tokens=s.replaceme_tokens, **stats)
     if method == "swm" and s.compensate_aware:
         return Needs(checks=True, **stats)
     criterion = s.criterion if method == "swm" else ("output" if method == "laco" else "nll")

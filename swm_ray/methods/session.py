@@ -243,8 +243,8 @@ class Scoring:
     def block_influence(self) -> np.ndarray:
         return self._need(influence=True)["influence"]
 
-    def angular_distances(self) -> np.ndarray:
-        return self._need(angular=True)["angular"]
+    def angular_distances(self, tokens: str = "last") -> np.ndarray:
+        return self._need(angular=True, angular_tokens=tokens)["angular"]
 
     def cka_matrix(self) -> np.ndarray:
         if self.matrix is None:
