@@ -107,8 +107,8 @@ PLAN_METHODS = {  # select.method -> how it chose its windows
     "sleb": "SLEB: blocks removed one at a time, each time the one whose removal raises the calibration loss least",
     "laco": "LaCo layer collapse: windows merged with the paper's formula while the output cosine stays high",
     "shortened-ppl": "Shortened-LLM: layers ranked once by the calibration perplexity without each",
-    "replaceme": "ReplaceMe: the block of consecutive layers whose input and output are closest in angle at the "
-    "last token",
+    "replaceme": "ReplaceMe: the block of consecutive layers whose input and output are closest in angle (at the "
+    "last token, or over every position with select.replaceme_tokens: all)",
     "auto": "every candidate planned to the same target, and the plan with the lowest next-token loss on "
     "held-out calibration rows was kept",
     "flap": "FLAP: attention head groups and MLP channels of lowest fluctuation, bias-compensated",
