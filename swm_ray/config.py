@@ -203,13 +203,14 @@ class SelectConfig(_Section):
         "loss cannot tell apart, and whose text checks a fitted plan before it is chosen (the fit gate); 0 = the "
         "loss alone, no gate")
     auto_close_signal: Literal["accuracy", "text", "resolved"] = Field(
-        "accuracy", description="auto: what the task-style items decide a close call by, when the further held-out "
-        "rows leave it close: accuracy = the most accurate (a tie goes to the lower loss); text = the lowest loss on "
-        "the items' text (the correct continuation per byte), unless another close one is more accurate by more "
-        "than auto_margin standard errors (not the default: it failed its check on an unseen seed, BENCHMARKS.md, "
-        "'A close call decided by the task items' text'); resolved = the lowest held-out loss stands unless another "
+        "resolved", description="auto: what the task-style items decide a close call by, when the further "
+        "held-out rows leave it close: resolved (the default) = the lowest held-out loss stands unless another "
         "close one is ahead of it on the items by more than auto_margin standard errors, paired: on their text "
-        "first, then on accuracy (BENCHMARKS.md, 'A close call the task items decide only where they resolve it')")
+        "first, then on accuracy (BENCHMARKS.md, 'A close call the task items decide only where they resolve "
+        "it'); accuracy = the most accurate, a tie to the lower loss (the default before); text = the lowest loss "
+        "on the items' text (the correct continuation per byte), unless another close one is more accurate by more "
+        "than auto_margin standard errors (it failed its check on an unseen seed, BENCHMARKS.md, 'A close call "
+        "decided by the task items' text')")
     auto_gate_items: int = Field(
         576, ge=0, description="auto: task-style items the fit gate reads in all when its verdict is near its margin "
         "(auto_gate_band): the pair is scored on this many minus auto_task_items further items of the same held-out "

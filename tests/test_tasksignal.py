@@ -258,7 +258,7 @@ def _outcome(name, windows, loss):
 
 
 def test_by_accuracy_ties_on_loss_go_to_the_most_accurate_and_ties_on_accuracy_to_the_lower_loss():
-    """`select.auto_close_signal: accuracy` (the default)."""
+    """`select.auto_close_signal: accuracy` (the default before `resolved`)."""
     a, b, c = _outcome("a", [(1, 2)], 4.0), _outcome("b", [(3, 4)], 4.01), _outcome("c", [(5, 6)], 4.02)
     rows = task_rows([])
     scoring = _Scoring({((1, 2),): [1, 0, 0, 0], ((3, 4),): [1, 1, 1, 0], ((5, 6),): [1, 1, 0, 0]})
@@ -485,10 +485,10 @@ def test_the_close_call_reads_the_signal_it_is_given(signal):
 
 
 def test_a_resolved_close_call_keeps_the_lowest_held_out_loss_unless_the_items_resolve_another_ahead():
-    """`select.auto_close_signal: resolved`: `a` (lowest held-out loss) stands against differences the 64 items
-    cannot resolve, on text or accuracy; a plan ahead on the text by more than 2 standard errors (paired) wins,
-    before one ahead on accuracy; one ahead on accuracy only wins where nothing is ahead on the text. Whatever
-    the order the close ones come in."""
+    """`select.auto_close_signal: resolved` (the default): `a` (lowest held-out loss) stands against differences
+    the 64 items cannot resolve, on text or accuracy; a plan ahead on the text by more than 2 standard errors
+    (paired) wins, before one ahead on accuracy; one ahead on accuracy only wins where nothing is ahead on the
+    text. Whatever the order the close ones come in."""
     rng = np.random.default_rng(11)
     n = 64
     hits = rng.integers(0, 2, n)
@@ -570,3 +570,9 @@ def test_a_close_call_replayed_from_the_record_chooses_as_the_run_did(signal, fu
     got = replay_close_call(record, signal, 2.0)
     assert got["chosen"] == chosen.name and sorted(got["contenders"]) == (["a", "b"] if further else ["a", "b", "c"])
     assert chosen.name == ("a" if signal == "accuracy" else "b" if further else "c")
+
+
+def test_the_default_close_call_is_the_resolved_rule():
+    from swm_ray.config import build_config
+
+    assert build_config(flags={}).select.auto_close_signal == "resolved"

@@ -26,11 +26,10 @@ own model and text. At the cost of one search, not of a queue of them:
    loss wins. When others are within `select.auto_margin` standard errors of it (a close call), the close ones are
    scored on up to `select.auto_validation_max` further held-out rows before deciding.
 5. If the loss still cannot tell them apart, a task-style signal decides between those (`tasksignal.py`):
-   accuracy on multiple-choice items from the held-out slice of PIQA, HellaSwag and WinoGrande that no
-   reported accuracy reads (`select.auto_task_items`). The most accurate wins; a tie of accuracy goes to the
-   lower loss. The rule was fixed before any table of BENCHMARKS.md was measured with it.
-   (`select.auto_close_signal: text` decides by the loss on the items' text instead, and `resolved` keeps the
-   lower loss unless the items resolve another ahead of it; neither is the default.)
+   multiple-choice items from the held-out slice of PIQA, HellaSwag and WinoGrande that no reported accuracy
+   reads (`select.auto_task_items`). The lowest loss stands unless another is ahead of it on the items by more
+   than `select.auto_margin` standard errors, paired: on the items' text loss, then on accuracy
+   (`select.auto_close_signal: resolved`; `accuracy`, the rule before, and `text` are options; `_close_pick`).
 6. The fit gate. A fitted plan (a `PLANNER+COMP` candidate, or a fit of `select.auto_compensate`) is fitted on
    calibration text and judged on held-out rows of that same text, which favour a map that does not carry to
    other text. So before a fitted plan is chosen it is checked on the task-style items as text: per item, the
@@ -563,7 +562,7 @@ def _fit_plans(scoring, jobs: dict) -> dict:
 
 def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, tasks=None,
             tasks_note: str | None = None, spent: _Spent | None = None, band: float = 0.0,
-            close_signal: str = "accuracy") -> tuple[Outcome, str]:
+            close_signal: str = "resolved") -> tuple[Outcome, str]:
     """The outcome of lowest mean validation loss (ties by name). A close call (others within `z` standard errors
     of it) is scored on further held-out rows; if still close, the task-style signal decides between the close
     ones (the most accurate on the task-style items). A fitted plan so chosen must pass the fit gate
@@ -608,7 +607,7 @@ def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, task
 
 
 def _decide(scored: list[Outcome], scoring, z: float, max_rows: int, say, tasks, tasks_note, spent,
-            close_signal: str = "accuracy"):
+            close_signal: str = "resolved"):
     """Lowest loss, then the close call's further rows, then the task-style items (`_choose`)."""
     pick = lambda pool: min(pool, key=lambda o: (_rank(o.losses.mean), o.name))  # noqa: E731
     best = pick(scored)
@@ -665,7 +664,7 @@ def _one_per_model(outcomes: list[Outcome]) -> list[Outcome]:
 
 
 def _by_task_signal(best: Outcome, close: list[Outcome], scoring, tasks, z: float, decided: str, say,
-                    signal: str = "accuracy"):
+                    signal: str = "resolved"):
     """The held-out loss cannot tell `best` from the `close` ones: the task-style items decide between them
     (`_close_pick`)."""
     contenders = [best, *close]
