@@ -159,6 +159,9 @@ class SelectConfig(_Section):
         "last", description="replaceme: the positions the angular distance is read at: last = the last token of "
         "each calibration row (as published); all = every position but the first, averaged per row (a steadier "
         "estimate on few rows; holds rows × tokens × (layers+1) × hidden floats until the reference pass ends)")
+    auto_replaceme_tokens: Literal["last", "all"] = Field(
+        "all", description="auto: replaceme_tokens for auto's ReplaceMe candidates (all: on few calibration rows "
+        "the last token's block moves with the draw; BENCHMARKS.md, 'ReplaceMe's block read over every token')")
     laco_layers: int = Field(4, ge=2, description="LaCo: layers merged into one per accepted window (C)")
     laco_interval: int = Field(2, ge=1, description="LaCo: layers to move down after an accepted window (I)")
     criterion: Criterion = Field(

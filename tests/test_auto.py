@@ -105,6 +105,9 @@ def test_plan_nll_is_the_compressed_models_own_loss(arch):
     assert got != pytest.approx(plain, abs=1e-4)  # the plan changed the model
 
 
+AUTO_REPLACEME_TOKENS = build_config(flags={}).select.auto_replaceme_tokens
+
+
 def _independent_models(model, specs, compensations, n_remove: int = 2):
     """Each candidate planned alone on a fresh scoring of the planning rows and its plan (fitted) applied to a deep
     copy of the model: no code of the race involved. name -> (edited model, windows)."""
@@ -113,6 +116,7 @@ def _independent_models(model, specs, compensations, n_remove: int = 2):
     for spec in specs:
         method, _, merge = spec.partition("/")
         one = build_config(flags={"select.method": method, "select.layers": n_remove, "merge.skip_first": 0,
+                                  "select.replaceme_tokens": AUTO_REPLACEME_TOKENS,  # as auto's candidates read
                                   **({"merge.method": merge} if merge else {})})
         fresh = LocalScoring(InMemoryStack(model), plan_calib)
         fresh.prepare(method_needs(one))
@@ -674,3 +678,18 @@ def test_a_streamed_model_races_like_one_in_memory(tiny_llama_dir, tokens_parque
         if x["validation_nll"] is not None:
             assert x["validation_nll"] == pytest.approx(y["validation_nll"], abs=1e-5)
     assert mem["extra"]["passes"]["layer_reads"] is None and streamed["plan"]["extra"]["passes"]["layer_reads"] > 0
+
+
+def test_auto_reads_replacemes_angles_over_every_token_and_replaceme_alone_at_the_last():
+    """`select.auto_replaceme_tokens` (all) is what auto's ReplaceMe candidates read, declared before the one
+    reference pass; `--method replaceme` stays as published (the last token)."""
+    from swm_ray.methods.candidates import candidate_config
+
+    cfg = build_config(flags={})
+    assert cfg.select.method == "auto" and cfg.select.auto_replaceme_tokens == "all"
+    assert candidate_config(cfg, "replaceme+lstsq").select.replaceme_tokens == "all"
+    assert method_needs(cfg).angular and method_needs(cfg).angular_tokens == "all"
+    alone = build_config(flags={"select.method": "replaceme"})
+    assert method_needs(alone).angular_tokens == "last" == alone.select.replaceme_tokens
+    last = build_config(flags={"select.auto_replaceme_tokens": "last"})
+    assert method_needs(last).angular_tokens == "last"

@@ -40,9 +40,10 @@ def parse_candidate(spec: str) -> tuple[str, str | None]:
 
 
 def candidate_config(cfg, spec: str):
-    """The run config of one candidate: `cfg` with its method (and merge) set; compensation left to auto."""
+    """The run config of one candidate: `cfg` with its method (and merge) set, ReplaceMe's angles read where
+    `select.auto_replaceme_tokens` says; compensation left to auto."""
     method, merge = parse_candidate(spec)
-    select = cfg.select.model_copy(update={"method": method})
+    select = cfg.select.model_copy(update={"method": method, "replaceme_tokens": cfg.select.auto_replaceme_tokens})
     merge_cfg = cfg.merge.model_copy(update={"method": merge or cfg.merge.method, "compensate": "none"})
     return cfg.model_copy(update={"select": select, "merge": merge_cfg})
 

@@ -314,11 +314,11 @@ def method_needs(cfg, method: str | None = None):
     method = method or s.method
     stats = {"kernel": cfg.stats.kernel, "skip_first_tokens": cfg.stats.skip_first_tokens}
     if method == "auto":
-        from swm_ray.methods.candidates import parse_candidate
+        from swm_ray.methods.candidates import candidate_config
 
         needs = Needs(**stats)
-        for spec in s.auto_candidates:
-            needs = needs | method_needs(cfg, parse_candidate(spec)[0])
+        for spec in s.auto_candidates:  # as each candidate will ask (`candidate_config`: auto's ReplaceMe angles)
+            needs = needs | method_needs(candidate_config(cfg, spec))
         return needs
     if method == "shortgpt":
         return Needs(influence=True, **stats)
