@@ -157,8 +157,9 @@ class SelectConfig(_Section):
         "number in every layer")
     replaceme_tokens: Literal["last", "all"] = Field(
         "last", description="replaceme: the positions the angular distance is read at: last = the last token of "
-        "each calibration row (as published); all = every position but the first, averaged per row (a steadier "
-        "estimate on few rows; holds rows × tokens × (layers+1) × hidden floats until the reference pass ends)")
+        "each calibration row (as published); all = every position but the first (at most 128, evenly spaced), "
+        "averaged per row (a steadier estimate on few rows; holds rows × positions × (layers+1) × hidden floats "
+        "until the reference pass ends)")
     auto_replaceme_tokens: Literal["last", "all"] = Field(
         "all", description="auto: replaceme_tokens for auto's ReplaceMe candidates (all: on few calibration rows "
         "the last token's block moves with the draw; BENCHMARKS.md, 'ReplaceMe's block read over every token')")

@@ -639,3 +639,14 @@ def test_a_reference_pass_at_the_last_token_does_not_cover_angular_distances_ove
     assert not last.covers(every) and not every.covers(last) and every.covers(Needs(influence=False))
     assert (Needs(hsic=True) | every).angular_tokens == "all" and (every | Needs(hsic=True)).angular_tokens == "all"
     assert (every | Needs(influence=True)).covers(every) and Needs(influence=True).covers(Needs())
+
+
+def test_angles_over_every_token_read_at_most_128_positions_per_row_evenly_spaced():
+    from swm_ray.compute.refpass import ANGULAR_POSITIONS, angular_positions
+
+    assert angular_positions(12).tolist() == list(range(1, 12))  # every position but the first
+    assert angular_positions(129).tolist() == list(range(1, 129))  # the default rows: 127 of them, all
+    long = angular_positions(2048).tolist()
+    assert len(long) == len(set(long)) == ANGULAR_POSITIONS == 128 and long[0] == 1 and long[-1] == 2047
+    gaps = np.diff(long)
+    assert gaps.min() >= 15 and gaps.max() <= 17  # evenly spaced: 2046 / 127 ≈ 16.1

@@ -10,7 +10,7 @@ once), over a shard of calibration rows, and keeps what the planners and `auto` 
 - `influence`: per row and layer the sum over tokens of 1 − cos(layer input, layer output) (ShortGPT's Block
   Influence);
 - `angular`: per row the angular distances arccos(cos)/π between all hidden states at the last token (or, with
-  `angular_tokens` "all", their mean over every position but the first)
+  `angular_tokens` "all", their mean over every position but the first, at most 128 of them per row)
   (ReplaceMe's signal);
 - `hsic`: the (L+1)² HSIC sums of every calibration minibatch that lies inside the shard (CKA);
 - `val_nll`: per held-out validation row the original's next-token NLL sum (auto), and with `inputs` the
@@ -199,13 +199,24 @@ class Reference:
         return gram(features(rows_of(hidden, a, b), self.needs.skip_first_tokens), self.needs.kernel)
 
 
+ANGULAR_POSITIONS = 128  # "all": positions kept per row at most (evenly spaced beyond), bounding the memory
+
+
+def angular_positions(seq_len: int) -> torch.Tensor:
+    """The positions "all" reads: every one but the first (the attention sink), or `ANGULAR_POSITIONS` of them
+    evenly spaced from the second to the last where a row is longer."""
+    if seq_len - 1 <= ANGULAR_POSITIONS:
+        return torch.arange(1, seq_len)
+    return torch.linspace(1, seq_len - 1, ANGULAR_POSITIONS).round().long()
+
+
 def _angular_state(x: torch.Tensor, tokens: str) -> torch.Tensor:
     """What the angular distances keep of one layer's hidden states (b, T, d): the last token's (b, d) in float64
-    (ReplaceMe as published), or for "all" every position but the first, the attention sink (b, T−1, d), in
-    float32 (rows × T × (L+1) × d × 4 bytes held until the pass ends)."""
+    (ReplaceMe as published), or for "all" the positions of `angular_positions` (b, ≤ 128, d) in float32 (rows ×
+    128 × (L+1) × d × 4 bytes at most, held until the pass ends)."""
     if tokens == "last":
         return x[:, -1, :].double().cpu()
-    return x[:, 1:, :].float().cpu()
+    return x[:, angular_positions(x.shape[1]).to(x.device), :].float().cpu()
 
 
 def _angular(states: list[torch.Tensor]) -> np.ndarray:
