@@ -580,7 +580,7 @@ def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, task
     while True:
         for o in scored:
             o.losses = RowLosses(o.losses.values[:rows])
-        best, decided = _decide(scored, scoring, z, max_rows, say, tasks, tasks_note, spent, close_signal)
+        best, decided, _ = _decide(scored, scoring, z, max_rows, say, tasks, tasks_note, spent, close_signal)
         if best.compensate == "none":
             break
         plain = [o for o in scored if o.compensate == "none"]
@@ -608,7 +608,8 @@ def _choose(outcomes: list[Outcome], scoring, z: float, max_rows: int, say, task
 
 def _decide(scored: list[Outcome], scoring, z: float, max_rows: int, say, tasks, tasks_note, spent,
             close_signal: str = "resolved"):
-    """Lowest loss, then the close call's further rows, then the task-style items (`_choose`)."""
+    """Lowest loss, then the close call's further rows, then the task-style items (`_choose`). Returns the choice,
+    why, and the contenders the items decided between (none where the held-out loss decided)."""
     pick = lambda pool: min(pool, key=lambda o: (_rank(o.losses.mean), o.name))  # noqa: E731
     best = pick(scored)
     twins = sorted(o.name for o in scored if o is not best and _same_model(o, best))
@@ -636,14 +637,16 @@ def _decide(scored: list[Outcome], scoring, z: float, max_rows: int, say, tasks,
                   f"{len(best.losses.values)} rows"
         say(f"close call between {', '.join(o.name for o in contenders)}: {len(contenders[0].more.values)} more "
             f"held-out rows")
+    asked: list[Outcome] = []
     if still and tasks is not None:
+        asked = [best, *still]
         best, decided = _by_task_signal(best, still, scoring, tasks, z, decided, say, close_signal)
         if spent is not None:
             spent.charge("close call: task-style items")
     elif still:
         decided += f"; within {z:g} standard errors of " + ", ".join(o.name for o in still) + (
             f" (task-style signal {tasks_note})" if tasks_note else "")
-    return best, decided
+    return best, decided, asked
 
 
 def _same_model(a: Outcome, b: Outcome) -> bool:
@@ -726,43 +729,46 @@ def _close_pick(best: Outcome, close: list[Outcome], z: float, signal: str, head
                   f"{best.name})")
 
 
+class _Recorded:
+    """What `_decide` asks a scoring for, answered from a run's record only: the close call's further rows and the
+    task items were scored in the run, so they are on the outcomes already; asking for more is an error."""
+
+    def __init__(self, extra_rows: int):
+        self.backend = type("Recorded", (), {"extra_rows": extra_rows})()
+
+    def validate(self, plans, extra=False):
+        raise ValueError("the record has no further held-out rows for a close contender")
+
+    def task_signals(self, rows, plans):
+        raise ValueError("the record has no per-item task values for every close contender (runs before e0cd59a)")
+
+
 def replay_close_call(auto: dict, signal: str, z: float) -> dict:
-    """A finished run's close call decided again from its record (`plan.json`'s `extra.auto`) by `signal`
-    (`_close_pick`), as `_decide` makes it: the lowest mean loss on the race's rows, the close ones (not resolved
-    from it by `z` standard errors, one per model), the lowest on the further rows they were scored on, and, if
-    still close, the task items' per-item values (`task_items`). Plans the run's fit gate set aside are left out,
-    as the run left them out. Returns the choice before the fit gate (`chosen`; its gate was read only if the run
-    chose it), the contenders the items decided between (empty when the held-out loss decided) and why."""
-    def outcome(c: dict) -> Outcome:
+    """A finished run's close call decided again from its record (`plan.json`'s `extra.auto`) by `signal`: the
+    run's own `_decide` on the recorded row losses (the race's rows, a close call's further rows as `more`) and
+    per-item task values (`task_items`). Plans the run's fit gate set aside are left out, as the run left them out.
+    Returns the choice before the fit gate (`chosen`; its gate was read only if the run chose it), the contenders
+    the items decided between (empty when the held-out loss decided) and why."""
+    records = [c for c in auto["candidates"] if c.get("row_nll") and not c.get("error")]
+    rows = min(len(c["row_nll"]) for c in records)  # the race's rows; a close call appended more
+    every = []
+    for c in records:
+        values = np.asarray(c["row_nll"], dtype=float)
         o = Outcome(c["candidate"], c["method"], c["compensate"], [tuple(w) for w in c["windows"]], c["merge"],
-                    losses=RowLosses(np.asarray(c["row_nll"], dtype=float)))
+                    losses=RowLosses(values[:rows]), more=RowLosses(values[rows:]) if len(values) > rows else None)
         if c.get("task_items"):
             o.task_values = np.asarray(c["task_items"]["correct"], dtype=float)
             o.text_values = np.asarray(c["task_items"]["text_loss"], dtype=float)
-        return o
-
-    every = [outcome(c) for c in auto["candidates"] if c.get("row_nll") and not c.get("error")]
-    aside = [o for o, c in zip(every, [c for c in auto["candidates"] if c.get("row_nll") and not c.get("error")])
-             if (c.get("fit_gate") or {}).get("passed") is False]
-    scored = [o for o in every if not any(_same_model(o, a) for a in aside)]
-    rows = min(len(o.losses.values) for o in scored)
-    cut = {o.name: RowLosses(o.losses.values[:rows]) for o in scored}
-    pick = lambda pool, ls: min(pool, key=lambda o: (_rank(ls[o.name].mean), o.name))  # noqa: E731
-    best = pick(scored, cut)
-    still = _one_per_model([o for o in scored if o is not best and not _same_model(o, best)
-                            and not paired(cut[o.name], cut[best.name]).resolved(z)])
-    if still and any(len(o.losses.values) > rows for o in [best, *still]):
-        full = {o.name: o.losses for o in [best, *still]}
-        contenders = [best, *still]
-        best = pick(contenders, full)
-        still = _one_per_model([o for o in contenders if o is not best and not _same_model(o, best)
-                                and not paired(full[o.name], full[best.name]).resolved(z)])
-    if not still:
-        return {"chosen": best.name, "contenders": [], "why": "the held-out loss"}
-    if any(o.task_values is None for o in [best, *still]):
-        raise ValueError("the record has no per-item task values for every close contender (runs before e0cd59a)")
-    chosen, why = _close_pick(best, still, z, signal)
-    return {"chosen": chosen.name, "contenders": [o.name for o in [best, *still]], "why": why}
+            o.task = {"accuracy": float(np.mean(o.task_values)), "text_loss": float(np.mean(o.text_values))}
+        every.append((o, (c.get("fit_gate") or {}).get("passed") is False))
+    aside = [o for o, failed in every if failed]
+    scored = [o for o, _ in every if not any(_same_model(o, a) for a in aside)]
+    most = max(len(c["row_nll"]) for c in records)
+    n_items = max((len(o.task_values) for o, _ in every if o.task_values is not None), default=0)
+    tasks = type("Items", (), {"n_items": n_items})()
+    chosen, why, asked = _decide(scored, _Recorded(most - rows), z, most, lambda m: None, tasks, None, None,
+                                 signal)
+    return {"chosen": chosen.name, "contenders": [o.name for o in asked], "why": why}
 
 
 def _task_signals(outcomes: list[Outcome], scoring, tasks, further: bool = False) -> None:
