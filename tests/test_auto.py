@@ -215,6 +215,9 @@ def test_two_planners_with_the_same_plan_share_its_fit_and_its_further_rows(monk
     for name in ("sleb+lstsq", "swm/keep-first+lstsq"):
         assert float(np.mean(by[name].losses.values[:8])) == pytest.approx(want, abs=2e-5)
     assert len(further) == len({tuple(map(str, f)) for f in further}) == 2  # the plain and the fitted model once
+    for a, b in (("sleb", "swm/keep-first"), ("sleb+lstsq", "swm/keep-first+lstsq")):  # each twin on every row
+        assert len(by[a].losses.values) == len(by[b].losses.values) > 8
+        np.testing.assert_array_equal(by[a].losses.values, by[b].losses.values)
 
 
 @pytest.mark.parametrize("keep", [True, False])

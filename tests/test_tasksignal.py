@@ -567,6 +567,9 @@ def test_a_close_call_replayed_from_the_record_chooses_as_the_run_did(signal, fu
     chosen, _ = _choose(outs, scoring, 2.0, 16, lambda m: None, tasks=task_rows(_items(n)), close_signal=signal)
     record = {"candidates": [o.record() for o in outs]}
     assert {len(c["row_nll"]) for c in record["candidates"] if c["candidate"] in "abc"} == {16 if further else 8}
+    by = {c["candidate"]: c for c in record["candidates"]}  # the twin's record: the same rows and items as b's
+    assert by["b-twin"]["row_nll"] == by["b"]["row_nll"] and by["b-twin"]["task_items"] == by["b"]["task_items"]
+    assert by["b"]["task_items"] is not None
     got = replay_close_call(record, signal, 2.0)
     assert got["chosen"] == chosen.name and sorted(got["contenders"]) == (["a", "b"] if further else ["a", "b", "c"])
     assert chosen.name == ("a" if signal == "accuracy" else "b" if further else "c")

@@ -628,8 +628,10 @@ def _decide(scored: list[Outcome], scoring, z: float, max_rows: int, say, tasks,
                 o.more = m
             if spent is not None:
                 spent.charge("close call: further held-out rows")
-        for o in contenders:
-            o.losses = o.losses.extended(o.more)
+        _twins_take(contenders, scored, ("more",))
+        for o in scored:
+            if o.more is not None and any(o is c or _same_model(o, c) for c in contenders):
+                o.losses = o.losses.extended(o.more)
         best = pick(contenders)
         still = _one_per_model([o for o in contenders if o is not best and not _same_model(o, best)
                                 and not paired(o.losses, best.losses).resolved(z)])
@@ -641,6 +643,7 @@ def _decide(scored: list[Outcome], scoring, z: float, max_rows: int, say, tasks,
     if still and tasks is not None:
         asked = [best, *still]
         best, decided = _by_task_signal(best, still, scoring, tasks, z, decided, say, close_signal)
+        _twins_take(asked, scored, ("task", "task_values", "text_values"))
         if spent is not None:
             spent.charge("close call: task-style items")
     elif still:
@@ -654,6 +657,17 @@ def _same_model(a: Outcome, b: Outcome) -> bool:
     accuracy, nothing to decide between them."""
     return (sorted(tuple(w) for w in a.windows), a.merge, a.compensate) == \
         (sorted(tuple(w) for w in b.windows), b.merge, b.compensate)
+
+
+def _twins_take(source: list[Outcome], pool: list[Outcome], fields: tuple[str, ...]) -> None:
+    """The twins (`_same_model`) in `pool` of an outcome of `source` take its values of `fields` where they have
+    none: one model is scored once, and its record under every planner's name covers the same rows and items."""
+    for o in pool:
+        twin = next((s for s in source if s is not o and _same_model(o, s)), None)
+        if twin is not None:
+            for f in fields:
+                if getattr(o, f) is None:
+                    setattr(o, f, getattr(twin, f))
 
 
 def _one_per_model(outcomes: list[Outcome]) -> list[Outcome]:
