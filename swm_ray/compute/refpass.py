@@ -211,23 +211,19 @@ def angular_positions(seq_len: int) -> torch.Tensor:
 
 
 def _angular_state(x: torch.Tensor, tokens: str) -> torch.Tensor:
-    """What the angular distances keep of one layer's hidden states (b, T, d): the last token's (b, d) in float64
-    (ReplaceMe as published), or for "all" the positions of `angular_positions` (b, ≤ 128, d) in float32 (rows ×
-    128 × (L+1) × d × 4 bytes at most, held until the pass ends)."""
+    """What the angular distances keep of one layer's hidden states (b, T, d): the last token's (b, 1, d) in
+    float64 (ReplaceMe as published), or for "all" the positions of `angular_positions` (b, ≤ 128, d) in float32
+    (rows × 128 × (L+1) × d × 4 bytes at most, held until the pass ends)."""
     if tokens == "last":
-        return x[:, -1, :].double().cpu()
+        return x[:, -1:, :].double().cpu()
     return x[:, angular_positions(x.shape[1]).to(x.device), :].float().cpu()
 
 
 def _angular(states: list[torch.Tensor]) -> np.ndarray:
-    """(b, L+1, L+1) angular distances arccos(cos)/π between the states of one chunk (`_angular_state`): at the
-    last token, or per row the mean over its positions."""
-    if states[0].dim() == 2:
-        unit = F.normalize(torch.stack(states, dim=1), dim=-1)  # (b, L+1, d)
-        cos = (unit @ unit.transpose(1, 2)).clamp(-1.0, 1.0)
-        return (torch.arccos(cos) / np.pi).numpy()
-    unit = F.normalize(torch.stack(states, dim=2), dim=-1)  # (b, T−1, L+1, d)
-    cos = (unit @ unit.transpose(2, 3)).clamp(-1.0, 1.0)  # (b, T−1, L+1, L+1)
+    """(b, L+1, L+1) angular distances arccos(cos)/π between the states of one chunk (`_angular_state`), per row
+    the mean over its positions (one at the last token)."""
+    unit = F.normalize(torch.stack(states, dim=2), dim=-1)  # (b, positions, L+1, d)
+    cos = (unit @ unit.transpose(2, 3)).clamp(-1.0, 1.0)  # (b, positions, L+1, L+1)
     return (torch.arccos(cos) / np.pi).mean(1).double().numpy()
 
 

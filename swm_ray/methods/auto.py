@@ -84,8 +84,7 @@ class Outcome:
     compensation: object = None  # compensation.Compensation
     versus: dict | None = None  # paired difference to the chosen plan
     missed_by: int | None = None  # |layers removed − layers asked| of a plan of the wrong size
-    task: dict | None = None  # the task-style signal, where it was asked (a close call, the fit gate)
-    task_values: object = None  # its per-item scores
+    task_values: object = None  # per task-style item, whether it chose right (where asked: a close call, the gate)
     text_values: object = None  # per item, the loss of the correct continuation per byte (same forward)
     more: RowLosses | None = None  # the close call's further held-out rows, once scored
     gate: dict | None = None  # a fitted plan's check on the task items' text (`_fit_gate`)
@@ -100,6 +99,14 @@ class Outcome:
         text = [round(float(v), 5) for v in self.text_values]
         further = None if self.further_text is None else [round(float(v), 5) for v in self.further_text]
         return {"correct": [int(v) for v in self.task_values], "text_loss": text, "further_text_loss": further}
+
+    @property
+    def task(self) -> dict | None:
+        """The task-style signal's means (accuracy, text loss), where the items were scored."""
+        if self.task_values is None:
+            return None
+        return {"accuracy": round(float(np.mean(self.task_values)), 6),
+                "text_loss": round(float(np.mean(self.text_values)), 6), "items": len(self.task_values)}
 
     @property
     def val_nll(self) -> float | None:
@@ -643,7 +650,7 @@ def _decide(scored: list[Outcome], scoring, z: float, max_rows: int, say, tasks,
     if still and tasks is not None:
         asked = [best, *still]
         best, decided = _by_task_signal(best, still, scoring, tasks, z, decided, say, close_signal)
-        _twins_take(asked, scored, ("task", "task_values", "text_values"))
+        _twins_take(asked, scored, ("task_values", "text_values"))
         if spent is not None:
             spent.charge("close call: task-style items")
     elif still:
@@ -712,14 +719,14 @@ def _close_pick(best: Outcome, close: list[Outcome], z: float, signal: str, head
         return top, f"{head} chose {top.name} (accuracy +{d.diff:.3f} ± {d.se:.3f} over {best.name})"
     if signal == "resolved":
         text = {o.name: paired(RowLosses(best.text_values), RowLosses(o.text_values)) for o in close}
-        ahead = [o for o in close if text[o.name].diff > 0 and text[o.name].diff > z * text[o.name].se]
+        ahead = [o for o in close if text[o.name].diff > 0 and text[o.name].resolved(z)]
         if ahead:
             top = min(ahead, key=lambda o: (txt(o), o.losses.mean, o.name))
             d = text[top.name]
             return top, (f"{head}: {top.name} is ahead of {best.name}, of lowest held-out loss, on their text by "
                          f"{d.diff:.4f} ± {d.se:.4f} nats per byte")
         right = {o.name: paired(RowLosses(o.task_values), RowLosses(best.task_values)) for o in close}
-        ahead = [o for o in close if right[o.name].diff > 0 and right[o.name].diff > z * right[o.name].se]
+        ahead = [o for o in close if right[o.name].diff > 0 and right[o.name].resolved(z)]
         if ahead:
             top = min(ahead, key=lambda o: (-acc(o), txt(o), o.losses.mean, o.name))
             d = right[top.name]
@@ -730,7 +737,7 @@ def _close_pick(best: Outcome, close: list[Outcome], z: float, signal: str, head
     text = min(contenders, key=lambda o: (txt(o), o.losses.mean, o.name))
     gaps = {o.name: paired(RowLosses(o.task_values), RowLosses(text.task_values)) for o in contenders if o is not text}
     ahead = [o for o in contenders if o is not text and gaps[o.name].diff > 0
-             and gaps[o.name].diff > z * gaps[o.name].se]
+             and gaps[o.name].resolved(z)]
     if ahead:
         top = min(ahead, key=lambda o: (-acc(o), txt(o), o.name))
         d = gaps[top.name]
@@ -773,7 +780,6 @@ def replay_close_call(auto: dict, signal: str, z: float) -> dict:
         if c.get("task_items"):
             o.task_values = np.asarray(c["task_items"]["correct"], dtype=float)
             o.text_values = np.asarray(c["task_items"]["text_loss"], dtype=float)
-            o.task = {"accuracy": float(np.mean(o.task_values)), "text_loss": float(np.mean(o.text_values))}
         every.append((o, (c.get("fit_gate") or {}).get("passed") is False))
     aside = [o for o, failed in every if failed]
     scored = [o for o, _ in every if not any(_same_model(o, a) for a in aside)]
@@ -797,8 +803,6 @@ def _task_signals(outcomes: list[Outcome], scoring, tasks, further: bool = False
                 o.further_text = text
                 continue
             o.task_values, o.text_values = acc, text
-            o.task = {"accuracy": round(float(np.mean(acc)), 6), "text_loss": round(float(np.mean(text)), 6),
-                      "items": len(acc)}
 
 
 def _fit_gate(fitted: Outcome, rival: Outcome, scoring, tasks, z: float, say, band: float = 0.0,
